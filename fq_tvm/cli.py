@@ -1,0 +1,142 @@
+"""Command-line entry points: fq-compile, fq-run, fq-demo. Errors are one line, exit status 1."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import traceback
+
+from .errors import FqError
+
+EPILOG_COMPILE = """\
+examples:
+  fq-compile model.onnx --target host -o model.host          # build and run here
+  fq-compile model.onnx --target rpi5 -o model.rpi5          # cross-compile for a Raspberry Pi 5
+  fq-compile model.onnx --target cuda --cuda-arch sm_86 -o model.cuda
+  fq-compile model.onnx --target '{"kind": "llvm", "mcpu": "znver4"}' -o model.zen4
+  fq-compile --list-targets
+
+The output is a directory: model.so (+ device code for CUDA) and manifest.json with versions,
+target, scheme, input/output signature and sha256 checksums. It is written to a temporary
+directory and renamed when complete, so a failed compile leaves nothing behind.
+Run it with: fq-run OUT_DIR --input inputs.npz
+"""
+
+EPILOG_RUN = """\
+The .npz keys are the model's input names (see the artifact's manifest.json). Without --output
+the outputs' names, shapes and a few statistics are printed.
+example:
+  python -c "import numpy as np; np.savez('in.npz', x=np.random.rand(2, 8, 64).astype('float32'))"
+  fq-run model.host --input in.npz --output out.npz
+"""
+
+
+def _cli(prog: str):
+    """Wrap a main(argv) so FqError (and surprises) print one line instead of a traceback."""
+
+    def wrap(main):
+        @functools.wraps(main)
+        def run(argv=None):
+            debug = os.environ.get("FQ_DEBUG") == "1"
+            try:
+                return main(argv) or 0
+            except FqError as err:
+                print(f"{prog}: error: {err}", file=sys.stderr)
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted", file=sys.stderr)
+                return 130
+            except Exception as err:  # an fq-tvm bug, not bad input
+                if debug:
+                    traceback.print_exc()
+                print(f"{prog}: internal error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                      f" (set FQ_DEBUG=1 for a traceback)", file=sys.stderr)
+            return 1
+
+        return run
+
+    return wrap
+
+
+def _compile_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fq-compile", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_COMPILE,
+        description="Compile an ONNX model with TVM into a deployable artifact for a CPU or GPU target.")
+    p.add_argument("model", nargs="?", help="the .onnx file to compile")
+    p.add_argument("-t", "--target", default="host",
+                   help="target preset name (see --list-targets) or a TVM target JSON dict (default: host)")
+    p.add_argument("-o", "--output", help="artifact directory to write (default: MODEL.TARGET.SCHEME beside the model)")
+    p.add_argument("--scheme", default="fp32", help="weight quantization scheme (default: fp32)")
+    p.add_argument("--cuda-arch", help="CUDA architecture for CUDA targets, e.g. sm_80 (default), sm_86, sm_90")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--list-targets", action="store_true", help="print the target presets and exit")
+    return p
+
+
+def _list_targets() -> None:
+    import json
+
+    from .targets import presets
+
+    for preset in presets():
+        print(f"{preset.name:13} {preset.description}")
+        print(f"{'':13} {json.dumps(preset.target)}")
+
+
+@_cli("fq-compile")
+def compile_main(argv=None):
+    args = _compile_parser().parse_args(argv)
+    if args.list_targets:
+        _list_targets()
+        return 0
+    if not args.model:
+        raise FqError("no model given; usage: fq-compile MODEL.onnx --target TARGET -o OUT_DIR (see --help)")
+    from .compiler import compile as compile_model
+
+    out = compile_model(args.model, args.target, args.output, scheme=args.scheme, cuda_arch=args.cuda_arch,
+                        force=args.force, quiet=args.quiet)
+    print(out)
+    return 0
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fq-run", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_RUN,
+        description="Run a compiled fq-tvm artifact on this machine.")
+    p.add_argument("artifact", help="artifact directory written by fq-compile")
+    p.add_argument("-i", "--input", required=True, help=".npz file keyed by input name")
+    p.add_argument("-o", "--output", help=".npz file to write the outputs to")
+    return p
+
+
+def read_npz(path) -> dict:
+    import numpy as np
+
+    if not os.path.exists(path):
+        raise FqError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except Exception as err:
+        raise FqError(f"{path}: not a readable .npz file ({str(err).splitlines()[0]})") from None
+
+
+@_cli("fq-run")
+def run_main(argv=None):
+    args = _run_parser().parse_args(argv)
+    import numpy as np
+
+    from .artifact import load
+
+    model = load(args.artifact)
+    outputs = model.run(read_npz(args.input))
+    if args.output:
+        np.savez(args.output, **outputs)
+        print(args.output)
+    else:
+        for name, value in outputs.items():
+            print(f"{name}: shape {list(value.shape)} {value.dtype} mean {value.mean():.6g} "
+                  f"std {value.std():.6g}")
+    return 0

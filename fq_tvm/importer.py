@@ -1,0 +1,44 @@
+"""ONNX -> Relax import, with errors that name the offending op and node."""
+
+from __future__ import annotations
+
+import warnings
+
+import onnx
+import tvm
+from tvm.relax.frontend import onnx as relax_onnx
+
+from .errors import FqError
+from .onnx_io import signature
+
+
+def supported_ops() -> set[str]:
+    """Op types TVM's Relax ONNX importer converts (plus those it handles inline)."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    return set(_get_convert_map()) | {"Constant", "If"}
+
+
+def check_ops(model: onnx.ModelProto) -> None:
+    """Raise FqError naming the first unsupported op and its node."""
+    known = supported_ops()
+    for i, node in enumerate(model.graph.node):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in known:
+            name = node.name or f"#{i}"
+            domain = f" (domain '{node.domain}')" if node.domain not in ("", "ai.onnx") else ""
+            raise FqError(f"unsupported ONNX op '{node.op_type}'{domain} at node '{name}'")
+
+
+def to_relax(model: onnx.ModelProto) -> tvm.IRModule:
+    """Import `model` into a Relax IRModule whose weights are bound as constants."""
+    check_ops(model)
+    dtypes = {v["name"]: v["dtype"] for v in signature(model)["inputs"]}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return relax_onnx.from_onnx(model, dtype_dict=dtypes, keep_params_in_input=False)
+    except FqError:
+        raise
+    except Exception as err:
+        text = str(err).strip().splitlines()
+        raise FqError(f"TVM's ONNX importer failed: {text[-1] if text else type(err).__name__}") from None

@@ -1,0 +1,91 @@
+"""Small built-in models (ONNX) for the demo and the tests: seeded, so reproducible."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def mlp_gemm(path, sizes=(32, 64, 16), seed: int = 0) -> Path:
+    """An MLP of Gemm(transB=1) + bias layers with Relu between, dynamic batch, built by hand."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev = [], [], "x"
+    for i, (k, n) in enumerate(zip(sizes[:-1], sizes[1:])):
+        w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
+        b = (0.1 * rng.standard_normal(n)).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"fc{i}.weight"), numpy_helper.from_array(b, f"fc{i}.bias")]
+        out = "y" if i == len(sizes) - 2 else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [prev, f"fc{i}.weight", f"fc{i}.bias"], [f"g{i}" if out != "y" else out],
+                                      name=f"fc{i}", transB=1))
+        if out != "y":
+            nodes.append(helper.make_node("Relu", [f"g{i}"], [out], name=f"relu{i}"))
+        prev = out
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", sizes[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", sizes[-1]])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return Path(path)
+
+
+def _encoder_module(hidden: int, heads: int, ffn: int):
+    import torch
+    from torch import nn
+
+    class EncoderBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln1, self.ln2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+            self.q, self.k, self.v, self.o = (nn.Linear(hidden, hidden) for _ in range(4))
+            self.up, self.down = nn.Linear(hidden, ffn), nn.Linear(ffn, hidden)
+
+        def split(self, t):
+            b, s, _ = t.shape
+            return t.reshape(b, s, heads, hidden // heads).transpose(1, 2)
+
+        def forward(self, x):
+            b, s, _ = x.shape
+            h = self.ln1(x)
+            q, k, v = self.split(self.q(h)), self.split(self.k(h)), self.split(self.v(h))
+            att = torch.softmax(q @ k.transpose(-1, -2) / (hidden // heads) ** 0.5, dim=-1)
+            x = x + self.o((att @ v).transpose(1, 2).reshape(b, s, hidden))
+            return x + self.down(torch.nn.functional.gelu(self.up(self.ln2(x))))
+
+    return EncoderBlock()
+
+
+def encoder_block(path, hidden: int = 64, heads: int = 4, ffn: int = 256, seed: int = 0) -> Path:
+    """A pre-LN transformer encoder block exported by torch's dynamo exporter (MatMul with [K, N]
+    weights, LayerNorm, softmax attention), dynamic batch and sequence length."""
+    import torch
+
+    torch.manual_seed(seed)
+    module = _encoder_module(hidden, heads, ffn).eval()
+    with torch.no_grad():  # non-trivial LayerNorm parameters
+        for ln in (module.ln1, module.ln2):
+            ln.weight.add_(0.1 * torch.randn(hidden))
+            ln.bias.add_(0.1 * torch.randn(hidden))
+    _export(module, torch.randn(2, 8, hidden), path)
+    return Path(path)
+
+
+def _export(module, example, path) -> None:
+    import logging
+
+    import torch
+
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=4096)
+    quiet = open(os.devnull, "w")
+    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(io.StringIO()):
+        torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=["x"], output_names=["y"],
+                          dynamic_shapes={"x": {0: batch, 1: seq}}, external_data=False)
+    quiet.close()

@@ -1,0 +1,78 @@
+"""Load and validate ONNX files, and read their input/output signatures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import FqError
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read `path` as an ONNX model and run the ONNX checker; raise FqError on any problem."""
+    path = Path(path)
+    if not path.exists():
+        raise FqError(f"{path}: no such file")
+    if path.is_dir():
+        raise FqError(f"{path}: is a directory, expected an .onnx file")
+    if path.stat().st_size == 0:
+        raise FqError(f"{path}: empty file, not an ONNX model")
+    try:
+        model = onnx.load(str(path))
+    except Exception as err:  # protobuf raises DecodeError, external data OSError, ...
+        raise FqError(f"{path}: not a readable ONNX model ({_first_line(err)})") from None
+    if not model.graph.node:
+        raise FqError(f"{path}: not an ONNX model (no graph nodes; truncated or another format?)")
+    check_model(model, str(path))
+    return model
+
+
+def check_model(model: onnx.ModelProto, where: str = "model") -> None:
+    """Run the ONNX checker (with shape inference on) and reject NaN/Inf weights."""
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except Exception as err:
+        raise FqError(f"{where}: fails the ONNX checker: {_first_line(err)}") from None
+    for init in model.graph.initializer:
+        if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+            arr = numpy_helper.to_array(init)
+            if not np.all(np.isfinite(arr)):
+                raise FqError(f"{where}: weight '{init.name}' contains NaN or Inf values")
+
+
+def _dims(value_info) -> list:
+    shape = value_info.type.tensor_type.shape
+    return [d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else "?")
+            for d in shape.dim]
+
+
+def _dtype(value_info) -> str:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value_info.type.tensor_type.elem_type)).name
+
+
+def signature(model: onnx.ModelProto) -> dict:
+    """Graph inputs (excluding initializers) and outputs: name, dtype, shape (str = symbolic dim)."""
+    inits = {i.name for i in model.graph.initializer}
+    ins = [v for v in model.graph.input if v.name not in inits]
+    return {
+        "inputs": [{"name": v.name, "dtype": _dtype(v), "shape": _dims(v)} for v in ins],
+        "outputs": [{"name": v.name, "dtype": _dtype(v), "shape": _dims(v)} for v in model.graph.output],
+    }
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0][:300]
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of all initializers as stored in the model."""
+    total = 0
+    for init in model.graph.initializer:
+        count = int(np.prod(init.dims)) if init.dims else 1
+        total += count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+    return total
