@@ -71,8 +71,7 @@ def _host_arch() -> str:
 
 
 def _load_builtin() -> None:
-    if not _PRESETS:
-        from . import arm, cuda, x86  # noqa: F401  (each registers its presets)
+    from . import arm, cuda, x86  # noqa: F401  (each registers its presets on first import)
 
 
 __all__ = ["Preset", "family", "presets", "register", "resolve"]

@@ -1,0 +1,122 @@
+"""fq-compile + fq-run on the host CPU against ONNX Runtime on the original model."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fq_tvm import FqError, artifact, load
+from fq_tvm.cli import compile_main, run_main
+from conftest import max_rel_err, ort_run
+
+
+def _compile(onnx_path, out, *extra):
+    assert compile_main([str(onnx_path), "--target", "host", "-o", str(out), "-q", *extra]) == 0
+    return out
+
+
+def _fq_run(art, inputs, tmp_path):
+    np.savez(tmp_path / "in.npz", **inputs)
+    assert run_main([str(art), "--input", str(tmp_path / "in.npz"), "--output", str(tmp_path / "out.npz")]) == 0
+    with np.load(tmp_path / "out.npz") as out:
+        return {k: out[k] for k in out.files}
+
+
+def test_mlp_gemm_transb_with_bias(mlp_onnx, tmp_path):
+    art = _compile(mlp_onnx, tmp_path / "mlp.fq")
+    for batch in (1, 7):
+        x = np.random.default_rng(batch).standard_normal((batch, 32)).astype(np.float32)
+        ours = _fq_run(art, {"x": x}, tmp_path)["y"]
+        ref = ort_run(mlp_onnx, {"x": x})[0]
+        assert ours.shape == ref.shape == (batch, 16)
+        assert max_rel_err(ours, ref) < 1e-4
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 64), (3, 40, 64)])
+def test_encoder_dynamic_batch_and_sequence(encoder_onnx, tmp_path_factory, shape):
+    art = tmp_path_factory.getbasetemp() / "encoder.host"
+    if not art.exists():
+        _compile(encoder_onnx, art)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    ours = _fq_run(art, {"x": x}, tmp_path_factory.mktemp("run"))["y"]
+    ref = ort_run(encoder_onnx, {"x": x})[0]
+    assert ours.shape == ref.shape
+    assert max_rel_err(ours, ref) < 1e-4
+
+
+def test_manifest_records_versions_signature_and_checksums(mlp_onnx, tmp_path):
+    import onnx
+    import tvm
+
+    art = _compile(mlp_onnx, tmp_path / "mlp.fq")
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["format"] == "fq-tvm-artifact" and manifest["format_version"] == 1
+    assert manifest["versions"]["tvm"] == tvm.__version__
+    assert manifest["versions"]["onnx"] == onnx.__version__
+    assert manifest["target"]["name"] == "host" and manifest["scheme"]["name"] == "fp32"
+    assert manifest["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 32]}]
+    assert manifest["outputs"] == [{"name": "y", "dtype": "float32", "shape": ["batch", 16]}]
+    assert manifest["weights"]["bytes"] == 4 * (32 * 64 + 64 + 64 * 16 + 16)
+    assert set(manifest["files"]) == {"model.so"}
+    assert manifest["files"]["model.so"] == artifact.sha256_file(art / "model.so")
+    assert not list(tmp_path.glob(".*tmp*")), "staging directory left behind"
+
+
+def test_tampered_library_is_refused(mlp_onnx, tmp_path):
+    art = _compile(mlp_onnx, tmp_path / "mlp.fq")
+    with open(art / "model.so", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(FqError, match="checksum mismatch for 'model.so'"):
+        load(art)
+
+
+def test_future_format_version_is_refused(mlp_onnx, tmp_path):
+    art = _compile(mlp_onnx, tmp_path / "mlp.fq")
+    manifest = json.loads((art / "manifest.json").read_text())
+    (art / "manifest.json").write_text(json.dumps(dict(manifest, format_version=99)))
+    with pytest.raises(FqError, match="format version 99 is not supported"):
+        load(art)
+
+
+def test_existing_output_needs_force(mlp_onnx, tmp_path, capsys):
+    art = _compile(mlp_onnx, tmp_path / "mlp.fq")
+    before = (art / "manifest.json").read_text()
+    assert compile_main([str(mlp_onnx), "-o", str(art), "-q"]) == 1
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert (art / "manifest.json").read_text() == before
+    _compile(mlp_onnx, art, "--force")
+    assert load(art).run({"x": np.ones((2, 32), np.float32)})["y"].shape == (2, 16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.fq"]
+
+
+def test_python_api_mirrors_cli(mlp_onnx, tmp_path):
+    import fq_tvm
+
+    out = fq_tvm.compile(mlp_onnx, "host", tmp_path / "api.fq", quiet=True)
+    x = np.random.default_rng(3).standard_normal((4, 32)).astype(np.float32)
+    assert max_rel_err(fq_tvm.load(out).run({"x": x})["y"], ort_run(mlp_onnx, {"x": x})[0]) < 1e-4
+
+
+def test_run_rejects_wrong_inputs(mlp_onnx, tmp_path):
+    model = load(_compile(mlp_onnx, tmp_path / "mlp.fq"))
+    with pytest.raises(FqError, match=r"missing \['x'\], unexpected \['z'\]"):
+        model.run({"z": np.ones((1, 32), np.float32)})
+    with pytest.raises(FqError, match=r"input 'x' has shape \[1, 31\], expected \['batch', 32\]"):
+        model.run({"x": np.ones((1, 31), np.float32)})
+
+
+def test_console_scripts_installed(mlp_onnx, tmp_path):
+    """The real entry points, as a user types them."""
+    out = tmp_path / "cli.fq"
+    bindir = __import__("pathlib").Path(sys.executable).parent
+    done = subprocess.run([bindir / "fq-compile", mlp_onnx, "-o", out, "-q"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    x = np.full((3, 32), 0.5, np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    done = subprocess.run([bindir / "fq-run", out, "-i", tmp_path / "in.npz"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    ref = ort_run(mlp_onnx, {"x": x})[0]
+    assert done.stdout.startswith("y: shape [3, 16] float32 mean ")
+    assert float(done.stdout.split()[6]) == pytest.approx(ref.mean(), rel=1e-4, abs=1e-6)
