@@ -60,9 +60,10 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", cuda_ar
 
 
 def _import(proto):
-    from .importer import to_relax
+    from .importer import bind_weights, to_relax
 
-    return to_relax(proto)
+    mod, weights = to_relax(proto)
+    return bind_weights(mod, weights)
 
 
 def _build(mod, preset):

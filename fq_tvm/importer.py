@@ -6,6 +6,7 @@ import warnings
 
 import onnx
 import tvm
+from tvm.relax.frontend import detach_params
 from tvm.relax.frontend import onnx as relax_onnx
 
 from .errors import FqError
@@ -29,16 +30,38 @@ def check_ops(model: onnx.ModelProto) -> None:
             raise FqError(f"unsupported ONNX op '{node.op_type}'{domain} at node '{name}'")
 
 
-def to_relax(model: onnx.ModelProto) -> tvm.IRModule:
-    """Import `model` into a Relax IRModule whose weights are bound as constants."""
+def param_name(initializer_name: str) -> str:
+    """The Relax parameter name TVM's importer gives an ONNX initializer."""
+    return initializer_name.removeprefix("onnx::")
+
+
+def to_relax(model: onnx.ModelProto) -> tuple[tvm.IRModule, dict]:
+    """Import `model` into Relax with weights kept as named parameters of `main`.
+
+    Returns (module, {parameter name: numpy array}); `bind_weights` turns them into constants
+    once the graph rewrites that need the names are done.
+    """
     check_ops(model)
     dtypes = {v["name"]: v["dtype"] for v in signature(model)["inputs"]}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return relax_onnx.from_onnx(model, dtype_dict=dtypes, keep_params_in_input=False)
+            mod = relax_onnx.from_onnx(model, dtype_dict=dtypes, keep_params_in_input=True)
+            mod, params = detach_params(mod)
     except FqError:
         raise
     except Exception as err:
         text = str(err).strip().splitlines()
         raise FqError(f"TVM's ONNX importer failed: {text[-1] if text else type(err).__name__}") from None
+    func = mod["main"]
+    num_inputs = int(func.attrs["num_input"])
+    names = [var.name for var in func.params[num_inputs:]]
+    return mod, {name: value.numpy() for name, value in zip(names, params.get("main", []))}
+
+
+def bind_weights(mod: tvm.IRModule, weights: dict) -> tvm.IRModule:
+    """Bind the remaining weight parameters of `main` as constants."""
+    func = mod["main"]
+    present = {var.name for var in func.params}
+    bound = {name: tvm.runtime.tensor(value) for name, value in weights.items() if name in present}
+    return tvm.relax.transform.BindParams("main", bound)(mod) if bound else mod

@@ -62,6 +62,66 @@ def _encoder_module(hidden: int, heads: int, ffn: int):
     return EncoderBlock()
 
 
+def _decoder_module(hidden: int, heads: int, ffn: int):
+    import torch
+    from torch import nn
+
+    class RMSNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(hidden))
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * self.weight
+
+    class DecoderBlock(nn.Module):
+        """Llama-style: RMSNorm, causal attention without biases, SiLU-gated MLP."""
+
+        def __init__(self):
+            super().__init__()
+            self.norm1, self.norm2 = RMSNorm(), RMSNorm()
+            self.q, self.k, self.v, self.o = (nn.Linear(hidden, hidden, bias=False) for _ in range(4))
+            self.gate, self.up = nn.Linear(hidden, ffn, bias=False), nn.Linear(hidden, ffn, bias=False)
+            self.down = nn.Linear(ffn, hidden, bias=False)
+
+        def split(self, t):
+            b, s, _ = t.shape
+            return t.reshape(b, s, heads, hidden // heads).transpose(1, 2)
+
+        def forward(self, x):
+            b, s, _ = x.shape
+            h = self.norm1(x)
+            q, k, v = self.split(self.q(h)), self.split(self.k(h)), self.split(self.v(h))
+            scores = q @ k.transpose(-1, -2) / (hidden // heads) ** 0.5
+            mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)
+            att = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
+            x = x + self.o((att @ v).transpose(1, 2).reshape(b, s, hidden))
+            h = self.norm2(x)
+            return x + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+
+    return DecoderBlock()
+
+
+def decoder_block(path, hidden: int = 576, heads: int = 9, ffn: int = 1536, seed: int = 0) -> Path:
+    """A Llama-style decoder block (SmolLM2-135M shapes by default), dynamo-exported, dynamic batch
+    and sequence length."""
+    import torch
+
+    torch.manual_seed(seed)
+    _export(_decoder_module(hidden, heads, ffn).eval(), torch.randn(2, 8, hidden), path)
+    return Path(path)
+
+
+def linear(path, in_features: int = 1000, out_features: int = 384, seed: int = 0) -> Path:
+    """One Linear layer with bias (dynamo export), e.g. K = 1000 to exercise odd dimensions."""
+    import torch
+
+    torch.manual_seed(seed)
+    module = torch.nn.Linear(in_features, out_features).eval()
+    _export(module, torch.randn(2, 8, in_features), path)
+    return Path(path)
+
+
 def encoder_block(path, hidden: int = 64, heads: int = 4, ffn: int = 256, seed: int = 0) -> Path:
     """A pre-LN transformer encoder block exported by torch's dynamo exporter (MatMul with [K, N]
     weights, LayerNorm, softmax attention), dynamic batch and sequence length."""
@@ -87,5 +147,5 @@ def _export(module, example, path) -> None:
     quiet = open(os.devnull, "w")
     with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(io.StringIO()):
         torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=["x"], output_names=["y"],
-                          dynamic_shapes={"x": {0: batch, 1: seq}}, external_data=False)
+                          dynamic_shapes=({0: batch, 1: seq},), external_data=False)
     quiet.close()

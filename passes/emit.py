@@ -1,0 +1,77 @@
+"""Emit the Relax bindings for one packed linear layer (kernels come from fq_tvm.schedules.kernels,
+as target-independent TIR; schedules are applied at build time)."""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+
+from .lowering import PackedLinear, Rotation
+
+
+def _kernels():
+    from ..schedules import kernels
+
+    return kernels
+
+
+def _call(bb, func, name: str, args, out_shape, dtype="float32"):
+    gvar = bb.add_func(func.with_attr("global_symbol", name), name)
+    return bb.emit(relax.call_tir(gvar, args, relax.TensorType(out_shape, dtype)))
+
+
+def _rotate(bb, x, rot: Rotation, inverse: bool):
+    rows = x.ty.shape[0]
+    func = _kernels().hadamard(rot.padded, rot.block, inverse)
+    name = f"fq_hadamard{'_inv' if inverse else ''}_{rot.padded}_{rot.block}"
+    return _call(bb, func, name, [x, relax.const(rot.signs.astype(np.float32))], [rows, rot.padded])
+
+
+def _resize(bb, x, dim: int, new_dim: int):
+    if dim == new_dim:
+        return x
+    rows = x.ty.shape[0]
+    k = _kernels()
+    func, kind = (k.pad_last(dim, new_dim), "pad") if new_dim > dim else (k.take_last(dim, new_dim), "take")
+    return _call(bb, func, f"fq_{kind}_{dim}_{new_dim}", [x], [rows, new_dim])
+
+
+def input_transform(bb, x2, layer: PackedLinear):
+    """x2 [M, K] -> xf [M, cols]: pad, randomized Hadamard, frame analysis."""
+    dim = layer.in_features
+    if layer.in_rot is not None:
+        x2 = _resize(bb, x2, dim, layer.in_rot.padded)
+        x2 = _rotate(bb, x2, layer.in_rot, inverse=False)
+        dim = layer.in_rot.padded
+    if layer.frame is not None:
+        frame = layer.frame
+        two_k, two_l = frame.block.shape
+        func = _kernels().frame_analysis(frame.nblk, two_l, two_k, frame.tail)
+        name = f"fq_frame_{frame.nblk}x{two_k}x{two_l}_{frame.tail}"
+        x2 = _call(bb, func, name, [x2, relax.const(frame.block.astype(np.float32))],
+                   [x2.ty.shape[0], frame.out_dim])
+        dim = frame.out_dim
+    return _resize(bb, x2, dim, layer.cols)
+
+
+def packed_linear(bb, x, layer: PackedLinear, shared: dict):
+    """Bindings computing x @ W_hat^T for x [..., K]; returns the output expr [..., N]."""
+    shape = list(x.ty.shape)
+    key = (x, layer.input_key())
+    if key not in shared:
+        x2 = bb.emit(relax.op.reshape(x, [-1, layer.in_features])) if len(shape) != 2 else x
+        shared[key] = input_transform(bb, x2, layer)
+    xf = shared[key]
+    rows = xf.ty.shape[0]
+    func = _kernels().dequant_matmul(layer.rows, layer.cols, layer.bits, layer.group_size)
+    name = f"fq_dequant_matmul_{layer.rows}_{layer.cols}_b{layer.bits}_g{layer.group_size}"
+    args = [xf, relax.const(layer.packed), relax.const(layer.scale), relax.const(layer.zero)]
+    u = _call(bb, func, name, args, [rows, layer.rows])
+    dim = layer.rows
+    if layer.out_rot is not None:
+        u = _rotate(bb, u, layer.out_rot, inverse=True)
+        dim = layer.out_rot.padded
+    u = _resize(bb, u, dim, layer.out_features)
+    if len(shape) == 2:
+        return u
+    return relax.op.reshape(u, shape[:-1] + [layer.out_features])
