@@ -16,6 +16,7 @@ examples:
   fq-compile model.onnx --target rpi5 -o model.rpi5          # cross-compile for a Raspberry Pi 5
   fq-compile model.onnx --target cuda --cuda-arch sm_86 -o model.cuda
   fq-compile model.onnx --target '{"kind": "llvm", "mcpu": "znver4"}' -o model.zen4
+  fq-compile model.onnx --scheme fq2 --redundancy 1.1 --calib calib.npz --skip lm_head -o model.fq2
   fq-compile --list-targets
 
 The output is a directory: model.so (+ device code for CUDA) and manifest.json with versions,
@@ -67,11 +68,22 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--target", default="host",
                    help="target preset name (see --list-targets) or a TVM target JSON dict (default: host)")
     p.add_argument("-o", "--output", help="artifact directory to write (default: MODEL.TARGET.SCHEME beside the model)")
-    p.add_argument("--scheme", default="fp32", help="weight quantization scheme (default: fp32)")
+    p.add_argument("--scheme", default="fp32",
+                   help="weight scheme: fp32 (default), int8, rtn2, gptq2, had2 (Hadamard only), fq2 "
+                        "(FrameQuant 2-bit, r=1.1), fq2r1, fq4 ... (see --list-schemes)")
+    p.add_argument("--redundancy", type=float, help="frame redundancy r for fq schemes (1.0 = no extra bits; "
+                                                        "1.1 gives 2.2 bits at 2-bit codes)")
+    p.add_argument("--l-den", type=int, help="frame block size parameter l (a block maps 2l inputs to 2k, "
+                                                 "k = round(l r); default 8)")
+    p.add_argument("--calib", help=".npz of sample inputs keyed by input name, samples along axis 0 "
+                                   "(needed by gptq/had/fq schemes)")
+    p.add_argument("--skip", metavar="REGEX", help="keep layers whose name, node or weight matches REGEX in "
+                                                   "fp32 (e.g. 'lm_head')")
     p.add_argument("--cuda-arch", help="CUDA architecture for CUDA targets, e.g. sm_80 (default), sm_86, sm_90")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.add_argument("--list-targets", action="store_true", help="print the target presets and exit")
+    p.add_argument("--list-schemes", action="store_true", help="print the quantization schemes and exit")
     return p
 
 
@@ -85,17 +97,29 @@ def _list_targets() -> None:
         print(f"{'':13} {json.dumps(preset.target)}")
 
 
+def _list_schemes() -> None:
+    from .numerics import SCHEMES
+
+    for cfg in SCHEMES.values():
+        extra = f" r={cfg.redundancy}" if cfg.method == "framequant" else ""
+        print(f"{cfg.name:7} {cfg.method:10} {cfg.bits:2d}-bit{extra}")
+
+
 @_cli("fq-compile")
 def compile_main(argv=None):
     args = _compile_parser().parse_args(argv)
     if args.list_targets:
         _list_targets()
         return 0
+    if args.list_schemes:
+        _list_schemes()
+        return 0
     if not args.model:
         raise FqError("no model given; usage: fq-compile MODEL.onnx --target TARGET -o OUT_DIR (see --help)")
     from .compiler import compile as compile_model
 
-    out = compile_model(args.model, args.target, args.output, scheme=args.scheme, cuda_arch=args.cuda_arch,
+    out = compile_model(args.model, args.target, args.output, scheme=args.scheme, redundancy=args.redundancy,
+                        l_den=args.l_den, calib=args.calib, skip=args.skip, cuda_arch=args.cuda_arch,
                         force=args.force, quiet=args.quiet)
     print(out)
     return 0

@@ -26,44 +26,122 @@ def default_out_dir(model_path: Path, target_name: str, scheme: str) -> Path:
     return model_path.with_name(f"{model_path.stem}.{target_name}.{scheme}")
 
 
-def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", cuda_arch: str | None = None,
-            force: bool = False, quiet: bool = False) -> Path:
+def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redundancy: float | None = None,
+            l_den: int | None = None, calib=None, skip: str | None = None, cuda_arch: str | None = None,
+            force: bool = False, quiet: bool = False, records: dict | None = None) -> Path:
     """Compile an ONNX model for `target` into an artifact directory; return its path.
 
     model: path to an .onnx file. target: a preset name (`fq-compile --list-targets`) or a TVM
-    target JSON dict string. A failed compile leaves nothing at `out_dir`.
+    target JSON dict string. scheme: fp32, int8, rtn2, gptq2, had2, fq2, fq4 ... (`--scheme`);
+    redundancy / l_den override the frame of fq schemes. calib: .npz (or dict) of sample inputs
+    keyed by input name, samples along axis 0 (needed by gptq/had/fq). skip: regex of layers to
+    keep fp32. records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
+    layers the artifact runs quantized (to check it against a numpy evaluation). A failed compile
+    leaves nothing at `out_dir`.
     """
     from . import onnx_io
+    from .quantize import scheme_config
     from .targets import family, resolve
 
     preset = resolve(target, cuda_arch)
     hooks = family(preset)
     hooks.check_tools(preset)
-    if scheme != "fp32":
-        raise FqError(f"unknown scheme '{scheme}'; available: fp32")
+    cfg = scheme_config(scheme, redundancy=redundancy, l_den=l_den)
+    if cfg.method in ("gptq", "framequant") and calib is None:
+        raise FqError(f"scheme '{scheme}' needs calibration data: pass --calib FILE.npz (sample inputs "
+                      f"keyed by input name, samples along the first axis)")
+    if isinstance(calib, (str, Path)) and not Path(calib).is_file():
+        raise FqError(f"{calib}: no such calibration file")
     model_path = Path(model)
     out_dir = Path(out_dir) if out_dir else default_out_dir(model_path, preset.name, scheme)
     if out_dir.exists() and not force:
         raise FqError(f"{out_dir} already exists; pass --force (force=True) to replace it")
-    step = Steps(4, quiet)
+    step = Steps(6 if cfg.method != "none" else 4, quiet)
     step(f"loading {model_path}")
     proto = onnx_io.load_model(model_path)
-    step("importing into Relax")
-    mod = _import(proto)
+    layers, layer_report = [], {}
+    if cfg.method != "none":
+        step(f"quantizing dense layers ({cfg.name})")
+        layers, layer_report, quantized = _quantize(proto, cfg, calib, skip, quiet)
+        if records is not None:
+            records.update(quantized)
+    step("importing into Relax" + (" and rewriting dense layers" if layers else ""))
+    mod = _import(proto, layers, layer_report, quiet)
     step(f"building for {preset.name} {preset.target}")
     executable = _build(mod, preset)
     with staging_dir(out_dir, force) as tmp:
         step(f"writing {out_dir}")
         files = hooks.export(executable, tmp, preset)
-        write_manifest(tmp, _manifest(proto, model_path, preset, scheme, files), files)
+        manifest = _manifest(proto, model_path, preset, cfg, files)
+        manifest.update(layer_report)
+        if layer_report.get("layers"):
+            manifest["weights"].update(_weight_totals(layer_report["layers"], manifest["weights"]["bytes"]))
+        write_manifest(tmp, manifest, files)
     return out_dir
 
 
-def _import(proto):
+def _quantize(proto, cfg, calib, skip, quiet):
+    from .importer import param_name
+    from .quantize import calibrate_layers, plan_layers, quantize_layers, to_packed
+
+    plan = plan_layers(proto, skip)
+    hessians = calibrate_layers(proto, plan.chosen, calib, not quiet) if cfg.method != "rtn" else None
+    records = quantize_layers(proto, plan, cfg, hessians, not quiet)
+    layers = {param_name(w): to_packed(r) for w, r in records.items()}
+    report = {"layers": [_layer_entry(plan.names[layer.node], layer, records[layer.weight])
+                         for layer in plan.chosen],
+              "skipped": [{"name": plan.names[layer.node], "weight": layer.weight, "reason": reason,
+                           "shape": [layer.out_features, layer.in_features]}
+                          for layer, reason in plan.skipped]}
+    return layers, report, records
+
+
+def _weight_totals(entries, fp32_total: int) -> dict:
+    dense_fp32 = sum(4 * e["shape"][0] * e["shape"][1] for e in entries)
+    dense_bytes = sum(e["bytes"] for e in entries)
+    return {"fp32_bytes": fp32_total, "bytes": fp32_total - dense_fp32 + dense_bytes,
+            "quantized_dense_fp32_bytes": dense_fp32, "quantized_dense_bytes": dense_bytes,
+            "quantized_dense_bits_per_weight": round(8 * dense_bytes / (dense_fp32 / 4), 4)}
+
+
+def _layer_entry(name, layer, record) -> dict:
+    from .numerics import bits_per_weight, layer_bits
+
+    return {"name": name, "weight": layer.weight, "shape": [layer.out_features, layer.in_features],
+            "scheme": record.scheme, "bits": record.bits, "stored_shape": [record.rows, record.cols],
+            "bits_per_weight": round(bits_per_weight(record), 4), "bytes": layer_bits(record) // 8}
+
+
+def _import(proto, layers=None, report=None, quiet=True):
     from .importer import bind_weights, to_relax
 
     mod, weights = to_relax(proto)
+    if layers:
+        from .passes.quantize_dense import QuantizeDense
+
+        rewrite = QuantizeDense(layers)
+        mod = rewrite(mod)
+        missed = set(layers) - set(rewrite.rewritten_params)
+        if missed:
+            _unmatched(report, missed)
+        if not quiet:
+            for entry in report["skipped"]:
+                print(f"    kept fp32: {entry['name']} {entry['shape']}: {entry['reason']}", file=sys.stderr)
     return bind_weights(mod, weights)
+
+
+def _unmatched(report, params) -> None:
+    """Layers found in ONNX whose Relax form the pass did not match stay fp32; say so."""
+    from .importer import param_name
+
+    keep = []
+    for entry in report["layers"]:
+        if param_name(entry["weight"]) in params:
+            report["skipped"].append({"name": entry["name"], "weight": entry["weight"], "shape": entry["shape"],
+                                      "reason": "its Relax form was not a plain matmul"})
+        else:
+            keep.append(entry)
+    report["layers"] = keep
 
 
 def _build(mod, preset):
@@ -78,7 +156,7 @@ def _build(mod, preset):
         raise FqError(f"TVM build for '{preset.name}' failed: {lines[-1] if lines else type(err).__name__}") from None
 
 
-def _manifest(proto, model_path: Path, preset, scheme: str, files: list[str]) -> dict:
+def _manifest(proto, model_path: Path, preset, cfg, files: list[str]) -> dict:
     import datetime
 
     import onnx
@@ -93,7 +171,7 @@ def _manifest(proto, model_path: Path, preset, scheme: str, files: list[str]) ->
         "versions": {"fq_tvm": __version__, "tvm": tvm.__version__, "onnx": onnx.__version__},
         "source": {"model": model_path.name, "sha256": sha256_file(model_path)},
         "target": {"name": preset.name, "tvm": preset.target, "arch": preset.arch, "device": preset.device},
-        "scheme": {"name": scheme, "bits_per_weight": 32.0},
+        "scheme": cfg.to_meta(),
         "weights": {"bytes": weight_bytes(proto)},
         "library": files[0],
         "inputs": sig["inputs"],

@@ -42,7 +42,7 @@ class _DenseRewriter(PyExprMutator):
         super().__init__(mod)
         self.layers = layers
         self.params = params
-        self.rewritten: list[str] = []
+        self.rewritten: list[str] = []  # weight parameter names, one per rewritten call
         self.shared: dict = {}
 
     def visit_call_(self, call):
@@ -52,7 +52,7 @@ class _DenseRewriter(PyExprMutator):
             return call
         layer = self.layers[found[0]]
         x = call.args[0]
-        self.rewritten.append(layer.name)
+        self.rewritten.append(found[0])
         return emit.packed_linear(self.builder_, x, layer, self.shared)
 
 
@@ -62,15 +62,16 @@ class QuantizeDense:
 
     def __init__(self, layers: dict[str, PackedLinear]):
         self.layers = layers
-        self.rewritten: list[str] = []
+        self.rewritten_params: list[str] = []
+        self.num_input_transforms = 0
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         func = mod["main"]
         params = {var.name for var in func.params}
         rewriter = _DenseRewriter(mod, self.layers, params)
         new_func = rewriter.visit_expr(func)
-        self.shared = rewriter.shared
-        self.rewritten = rewriter.rewritten
+        self.rewritten_params = rewriter.rewritten
+        self.num_input_transforms = len(rewriter.shared)
         rewriter.builder_.update_func(mod.get_global_var("main"), new_func)
         out = rewriter.builder_.finalize()
         return relax.transform.RemoveUnusedParameters()(relax.transform.DeadCodeElimination()(out))

@@ -1,0 +1,219 @@
+"""Calibration: find the dense layers of an ONNX model and collect, for every activation tensor
+they read, the Hessian sum X X^T (float64) and the row count, streaming over sample batches.
+
+The fp32 model runs in ONNX Runtime on a copy of the ModelProto whose graph outputs also list the
+activation tensors. Activations of shape [..., K] are flattened to rows of length K. With
+`mask_input`, rows whose leading shape equals that input's shape (e.g. [batch, seq] for an
+attention mask) are weighted by it (0 drops padding); other activations are not weighted.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class DenseLayer:
+    """One MatMul/Gemm whose weight is an initializer. y = x @ W^T (+ bias), W is [N, K]."""
+
+    node: str  # node name (may be empty in the file; then "<op>_<index>")
+    op_type: str  # "MatMul" or "Gemm"
+    activation: str  # input tensor name
+    weight: str  # initializer name
+    transposed: bool  # True: the initializer is [N, K] (Gemm transB=1); False: [K, N]
+    in_features: int
+    out_features: int
+    output: str  # the node's output tensor
+    bias: str | None = None  # Gemm C, or the initializer of an Add right after a MatMul
+    alpha: float = 1.0  # Gemm alpha, folded into weight_matrix
+
+
+@dataclass
+class HessianStat:
+    """xtx = sum of x x^T over rows (float64 [K, K]); count = rows (or summed mask weights)."""
+
+    xtx: np.ndarray
+    count: float
+
+    def hessian(self) -> np.ndarray:
+        """H = (2 / S) X X^T, the GPTQ convention."""
+        return self.xtx * (2.0 / self.count) if self.count > 0 else np.zeros_like(self.xtx)
+
+
+def _load(model):
+    import onnx
+
+    if isinstance(model, (str, os.PathLike)):
+        return onnx.load(str(model))
+    return model
+
+
+def _attr(node, name, default):
+    import onnx
+
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def find_dense_layers(model) -> list[DenseLayer]:
+    """Every MatMul with a 2-D initializer as B, and every Gemm (transA=0) with an initializer B."""
+    model = _load(model)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    layers = []
+    for i, node in enumerate(graph.node):
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        dims = list(inits[node.input[1]].dims)
+        if len(dims) != 2 or node.input[0] in inits:
+            continue
+        name = node.name or f"{node.op_type}_{i}"
+        if node.op_type == "MatMul":
+            K, N = dims
+            layers.append(DenseLayer(name, "MatMul", node.input[0], node.input[1], False, K, N,
+                                     node.output[0], _matmul_bias(node, consumers, inits, N)))
+            continue
+        if _attr(node, "transA", 0):
+            continue
+        trans = bool(_attr(node, "transB", 0))
+        N, K = dims if trans else dims[::-1]
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
+        layers.append(DenseLayer(name, "Gemm", node.input[0], node.input[1], trans, K, N, node.output[0],
+                                 bias, float(_attr(node, "alpha", 1.0))))
+    return layers
+
+
+def _matmul_bias(node, consumers, inits, N):
+    users = consumers.get(node.output[0], [])
+    if len(users) != 1 or users[0].op_type != "Add":
+        return None
+    other = [n for n in users[0].input if n != node.output[0]]
+    if len(other) == 1 and other[0] in inits and list(inits[other[0]].dims) == [N]:
+        return other[0]
+    return None
+
+
+def weight_matrix(model, layer: DenseLayer) -> np.ndarray:
+    """The layer's weight as float32 [N, K] (y = x @ W^T), Gemm alpha folded in."""
+    from onnx import numpy_helper
+
+    model = _load(model)
+    init = next(t for t in model.graph.initializer if t.name == layer.weight)
+    w = numpy_helper.to_array(init).astype(np.float32)
+    w = w if layer.transposed else w.T
+    return np.ascontiguousarray(w * np.float32(layer.alpha) if layer.alpha != 1.0 else w)
+
+
+def _with_outputs(model, names):
+    """Copy of model whose graph also outputs `names` (elem type from shape inference)."""
+    import onnx
+
+    model = copy.deepcopy(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    except Exception:  # inference is best effort; FLOAT is the default below
+        types = {}
+    present = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in present:
+            elem = types.get(name) or onnx.TensorProto.FLOAT
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    return model
+
+
+def _session(model):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if model.ByteSize() < 1_800_000_000:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    import onnx
+
+    tmp = tempfile.mkdtemp(prefix="fq-calib-")
+    path = str(Path(tmp) / "model.onnx")
+    onnx.save_model(model, path, save_as_external_data=True, location="weights.bin")
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def _samples(samples):
+    if isinstance(samples, (str, os.PathLike)):
+        with np.load(samples) as data:
+            return {k: data[k] for k in data.files}
+    return dict(samples)
+
+
+def _progress(total, enabled):
+    if enabled:
+        try:
+            from tqdm import tqdm
+
+            return tqdm(total=total, desc="calibrating", unit="sample", leave=False)
+        except ImportError:
+            pass
+    return None
+
+
+def calibrate(model, samples, tensors=None, batch_size: int = 8, mask_input: str | None = None,
+              progress: bool = True) -> dict[str, HessianStat]:
+    """Hessian sums for `tensors` (default: the activations of find_dense_layers).
+
+    model: .onnx path or ModelProto. samples: .npz path or {input name: array}, samples along
+    axis 0. Returns {tensor name: HessianStat}; layers reading one tensor share its entry."""
+    model = _load(model)
+    data = _samples(samples)
+    if tensors is None:
+        tensors = list(dict.fromkeys(layer.activation for layer in find_dense_layers(model)))
+    graph_inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
+    missing = sorted(graph_inputs - set(data))
+    if missing:
+        raise ValueError(f"samples lack model inputs: {', '.join(missing)}")
+    if mask_input is not None and mask_input not in data:
+        raise ValueError(f"mask input '{mask_input}' is not among the samples")
+    feeds = sorted(graph_inputs)
+    total = len(data[feeds[0]]) if feeds else 0
+    if any(len(data[name]) != total for name in feeds):
+        raise ValueError("all sample arrays must have the same length along axis 0")
+    fetch = [t for t in tensors if t not in graph_inputs]
+    session = _session(_with_outputs(model, fetch))
+    stats: dict[str, HessianStat] = {}
+    bar = _progress(total, progress)
+    for start in range(0, total, batch_size):
+        feed = {name: data[name][start : start + batch_size] for name in feeds}
+        values = dict(zip(fetch, session.run(fetch, feed))) if fetch else {}
+        mask = None if mask_input is None else np.asarray(data[mask_input][start : start + batch_size])
+        for name in tensors:
+            _accumulate(stats, name, values[name] if name in values else feed[name], mask)
+        if bar is not None:
+            bar.update(len(next(iter(feed.values()))) if feed else 0)
+    if bar is not None:
+        bar.close()
+    return stats
+
+
+def _accumulate(stats, name, act, mask):
+    act = np.asarray(act, dtype=np.float64)
+    rows = act.reshape(-1, act.shape[-1])
+    weights = None
+    if mask is not None and act.shape[:-1] == mask.shape:
+        weights = mask.reshape(-1).astype(np.float64)
+    xtx = rows.T @ rows if weights is None else (rows * weights[:, None]).T @ rows
+    count = float(len(rows) if weights is None else weights.sum())
+    if name in stats:
+        stats[name].xtx += xtx
+        stats[name].count += count
+    else:
+        stats[name] = HessianStat(xtx, count)

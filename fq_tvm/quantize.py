@@ -1,0 +1,149 @@
+"""Choose, calibrate and quantize a model's dense layers; hand the results to the rewrite pass.
+
+ONNX-level: layers are found in the ONNX graph (numerics.find_dense_layers), quantized with
+numpy, and keyed by the Relax parameter name of their weight so that `passes.QuantizeDense` can
+find them after import. Layers reading one activation get one input seed, so they share a
+transform.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import FqError
+
+MIN_FEATURES = 32  # layers with fewer input or output features stay fp32
+
+
+@dataclass
+class Plan:
+    """Which dense layers get quantized, and why the others do not."""
+
+    chosen: list = field(default_factory=list)  # numerics.DenseLayer
+    skipped: list = field(default_factory=list)  # (DenseLayer, reason)
+    names: dict = field(default_factory=dict)  # node name -> readable layer name
+
+
+def scheme_config(name: str, **options):
+    """The numerics QuantConfig for `name`, options (redundancy, l_den, ...) applied."""
+    from .numerics import SCHEMES, get_scheme
+
+    options = {k: v for k, v in options.items() if v is not None}
+    try:
+        return get_scheme(name, **options)
+    except ValueError as err:
+        raise FqError(f"scheme '{name}': {err}" if name in SCHEMES else str(err)) from None
+
+
+def display_name(proto_node) -> str:
+    """A readable layer name: the torch module path when the exporter recorded it (e.g.
+    'layers.0.self_attn.q_proj'), else the node name."""
+    for prop in proto_node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = [s for s in ast.literal_eval(prop.value) if s]
+            except (ValueError, SyntaxError):
+                break
+            if len(scopes) > 1:
+                return ".".join(scopes[:-1])
+    return proto_node.name
+
+
+def plan_layers(proto, skip: str | None = None, min_features: int = MIN_FEATURES) -> Plan:
+    from .numerics import find_dense_layers
+
+    try:
+        pattern = re.compile(skip) if skip else None
+    except re.error as err:
+        raise FqError(f"bad --skip regular expression '{skip}': {err}") from None
+    nodes = {n.name: n for n in proto.graph.node}
+    plan = Plan()
+    for layer in find_dense_layers(proto):
+        name = display_name(nodes[layer.node]) if layer.node in nodes else layer.node
+        plan.names[layer.node] = name
+        if pattern and any(pattern.search(s) for s in (name, layer.node, layer.weight)):
+            plan.skipped.append((layer, f"matches --skip '{skip}'"))
+        elif min(layer.in_features, layer.out_features) < min_features:
+            plan.skipped.append((layer, f"too small ({layer.out_features}x{layer.in_features}, "
+                                        f"under {min_features} features)"))
+        else:
+            plan.chosen.append(layer)
+    return plan
+
+
+def calibrate_layers(proto, layers, calib, progress: bool = True) -> dict:
+    """{activation name: HessianStat} for the activations read by `layers`."""
+    from .numerics import calibrate
+
+    tensors = list(dict.fromkeys(layer.activation for layer in layers))
+    try:
+        return calibrate(proto, calib, tensors=tensors, progress=progress)
+    except ValueError as err:
+        raise FqError(f"calibration failed: {err}") from None
+
+
+def quantize_layers(proto, plan: Plan, cfg, hessians: dict | None, progress: bool = True) -> dict:
+    """{weight initializer name: numerics.QuantizedLinear} for the chosen layers."""
+    from .numerics import quantize_layer, seed_for, weight_matrix
+
+    records = {}
+    for layer in _bar(plan.chosen, progress, f"quantizing ({cfg.name})"):
+        w = weight_matrix(proto, layer)
+        if layer.alpha != 1.0:  # Relax applies Gemm's alpha to the activation, keep W raw
+            w = w / np.float32(layer.alpha)
+        h = hessians[layer.activation].hessian() if hessians else None
+        records[layer.weight] = quantize_layer(
+            plan.names[layer.node], w, h, cfg,
+            input_seed=seed_for(layer.activation + ":in", cfg.seed),
+            output_seed=seed_for(layer.weight + ":out", cfg.seed))
+    return records
+
+
+def _bar(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="layer", leave=False)
+
+
+def to_packed(record):
+    """numerics.QuantizedLinear -> passes.PackedLinear (plain arrays and shapes)."""
+    from .passes.lowering import Frame, PackedLinear, Rotation
+
+    def rotation(had):
+        if had is None:
+            return None
+        return Rotation(had.d, had.dp, had.block, np.asarray(had.signs, np.float32))
+
+    frame = record.input_frame
+    return PackedLinear(
+        name=record.name, in_features=record.in_features, out_features=record.out_features,
+        bits=record.bits, cols=record.cols, group_size=record.group_size,
+        packed=record.packed, scale=record.scale, zero=record.zero,
+        in_rot=rotation(record.input_hadamard),
+        frame=None if frame is None else Frame(frame.nblk, np.asarray(frame.F, np.float32), frame.tail),
+        out_rot=rotation(record.output_hadamard))
+
+
+def simulated_model(proto, records: dict):
+    """A copy of the ONNX model whose quantized weights are replaced by the weight each record
+    really applies (numerics.effective_weight): the float simulation of the same codes."""
+    import copy
+
+    from onnx import numpy_helper
+
+    from .numerics import effective_weight, find_dense_layers
+
+    sim = copy.deepcopy(proto)
+    layers = {layer.weight: layer for layer in find_dense_layers(sim)}
+    for init in sim.graph.initializer:
+        if init.name in records:
+            w = effective_weight(records[init.name]).astype(np.float32)  # [N, K]
+            w = w if layers[init.name].transposed else w.T
+            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w), init.name))
+    return sim

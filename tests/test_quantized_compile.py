@@ -1,0 +1,100 @@
+"""Quantized builds: the compiled artifact equals a numpy/ORT evaluation of the same codes.
+
+Reference: the ONNX model with every quantized weight replaced by the weight its record really
+applies (dequantized codes pulled back through the frame and rotations, in float64 numpy), run
+by ONNX Runtime. The compiled artifact computes the same thing from packed codes with TVM kernels.
+"""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import fq_tvm
+from fq_tvm import models
+from fq_tvm.quantize import simulated_model
+from conftest import max_rel_err, ort_run
+
+SCHEMES = ["int8", "rtn2", "gptq2", "had2", "fq2", "fq2r1", "fq4"]
+
+
+def _calib(tmp_path, shape, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32)
+    x[..., :: max(1, shape[-1] // 8)] *= 6.0  # a few outlier channels, as in real transformers
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=x)
+    return path
+
+
+def _build(onnx_path, tmp_path, scheme, calib_shape, **options):
+    records = {}
+    out = fq_tvm.compile(onnx_path, "host", tmp_path / f"model.{scheme}", scheme=scheme,
+                         calib=_calib(tmp_path, calib_shape), quiet=True, records=records, **options)
+    return out, records
+
+
+def _check_against_simulation(onnx_path, out, records, shapes):
+    sim = simulated_model(onnx.load(str(onnx_path)), records)
+    sim_path = out.parent / "sim.onnx"
+    onnx.save(sim, str(sim_path))
+    model = fq_tvm.load(out)
+    for shape in shapes:
+        x = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)
+        ours = model.run({"x": x})["y"]
+        ref = ort_run(sim_path, {"x": x})[0]
+        assert ours.shape == ref.shape
+        assert max_rel_err(ours, ref) < 1e-4, (shape, max_rel_err(ours, ref))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_mlp(mlp_onnx, tmp_path, scheme):
+    out, records = _build(mlp_onnx, tmp_path, scheme, (64, 32))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [e["name"] for e in manifest["layers"]] == ["fc0"]  # fc1 has 16 outputs: too small
+    assert manifest["skipped"][0]["reason"].startswith("too small")
+    assert set(records) == {"fc0.weight"}
+    _check_against_simulation(mlp_onnx, out, records, [(1, 32), (9, 32)])
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_encoder_block(encoder_onnx, tmp_path, scheme):
+    out, records = _build(encoder_onnx, tmp_path, scheme, (16, 12, 64))
+    assert len(records) == 6
+    _check_against_simulation(encoder_onnx, out, records, [(1, 5, 64), (3, 19, 64)])
+
+
+@pytest.fixture(scope="module")
+def decoder_onnx(tmp_path_factory):
+    return models.decoder_block(tmp_path_factory.mktemp("dec") / "decoder.onnx")
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_decoder_block_576_1536(decoder_onnx, tmp_path, scheme):
+    out, records = _build(decoder_onnx, tmp_path, scheme, (8, 16, 576))
+    assert sorted(r.in_features for r in records.values()) == [576] * 6 + [1536]
+    _check_against_simulation(decoder_onnx, out, records, [(1, 4, 576), (2, 13, 576)])
+
+
+@pytest.fixture(scope="module")
+def k1000_onnx(tmp_path_factory):
+    return models.linear(tmp_path_factory.mktemp("k1000") / "k1000.onnx", 1000, 384)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_odd_input_dimension_k1000(k1000_onnx, tmp_path, scheme):
+    out, records = _build(k1000_onnx, tmp_path, scheme, (16, 8, 1000))
+    (record,) = records.values()
+    assert record.in_features == 1000
+    _check_against_simulation(k1000_onnx, out, records, [(1, 1, 1000), (2, 9, 1000)])
+
+
+def test_skip_regex_keeps_layers_fp32(encoder_onnx, tmp_path):
+    out, records = _build(encoder_onnx, tmp_path, "rtn2", (4, 8, 64), skip=r"^(up|down)$")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(e["name"] for e in manifest["skipped"]) == ["down", "up"]
+    assert all("--skip" in e["reason"] for e in manifest["skipped"])
+    assert sorted(e["name"] for e in manifest["layers"]) == ["k", "o", "q", "v"]
+    assert len(records) == 4
+    _check_against_simulation(encoder_onnx, out, records, [(2, 6, 64)])
