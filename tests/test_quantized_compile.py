@@ -6,6 +6,7 @@ by ONNX Runtime. The compiled artifact computes the same thing from packed codes
 """
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -98,3 +99,51 @@ def test_skip_regex_keeps_layers_fp32(encoder_onnx, tmp_path):
     assert sorted(e["name"] for e in manifest["layers"]) == ["k", "o", "q", "v"]
     assert len(records) == 4
     _check_against_simulation(encoder_onnx, out, records, [(2, 6, 64)])
+
+
+def _outlier_inputs(seed, n, hidden=128):
+    x = np.random.default_rng(seed).standard_normal((n, 16, hidden)).astype(np.float32)
+    x[..., ::16] *= 8.0  # outlier channels
+    return x
+
+
+def test_two_bit_error_ordering_on_encoder(tmp_path):
+    """Relative output error vs fp32, from the compiled artifacts: FQ r=1.1 < FQ r=1.0 < GPTQ < RTN."""
+    onnx_path = models.encoder_block(tmp_path / "enc128.onnx", hidden=128, heads=4, ffn=512)
+    np.savez(tmp_path / "calib.npz", x=_outlier_inputs(0, 32))
+    x = _outlier_inputs(1, 8)
+    ref = ort_run(onnx_path, {"x": x})[0]
+    errors = {}
+    for scheme in ("fq2", "fq2r1", "gptq2", "rtn2"):
+        out = fq_tvm.compile(onnx_path, "host", tmp_path / scheme, scheme=scheme, calib=tmp_path / "calib.npz",
+                             quiet=True)
+        y = fq_tvm.load(out).run({"x": x})["y"]
+        errors[scheme] = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+    print("relative output error vs fp32:", {k: round(v, 5) for k, v in errors.items()})
+    assert errors["fq2"] < errors["fq2r1"] < errors["gptq2"] < errors["rtn2"]
+
+
+def test_qkv_share_one_input_transform(encoder_onnx):
+    """6 dense layers read 4 distinct activations (ln1 -> q, k, v; attention -> o; ln2 -> up;
+    gelu -> down): the rewritten module has 4 input rotations and 4 frames, and 6 unrotations."""
+    from fq_tvm.compiler import _quantize
+    from fq_tvm.importer import to_relax
+    from fq_tvm.passes.quantize_dense import QuantizeDense
+    from fq_tvm.quantize import scheme_config
+
+    proto = onnx.load(str(encoder_onnx))
+    calib = {"x": _outlier_inputs(0, 4, 64)}
+    layers, _, _ = _quantize(proto, scheme_config("fq2"), calib, None, quiet=True)
+    mod, _ = to_relax(proto)
+    rewrite = QuantizeDense(layers)
+    text = rewrite(mod)["main"].script()
+
+    def calls(kernel):
+        return len(re.findall(rf"R\.call_tir\({kernel}", text))
+
+    assert len(rewrite.rewritten_params) == 6 and rewrite.num_input_transforms == 4
+    assert calls("fq_hadamard_(?!inv)") == 4
+    assert calls("fq_frame_") == 4
+    assert calls("fq_hadamard_inv_") == 6
+    assert calls("fq_dequant_matmul_") == 6
+    assert len(re.findall(r"R\.matmul\(", text)) == 2  # attention's activation x activation matmuls
