@@ -112,12 +112,12 @@ def decoder_block(path, hidden: int = 576, heads: int = 9, ffn: int = 1536, seed
     return Path(path)
 
 
-def linear(path, in_features: int = 1000, out_features: int = 384, seed: int = 0) -> Path:
-    """One Linear layer with bias (dynamo export), e.g. K = 1000 to exercise odd dimensions."""
+def linear(path, in_features: int = 1000, out_features: int = 384, bias: bool = True, seed: int = 0) -> Path:
+    """One Linear layer (dynamo export, input x [batch, seq, K]), e.g. K = 1000 for odd dimensions."""
     import torch
 
     torch.manual_seed(seed)
-    module = torch.nn.Linear(in_features, out_features).eval()
+    module = torch.nn.Linear(in_features, out_features, bias=bias).eval()
     _export(module, torch.randn(2, 8, in_features), path)
     return Path(path)
 

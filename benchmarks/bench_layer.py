@@ -1,0 +1,96 @@
+"""One dense layer, side by side in one run: our compiled fq2 / int8 / fp32 artifacts against
+ONNX Runtime fp32, dynamic int8 and MatMulNBits 2/4-bit (accuracy_level 4).
+
+    python benchmarks/bench_layer.py [--size 4096] [--rows 1 16] [--target host]
+
+Prints median latency per call (ms) and the ratio to ORT fp32. Timings on a shared 2-core
+machine are noisy: compare ratios within one run, not figures across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import logging
+
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).parent))
+import ort_baselines  # noqa: E402
+
+import fq_tvm  # noqa: E402
+from fq_tvm import models  # noqa: E402
+from fq_tvm.numerics import find_dense_layers, weight_matrix  # noqa: E402
+
+
+def median_ms(fn, warmup: int = 3, seconds: float = 2.0, max_runs: int = 200) -> float:
+    for _ in range(warmup):
+        fn()
+    times, start = [], time.perf_counter()
+    while len(times) < max_runs and (time.perf_counter() - start < seconds or len(times) < 5):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def ort_runner(path: Path):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 0
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"x": x})[0]
+
+
+def build(work: Path, size: int, target: str, schemes) -> dict:
+    """{label: callable(x [M, K]) -> y} for ours and ORT's."""
+    onnx_path = models.linear(work / "linear.onnx", size, size, bias=False)
+    w = weight_matrix(str(onnx_path), find_dense_layers(str(onnx_path))[0])
+    rng = np.random.default_rng(0)
+    np.savez(work / "calib.npz", x=rng.standard_normal((64, 1, size)).astype(np.float32))
+    runners = {}
+    for scheme in schemes:
+        t0 = time.perf_counter()
+        out = fq_tvm.compile(onnx_path, target, work / f"ours.{scheme}", scheme=scheme,
+                             calib=work / "calib.npz", quiet=True)
+        print(f"compiled {scheme} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        model = fq_tvm.load(out)
+        runners[f"fq-tvm {scheme}"] = lambda x, m=model: m.run({"x": x[None]})["y"]
+    fp32 = ort_baselines.fp32_matmul(work / "ort_fp32.onnx", w)
+    runners["ORT fp32"] = ort_runner(fp32)
+    runners["ORT int8 (dynamic)"] = ort_runner(ort_baselines.dynamic_int8(work / "ort_int8.onnx", fp32))
+    for bits in (2, 4):
+        path = ort_baselines.matmul_nbits(work / f"ort_nbits{bits}.onnx", w, bits)
+        runners[f"ORT MatMulNBits {bits}-bit"] = ort_runner(path)
+    return runners
+
+
+def main(argv=None) -> None:
+    logging.getLogger().setLevel(logging.ERROR)  # ORT quantizer chatter
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=4096, help="K = N of the layer (default 4096)")
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 16], help="M values (default 1 16)")
+    p.add_argument("--target", default="host")
+    p.add_argument("--schemes", nargs="+", default=["fq2", "int8", "fp32"])
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        runners = build(Path(tmp), args.size, args.target, args.schemes)
+        rng = np.random.default_rng(1)
+        print(f"\n{args.size}x{args.size} layer, median ms per call ({args.target})")
+        print(f"{'':24}" + "".join(f"{'M=' + str(m):>16}" for m in args.rows))
+        table = {label: [median_ms(lambda: fn(x)) for x in
+                         (rng.standard_normal((m, args.size)).astype(np.float32) for m in args.rows)]
+                 for label, fn in runners.items()}
+        base = table["ORT fp32"]
+        for label, row in table.items():
+            cells = "".join(f"{t:9.3f} ({t / b:4.2f}x)" for t, b in zip(row, base))
+            print(f"{label:24}{cells}")
+
+
+if __name__ == "__main__":
+    main()
