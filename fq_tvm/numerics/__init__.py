@@ -2,17 +2,38 @@
 
 Randomized Hadamard and tight fusion frames, RTN / GPTQ / FrameQuant, packing, the
 quantized-layer record, calibration and bits accounting. See docs/numerics.md.
+The functions `gptq`, `framequant` and `calibrate` shadow their modules as package attributes:
+import names with `from fq_tvm.numerics[.module] import name`.
 """
 
-from .bits import bits_per_weight, layer_bits, model_bits_per_weight, nominal_bits_per_weight
-from .calibrate import DenseLayer, HessianStat, calibrate, find_dense_layers, weight_matrix
-from .frames import FusionFrame, frame_block, frame_k, tff_exists
+from .bits import (
+    bits_per_weight,
+    layer_bits,
+    model_bits_per_weight,
+    nominal_bits_per_weight,
+)
+from .calibrate import (
+    DenseLayer,
+    HessianStat,
+    calibrate,
+    find_dense_layers,
+    weight_matrix,
+)
 from .framequant import framequant, input_transforms, normalized_hessian, quantize_layer
+from .frames import FusionFrame, frame_block, frame_k, tff_exists
 from .gptq import gptq, inverse_hessian_factor
 from .hadamard import Hadamard, fwht, padded_dim, random_signs, seed_for
 from .packing import pack_codes, packed_width, storage_bits, unpack_codes
 from .quantize import SCHEMES, QuantConfig, get_scheme, grid_params, rtn
-from .record import QuantizedLinear, apply, codes, dequantize, effective_weight, from_state, to_state
+from .record import (
+    QuantizedLinear,
+    apply,
+    codes,
+    dequantize,
+    effective_weight,
+    from_state,
+    to_state,
+)
 from .transforms import Chain
 
 __all__ = [

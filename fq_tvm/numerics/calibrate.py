@@ -124,7 +124,7 @@ def _with_outputs(model, names):
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
         types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
-    except Exception:  # inference is best effort; FLOAT is the default below
+    except Exception:  # noqa: BLE001 - inference is best effort; FLOAT is the default below
         types = {}
     present = {o.name for o in model.graph.output}
     for name in names:

@@ -46,6 +46,7 @@ def framequant(W: np.ndarray, H: np.ndarray, cfg: QuantConfig, input_seed: int, 
     t_in, t_out = Chain([had_in, frame], K), Chain([had_out], N)
     Hf = t_in.apply(t_in.apply(normalized_hessian(H)).T)  # T H T^T
     C = t_out.apply_rows(t_in.apply(W))  # T_N W T_K^T
+    del W
     codes, scale, zero = gptq(C, Hf, cfg)
     return codes, scale, zero, had_in, frame, had_out
 

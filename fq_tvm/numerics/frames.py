@@ -18,7 +18,7 @@ from functools import cached_property
 import numpy as np
 
 
-def tff_exists(k: int, l: int, n: int) -> bool:  # noqa: E741 - the paper's names
+def tff_exists(k: int, l: int, n: int) -> bool:
     """Existence test for a tight fusion frame of k subspaces of dimension l in C^n reachable by
     spectral tetris (Casazza, Fickus, Mixon, Wang, Zhou 2011): Naimark/spatial complements
     reduce (k, l, n) until l divides n, where the answer is k >= n / l."""
@@ -42,10 +42,10 @@ def tff_exists(k: int, l: int, n: int) -> bool:  # noqa: E741 - the paper's name
 
 def frame_k(l_den: int, r: float) -> int:
     """Number of subspaces for redundancy r: round half up of l_den * r."""
-    return int(math.floor(l_den * float(r) + 0.5 + 1e-9))
+    return math.floor(l_den * float(r) + 0.5 + 1e-9)
 
 
-def frame_block(k: int, l: int) -> np.ndarray:  # noqa: E741
+def frame_block(k: int, l: int) -> np.ndarray:
     """The real (2k x 2l) block: real form of G[a, m] = exp(2 pi i a m / k) / sqrt(k)."""
     a = np.arange(k)[:, None]
     m = np.arange(l)[None, :]
@@ -89,11 +89,11 @@ class FusionFrame:
             )
 
     @classmethod
-    def create(cls, dim: int, l_den: int = 8, r: float = 1.1, seed: int = 0) -> "FusionFrame":
+    def create(cls, dim: int, l_den: int = 8, r: float = 1.1, seed: int = 0) -> FusionFrame:
         return cls(int(dim), int(l_den), float(r), None, int(seed))
 
     @property
-    def l(self) -> int:  # noqa: E743
+    def l(self) -> int:
         return self.l_den
 
     @property
@@ -145,7 +145,7 @@ class FusionFrame:
         return {"dim": self.dim, "l_den": self.l_den, "r": float(self.r), "k": self.k, "seed": int(self.seed)}
 
     @classmethod
-    def from_meta(cls, meta: dict) -> "FusionFrame":
+    def from_meta(cls, meta: dict) -> FusionFrame:
         return cls(int(meta["dim"]), int(meta["l_den"]), float(meta["r"]), int(meta["k"]), int(meta.get("seed", 0)))
 
 

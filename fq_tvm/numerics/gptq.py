@@ -5,7 +5,7 @@ Grid parameters: per row, from the whole (dead-column-zeroed) row before GPTQ st
 from the group's columns as they stand (all earlier feedback applied) when GPTQ reaches the group.
 Block boundaries are cut at group starts so that "as they stand" is exact. Clipping happens in
 the code clamp and its error is fed back like any rounding error (the reference code clamps W
-before GPTQ and so never compensates it; feeding it back measured 20-35% lower output error).
+before GPTQ and so never compensates it; feeding it back measured 25-35% lower output error).
 """
 
 from __future__ import annotations
@@ -37,12 +37,16 @@ def inverse_hessian_factor(H: np.ndarray, percdamp: float, tries: int = 4) -> np
     H = np.asarray(H, dtype=np.float64)
     mean_diag = float(np.mean(np.diag(H))) or 1.0
     damp = percdamp * mean_diag
+    diag = np.arange(len(H))
     for _ in range(tries):
+        Hd = H[::-1, ::-1].copy()
+        Hd[diag, diag] += damp
         try:
-            L = np.linalg.cholesky(H[::-1, ::-1] + damp * np.eye(len(H)))
+            L = np.linalg.cholesky(Hd)
         except np.linalg.LinAlgError:
             damp = max(damp * 10.0, 1e-8 * mean_diag)
             continue
+        del Hd
         return np.ascontiguousarray(tril_inverse(L)[::-1, ::-1])
     raise np.linalg.LinAlgError(f"Hessian not positive definite even with damping {damp:g}")
 
@@ -60,18 +64,19 @@ def _block_ends(ncols: int, block_size: int, group_size: int | None):
 def gptq(W: np.ndarray, H: np.ndarray, cfg: QuantConfig):
     """Quantize W [R, C] against the Hessian H [C, C] (any positive scale).
     Returns codes uint8 [R, C], scale and zero float64 [R, G]."""
-    W = np.array(W, dtype=np.float64)
-    H = np.array(H, dtype=np.float64)
+    W = np.asarray(W, dtype=np.float64)
+    H = np.asarray(H, dtype=np.float64)
     R, C = W.shape
     if H.shape != (C, C):
         raise ValueError(f"Hessian shape {H.shape} does not match {C} columns")
     dead = np.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    Wt = np.array(W.T, order="C")  # column j of W is the row Wt[j]
+    if dead.any():
+        H = H.copy()
+        H[dead, dead] = 1.0
+        Wt[dead] = 0.0
     U = inverse_hessian_factor(H, cfg.percdamp)
-    del H
-    Wt = np.ascontiguousarray(W.T)  # column j of W is the row Wt[j]
-    del W
+    del H, W
     gs = cfg.group_size
     ngroups = 1 if gs is None else -(-C // gs)
     codes = np.empty((C, R), dtype=np.uint8)

@@ -125,7 +125,7 @@ class Hadamard:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
 
     @classmethod
-    def create(cls, d: int, seed: int = 0) -> "Hadamard":
+    def create(cls, d: int, seed: int = 0) -> Hadamard:
         dp = padded_dim(int(d))
         return cls(int(d), dp, pow2_factor(dp), int(seed))
 
@@ -163,7 +163,7 @@ class Hadamard:
         return {"d": self.d, "dp": self.dp, "block": self.block, "seed": int(self.seed)}
 
     @classmethod
-    def from_meta(cls, meta: dict) -> "Hadamard":
+    def from_meta(cls, meta: dict) -> Hadamard:
         return cls(int(meta["d"]), int(meta["dp"]), int(meta["block"]), int(meta["seed"]))
 
 

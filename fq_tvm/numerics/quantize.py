@@ -72,7 +72,7 @@ class QuantConfig:
         return asdict(self)
 
     @classmethod
-    def from_meta(cls, meta: dict) -> "QuantConfig":
+    def from_meta(cls, meta: dict) -> QuantConfig:
         return cls(**meta)
 
 
