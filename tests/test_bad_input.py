@@ -130,3 +130,41 @@ def test_run_bad_npz(mlp_onnx, tmp_path, capsys):
     (tmp_path / "in.npz").write_text("garbage")
     assert run_main([str(art), "-i", str(tmp_path / "in.npz")]) == 1
     assert "not a readable .npz file" in capsys.readouterr().err
+
+
+def test_scheme_needing_calibration(mlp_onnx, tmp_path, capsys):
+    _check(mlp_onnx, tmp_path / "out", capsys, "scheme 'fq2' needs calibration data: pass --calib", "--scheme", "fq2")
+
+
+def test_missing_calibration_file(mlp_onnx, tmp_path, capsys):
+    _check(mlp_onnx, tmp_path / "out", capsys, "no-such.npz: no such calibration file", "--scheme", "gptq2",
+           "--calib", str(tmp_path / "no-such.npz"))
+
+
+def test_calibration_file_lacking_inputs(mlp_onnx, tmp_path, capsys):
+    np.savez(tmp_path / "calib.npz", wrong=np.ones((4, 32), np.float32))
+    _check(mlp_onnx, tmp_path / "out", capsys, "calibration failed: samples lack model inputs: x", "--scheme", "gptq2",
+           "--calib", str(tmp_path / "calib.npz"))
+
+
+def test_bad_redundancy(mlp_onnx, tmp_path, capsys):
+    _check(mlp_onnx, tmp_path / "out", capsys, "redundancy must be >= 1.0", "--scheme", "fq2", "--redundancy", "0.5",
+           "--calib", "unused.npz")
+
+
+def test_bad_skip_regex(mlp_onnx, tmp_path, capsys):
+    _check(mlp_onnx, tmp_path / "out", capsys, "bad --skip regular expression '(fc'", "--scheme", "rtn2",
+           "--skip", "(fc")
+
+
+def test_failed_export_leaves_nothing(mlp_onnx, tmp_path, capsys, monkeypatch):
+    from fq_tvm.targets import x86
+
+    def broken(executable, out_dir, preset):
+        (out_dir / "model.so").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(x86, "export", broken)
+    assert compile_main([str(mlp_onnx), "-o", str(tmp_path / "out"), "-q"]) == 1
+    assert "internal error: OSError: disk full" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
