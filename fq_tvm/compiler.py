@@ -147,8 +147,11 @@ def _unmatched(report, params) -> None:
 def _build(mod, preset):
     import tvm
 
+    from .schedules import apply as schedule_kernels
+
+    target = preset.tvm_target()
     try:
-        return tvm.compile(mod, preset.tvm_target())
+        return tvm.compile(schedule_kernels(mod, target), target)
     except FqError:
         raise
     except Exception as err:

@@ -1,0 +1,150 @@
+"""Target-independent TIR kernels for packed linear layers, built with te.
+
+Every kernel takes a symbolic row count `m` (batch x sequence, int64) and carries the attribute
+`fq_kernel` (its kind) so that `fq_tvm.schedules.apply` can find and schedule it for a target, and
+`op_pattern` 8 (opaque) so that fusion never merges it with neighbours (which would drop our
+schedule, or fold dequantization into a float constant).
+"""
+
+from __future__ import annotations
+
+import math
+
+import tvm
+from tvm import te, tirx
+
+OPAQUE = 8
+
+
+def _i64(value: int):
+    return tirx.IntImm("int64", int(value))
+
+
+def _rows():
+    return tirx.Var("m", "int64")
+
+
+def _finish(tensors, kind: str, **params) -> tvm.tirx.PrimFunc:
+    func = te.create_prim_func(tensors)
+    attrs = {"fq_kernel": kind, "op_pattern": OPAQUE, **{f"fq_{k}": v for k, v in params.items()}}
+    return func.with_attrs(attrs) if hasattr(func, "with_attrs") else _with_attrs(func, attrs)
+
+
+def _with_attrs(func, attrs: dict):
+    for key, value in attrs.items():
+        func = func.with_attr(key, value)
+    return func
+
+
+def _zero():
+    return tirx.const(0.0, "float32")
+
+
+def dequant_matmul(rows: int, cols: int, bits: int, group_size: int) -> tvm.tirx.PrimFunc:
+    """y[m, rows] = x[m, cols] @ dequant(packed)^T, reading packed codes in the reduction.
+
+    Per group g: sum_j (q_j - z) s x_j = s (sum_j q_j x_j - z sum_j x_j), so the inner loop is one
+    decode and one multiply-add per code; `x` is regrouped once per call as xp[m, g, t, b] =
+    x[m, (g*gb + b)*per + t] so that code t of byte b meets its activation with unit stride.
+    """
+    if bits not in (2, 4, 8):
+        raise ValueError(f"dequant_matmul supports 2, 4 and 8-bit codes, not {bits}")
+    per = 8 // bits
+    width = -(-cols // per)
+    ngroups = -(-cols // group_size)
+    if ngroups > 1 and group_size % per:
+        raise ValueError(f"group size {group_size} must be a multiple of {per} for {bits}-bit codes")
+    gb = width if ngroups == 1 else group_size // per  # bytes per group
+    gs = gb * per  # columns per group (padded)
+    m = _rows()
+    N, K, B, G, GB, P = (_i64(v) for v in (rows, cols, width, ngroups, gb, per))
+    x = te.placeholder((m, K), "float32", "x")
+    packed = te.placeholder((N, B), "uint8", "packed")
+    scale = te.placeholder((N, G), "float32", "scale")
+    zero = te.placeholder((N, G), "float32", "zero")
+
+    def col(g, t, b):
+        return (g * GB + b) * P + t
+
+    def x_at(i, c):
+        return tirx.if_then_else(c < K, x[i, te.min(c, K - 1)], _zero())
+
+    xp = te.compute((m, G, P, GB), lambda i, g, t, b: x_at(i, col(g, t, b)), name="xp")
+    kg = te.reduce_axis((0, _i64(gs)), "kg")
+    xs = te.compute((m, G), lambda i, g: te.sum(x_at(i, g * _i64(gs) + kg), axis=kg), name="xs")
+    mask = tirx.const(2**bits - 1, "uint8")
+
+    def code(n, g, t, b):
+        byte = packed[n, te.min(g * GB + b, B - 1)]
+        return ((byte >> (t * bits).astype("uint8")) & mask).astype("float32")
+
+    t = te.reduce_axis((0, P), "t")
+    b = te.reduce_axis((0, GB), "b")
+    yq = te.compute((m, N, G), lambda i, n, g: te.sum(xp[i, g, t, b] * code(n, g, t, b), axis=[t, b]), name="yq")
+    gg = te.reduce_axis((0, G), "gg")
+    y = te.compute((m, N), lambda i, n: te.sum(scale[n, gg] * (yq[i, n, gg] - zero[n, gg] * xs[i, gg]), axis=gg),
+                   name="y")
+    return _finish([x, packed, scale, zero, y], "dequant_matmul", rows=rows, cols=cols, bits=bits)
+
+
+def hadamard(dim: int, block: int, inverse: bool) -> tvm.tirx.PrimFunc:
+    """Blockwise orthonormal Walsh-Hadamard (Sylvester order) on the last axis, after (forward) or
+    before (inverse) multiplying by `signs`: log2(block) butterfly stages, O(dim log block)."""
+    if block < 1 or block & (block - 1) or dim % block:
+        raise ValueError(f"Hadamard block {block} must be a power of two dividing {dim}")
+    m = _rows()
+    D = _i64(dim)
+    x = te.placeholder((m, D), "float32", "x")
+    signs = te.placeholder((D,), "float32", "signs")
+    cur = x if inverse else te.compute((m, D), lambda i, j: x[i, j] * signs[j], name="signed")
+    for stage in range(int(math.log2(block))):
+        cur = _butterfly(cur, m, D, _i64(1 << stage), f"stage{stage}")
+    norm = 1.0 / math.sqrt(block)
+    if inverse:
+        out = te.compute((m, D), lambda i, j: cur[i, j] * (signs[j] * norm), name="y")
+    else:
+        out = te.compute((m, D), lambda i, j: cur[i, j] * norm, name="y")
+    return _finish([x, signs, out], "hadamard", dim=dim, block=block)
+
+
+def _butterfly(prev, m, D, h, name):
+    """One radix-2 stage: pairs (j, j + h) with bit h of j clear become (a + b, a - b)."""
+
+    def body(i, j):
+        low = prev[i, j] + prev[i, te.min(j + h, D - 1)]
+        high = prev[i, te.max(j - h, _i64(0))] - prev[i, j]
+        return tirx.if_then_else((j & h) == _i64(0), low, high)
+
+    return te.compute((m, D), body, name=name)
+
+
+def frame_analysis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.PrimFunc:
+    """y = blockdiag(F, ..., F, I_tail) x on the last axis; F is [two_k, two_l]."""
+    m = _rows()
+    body, din = nblk * two_k, nblk * two_l
+    x = te.placeholder((m, _i64(din + tail)), "float32", "x")
+    F = te.placeholder((_i64(two_k), _i64(two_l)), "float32", "F")
+    c = te.reduce_axis((0, _i64(two_l)), "c")
+    TK, TL = _i64(two_k), _i64(two_l)
+    coef = te.compute((m, _i64(body)), lambda i, j: te.sum(F[j % TK, c] * x[i, (j // TK) * TL + c], axis=c),
+                      name="coef")
+    if tail == 0:
+        return _finish([x, F, coef], "frame_analysis", out=body)
+    y = te.compute((m, _i64(body + tail)), lambda i, j: tirx.if_then_else(
+        j < _i64(body), coef[i, te.min(j, _i64(body - 1))], x[i, te.max(j - _i64(body - din), _i64(din))]), name="y")
+    return _finish([x, F, y], "frame_analysis", out=body + tail)
+
+
+def pad_last(dim: int, padded: int) -> tvm.tirx.PrimFunc:
+    m = _rows()
+    x = te.placeholder((m, _i64(dim)), "float32", "x")
+    y = te.compute((m, _i64(padded)), lambda i, j: tirx.if_then_else(
+        j < _i64(dim), x[i, te.min(j, _i64(dim - 1))], _zero()), name="y")
+    return _finish([x, y], "resize")
+
+
+def take_last(dim: int, keep: int) -> tvm.tirx.PrimFunc:
+    m = _rows()
+    x = te.placeholder((m, _i64(dim)), "float32", "x")
+    y = te.compute((m, _i64(keep)), lambda i, j: x[i, j], name="y")
+    return _finish([x, y], "resize")
