@@ -1,0 +1,132 @@
+"""TIR kernels against numpy float64 references, and what the compiler emits for each target."""
+
+import re
+import subprocess
+
+import numpy as np
+import pytest
+import tvm
+
+from fq_tvm.schedules import kernels, schedule_func
+from fq_tvm.targets.cuda import nvcc_path
+
+HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+AARCH64 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
+CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
+
+
+def _build(func, target=HOST):
+    return tvm.compile(tvm.IRModule({"main": schedule_func(func, target)}), target)
+
+
+def _run(lib, *arrays, out_shape):
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
+    out = tvm.runtime.tensor(np.zeros(out_shape, np.float32))
+    lib.mod["main"](*args, out)
+    return out.numpy()
+
+
+def _rel(ours, ref):
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def _pack(codes, bits):
+    per = 8 // bits
+    rows, cols = codes.shape
+    padded = np.zeros((rows, -(-cols // per) * per), np.uint64)
+    padded[:, :cols] = codes
+    return (padded.reshape(rows, -1, per) << (bits * np.arange(per, dtype=np.uint64))).sum(-1).astype(np.uint8)
+
+
+SHAPES = [(576, 576, None), (1536, 576, None), (384, 1000, None), (40, 1001, None),  # per row
+          (576, 576, 128), (1536, 576, 128), (384, 1000, 128)]  # groups of 128 (last one partial)
+
+
+@pytest.mark.parametrize("rows, cols, group", SHAPES)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_dequant_matmul_matches_numpy(rows, cols, group, bits):
+    group = group or cols
+    rng = np.random.default_rng(rows + cols + bits)
+    ngroups = -(-cols // group)
+    codes = rng.integers(0, 2**bits, (rows, cols))
+    scale = rng.uniform(0.01, 0.1, (rows, ngroups)).astype(np.float32)
+    zero = rng.uniform(0, 2**bits - 1, (rows, ngroups)).astype(np.float32)
+    g = np.arange(cols) // group
+    w = (codes - zero[:, g].astype(np.float64)) * scale[:, g]
+    lib = _build(kernels.dequant_matmul(rows, cols, bits, group))
+    for m in (1, 37):
+        x = rng.standard_normal((m, cols)).astype(np.float32)
+        ours = _run(lib, x, _pack(codes, bits), scale, zero, out_shape=(m, rows))
+        assert _rel(ours, x.astype(np.float64) @ w.T) < 1e-4
+
+
+def _sylvester(n):
+    h = np.ones((1, 1))
+    while len(h) < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(n)
+
+
+@pytest.mark.parametrize("dim, block", [(64, 64), (576, 64), (1024, 1024), (4096, 4096), (1536, 512)])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_hadamard_matches_explicit_matrix(dim, block, inverse):
+    rng = np.random.default_rng(dim)
+    signs = rng.choice([-1.0, 1.0], dim).astype(np.float32)
+    big = np.kron(np.eye(dim // block), _sylvester(block))
+    matrix = big * signs[None, :] if not inverse else signs[:, None] * big  # H D, or D H
+    lib = _build(kernels.hadamard(dim, block, inverse))
+    for m in (1, 37):
+        x = rng.standard_normal((m, dim)).astype(np.float32)
+        ours = _run(lib, x, signs, out_shape=(m, dim))
+        assert _rel(ours, x.astype(np.float64) @ matrix.T) < 1e-5
+
+
+@pytest.mark.parametrize("nblk, two_l, two_k, tail", [(36, 16, 18, 0), (4, 16, 18, 5), (72, 16, 16, 0)])
+def test_frame_analysis_matches_block_diagonal(nblk, two_l, two_k, tail):
+    rng = np.random.default_rng(nblk)
+    F = np.linalg.qr(rng.standard_normal((two_k, two_l)))[0].astype(np.float32)
+    dense = np.zeros((nblk * two_k + tail, nblk * two_l + tail))
+    for b in range(nblk):
+        dense[b * two_k:(b + 1) * two_k, b * two_l:(b + 1) * two_l] = F
+    dense[nblk * two_k:, nblk * two_l:] = np.eye(tail)
+    lib = _build(kernels.frame_analysis(nblk, two_l, two_k, tail))
+    for m in (1, 37):
+        x = rng.standard_normal((m, dense.shape[1])).astype(np.float32)
+        assert _rel(_run(lib, x, F, out_shape=(m, dense.shape[0])), x.astype(np.float64) @ dense.T) < 1e-5
+
+
+def test_pad_and_take():
+    x = np.arange(2 * 60, dtype=np.float32).reshape(2, 60)
+    padded = _run(_build(kernels.pad_last(60, 64)), x, out_shape=(2, 64))
+    assert np.array_equal(padded[:, :60], x) and not padded[:, 60:].any()
+    assert np.array_equal(_run(_build(kernels.take_last(64, 60)), padded, out_shape=(2, 60)), x)
+
+
+def _asm(target):
+    lib = tvm.compile(tvm.IRModule({"main": schedule_func(kernels.dequant_matmul(256, 512, 2, 512), target)}), target)
+    return lib.mod.inspect_source("asm") if not lib.mod.imports else lib.mod.imports[0].inspect_source("asm")
+
+
+@pytest.mark.skipif("avx512f" not in open("/proc/cpuinfo").read(), reason="host CPU has no AVX-512")
+def test_x86_kernel_uses_avx512():
+    asm = _asm(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4"}))
+    assert re.search(r"vfmadd\w*ps\s+.*%zmm", asm), "no 512-bit FMA in the dequant-matmul"
+
+
+def test_aarch64_kernel_uses_neon():
+    asm = _asm(AARCH64)
+    assert re.search(r"\bfmla\s+v\d+\.4s", asm), "no NEON fmla in the dequant-matmul"
+
+
+@pytest.mark.skipif(nvcc_path() is None, reason="nvcc not installed")
+def test_cuda_kernels_compile_to_sm80_cubin(tmp_path):
+    from elf import cuda_sm
+
+    for name, func in [("dq", kernels.dequant_matmul(576, 648, 2, 648)), ("had", kernels.hadamard(576, 64, False))]:
+        lib = tvm.compile(tvm.IRModule({"main": schedule_func(func, CUDA)}), CUDA)
+        source = lib.mod.imports[0].inspect_source("")
+        assert "threadIdx.x" in source and "__global__" in source
+        (tmp_path / f"{name}.cu").write_text(source)
+        subprocess.run([nvcc_path(), "--cubin", "-arch=sm_80", "-o", tmp_path / f"{name}.cubin", tmp_path / f"{name}.cu"],
+                       check=True, capture_output=True)
+        assert cuda_sm(tmp_path / f"{name}.cubin") == 80
