@@ -148,10 +148,11 @@ def _build(mod, preset):
     import tvm
 
     from .schedules import apply as schedule_kernels
+    from .schedules import relax_pipeline
 
     target = preset.tvm_target()
     try:
-        return tvm.compile(schedule_kernels(mod, target), target)
+        return tvm.compile(schedule_kernels(mod, target), target, relax_pipeline=relax_pipeline(target))
     except FqError:
         raise
     except Exception as err:

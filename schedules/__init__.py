@@ -25,6 +25,36 @@ def schedule_func(func, target):
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
+def relax_pipeline(target):
+    """TVM's default Relax pipeline for `target`, with our schedules: on CPU, after legalization and
+    fusion, every PrimFunc we did not write gets `cpu.fallback` (the stock CPU pipeline applies no
+    schedule at all); GPU targets keep TVM's dlight rules."""
+    from tvm import relax
+
+    if "gpu" in target.keys:
+        return relax.get_default_pipeline(target)
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+
+    from . import cpu
+
+    @tvm.transform.module_pass(opt_level=0, name="fq.CPUPipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            mod = tvm.transform.Sequential(cpu_pipeline.library_dispatch_passes(target)
+                                           + cpu_pipeline.legalize_passes(target))(mod)
+            for gvar, func in list(mod.functions_items()):
+                if isinstance(func, tvm.tirx.PrimFunc) and not _scheduled(func):
+                    mod[gvar] = cpu.fallback(func, target).with_attr("tirx.is_scheduled", True)
+            return tvm.transform.Sequential(cpu_pipeline.dataflow_lower_passes(target)
+                                            + cpu_pipeline.finalize_passes(target))(mod)
+
+    return _pipeline
+
+
+def _scheduled(func) -> bool:
+    return func.attrs is not None and "tirx.is_scheduled" in func.attrs and bool(func.attrs["tirx.is_scheduled"])
+
+
 def apply(mod: tvm.IRModule, target) -> tvm.IRModule:
     """Schedule our kernels in `mod` for `target`; other functions are left untouched."""
     updates = {}

@@ -58,3 +58,54 @@ def elementwise(sch: s_tir.Schedule, target) -> None:
 
 RULES = {"dequant_matmul": dequant_matmul}
 DEFAULT = elementwise
+
+
+def _split_loops(sch, block):
+    loops, iters = sch.get_loops(block), sch.get(block).iter_vars
+    spatial = [lp for lp, it in zip(loops, iters) if it.iter_type != 2]
+    reduce = [lp for lp, it in zip(loops, iters) if it.iter_type == 2]
+    return spatial, reduce
+
+
+def _reads_2d_weight(sch, block) -> bool:
+    """A dense layer's matmul: one of its inputs is a 2-D parameter (a constant weight)."""
+    params = {param.name for param in sch.mod["main"].params}
+    return any(len(region.source.shape) == 2 and region.source.name in params for region in sch.get(block).reads)
+
+
+UNROLL = 8  # vectors of output columns per weight row visit
+
+
+def fp32_block(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """Unscheduled (legalized) ops: dense matmuls stream each weight row once for all input rows,
+    8 vectors of columns at a time; other blocks run rows in parallel, vectorised where spatial."""
+    spatial, reduce = _split_loops(sch, block)
+    if not spatial:
+        return
+    if reduce and _reads_2d_weight(sch, block):
+        outer, group, vec = sch.split(spatial[-1], [None, UNROLL, lanes])
+        sch.reorder(outer, *reduce, *spatial[:-1], group, vec)
+        sch.unroll(group)
+    else:
+        outer, vec = sch.split(spatial[-1], [None, lanes])
+        sch.reorder(*spatial[:-1], outer, *reduce, vec)
+        outer = sch.fuse(*spatial[:-1], outer) if len(spatial) > 1 else outer
+    sch.parallel(outer)
+    sch.vectorize(vec)
+    if reduce:
+        sch.decompose_reduction(block, reduce[0])
+
+
+def fallback(func, target):
+    """Schedule a PrimFunc fq-tvm did not write (legalized fp32 ops), block by block; a block the
+    rule cannot handle is left as it is."""
+    lanes = vector_lanes(target)
+    sch = s_tir.Schedule(func)
+    for block in blocks(sch):
+        trial = sch.copy()
+        try:
+            fp32_block(trial, trial.get_sblock(sch.get(block).name_hint), lanes)
+        except Exception:  # noqa: BLE001 - the rule does not fit this block: keep it unscheduled
+            continue
+        sch = trial
+    return sch.mod["main"]
