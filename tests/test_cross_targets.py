@@ -64,3 +64,18 @@ def test_cuda_artifact_needs_a_gpu_to_load(mlp_onnx, tmp_path):
     else:
         with pytest.raises(FqError, match="built for CUDA \\(sm_80\\), but no CUDA GPU is visible"):
             load(out)
+
+
+@pytest.mark.skipif(cuda_target.nvcc_path() is None, reason="nvcc not installed")
+@pytest.mark.parametrize("target, sm", [("cuda", 80), ("cuda-sm90", 90)])
+def test_cuda_fq2_encoder_holds_device_code(encoder_onnx, tmp_path, target, sm):
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((8, 12, 64)).astype(np.float32))
+    out = tmp_path / "encoder.fq2"
+    assert compile_main([str(encoder_onnx), "--target", target, "--scheme", "fq2", "--calib",
+                         str(tmp_path / "calib.npz"), "-o", str(out), "-q"]) == 0
+    assert cuda_sm(out / "device.cubin") == sm
+    source = (out / "device.cu").read_text()
+    for kernel in ("fq_dequant_matmul", "fq_hadamard", "fq_frame"):
+        assert f"{kernel}" in source, kernel
+    assert "threadIdx.x" in source
+    assert len(json.loads((out / "manifest.json").read_text())["layers"]) == 6

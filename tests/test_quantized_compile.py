@@ -147,3 +147,18 @@ def test_qkv_share_one_input_transform(encoder_onnx):
     assert calls("fq_hadamard_inv_") == 6
     assert calls("fq_dequant_matmul_") == 6
     assert len(re.findall(r"R\.matmul\(", text)) == 2  # attention's activation x activation matmuls
+
+
+def test_fq2_weights_are_about_2r_over_32_of_fp32(decoder_onnx, tmp_path):
+    """Dense weights of an fq2 (r=1.1 -> k/l = 9/8) artifact: 2 * 9/8 bits per weight plus per-row
+    scale and zero (2 x 32 bits over K = 576 or 1536), against 32 bits in fp32."""
+    calib = _calib(tmp_path, (8, 16, 576))
+    fp32 = fq_tvm.compile(decoder_onnx, "host", tmp_path / "fp32", quiet=True)
+    fq2 = fq_tvm.compile(decoder_onnx, "host", tmp_path / "fq2", scheme="fq2", calib=calib, quiet=True)
+    weights = json.loads((fq2 / "manifest.json").read_text())["weights"]
+    ratio = weights["quantized_dense_bytes"] / weights["quantized_dense_fp32_bytes"]
+    assert 2 * 1.125 / 32 < ratio < (2 * 1.125 + 64 / 576) / 32 + 1e-3
+    assert weights["quantized_dense_bits_per_weight"] == pytest.approx(32 * ratio, abs=1e-3)
+    lib_ratio = (fq2 / "model.so").stat().st_size / (fp32 / "model.so").stat().st_size
+    print(f"fq2/fp32: dense weights {ratio:.4f}, model.so {lib_ratio:.4f}")
+    assert lib_ratio < 0.12  # the library really holds packed codes, not float weights
