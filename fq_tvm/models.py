@@ -36,6 +36,23 @@ def mlp_gemm(path, sizes=(32, 64, 16), seed: int = 0) -> Path:
     return Path(path)
 
 
+def _attention(h, q_proj, k_proj, v_proj, heads: int, causal: bool):
+    """Multi-head softmax attention of h [b, s, hidden], heads merged back: [b, s, hidden]."""
+    import torch
+
+    b, s, hidden = h.shape
+
+    def split(t):
+        return t.reshape(b, s, heads, hidden // heads).transpose(1, 2)
+
+    q, k, v = split(q_proj(h)), split(k_proj(h)), split(v_proj(h))
+    scores = q @ k.transpose(-1, -2) / (hidden // heads) ** 0.5
+    if causal:
+        mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, s, hidden)
+
+
 def _encoder_module(hidden: int, heads: int, ffn: int):
     import torch
     from torch import nn
@@ -47,16 +64,8 @@ def _encoder_module(hidden: int, heads: int, ffn: int):
             self.q, self.k, self.v, self.o = (nn.Linear(hidden, hidden) for _ in range(4))
             self.up, self.down = nn.Linear(hidden, ffn), nn.Linear(ffn, hidden)
 
-        def split(self, t):
-            b, s, _ = t.shape
-            return t.reshape(b, s, heads, hidden // heads).transpose(1, 2)
-
         def forward(self, x):
-            b, s, _ = x.shape
-            h = self.ln1(x)
-            q, k, v = self.split(self.q(h)), self.split(self.k(h)), self.split(self.v(h))
-            att = torch.softmax(q @ k.transpose(-1, -2) / (hidden // heads) ** 0.5, dim=-1)
-            x = x + self.o((att @ v).transpose(1, 2).reshape(b, s, hidden))
+            x = x + self.o(_attention(self.ln1(x), self.q, self.k, self.v, heads, causal=False))
             return x + self.down(torch.nn.functional.gelu(self.up(self.ln2(x))))
 
     return EncoderBlock()
@@ -84,18 +93,8 @@ def _decoder_module(hidden: int, heads: int, ffn: int):
             self.gate, self.up = nn.Linear(hidden, ffn, bias=False), nn.Linear(hidden, ffn, bias=False)
             self.down = nn.Linear(ffn, hidden, bias=False)
 
-        def split(self, t):
-            b, s, _ = t.shape
-            return t.reshape(b, s, heads, hidden // heads).transpose(1, 2)
-
         def forward(self, x):
-            b, s, _ = x.shape
-            h = self.norm1(x)
-            q, k, v = self.split(self.q(h)), self.split(self.k(h)), self.split(self.v(h))
-            scores = q @ k.transpose(-1, -2) / (hidden // heads) ** 0.5
-            mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)
-            att = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
-            x = x + self.o((att @ v).transpose(1, 2).reshape(b, s, hidden))
+            x = x + self.o(_attention(self.norm1(x), self.q, self.k, self.v, heads, causal=True))
             h = self.norm2(x)
             return x + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
 

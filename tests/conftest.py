@@ -29,3 +29,13 @@ def ort_run(onnx_path, inputs: dict) -> list:
 
 def max_rel_err(ours, ref) -> float:
     return float(np.abs(np.asarray(ours, np.float64) - ref).max() / np.abs(ref).max())
+
+
+def gram_error(op, d, chunk=1024) -> float:
+    """max |T^T T - I| for an operator with apply/adjoint on the last axis, in column chunks."""
+    err = 0.0
+    for a in range(0, d, chunk):
+        e = np.zeros((min(chunk, d - a), d))
+        e[np.arange(len(e)), a + np.arange(len(e))] = 1.0
+        err = max(err, float(np.abs(op.adjoint(op.apply(e)) - e).max()))
+    return err

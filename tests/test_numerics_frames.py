@@ -8,18 +8,10 @@ import pytest
 from fq_tvm.numerics.frames import FusionFrame, frame_block, frame_k, tff_exists
 from fq_tvm.numerics.hadamard import Hadamard
 from fq_tvm.numerics.transforms import Chain
+from conftest import gram_error
 
 DIMS = (64, 384, 576, 1000, 1536, 4096, 11008)
 REDUNDANCIES = (1.0, 1.1, 1.25, 1.5)
-
-
-def _gram_error(op, d, chunk=1024):
-    err = 0.0
-    for a in range(0, d, chunk):
-        e = np.zeros((min(chunk, d - a), d))
-        e[np.arange(len(e)), a + np.arange(len(e))] = 1.0
-        err = max(err, float(np.abs(op.adjoint(op.apply(e)) - e).max()))
-    return err
 
 
 @pytest.mark.parametrize("r", REDUNDANCIES)
@@ -29,7 +21,7 @@ def test_composed_transform_is_parseval(d, r):
     f = FusionFrame.create(h.dp, 8, r, 17)
     T = Chain([h, f], d)
     assert T.out_dim == f.nblk * 2 * f.k + f.tail
-    assert _gram_error(T, d) < 1e-10
+    assert gram_error(T, d) < 1e-10
 
 
 @pytest.mark.parametrize("k, l", [(8, 8), (9, 8), (10, 8), (12, 8), (1, 1), (3, 1), (5, 4), (18, 16)])

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from fq_tvm.numerics.hadamard import Hadamard, fwht, padded_dim, random_signs, seed_for
+from conftest import gram_error
 
 DIMS = (64, 384, 576, 1000, 1536, 4096, 11008)
 M64 = (1 << 64) - 1
@@ -35,15 +36,6 @@ def _explicit(h: Hadamard, x):
     return (xp @ _sylvester_reference(h.block).T).reshape(x.shape[:-1] + (h.dp,))
 
 
-def _max_gram_error(op, d, chunk=1024):
-    err = 0.0
-    for a in range(0, d, chunk):
-        e = np.zeros((min(chunk, d - a), d))
-        e[np.arange(len(e)), a + np.arange(len(e))] = 1.0
-        err = max(err, float(np.abs(op.adjoint(op.apply(e)) - e).max()))
-    return err
-
-
 @pytest.mark.parametrize(
     "d, dp, block",
     [(64, 64, 64), (384, 384, 128), (576, 576, 64), (1536, 1536, 512), (11008, 11008, 256), (4096, 4096, 4096),
@@ -58,7 +50,7 @@ def test_padding_rule(d, dp, block):
 
 @pytest.mark.parametrize("d", DIMS)
 def test_orthogonality(d):
-    assert _max_gram_error(Hadamard.create(d, 5), d) < 1e-10
+    assert gram_error(Hadamard.create(d, 5), d) < 1e-10
 
 
 @pytest.mark.parametrize("d", (1, 3, 7, 64, 100, 384, 576, 1000, 1536))
