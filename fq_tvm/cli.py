@@ -71,8 +71,8 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheme", default="fp32",
                    help="weight scheme: fp32 (default), int8, rtn2, gptq2, had2 (Hadamard only), fq2 "
                         "(FrameQuant 2-bit, r=1.1), fq2r1, fq4 ... (see --list-schemes)")
-    p.add_argument("--redundancy", type=float, help="frame redundancy r for fq schemes (1.0 = no extra bits; "
-                                                        "1.1 gives 2.2 bits at 2-bit codes)")
+    p.add_argument("--redundancy", type=float, help="frame redundancy r for fq schemes (1.0 = no frame; "
+                                                        "1.1 with l=8 gives k/l = 9/8: 2.25 bits per 2-bit code)")
     p.add_argument("--l-den", type=int, help="frame block size parameter l (a block maps 2l inputs to 2k, "
                                                  "k = round(l r); default 8)")
     p.add_argument("--calib", help=".npz of sample inputs keyed by input name, samples along axis 0 "

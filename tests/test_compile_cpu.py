@@ -120,3 +120,14 @@ def test_console_scripts_installed(mlp_onnx, tmp_path):
     ref = ort_run(mlp_onnx, {"x": x})[0]
     assert done.stdout.startswith("y: shape [3, 16] float32 mean ")
     assert float(done.stdout.split()[6]) == pytest.approx(ref.mean(), rel=1e-4, abs=1e-6)
+
+
+def test_list_targets_and_schemes(capsys):
+    assert compile_main(["--list-targets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("host", "x86-avx512", "arm-neon", "rpi4", "rpi5", "jetson-orin", "cuda", "cuda-sm90"):
+        assert f"\n{name} " in "\n" + out
+    assert '"mcpu": "cortex-a76"' in out
+    assert compile_main(["--list-schemes"]) == 0
+    out = capsys.readouterr().out
+    assert "fq2     framequant  2-bit r=1.1" in out and "int8    rtn         8-bit" in out
