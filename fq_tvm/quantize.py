@@ -75,13 +75,17 @@ def plan_layers(proto, skip: str | None = None, min_features: int = MIN_FEATURES
     return plan
 
 
+MASK_INPUT = "attention_mask"  # when the model has this input, padded positions do not calibrate
+
+
 def calibrate_layers(proto, layers, calib, progress: bool = True) -> dict:
     """{activation name: HessianStat} for the activations read by `layers`."""
     from .numerics import calibrate
 
     tensors = list(dict.fromkeys(layer.activation for layer in layers))
+    mask = MASK_INPUT if any(i.name == MASK_INPUT for i in proto.graph.input) else None
     try:
-        return calibrate(proto, calib, tensors=tensors, progress=progress)
+        return calibrate(proto, calib, tensors=tensors, progress=progress, mask_input=mask)
     except ValueError as err:
         raise FqError(f"calibration failed: {err}") from None
 

@@ -1,0 +1,49 @@
+"""MiniLM (real weights, real data), quantized and compiled: the ordering the paper reports, measured
+on compiled artifacts over the Lee documents (bounded: one metric set, 50 documents).
+
+Calibration uses Wikipedia passages, evaluation the Lee corpus (never the same text).
+"""
+
+import pytest
+
+import fq_tvm
+from fq_tvm import FqError, evaluate, realmodels
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def lee_results(tmp_path_factory):
+    try:
+        realmodels.minilm_dir()
+        realmodels.gensim_data_dir()
+    except FqError as err:
+        pytest.fail(f"{err} (or run bash scripts/fetch_data.sh)", pytrace=False)
+    work = tmp_path_factory.mktemp("minilm_q")
+    onnx_path = realmodels.export_minilm(work)
+    calib = realmodels.minilm_calib(work / "calib.npz")
+    results, reference = {}, None
+    for scheme in ("fp32", "rtn2", "gptq2", "fq2r1", "fq2"):
+        out = fq_tvm.compile(onnx_path, "host", work / scheme, scheme=scheme, calib=calib, quiet=True)
+        results[scheme] = evaluate.evaluate_minilm(evaluate.artifact_runner(out), reference_embeddings=reference,
+                                                   metrics=("lee",))
+        reference = reference if reference is not None else results[scheme]["lee_embeddings"]
+    print({s: (round(r["lee_spearman"], 4), round(r.get("cos_to_reference", 1.0), 4)) for s, r in results.items()})
+    return results
+
+
+def test_fq2_beats_gptq2_and_rtn2_on_lee(lee_results):
+    fq2 = lee_results["fq2"]
+    for other in ("gptq2", "rtn2"):
+        assert fq2["lee_spearman"] > lee_results[other]["lee_spearman"], other
+        assert fq2["cos_to_reference"] > lee_results[other]["cos_to_reference"], other
+
+
+def test_redundancy_helps(lee_results):
+    assert lee_results["fq2"]["cos_to_reference"] > lee_results["fq2r1"]["cos_to_reference"]
+
+
+def test_fq2_close_to_fp32(lee_results):
+    """The goal the project set (0.05 Spearman); cosine is reported, the 0.9 goal not yet reached."""
+    assert abs(lee_results["fq2"]["lee_spearman"] - lee_results["fp32"]["lee_spearman"]) < 0.05
+    assert lee_results["fq2"]["cos_to_reference"] > 0.75
