@@ -56,7 +56,7 @@ def minilm_rows(work: Path, schemes=SCHEMES, target: str = "host", metrics=None,
             reference = result["lee_embeddings"]
             result["cos_to_reference"] = 1.0
         row = {"scheme": scheme, **_artifact_facts(out), "compile_s": compile_s,
-               "eval_s": time.perf_counter() - t0,
+               "eval_s": time.perf_counter() - t0, "lee_s": result["seconds"].get("lee", float("nan")),
                **{k: v for k, v in result.items() if k not in ("lee_embeddings", "seconds")}}
         if not quiet:
             print(f"{scheme:6} " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)),

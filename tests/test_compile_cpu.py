@@ -131,3 +131,13 @@ def test_list_targets_and_schemes(capsys):
     assert compile_main(["--list-schemes"]) == 0
     out = capsys.readouterr().out
     assert "fq2     framequant  2-bit r=1.1" in out and "int8    rtn         8-bit" in out
+
+
+def test_builtin_demo_matches_onnx_runtime(capsys):
+    from fq_tvm.demo import main as demo_main
+
+    assert demo_main(["--builtin"]) == 0
+    out = capsys.readouterr().out
+    assert "OK: the compiled model matches ONNX Runtime" in out
+    errors = [float(line.split()[-1]) for line in out.splitlines() if "max relative error vs ONNX Runtime" in line]
+    assert len(errors) == 2 and max(errors) < 1e-4
