@@ -59,14 +59,15 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     step = Steps(6 if cfg.method != "none" else 4, quiet)
     step(f"loading {model_path}")
     proto = onnx_io.load_model(model_path)
-    layers, layer_report = [], {}
+    layers, layer_report, quantized = {}, {}, {}
     if cfg.method != "none":
         step(f"quantizing dense layers ({cfg.name})")
         layers, layer_report, quantized = _quantize(proto, cfg, calib, skip, quiet)
-        if records is not None:
-            records.update(quantized)
     step("importing into Relax" + (" and rewriting dense layers" if layers else ""))
     mod = _import(proto, layers, layer_report, quiet)
+    if records is not None:  # only what the artifact really runs quantized
+        kept = {entry["weight"] for entry in layer_report.get("layers", [])}
+        records.update({name: rec for name, rec in quantized.items() if name in kept})
     step(f"building for {preset.name} {preset.target}")
     executable = _build(mod, preset)
     with staging_dir(out_dir, force) as tmp:
@@ -124,9 +125,9 @@ def _import(proto, layers=None, report=None, quiet=True):
         missed = set(layers) - set(rewrite.rewritten_params)
         if missed:
             _unmatched(report, missed)
-        if not quiet:
-            for entry in report["skipped"]:
-                print(f"    kept fp32: {entry['name']} {entry['shape']}: {entry['reason']}", file=sys.stderr)
+    if report and not quiet:
+        for entry in report["skipped"]:
+            print(f"    kept fp32: {entry['name']} {entry['shape']}: {entry['reason']}", file=sys.stderr)
     return bind_weights(mod, weights)
 
 

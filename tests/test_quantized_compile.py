@@ -162,3 +162,11 @@ def test_fq2_weights_are_about_2r_over_32_of_fp32(decoder_onnx, tmp_path):
     lib_ratio = (fq2 / "model.so").stat().st_size / (fp32 / "model.so").stat().st_size
     print(f"fq2/fp32: dense weights {ratio:.4f}, model.so {lib_ratio:.4f}")
     assert lib_ratio < 0.12  # the library really holds packed codes, not float weights
+
+
+def test_compile_log_names_layers_kept_fp32(mlp_onnx, tmp_path, capsys):
+    from fq_tvm.cli import compile_main
+
+    assert compile_main([str(mlp_onnx), "--scheme", "rtn2", "-o", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "kept fp32: fc1 [16, 64]: too small (16x64, under 32 features)" in err
