@@ -8,8 +8,8 @@ from pathlib import Path
 from ..errors import FqError
 from . import register
 from .base import Preset
+from .qemu import CROSS_CXX
 
-CROSS_CXX = "aarch64-linux-gnu-g++"
 LIB_NAME = "model.so"
 
 
