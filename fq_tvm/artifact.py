@@ -144,15 +144,16 @@ def load(path, device_id: int = 0) -> Model:
         raise FqError(f"{directory}: built for {target['arch']} (target '{target['name']}'), cannot run "
                       f"on this {here} machine; copy it to a matching board (or run it under qemu)")
     import tvm
-    from tvm import relax
+    from tvm.runtime.vm import VirtualMachine  # runtime only: works without TVM's compiler library
 
     device = tvm.cpu(device_id)
     if target["device"] == "cuda":
+        from .targets.cuda import install_precompiled, load_runtime
+
+        load_runtime()
         device = tvm.cuda(device_id)
         if not device.exist:
             raise FqError(f"{directory}: built for CUDA ({target['tvm'].get('arch')}), but no CUDA GPU is visible")
-        from .targets.cuda import install_precompiled
-
         install_precompiled(directory)
     lib = tvm.runtime.load_module(str(directory / manifest["library"]))
-    return Model(directory, manifest, relax.VirtualMachine(lib, device), device)
+    return Model(directory, manifest, VirtualMachine(lib, device), device)

@@ -71,6 +71,23 @@ def export(executable, out_dir: Path, preset: Preset) -> list[str]:
     return [LIB_NAME, SOURCE, CUBIN, PTX]
 
 
+def load_runtime() -> None:
+    """Load TVM's CUDA runtime library when only the runtime is installed (TVM_USE_RUNTIME_LIB=1 or a
+    runtime-only wheel): that mode skips the backend autoload that registers the CUDA device."""
+    import tvm.base
+
+    if "tvm_runtime_cuda" in tvm.base._LOADED_LIBS:
+        return
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    lib_dir = Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    try:
+        tvm.base._LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+            package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[lib_dir], mode="RTLD_LOCAL")
+    except (OSError, RuntimeError):
+        pass  # no CUDA runtime in this TVM: the caller reports that no GPU is visible
+
+
 def install_precompiled(artifact_dir: Path) -> None:
     """Make TVM's loader use our nvcc-built cubin (or PTX) instead of compiling at load time.
 
