@@ -56,11 +56,51 @@ def _reduction_length(sch, block) -> int:
 
 def elementwise(sch: s_tir.Schedule, target) -> None:
     for block in blocks(sch):
-        if is_reduction(sch, block) and _reduction_length(sch, block) > SMALL_REDUCTION:
-            block_per_output(sch, block)
-        else:
-            one_thread_per_output(sch, block)
+        _generic(sch, block)
 
 
-RULES: dict = {}
+SHARED_BYTES = 48 * 1024  # static shared memory per block without opting in
+
+
+def hadamard(sch: s_tir.Schedule, target) -> None:
+    """One thread block per row: the sign flip and every butterfly stage live in shared memory, so
+    the whole transform is one kernel instead of one per stage. Rows too long for two shared
+    buffers keep the per-stage kernels."""
+    dim = int(sch.mod["main"].attrs["fq_dim"])
+    if 2 * 4 * dim > SHARED_BYTES:
+        elementwise(sch, target)
+        return
+    threads = min(THREADS, dim)
+    out = sch.get_sblock("y")
+    row, col = sch.get_loops(out)
+    sch.bind(row, "blockIdx.x")
+    sch.bind(sch.split(col, [None, threads])[1], "threadIdx.x")
+    for block in reversed(blocks(sch)[:-1]):  # producers, last stage first
+        sch.compute_at(block, row)
+        sch.set_scope(block, 0, "shared")
+        sch.bind(sch.split(sch.get_loops(block)[-1], [None, threads])[1], "threadIdx.x")
+
+
+def dequant_matmul(sch: s_tir.Schedule, target) -> None:
+    """The code reduction yq[i, n, g] gets one thread block per weight row and group (n, g) that
+    loops over the activation rows i, so a row's packed codes are fetched from device memory once
+    and re-read from cache for the other rows; other stages use the generic rule."""
+    yq = sch.get_sblock("yq")
+    i, n, g, t, b = sch.get_loops(yq)
+    sch.reorder(n, g, i, t, b)
+    sch.bind(sch.fuse(n, g), "blockIdx.x")
+    sch.bind(sch.split(sch.fuse(t, b), [None, REDUCE_THREADS])[1], "threadIdx.x")
+    for block in blocks(sch):
+        if sch.get(block).name_hint != "yq":
+            _generic(sch, block)
+
+
+def _generic(sch, block) -> None:
+    if is_reduction(sch, block) and _reduction_length(sch, block) > SMALL_REDUCTION:
+        block_per_output(sch, block)
+    else:
+        one_thread_per_output(sch, block)
+
+
+RULES: dict = {"hadamard": hadamard, "dequant_matmul": dequant_matmul}
 DEFAULT = elementwise

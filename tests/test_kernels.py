@@ -107,8 +107,7 @@ def _asm(target):
     return lib.mod.inspect_source("asm") if not lib.mod.imports else lib.mod.imports[0].inspect_source("asm")
 
 
-@pytest.mark.skipif("avx512f" not in open("/proc/cpuinfo").read(), reason="host CPU has no AVX-512")
-def test_x86_kernel_uses_avx512():
+def test_x86_kernel_uses_avx512():  # compiled, not run: any host can check the assembly
     asm = _asm(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4"}))
     assert re.search(r"vfmadd\w*ps\s+.*%zmm", asm), "no 512-bit FMA in the dequant-matmul"
 

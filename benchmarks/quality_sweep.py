@@ -1,0 +1,175 @@
+"""Accuracy sweep of quantization settings on the real models, by float simulation.
+
+    python benchmarks/quality_sweep.py smollm2 --calib 16x256 fq2 fq2r1 "fq2:clip_sigma=1.75"
+    python benchmarks/quality_sweep.py minilm --calib 64x128 fq2 "fq2:percdamp=0.1"
+
+A configuration is `scheme[:field=value,...]`: a registered scheme (fq_tvm.numerics.SCHEMES) with
+QuantConfig fields overridden (values are Python literals: 0.1, 16, None, True). `fp32` evaluates
+the unquantized model. Calibration (`--calib NxSEQ`, several allowed; SmolLM2: N Wikipedia windows
+of SEQ tokens, MiniLM: N Wikipedia passages padded to SEQ tokens) runs once per set and its
+Hessian sums are cached on disk. Each configuration is quantized exactly as fq_tvm.compile does
+(plan_layers, quantize_layers; SmolLM2 skips lm_head), then the simulated model
+(fq_tvm.quantize.simulated_model: dense weights = the dequantized effective weights) runs in ONNX
+Runtime:
+- smollm2: perplexity on Pride and Prejudice, 2 windows x 512 tokens (evaluate.austen_windows);
+- minilm: Lee Spearman, WordSim353, SimLex999, polarity accuracy and mean cosine of the Lee
+  embeddings to fp32 (evaluate.evaluate_minilm).
+`--seq` adds a second calibration pass on the fully quantized (simulated) model and quantizes
+again from those Hessians (an approximation of sequential, quantized-input calibration).
+One JSON line per run, printed and appended to WORK/results.jsonl. Work files: --work
+(default /tmp/quality).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fq_tvm import evaluate, realmodels
+from fq_tvm.numerics import HessianStat, model_bits_per_weight
+from fq_tvm.quantize import calibrate_layers, plan_layers, quantize_layers, scheme_config, simulated_model
+
+SKIP = {"smollm2": "lm_head", "minilm": None}
+
+
+def parse_config(spec: str):
+    name, _, rest = spec.partition(":")
+    overrides = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, _, value = item.partition("=")
+        try:
+            overrides[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            overrides[key.strip()] = value.strip()
+    return name, overrides
+
+
+def load_model(model: str, work: Path):
+    import onnx
+
+    if model == "smollm2":
+        path = realmodels.export_smollm2(work / "smollm2")
+        return onnx.load(str(path), load_external_data=True)
+    path = realmodels.export_minilm(work / "minilm")
+    return onnx.load(str(path))
+
+
+def calib_file(model: str, work: Path, n: int, seq: int) -> Path:
+    path = work / f"{model}.calib.{n}x{seq}.npz"
+    if not path.exists():
+        if model == "smollm2":
+            realmodels.smollm2_calib(path, n=n, seq=seq)
+        else:
+            realmodels.minilm_calib(path, n=n, max_len=seq)
+    return path
+
+
+def hessians_cached(proto, layers, calib: Path, cache: Path, batch_note: str = "") -> dict:
+    if cache.exists():
+        with np.load(cache) as data:
+            names = json.loads(str(data["__names__"]))
+            return {name: HessianStat(data[f"x{i}"], float(data[f"c{i}"])) for i, name in enumerate(names)}
+    t = time.time()
+    stats = calibrate_layers(proto, layers, calib, progress=False)
+    names = list(stats)
+    arrays = {"__names__": np.array(json.dumps(names))}
+    for i, name in enumerate(names):
+        arrays[f"x{i}"], arrays[f"c{i}"] = stats[name].xtx, np.array(stats[name].count)
+    np.savez(cache, **arrays)
+    print(f"# calibrated {calib.name}{batch_note} in {time.time() - t:.0f} s -> {cache.name}",
+          file=sys.stderr, flush=True)
+    return stats
+
+
+def session_runner(proto):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return lambda feed: dict(zip(names, session.run(None, feed)))
+
+
+class Evaluator:
+    def __init__(self, model: str, work: Path, proto):
+        self.model = model
+        if model == "smollm2":
+            self.windows = evaluate.austen_windows(realmodels.smollm2_tokenizer(), n_windows=2, window=512)
+        else:
+            self.tok = realmodels.minilm_tokenizer()
+            ref = work / "minilm.fp32_lee.npy"
+            if not ref.exists():
+                res = evaluate.evaluate_minilm(session_runner(proto), tokenizer=self.tok, metrics=("lee",))
+                np.save(ref, res["lee_embeddings"])
+            self.reference = np.load(ref)
+
+    def __call__(self, proto) -> dict:
+        run = session_runner(proto)
+        if self.model == "smollm2":
+            return {"ppl": round(evaluate.perplexity(run, self.windows), 3)}
+        res = evaluate.evaluate_minilm(run, reference_embeddings=self.reference, tokenizer=self.tok)
+        return {k: round(res[k], 4) for k in ("lee_spearman", "wordsim353", "simlex999",
+                                               "polarity_accuracy", "cos_to_reference")}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", choices=("smollm2", "minilm"))
+    ap.add_argument("configs", nargs="+")
+    ap.add_argument("--calib", action="append", default=None, help="NxSEQ (repeatable)")
+    ap.add_argument("--seq", action="store_true", help="re-calibrate on the quantized model, quantize again")
+    ap.add_argument("--work", default="/tmp/quality")
+    ap.add_argument("--tag", default="", help="free text stored with each result")
+    args = ap.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    calibs = args.calib or (["16x256"] if args.model == "smollm2" else ["64x128"])
+
+    proto = load_model(args.model, work)
+    plan = plan_layers(proto, SKIP[args.model])
+    evaluator = Evaluator(args.model, work, proto)
+    for cspec in calibs:
+        n, seq = (int(v) for v in cspec.lower().split("x"))
+        hess = None
+        for spec in args.configs:
+            name, overrides = parse_config(spec)
+            cfg = scheme_config(name, **overrides)
+            t = time.time()
+            row = {"model": args.model, "config": spec, "calib": cspec, "seq": args.seq, "tag": args.tag}
+            if cfg.method == "none":
+                sim, row["bits"] = proto, 32.0
+            else:
+                if cfg.method != "rtn" and hess is None:
+                    calib = calib_file(args.model, work, n, seq)
+                    hess = hessians_cached(proto, plan.chosen, calib, work / f"{args.model}.hess.{n}x{seq}.npz")
+                records = quantize_layers(proto, plan, cfg, hess if cfg.method != "rtn" else None, progress=False)
+                if args.seq and cfg.method != "rtn":
+                    sim = simulated_model(proto, records)
+                    key = f"{args.model}.hess.{n}x{seq}.seq.{_slug(spec)}.npz"
+                    h2 = hessians_cached(sim, plan.chosen, calib_file(args.model, work, n, seq), work / key)
+                    records = quantize_layers(proto, plan, cfg, h2, progress=False)
+                sim = simulated_model(proto, records)
+                row["bits"] = round(model_bits_per_weight(records.values()), 4)
+            row["quant_s"] = round(time.time() - t, 1)
+            t = time.time()
+            row.update(evaluator(sim))
+            row["eval_s"] = round(time.time() - t, 1)
+            line = json.dumps(row)
+            print(line, flush=True)
+            with open(work / "results.jsonl", "a") as f:
+                f.write(line + "\n")
+
+
+def _slug(spec: str) -> str:
+    return "".join(c if c.isalnum() or c in "._=-" else "_" for c in spec)
+
+
+if __name__ == "__main__":
+    main()
