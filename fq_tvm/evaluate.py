@@ -171,15 +171,24 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
     return float(-logp[np.arange(len(targets)), targets].sum())
 
 
-def perplexity(run, windows: np.ndarray) -> float:
-    """exp(mean NLL) of next-token prediction inside each window (window - 1 targets each), one
-    window per run call, no context carried between windows."""
-    total, count = 0.0, 0
+def window_nlls(run, windows: np.ndarray) -> np.ndarray:
+    """Summed next-token NLL inside each window (window - 1 targets each), one run call per
+    window, no context carried between windows."""
+    out = []
     for w in windows:
         logits = np.asarray(run({"input_ids": w[None, :]})["logits"])[0]
-        total += _nll(logits[:-1], w[1:])
-        count += len(w) - 1
-    return float(np.exp(total / count))
+        out.append(_nll(logits[:-1], w[1:]))
+    return np.asarray(out)
+
+
+def perplexity_of(nlls: np.ndarray, window: int) -> float:
+    """Perplexity from per-window summed NLLs of windows of `window` tokens."""
+    return float(np.exp(np.sum(nlls) / (len(nlls) * (window - 1))))
+
+
+def perplexity(run, windows: np.ndarray) -> float:
+    """exp(mean NLL) of next-token prediction over the windows (see window_nlls)."""
+    return perplexity_of(window_nlls(run, windows), windows.shape[1])
 
 
 def evaluate_smollm2(run, n_windows: int = 4, window: int = 512, tokenizer=None, cache_dir=None) -> dict:

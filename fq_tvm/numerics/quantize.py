@@ -37,6 +37,7 @@ class QuantConfig:
     seed: int = 0
     block_size: int = 128  # GPTQ lazy-update block
     percdamp: float = 0.01  # GPTQ damping, fraction of the mean Hessian diagonal
+    clip_search: bool = False  # sigma grid: per row/group, the c in CLIP_SEARCH minimising the MSE
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -106,6 +107,8 @@ def grid_params(w: np.ndarray, cfg: QuantConfig):
     w = np.asarray(w, dtype=np.float64)
     maxq = cfg.maxq
     if cfg.clip_sigma is not None:
+        if cfg.clip_search:
+            return _searched_sigma_grid(w, maxq, cfg.symmetric)
         return _sigma_grid(w, cfg.clip_sigma, maxq, cfg.symmetric)
     if cfg.symmetric:
         amax = np.abs(w).max(axis=1)
@@ -128,6 +131,24 @@ def _sigma_grid(w, c, maxq, symmetric):
     scale = _f32(2.0 * c * std / maxq)
     zero = _f32(maxq / 2.0 - mean / scale)
     return scale, zero
+
+
+CLIP_SEARCH = tuple(np.round(np.arange(1.0, 3.001, 0.125), 3))
+
+
+def _searched_sigma_grid(w, maxq, symmetric):
+    """Per row, the sigma grid whose c (from CLIP_SEARCH) gives the least round-to-nearest MSE."""
+    best = None
+    for c in CLIP_SEARCH:
+        s, z = _sigma_grid(w, c, maxq, symmetric)
+        err = ((dequantize_codes(quantize_codes(w, s, z, maxq), s, z) - w) ** 2).sum(axis=1)
+        if best is None:
+            best = [err, s, z]
+        else:
+            better = err < best[0]
+            for i, v in enumerate((err, s, z)):
+                best[i] = np.where(better, v, best[i])
+    return best[1], best[2]
 
 
 def quantize_codes(w, scale, zero, maxq):

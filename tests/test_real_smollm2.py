@@ -1,0 +1,82 @@
+"""SmolLM2-135M (real weights), bounded: 2 windows of 256 tokens of Pride and Prejudice, calibration on
+16 x 256 tokens of Wikipedia (never the evaluation text).
+
+The compiled fq2 artifact runs one window and must agree with the float simulation of its own codes
+(ONNX Runtime on the effective weights); the simulation then ranks the 2-bit schemes, which share
+one calibration pass. `fq-report smollm2` is the full-size version of this.
+"""
+
+import numpy as np
+import onnx
+import pytest
+
+import fq_tvm
+from fq_tvm import FqError, evaluate, realmodels
+from fq_tvm.quantize import calibrate_layers, plan_layers, quantize_layers, scheme_config, simulated_model
+
+pytestmark = pytest.mark.slow
+
+WINDOWS, WINDOW = 2, 256
+RANKED = ("rtn2", "gptq2", "fq2r1", "fq2")
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """(work dir, onnx path, proto, calib path, windows [2, 256])."""
+    try:
+        realmodels.smollm2_gguf()
+        windows = evaluate.austen_windows(realmodels.smollm2_tokenizer(), WINDOWS, WINDOW)
+    except FqError as err:
+        pytest.fail(f"{err} (or run bash scripts/fetch_data.sh --smollm2)", pytrace=False)
+    work = tmp_path_factory.mktemp("smollm2")
+    path = realmodels.export_smollm2(work)
+    calib = realmodels.smollm2_calib(work / "calib.npz")
+    return work, path, onnx.load(str(path)), calib, windows
+
+
+def _sim_ppl(work, proto, records, windows) -> float:
+    path = work / "sim.onnx"
+    onnx.save(simulated_model(proto, records), str(path))
+    return evaluate.perplexity(evaluate.ort_runner(path), windows)
+
+
+@pytest.fixture(scope="module")
+def compiled_fq2(smollm2):
+    work, path, proto, calib, windows = smollm2
+    records = {}
+    out = fq_tvm.compile(path, "host", work / "fq2", scheme="fq2", calib=calib, skip="lm_head",
+                         quiet=True, records=records)
+    return out, records
+
+
+@pytest.fixture(scope="module")
+def simulated(smollm2):
+    """{scheme: simulated perplexity on the 2 windows}, fp32 = ONNX Runtime on the export."""
+    work, path, proto, calib, windows = smollm2
+    plan = plan_layers(proto, skip="lm_head")
+    hessians = calibrate_layers(proto, plan.chosen, calib, progress=False)
+    ppl = {"fp32": evaluate.perplexity(evaluate.ort_runner(path), windows)}
+    for scheme in RANKED:
+        records = quantize_layers(proto, plan, scheme_config(scheme), hessians, progress=False)
+        ppl[scheme] = _sim_ppl(work, proto, records, windows)
+    print({k: round(v, 2) for k, v in ppl.items()})
+    return ppl
+
+
+def test_compiled_fq2_agrees_with_its_simulation(smollm2, compiled_fq2):
+    work, _, proto, _, windows = smollm2
+    out, records = compiled_fq2
+    assert len(records) == 30 * 7  # every attention and MLP projection; the tied lm_head stays fp32
+    one = windows[:1]
+    compiled = evaluate.perplexity(evaluate.artifact_runner(out), one)
+    simulated = _sim_ppl(work, proto, records, one)
+    assert abs(compiled / simulated - 1) < 0.01, (compiled, simulated)
+
+
+def test_fq2_ranks_first_among_2bit_schemes(simulated):
+    for other in ("rtn2", "gptq2", "fq2r1"):
+        assert simulated["fq2"] < simulated[other], (other, simulated)
+
+
+def test_fp32_perplexity_is_sane(simulated):
+    assert 5 < simulated["fp32"] < 40 and simulated["fq2"] > simulated["fp32"]
