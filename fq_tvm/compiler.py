@@ -128,7 +128,9 @@ def _import(proto, layers=None, report=None, quiet=True):
     if report and not quiet:
         for entry in report["skipped"]:
             print(f"    kept fp32: {entry['name']} {entry['shape']}: {entry['reason']}", file=sys.stderr)
-    return bind_weights(mod, weights)
+    from .passes.tied_weights import StoreTiedWeightsOnce
+
+    return StoreTiedWeightsOnce()(bind_weights(mod, weights))
 
 
 def _unmatched(report, params) -> None:

@@ -136,6 +136,28 @@ def encoder_block(path, hidden: int = 64, heads: int = 4, ffn: int = 256, seed: 
     return Path(path)
 
 
+def tied_lm(path, vocab: int = 20000, hidden: int = 64, seed: int = 0) -> Path:
+    """A toy language model whose output head reuses the token embedding (tied weights, as in
+    SmolLM2): ids [batch, seq] int64 -> logits [batch, seq, vocab]."""
+    import torch
+
+    class TiedLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(vocab, hidden)
+            self.norm = torch.nn.LayerNorm(hidden)
+            self.proj = torch.nn.Linear(hidden, hidden)
+            self.head = torch.nn.Linear(hidden, vocab, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.proj(self.norm(self.embed(ids)))))
+
+    torch.manual_seed(seed)
+    _export(TiedLM().eval(), torch.randint(0, vocab, (2, 8)), path)
+    return Path(path)
+
+
 def _export(module, example, path) -> None:
     import logging
 
