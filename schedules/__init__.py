@@ -19,6 +19,7 @@ def family(target):
 
 def schedule_func(func, target):
     rules = family(target)
+    func = rules.variant(func) if hasattr(rules, "variant") else func
     kind = str(func.attrs["fq_kernel"])
     sch = s_tir.Schedule(func)
     rules.RULES.get(kind, rules.DEFAULT)(sch, target)

@@ -102,5 +102,54 @@ def _generic(sch, block) -> None:
         one_thread_per_output(sch, block)
 
 
-RULES: dict = {"hadamard": hadamard, "dequant_matmul": dequant_matmul}
+TILE_ROWS, TILE_COLS, TILE_K = 32, 64, 32  # activation rows x weight rows per block, codes per step
+THREAD_ROWS, THREAD_COLS = 8, 16  # threads per block: each computes 4 x 4 outputs
+
+
+def variant(func):
+    """Per-row quantized layers run the tiled form of the kernel on GPUs (same buffers)."""
+    from . import kernels
+
+    attrs = func.attrs
+    if str(attrs["fq_kernel"]) != "dequant_matmul" or int(attrs.get("fq_group", 0)):
+        return func
+    tiled = kernels.dequant_matmul_tiled(int(attrs["fq_rows"]), int(attrs["fq_cols"]), int(attrs["fq_bits"]),
+                                         TILE_ROWS)
+    return tiled.with_attr("global_symbol", attrs["global_symbol"])
+
+
+def dequant_matmul_tiled(sch: s_tir.Schedule, target) -> None:
+    """acc = xpad @ w^T as a tiled matmul: per block a 32 x 64 output tile, per thread 4 x 4 in
+    registers; per step of 32 codes, the activation tile and the decoded code tile (decoded once,
+    straight from the packed bytes) are staged in shared memory."""
+    acc = sch.get_sblock("acc")
+    i, n, c = sch.get_loops(acc)
+    bi, ti, ii = sch.split(i, [None, THREAD_ROWS, TILE_ROWS // THREAD_ROWS])
+    bn, tn, jn = sch.split(n, [None, THREAD_COLS, TILE_COLS // THREAD_COLS])
+    ko, ki = sch.split(c, [None, TILE_K])
+    sch.reorder(bi, bn, ti, tn, ko, ki, ii, jn)
+    sch.bind(bi, "blockIdx.y")
+    sch.bind(bn, "blockIdx.x")
+    sch.bind(ti, "threadIdx.y")
+    sch.bind(tn, "threadIdx.x")
+    local = sch.cache_write(acc, 0, "local")
+    sch.reverse_compute_at(local, tn)
+    for name in ("xpad", "w"):
+        stage = sch.get_sblock(name)
+        sch.set_scope(stage, 0, "shared")  # before compute_at: the region then covers the whole block
+        sch.compute_at(stage, ko)
+        sch.storage_align(stage, 0, axis=0, factor=32, offset=1)  # rows 33 floats apart: no bank conflicts
+        loops = sch.get_loops(stage)[-2:]
+        _, ty, tx = sch.split(sch.fuse(*loops), [None, THREAD_ROWS, THREAD_COLS])
+        sch.bind(ty, "threadIdx.y")
+        sch.bind(tx, "threadIdx.x")
+    sch.unroll(ki)
+    sch.decompose_reduction(acc, ko)
+    for block in blocks(sch):
+        if sch.get(block).name_hint in ("xs", "y"):
+            _generic(sch, block)
+
+
+RULES: dict = {"hadamard": hadamard, "dequant_matmul": dequant_matmul,
+               "dequant_matmul_tiled": dequant_matmul_tiled}
 DEFAULT = elementwise

@@ -84,7 +84,35 @@ def dequant_matmul(rows: int, cols: int, bits: int, group_size: int) -> tvm.tirx
     gg = te.reduce_axis((0, G), "gg")
     y = te.compute((m, N), lambda i, n: te.sum(scale[n, gg] * (yq[i, n, gg] - zero[n, gg] * xs[i, gg]), axis=gg),
                    name="y")
-    return _finish([x, packed, scale, zero, y], "dequant_matmul", rows=rows, cols=cols, bits=bits)
+    return _finish([x, packed, scale, zero, y], "dequant_matmul", rows=rows, cols=cols, bits=bits,
+                   group=gs if ngroups > 1 else 0)
+
+
+def dequant_matmul_tiled(rows: int, cols: int, bits: int, row_tile: int) -> tvm.tirx.PrimFunc:
+    """The one-group-per-row dequant_matmul (same buffers) with the activation rows padded to a
+    multiple of `row_tile` and the codes decoded by a separate stage `w[n, c]`, so that a GPU can
+    tile the product like a plain matmul (a tile of decoded codes in shared memory)."""
+    per = 8 // bits
+    width = -(-cols // per)
+    kp = width * per
+    m = _rows()
+    N, K, B, P, T = (_i64(v) for v in (rows, cols, width, per, row_tile))
+    mp = (m + T - _i64(1)) // T * T
+    x = te.placeholder((m, K), "float32", "x")
+    packed = te.placeholder((N, B), "uint8", "packed")
+    scale = te.placeholder((N, _i64(1)), "float32", "scale")
+    zero = te.placeholder((N, _i64(1)), "float32", "zero")
+    xpad = te.compute((mp, _i64(kp)), lambda i, c: tirx.if_then_else(
+        tirx.all(i < m, c < K), x[te.min(i, m - _i64(1)), te.min(c, K - _i64(1))], _zero()), name="xpad")
+    mask = tirx.const(2**bits - 1, "uint8")
+    w = te.compute((N, _i64(kp)), lambda n, c: (
+        (packed[n, c // P] >> ((c % P) * bits).astype("uint8")) & mask).astype("float32"), name="w")
+    c = te.reduce_axis((0, _i64(kp)), "c")
+    acc = te.compute((mp, N), lambda i, n: te.sum(xpad[i, c] * w[n, c], axis=c), name="acc")
+    k = te.reduce_axis((0, K), "k")
+    xs = te.compute((m,), lambda i: te.sum(x[i, k], axis=k), name="xs")
+    y = te.compute((m, N), lambda i, n: scale[n, 0] * (acc[i, n] - zero[n, 0] * xs[i]), name="y")
+    return _finish([x, packed, scale, zero, y], "dequant_matmul_tiled", rows=rows, cols=cols, bits=bits)
 
 
 def hadamard(dim: int, block: int, inverse: bool) -> tvm.tirx.PrimFunc:
