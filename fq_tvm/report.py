@@ -36,6 +36,16 @@ def _artifact_facts(path: Path) -> dict:
             "size_mb": sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6}
 
 
+def _keep(rows: list, row: dict, schemes, quiet: bool) -> None:
+    """Print the row's figures (unless quiet) and keep it if its scheme was asked for (fp32 always
+    runs first as the reference)."""
+    if not quiet:
+        print(f"{row['scheme']:6} " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)),
+              file=sys.stderr, flush=True)
+    if row["scheme"] in schemes:
+        rows.append(row)
+
+
 def minilm_rows(work: Path, schemes=SCHEMES, target: str = "host", metrics=None, quiet: bool = False) -> list:
     """One dict per scheme: scheme, bits, size_mb, compile_s, the MiniLM metrics, eval_s."""
     from . import compile as compile_model
@@ -62,11 +72,7 @@ def minilm_rows(work: Path, schemes=SCHEMES, target: str = "host", metrics=None,
         row = {"scheme": scheme, **_artifact_facts(out), "compile_s": compile_s,
                "eval_s": time.perf_counter() - t0, "lee_s": result["seconds"].get("lee", float("nan")),
                **{k: v for k, v in result.items() if k not in ("lee_embeddings", "seconds")}}
-        if not quiet:
-            print(f"{scheme:6} " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)),
-                  file=sys.stderr, flush=True)
-        if scheme in schemes:
-            rows.append(row)
+        _keep(rows, row, schemes, quiet)
     return rows
 
 
@@ -120,11 +126,7 @@ def smollm2_rows(work: Path, schemes=SCHEMES, target: str = "host", compiled_win
                           f"extending it to more windows")
         fp32_ppl = fp32_ppl or row["ppl_sim"]
         row["ppl_ratio"] = row["ppl_sim"] / fp32_ppl
-        if not quiet:
-            print(f"{scheme:6} " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)),
-                  file=sys.stderr, flush=True)
-        if scheme in schemes:
-            rows.append(row)
+        _keep(rows, row, schemes, quiet)
     return rows
 
 
