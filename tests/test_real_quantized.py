@@ -40,7 +40,8 @@ def test_fq2_beats_gptq2_and_rtn2_on_lee(lee_results):
 
 
 def test_redundancy_helps(lee_results):
-    assert lee_results["fq2"]["cos_to_reference"] > lee_results["fq2r1"]["cos_to_reference"]
+    for metric in ("lee_spearman", "cos_to_reference"):
+        assert lee_results["fq2"][metric] > lee_results["fq2r1"][metric], metric
 
 
 def test_fq2_close_to_fp32(lee_results):
