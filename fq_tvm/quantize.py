@@ -78,16 +78,40 @@ def plan_layers(proto, skip: str | None = None, min_features: int = MIN_FEATURES
 MASK_INPUT = "attention_mask"  # when the model has this input, padded positions do not calibrate
 
 
+_LAST_CALIBRATION: dict = {}  # one entry: compiling one model under several schemes calibrates once
+
+
 def calibrate_layers(proto, layers, calib, progress: bool = True) -> dict:
-    """{activation name: HessianStat} for the activations read by `layers`."""
+    """{activation name: HessianStat} for the activations read by `layers`. The last result is
+    kept in memory, keyed by digests of the model and of the calibration file, and reused."""
     from .numerics import calibrate
 
     tensors = list(dict.fromkeys(layer.activation for layer in layers))
+    key = _calibration_key(proto, calib, tensors)
+    if key is not None and key in _LAST_CALIBRATION:
+        return _LAST_CALIBRATION[key]
     mask = MASK_INPUT if any(i.name == MASK_INPUT for i in proto.graph.input) else None
     try:
-        return calibrate(proto, calib, tensors=tensors, progress=progress, mask_input=mask)
+        stats = calibrate(proto, calib, tensors=tensors, progress=progress, mask_input=mask)
     except ValueError as err:
         raise FqError(f"calibration failed: {err}") from None
+    if key is not None:
+        _LAST_CALIBRATION.clear()
+        _LAST_CALIBRATION[key] = stats
+    return stats
+
+
+def _calibration_key(proto, calib, tensors):
+    """None (no caching) unless calib is a file; else digests of model, file and tensor list."""
+    import hashlib
+    from pathlib import Path
+
+    if not isinstance(calib, (str, Path)):
+        return None
+    from .artifact import sha256_file
+
+    model = hashlib.sha256(proto.SerializeToString()).hexdigest()
+    return model, sha256_file(Path(calib)), tuple(tensors)
 
 
 def quantize_layers(proto, plan: Plan, cfg, hessians: dict | None, progress: bool = True) -> dict:

@@ -32,7 +32,7 @@ def test_config_validation(kwargs, message):
 
 def test_registry():
     assert {"fp32", "int8", "rtn2", "gptq2", "had2", "fq2", "fq4"} <= set(SCHEMES)
-    assert get_scheme("fq2").redundancy == 1.1 and get_scheme("fq2").clip_sigma == 2.0
+    assert get_scheme("fq2").redundancy == 1.1 and get_scheme("fq2").clip_sigma == 1.75  # docs/numerics.md: measured
     assert get_scheme("fq2", redundancy=1.25).redundancy == 1.25
     with pytest.raises(ValueError, match="unknown scheme 'nope'; available: fp32"):
         get_scheme("nope")

@@ -108,7 +108,7 @@ def test_minilm_calibration_npz(tmp_path):
     b = np.load(realmodels.minilm_calib(tmp_path / "b.npz"))
     assert sorted(a.files) == sorted(realmodels.MINILM_INPUTS)
     for k in a.files:
-        assert a[k].shape == (64, 128) and a[k].dtype == np.int64
+        assert a[k].shape == (256, 128) and a[k].dtype == np.int64
         assert np.array_equal(a[k], b[k])  # deterministic
     mask = a["attention_mask"]
     assert (a["input_ids"][:, 0] == 101).all() and mask.min() == 0 and mask.mean() > 0.5
@@ -133,4 +133,4 @@ def test_smollm2_export_and_perplexity(tmp_path):
     ppl = evaluate.perplexity(evaluate.ort_runner(path), windows)
     assert 5 < ppl < 40, ppl
     calib = np.load(realmodels.smollm2_calib(tmp_path / "calib.npz"))
-    assert calib["input_ids"].shape == (16, 256) and calib["input_ids"].dtype == np.int64
+    assert calib["input_ids"].shape == (64, 512) and calib["input_ids"].dtype == np.int64

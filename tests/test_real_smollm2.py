@@ -17,6 +17,7 @@ from fq_tvm.quantize import calibrate_layers, plan_layers, quantize_layers, sche
 pytestmark = pytest.mark.slow
 
 WINDOWS, WINDOW = 2, 256
+CALIB = (16, 256)  # windows x tokens: smaller than the default (64 x 512) to bound CI time
 RANKED = ("rtn2", "gptq2", "fq2r1", "fq2")
 
 
@@ -30,7 +31,7 @@ def smollm2(tmp_path_factory):
         pytest.fail(f"{err} (or run bash scripts/fetch_data.sh --smollm2)", pytrace=False)
     work = tmp_path_factory.mktemp("smollm2")
     path = realmodels.export_smollm2(work)
-    calib = realmodels.smollm2_calib(work / "calib.npz")
+    calib = realmodels.smollm2_calib(work / "calib.npz", n=CALIB[0], seq=CALIB[1])
     return work, path, onnx.load(str(path)), calib, windows
 
 

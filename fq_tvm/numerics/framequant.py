@@ -3,7 +3,7 @@
 FrameQuant: T_K = P_K R_K (frame after randomized Hadamard), T_N = R_N.
     C  = T_N W T_K^T                                   (N_p x K_f)
     H' = T_K (H K / tr H + 0.01 I) T_K^T               (rank K; GPTQ adds percdamp * mean diag)
-    GPTQ(C, H') with the configured grid (2-sigma clipping for fq2).
+    GPTQ(C, H') with the configured grid (1.75-sigma clipping for fq2, see quantize.SCHEMES).
 Redundancy 1.0 (k == l_den) means no frame: the "Hadamard only" variant.
 """
 
