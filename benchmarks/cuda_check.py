@@ -32,11 +32,11 @@ MINILM = ("minilm", {"kind": "minilm"}, ("fq2",), (1, 16))
 def _build_onnx(work: Path, name: str, spec: dict) -> Path:
     from fq_tvm import models
 
-    path = work / f"{name}.onnx"
     if spec["kind"] == "minilm":
         from fq_tvm import realmodels
 
         return realmodels.export_minilm(work)
+    path = work / f"{name}.onnx"
     if spec["kind"] == "linear":
         return models.linear(path, spec["size"], spec["size"], bias=False)
     if spec["kind"] == "encoder":
@@ -45,8 +45,8 @@ def _build_onnx(work: Path, name: str, spec: dict) -> Path:
 
 
 def _width(spec: dict) -> int:
-    return spec.get("size") or spec["hidden"]
-
+    """Feature width of a synthetic case (0 for MiniLM, whose inputs are token ids)."""
+    return spec.get("size") or spec.get("hidden", 0)
 
 
 def _calib(work: Path, spec: dict) -> Path:
@@ -94,7 +94,7 @@ def prepare(out: Path, arch: str, minilm: bool = False) -> None:
                 inputs = {f"in_{k}": v for k, v in feed.items()}
                 np.savez(out / f"{name}.{scheme}.m{m}.npz", **inputs, expected=expected, **extra)
             index.append({"case": name, "scheme": scheme, "artifact": gpu.name, "rows": list(rows),
-                          "width": spec.get("size") or spec.get("hidden", 0), "kind": spec["kind"]})
+                          "width": _width(spec), "kind": spec["kind"]})
             print(f"prepared {name} {scheme}", file=sys.stderr)
     (out / "index.json").write_text(json.dumps(index, indent=1))
 

@@ -22,7 +22,7 @@ _SHAPE_OF = tvm.ir.Op.get("relax.shape_of")
 
 def _use_kind(call) -> str | None:
     """'gather', 'transpose' or 'shape' for the uses of E this pass can rewrite, else None."""
-    if call.op == _TAKE and int(call.attrs.axis) == 0 and len(call.args) >= 1:
+    if call.op == _TAKE and int(call.attrs.axis) == 0:
         return "gather"
     if call.op == _PERMUTE:
         axes = call.attrs.axes

@@ -40,6 +40,12 @@ def _zero():
     return tirx.const(0.0, "float32")
 
 
+def _decode(byte, t, bits: int):
+    """Code number t (lowest bits first) of a packed uint8 byte, as float32."""
+    mask = tirx.const(2**bits - 1, "uint8")
+    return ((byte >> (t * bits).astype("uint8")) & mask).astype("float32")
+
+
 def dequant_matmul(rows: int, cols: int, bits: int, group_size: int) -> tvm.tirx.PrimFunc:
     """y[m, rows] = x[m, cols] @ dequant(packed)^T, reading packed codes in the reduction.
 
@@ -72,11 +78,9 @@ def dequant_matmul(rows: int, cols: int, bits: int, group_size: int) -> tvm.tirx
     xp = te.compute((m, G, P, GB), lambda i, g, t, b: x_at(i, col(g, t, b)), name="xp")
     kg = te.reduce_axis((0, _i64(gs)), "kg")
     xs = te.compute((m, G), lambda i, g: te.sum(x_at(i, g * _i64(gs) + kg), axis=kg), name="xs")
-    mask = tirx.const(2**bits - 1, "uint8")
 
     def code(n, g, t, b):
-        byte = packed[n, te.min(g * GB + b, B - 1)]
-        return ((byte >> (t * bits).astype("uint8")) & mask).astype("float32")
+        return _decode(packed[n, te.min(g * GB + b, B - 1)], t, bits)
 
     t = te.reduce_axis((0, P), "t")
     b = te.reduce_axis((0, GB), "b")
@@ -104,9 +108,7 @@ def dequant_matmul_tiled(rows: int, cols: int, bits: int, row_tile: int) -> tvm.
     zero = te.placeholder((N, _i64(1)), "float32", "zero")
     xpad = te.compute((mp, _i64(kp)), lambda i, c: tirx.if_then_else(
         tirx.all(i < m, c < K), x[te.min(i, m - _i64(1)), te.min(c, K - _i64(1))], _zero()), name="xpad")
-    mask = tirx.const(2**bits - 1, "uint8")
-    w = te.compute((N, _i64(kp)), lambda n, c: (
-        (packed[n, c // P] >> ((c % P) * bits).astype("uint8")) & mask).astype("float32"), name="w")
+    w = te.compute((N, _i64(kp)), lambda n, c: _decode(packed[n, c // P], c % P, bits), name="w")
     c = te.reduce_axis((0, _i64(kp)), "c")
     acc = te.compute((mp, N), lambda i, n: te.sum(xpad[i, c] * w[n, c], axis=c), name="acc")
     k = te.reduce_axis((0, K), "k")
