@@ -79,6 +79,9 @@ def _compile_parser() -> argparse.ArgumentParser:
                                    "(needed by gptq/had/fq schemes)")
     p.add_argument("--skip", metavar="REGEX", help="keep layers whose name, node or weight matches REGEX in "
                                                    "fp32 (e.g. 'lm_head')")
+    p.add_argument("--act-bits", type=int, choices=(8, 32), default=8,
+                   help="activations of quantized layers: 8 (default) quantizes them per row and group of 256 "
+                        "and multiplies in int8 (AVX-512 VNNI, AVX2, Arm dotprod, NEON); 32 keeps them float")
     p.add_argument("--cuda-arch", help="CUDA architecture for CUDA targets, e.g. sm_80 (default), sm_86, sm_90")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
@@ -120,7 +123,7 @@ def compile_main(argv=None):
 
     out = compile_model(args.model, args.target, args.output, scheme=args.scheme, redundancy=args.redundancy,
                         l_den=args.l_den, calib=args.calib, skip=args.skip, cuda_arch=args.cuda_arch,
-                        force=args.force, quiet=args.quiet)
+                        force=args.force, quiet=args.quiet, act_bits=args.act_bits)
     print(out)
     return 0
 

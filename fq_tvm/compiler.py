@@ -8,6 +8,7 @@ from pathlib import Path
 from . import __version__
 from .artifact import staging_dir, write_manifest
 from .errors import FqError
+from .numerics.activations import ACT_BITS
 
 
 class Steps:
@@ -28,14 +29,16 @@ def default_out_dir(model_path: Path, target_name: str, scheme: str) -> Path:
 
 def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redundancy: float | None = None,
             l_den: int | None = None, calib=None, skip: str | None = None, cuda_arch: str | None = None,
-            force: bool = False, quiet: bool = False, records: dict | None = None) -> Path:
+            force: bool = False, quiet: bool = False, records: dict | None = None, act_bits: int = 8) -> Path:
     """Compile an ONNX model for `target` into an artifact directory; return its path.
 
     model: path to an .onnx file. target: a preset name (`fq-compile --list-targets`) or a TVM
     target JSON dict string. scheme: fp32, int8, rtn2, gptq2, had2, fq2, fq4 ... (`--scheme`);
     redundancy / l_den override the frame of fq schemes. calib: .npz (or dict) of sample inputs
     keyed by input name, samples along axis 0 (needed by gptq/had/fq). skip: regex of layers to
-    keep fp32. records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
+    keep fp32. act_bits: 8 (default) quantizes each quantized layer's coded input to int8 per row
+    and group and multiplies in int8 on CPUs with a dot-product ISA; 32 keeps float activations
+    (`--act-bits`). records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
     layers the artifact runs quantized (to check it against a numpy evaluation). A failed compile
     leaves nothing at `out_dir`.
     """
@@ -47,6 +50,8 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     hooks = family(preset)
     hooks.check_tools(preset)
     cfg = scheme_config(scheme, redundancy=redundancy, l_den=l_den)
+    if act_bits not in ACT_BITS:
+        raise FqError(f"--act-bits must be one of {', '.join(map(str, ACT_BITS))}, not {act_bits}")
     if cfg.method in ("gptq", "framequant") and calib is None:
         raise FqError(f"scheme '{scheme}' needs calibration data: pass --calib FILE.npz (sample inputs "
                       f"keyed by input name, samples along the first axis)")
@@ -69,12 +74,14 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
         kept = {entry["weight"] for entry in layer_report.get("layers", [])}
         records.update({name: rec for name, rec in quantized.items() if name in kept})
     step(f"building for {preset.name} {preset.target}")
-    executable = _build(mod, preset)
+    kernels = {"act_bits": act_bits, "counts": {}}
+    executable = _build(mod, preset, act_bits, kernels["counts"])
     with staging_dir(out_dir, force) as tmp:
         step(f"writing {out_dir}")
         files = hooks.export(executable, tmp, preset)
         manifest = _manifest(proto, model_path, preset, cfg, files)
         manifest.update(layer_report)
+        manifest["kernels"] = kernels
         if layer_report.get("layers"):
             manifest["weights"].update(_weight_totals(layer_report["layers"], manifest["weights"]["bytes"]))
         write_manifest(tmp, manifest, files)
@@ -147,7 +154,7 @@ def _unmatched(report, params) -> None:
     report["layers"] = keep
 
 
-def _build(mod, preset):
+def _build(mod, preset, act_bits: int, counts: dict):
     import tvm
 
     from .schedules import apply as schedule_kernels
@@ -155,7 +162,8 @@ def _build(mod, preset):
 
     target = preset.tvm_target()
     try:
-        return tvm.compile(schedule_kernels(mod, target), target, relax_pipeline=relax_pipeline(target))
+        mod = schedule_kernels(mod, target, act_bits, counts)
+        return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, counts))
     except FqError:
         raise
     except Exception as err:

@@ -17,19 +17,24 @@ def family(target):
     return gpu if "gpu" in target.keys else cpu
 
 
-def schedule_func(func, target):
+def schedule_func(func, target, act_bits: int = 8):
+    """Our kernel `func` scheduled for `target`: the family may first swap in a variant with the same
+    buffers (act_bits 8: the int8 CPU kernel, written already scheduled)."""
     rules = family(target)
-    func = rules.variant(func) if hasattr(rules, "variant") else func
+    func = rules.variant(func, target, act_bits)
     kind = str(func.attrs["fq_kernel"])
+    if kind in rules.WRITTEN_SCHEDULED:
+        return func.with_attr("tirx.is_scheduled", True)
     sch = s_tir.Schedule(func)
     rules.RULES.get(kind, rules.DEFAULT)(sch, target)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def relax_pipeline(target):
+def relax_pipeline(target, counts: dict | None = None):
     """TVM's default Relax pipeline for `target`, with our schedules: on CPU, after legalization and
     fusion, every PrimFunc we did not write gets `cpu.fallback` (the stock CPU pipeline applies no
-    schedule at all); GPU targets keep TVM's dlight rules."""
+    schedule at all); GPU targets keep TVM's dlight rules. `counts`, if given, receives how many
+    PrimFuncs the CPU rules scheduled ("fallback") and left with unscheduled blocks ("unscheduled")."""
     from tvm import relax
 
     if "gpu" in target.keys:
@@ -43,9 +48,13 @@ def relax_pipeline(target):
         with target:
             mod = tvm.transform.Sequential(cpu_pipeline.library_dispatch_passes(target)
                                            + cpu_pipeline.legalize_passes(target))(mod)
+            tally = counts if counts is not None else {}
             for gvar, func in list(mod.functions_items()):
                 if isinstance(func, tvm.tirx.PrimFunc) and not _scheduled(func):
-                    mod[gvar] = cpu.fallback(func, target).with_attr("tirx.is_scheduled", True)
+                    func, complete = cpu.fallback(func, target)
+                    mod[gvar] = func.with_attr("tirx.is_scheduled", True)
+                    key = "fallback" if complete else "unscheduled"
+                    tally[key] = tally.get(key, 0) + 1
             return tvm.transform.Sequential(cpu_pipeline.dataflow_lower_passes(target)
                                             + cpu_pipeline.finalize_passes(target))(mod)
 
@@ -56,12 +65,16 @@ def _scheduled(func) -> bool:
     return func.attrs is not None and "tirx.is_scheduled" in func.attrs and bool(func.attrs["tirx.is_scheduled"])
 
 
-def apply(mod: tvm.IRModule, target) -> tvm.IRModule:
-    """Schedule our kernels in `mod` for `target`; other functions are left untouched."""
+def apply(mod: tvm.IRModule, target, act_bits: int = 8, counts: dict | None = None) -> tvm.IRModule:
+    """Schedule our kernels in `mod` for `target`; other functions are left untouched. `counts`, if
+    given, receives how many functions of each kernel kind the build runs (after variants)."""
     updates = {}
     for gvar, func in mod.functions_items():
         if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and "fq_kernel" in func.attrs:
-            updates[gvar] = schedule_func(func, target)
+            updates[gvar] = schedule_func(func, target, act_bits)
     for gvar, func in updates.items():
         mod[gvar] = func
+        if counts is not None:
+            kind = str(func.attrs["fq_kernel"])
+            counts[kind] = counts.get(kind, 0) + 1
     return mod

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tvm.s_tir as s_tir
 
+from . import cpu_int8
 from .common import blocks, is_reduction
 
 
@@ -58,6 +59,20 @@ def elementwise(sch: s_tir.Schedule, target) -> None:
 
 RULES = {"dequant_matmul": dequant_matmul}
 DEFAULT = elementwise
+WRITTEN_SCHEDULED = (cpu_int8.KIND,)
+
+
+def variant(func, target, act_bits: int):
+    """With int8 activations, a dequant-matmul runs `cpu_int8` where the target has an ISA for it
+    and the layer fits its blocks; else the float kernel above."""
+    attrs = func.attrs
+    if act_bits != 8 or str(attrs["fq_kernel"]) != "dequant_matmul":
+        return func
+    plan = cpu_int8.plan(int(attrs["fq_rows"]), int(attrs["fq_cols"]), int(attrs["fq_bits"]),
+                         int(attrs.get("fq_group", 0)), target)
+    if plan is None:
+        return func
+    return cpu_int8.dequant_matmul(plan).with_attr("global_symbol", attrs["global_symbol"])
 
 
 def _split_loops(sch, block):
@@ -98,18 +113,20 @@ def fp32_block(sch: s_tir.Schedule, block, lanes: int) -> None:
 
 def fallback(func, target):
     """Schedule a PrimFunc fq-tvm did not write (legalized fp32 ops), block by block; a block the
-    rule cannot handle is left as it is."""
+    rule cannot handle is left as it is. Returns (func, whether every block was scheduled)."""
     lanes = vector_lanes(target)
     sch = s_tir.Schedule(func)
     try:
         found = blocks(sch)
     except Exception:  # noqa: BLE001 - no block structure (e.g. an extern/scan op): leave it alone
-        return func
+        return func, False
+    complete = True
     for block in found:
         trial = sch.copy()
         try:
             fp32_block(trial, trial.get_sblock(sch.get(block).name_hint), lanes)
         except Exception:  # noqa: BLE001 - the rule does not fit this block: keep it unscheduled
+            complete = False
             continue
         sch = trial
-    return sch.mod["main"]
+    return sch.mod["main"], complete

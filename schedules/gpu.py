@@ -106,8 +106,12 @@ TILE_ROWS, TILE_COLS, TILE_K = 32, 64, 32  # activation rows x weight rows per b
 THREAD_ROWS, THREAD_COLS = 8, 16  # threads per block: each computes 4 x 4 outputs
 
 
-def variant(func):
-    """Per-row quantized layers run the tiled form of the kernel on GPUs (same buffers)."""
+WRITTEN_SCHEDULED = ()
+
+
+def variant(func, target=None, act_bits: int = 32):
+    """Per-row quantized layers run the tiled form of the kernel on GPUs (same buffers); float
+    activations whatever act_bits asks (no int8 GPU kernel yet)."""
     from . import kernels
 
     attrs = func.attrs

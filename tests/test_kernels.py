@@ -16,7 +16,8 @@ CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
 
 
 def _build(func, target=HOST):
-    return tvm.compile(tvm.IRModule({"main": schedule_func(func, target)}), target)
+    """The float kernels (act_bits 32); tests/test_int8_kernel.py covers the int8 variant."""
+    return tvm.compile(tvm.IRModule({"main": schedule_func(func, target, act_bits=32)}), target)
 
 
 def _run(lib, *arrays, out_shape):
@@ -127,7 +128,7 @@ def test_pad_and_take():
 
 
 def _asm(target):
-    lib = tvm.compile(tvm.IRModule({"main": schedule_func(kernels.dequant_matmul(256, 512, 2, 512), target)}), target)
+    lib = tvm.compile(tvm.IRModule({"main": schedule_func(kernels.dequant_matmul(256, 512, 2, 512), target, act_bits=32)}), target)
     return lib.mod.inspect_source("asm") if not lib.mod.imports else lib.mod.imports[0].inspect_source("asm")
 
 
@@ -146,7 +147,7 @@ def test_cuda_kernels_compile_to_sm80_cubin(tmp_path):
     from elf import cuda_sm
 
     for name, func in [("dq", kernels.dequant_matmul(576, 648, 2, 648)), ("had", kernels.hadamard(576, 64, False))]:
-        lib = tvm.compile(tvm.IRModule({"main": schedule_func(func, CUDA)}), CUDA)
+        lib = tvm.compile(tvm.IRModule({"main": schedule_func(func, CUDA, act_bits=32)}), CUDA)
         source = lib.mod.imports[0].inspect_source("")
         assert "threadIdx.x" in source and "__global__" in source
         (tmp_path / f"{name}.cu").write_text(source)

@@ -3,6 +3,8 @@
 Reference: the ONNX model with every quantized weight replaced by the weight its record really
 applies (dequantized codes pulled back through the frame and rotations, in float64 numpy), run
 by ONNX Runtime. The compiled artifact computes the same thing from packed codes with TVM kernels.
+These builds keep float activations (act_bits 32) so that the check is exact; the int8-activation
+path is checked in tests/test_int8_activations.py.
 """
 
 import json
@@ -30,6 +32,7 @@ def _calib(tmp_path, shape, seed=0):
 
 
 def _build(onnx_path, tmp_path, scheme, calib_shape, **options):
+    options.setdefault("act_bits", 32)
     records = {}
     out = fq_tvm.compile(onnx_path, "host", tmp_path / f"model.{scheme}", scheme=scheme,
                          calib=_calib(tmp_path, calib_shape), quiet=True, records=records, **options)

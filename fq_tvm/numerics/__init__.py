@@ -6,6 +6,7 @@ The functions `gptq`, `framequant` and `calibrate` shadow their modules as packa
 import names with `from fq_tvm.numerics[.module] import name`.
 """
 
+from .activations import ACT_BITS, ACT_GROUP, quantize_activations
 from .bits import (
     bits_per_weight,
     layer_bits,
@@ -37,7 +38,7 @@ from .record import (
 from .transforms import Chain
 
 __all__ = [
-    "SCHEMES", "Chain", "DenseLayer", "FusionFrame", "Hadamard", "HessianStat", "QuantConfig",
+    "ACT_BITS", "ACT_GROUP", "quantize_activations", "SCHEMES", "Chain", "DenseLayer", "FusionFrame", "Hadamard", "HessianStat", "QuantConfig",
     "QuantizedLinear", "apply", "bits_per_weight", "calibrate", "codes", "dequantize",
     "effective_weight", "find_dense_layers", "frame_block", "frame_k", "framequant", "from_state",
     "fwht", "get_scheme", "gptq", "grid_params", "input_transforms", "inverse_hessian_factor",

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .activations import ACT_GROUP, quantize_activations
+
 from .frames import FusionFrame
 from .hadamard import Hadamard
 from .packing import pack_codes, packed_width, unpack_codes
@@ -107,9 +109,13 @@ def effective_weight(record: QuantizedLinear) -> np.ndarray:
     return record.output_transform().adjoint_rows(m)
 
 
-def apply(record: QuantizedLinear, x: np.ndarray) -> np.ndarray:
-    """x [..., K] -> y [..., N] (float64), by the inference math."""
+def apply(record: QuantizedLinear, x: np.ndarray, act_bits: int = 32) -> np.ndarray:
+    """x [..., K] -> y [..., N] (float64), by the inference math; act_bits 8 quantizes the coded
+    input as the int8 CPU kernels do (numerics.activations)."""
     xf = record.input_transform().apply(x)
+    if act_bits == 8:
+        group = record.group_size if record.group_size < record.cols else ACT_GROUP
+        xf = quantize_activations(xf, group)
     u = xf @ dequantize(record).astype(np.float64).T
     return record.output_transform().adjoint(u)
 

@@ -1,0 +1,290 @@
+"""The CPU dequant-matmul that computes in int8: activations quantized per row and group, packed
+codes widened to bytes in registers, products accumulated in int32 by the ISA's dot instruction.
+
+Same buffers as `kernels.dequant_matmul` (x, packed, scale, zero -> y), so `cpu.variant` can swap
+it in. Three stages in one PrimFunc:
+1. quantize: per row i and activation group a, `xq = rint(x / ax)` with `ax = max|x| / 127`,
+   stored so that code t of packed byte b meets its activation with unit stride (the layout of
+   `kernels.dequant_matmul`'s `xp`); `axs[i, a] = ax * sum(xq)` for the zero-point term;
+2. integer products: a register tile of MR activation rows x NR weight rows; per block of V packed
+   bytes, each weight row is loaded once, widened to V codes per bit position t, and dotted with
+   the MR rows (`Isa.dot`, int32 lanes);
+3. per group, the int32 lanes become float and take the scales: with codes offset by c for a
+   signed dot, `y = sum_a sum_g s (ax (sum (q - c) xq) - (z - c) axs)`.
+
+The last block of a row re-reads the V bytes ending at the row's end; its activations are zero
+where a byte was already counted, so no code beyond the row is read and no padding is stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import tvm
+from tvm.script import tirx as T
+
+from ..numerics.activations import ACT_GROUP
+
+OPAQUE = 8
+KIND = "dequant_matmul_int8"
+
+
+def _intrin(dtype, name, *args):
+    return T.call_llvm_pure_intrin(dtype, name, *args)
+
+
+def _chain(acc, codes, xs, dot):
+    for c, x in zip(codes, xs):
+        acc = dot(acc, c, x)
+    return acc
+
+
+def _dot_vnni512(acc, codes, xs):
+    return _chain(acc, codes, xs, lambda a, c, x: _intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", a, c, x))
+
+
+def _dot_avx2(acc, codes, xs):
+    """vpmaddubsw pairs summed in int16 over the codes of one byte (2-bit: |sum| <= 4 * 2 * 3 * 128,
+    4-bit: 2 * 2 * 15 * 128), then one vpmaddwd into the int32 lanes."""
+    pairs = None
+    for c, x in zip(codes, xs):
+        term = _intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", c, x)
+        pairs = term if pairs is None else pairs + term
+    return acc + _intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, T.Broadcast(T.int16(1), 16))
+
+
+def _dot_avx2_signed(acc, codes, xs):
+    """Signed 8-bit codes: |c| x (sign(c) x), so that vpmaddubsw's unsigned operand is |c| <= 128
+    and a pair sums to at most 2 * 128 * 127 (activations are within +-127)."""
+    (c,), (x,) = codes, xs
+    magnitude = _intrin("int8x32", "llvm.x86.avx2.psign.b", c, c)
+    return _dot_avx2(acc, [magnitude], [_intrin("int8x32", "llvm.x86.avx2.psign.b", x, c)])
+
+
+def _dot_sdot(acc, codes, xs):
+    return _chain(acc, codes, xs, lambda a, c, x: _intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", a, c, x))
+
+
+def _dot_widen(acc, codes, xs):
+    """No dot instruction: widen to int32 lanes (LLVM emits widening multiply-adds)."""
+    return _chain(acc, codes, xs, lambda a, c, x: a + T.Cast("int32x16", c) * T.Cast("int32x16", x))
+
+
+@dataclass(frozen=True)
+class Isa:
+    """One dot-product instruction family: V code bytes per step, int32 accumulator lanes, the
+    register tile (MR activation rows x NR weight rows, and NR for a lone row), and the code
+    offset per bit width (0: codes enter as unsigned u8; else codes - offset enter as signed i8).
+    `dot(acc, codes, xs)` adds the products of the codes of one byte position to `acc`."""
+
+    name: str
+    features: tuple[str, ...]
+    vbytes: int
+    lanes: int
+    tile: tuple[int, int]
+    lone_rows: int  # NR when a single activation row remains
+    dot: Callable
+    offsets: dict  # bits -> offset
+    signed_dot: Callable | None = None  # used where offsets[bits] != 0, if given
+
+
+ISAS = [
+    Isa("avx512-vnni", ("avx512bw", "avx512vnni"), 64, 16, (4, 2), 4, _dot_vnni512, {2: 0, 4: 0, 8: 0}),
+    Isa("avx2", ("avx2",), 32, 8, (4, 1), 4, _dot_avx2, {2: 0, 4: 0, 8: 128}, _dot_avx2_signed),
+    Isa("neon-dotprod", ("neon", "dotprod"), 16, 4, (4, 2), 4, _dot_sdot, {2: 2, 4: 8, 8: 128}),
+    Isa("neon", ("neon",), 16, 16, (2, 1), 2, _dot_widen, {2: 0, 4: 0, 8: 0}),
+]
+
+CHUNK_COLS = 1024  # columns of one cache block of the reduction
+CHUNK_ROWS = 64  # weight rows per parallel task
+
+
+def select_isa(target) -> Isa | None:
+    """The first ISA whose features the target has; None where no int8 kernel applies."""
+    from tvm.target import codegen
+
+    if target.kind.name != "llvm":
+        return None
+    for isa in ISAS:
+        if all(codegen.llvm_cpu_has_features(f, target) for f in isa.features):
+            return isa
+    return None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Block geometry of one layer for one ISA. (Loops below start at 0: TVM 0.27 miscompiled a
+    `range(start, stop)` with a start that depends on an outer loop.)"""
+
+    rows: int
+    cols: int
+    bits: int
+    group_cols: int  # columns per weight group (0: one group per row)
+    isa: Isa
+
+    @property
+    def ngroups(self) -> int:
+        return -(-self.cols // self.group_cols) if self.group_cols else 1
+
+    @property
+    def per(self) -> int:
+        return 8 // self.bits
+
+    @property
+    def width(self) -> int:  # packed bytes per row
+        return -(-self.cols // self.per)
+
+    @property
+    def nblocks(self) -> int:  # blocks of V bytes per row
+        return -(-self.width // self.isa.vbytes)
+
+    @property
+    def block_cols(self) -> int:
+        return self.isa.vbytes * self.per
+
+    @property
+    def blocks_per_group(self) -> int:
+        if self.group_cols:
+            return self.group_cols // self.block_cols
+        return min(self.nblocks, max(1, ACT_GROUP // self.block_cols))
+
+    @property
+    def nact(self) -> int:  # activation groups per row
+        return -(-self.nblocks // self.blocks_per_group)
+
+    @property
+    def groups_per_chunk(self) -> int:
+        return max(1, CHUNK_COLS // (self.blocks_per_group * self.block_cols))
+
+    def row_tiles(self) -> tuple[int, int]:
+        """NR for full tiles and for a lone row: the ISA's, or 1 where it does not divide rows."""
+        return tuple(n if self.rows % n == 0 else 1 for n in (self.isa.tile[1], self.isa.lone_rows))
+
+
+def plan(rows: int, cols: int, bits: int, group_cols: int, target) -> Plan | None:
+    """The layer's plan for `target`, or None where the int8 kernel does not apply (no ISA, a row
+    shorter than one vector, weight groups that are not whole blocks)."""
+    isa = select_isa(target)
+    if isa is None or bits not in isa.offsets:
+        return None
+    per = 8 // bits
+    if -(-cols // per) < isa.vbytes:
+        return None
+    group_cols = 0 if group_cols >= cols else group_cols
+    if group_cols % (isa.vbytes * per):
+        return None
+    return Plan(rows, cols, bits, group_cols, isa)
+
+
+def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
+    isa = p.isa
+    N, K, Bw, G = p.rows, p.cols, p.width, p.ngroups
+    P, V, L = p.per, isa.vbytes, isa.lanes
+    NB, KPA, NA, GPC = p.nblocks, p.blocks_per_group, p.nact, p.groups_per_chunk
+    NKC = -(-NA // GPC)
+    MR = isa.tile[0]
+    NR, NR1 = p.row_tiles()
+    NC = max(CHUNK_ROWS // (NR * NR1) * NR * NR1, NR * NR1)  # rows per task: whole tiles of both
+    offset = isa.offsets[p.bits]
+    dot = isa.signed_dot if offset and isa.signed_dot is not None else isa.dot
+    mask = (1 << p.bits) - 1
+    step = P * V  # xq elements per block and row
+
+    def start(kb):  # first byte read by block kb
+        return T.min(kb * V, Bw - V)
+
+    def wgroup(a):
+        return a if G > 1 else 0
+
+    def lanes(buf, k):
+        return buf[T.ramp(k * L, 1, L)]
+
+    def block_dot(acc, packed, n, xq, i, kb):
+        word = packed.vload([n, start(kb)], f"uint8x{V}")
+        codes = []
+        for t in range(P):
+            q = (word >> T.Broadcast(T.uint8(p.bits * t), V)) & T.Broadcast(T.uint8(mask), V)
+            if offset:
+                q = q - T.Broadcast(T.uint8(offset), V)
+            codes.append(T.reinterpret(f"int8x{V}", q))
+        xs = [xq.vload([(i * NB + kb) * step + t * V], f"int8x{V}") for t in range(P)]
+        return dot(acc, codes, xs)
+
+    @T.macro
+    def tile(R, NT, i0, n0, kc, packed, scale, zero, y, xq, ax, axs, facc, zacc, iacc):
+        for k in T.unroll(R * NT):
+            facc[T.ramp(k * L, 1, L)] = T.Broadcast(T.float32(0), L)
+            zacc[k] = T.float32(0)
+        for ga in range(T.min(GPC, NA - kc * GPC)):
+            a = kc * GPC + ga
+            for k in T.unroll(R * NT):
+                iacc[T.ramp(k * L, 1, L)] = T.Broadcast(0, L)
+            for gb in range(T.min(KPA, NB - a * KPA)):
+                kb = a * KPA + gb
+                for mi in T.unroll(R):
+                    for r in T.unroll(NT):
+                        iacc[T.ramp((mi * NT + r) * L, 1, L)] = block_dot(
+                            lanes(iacc, mi * NT + r), packed, n0 + r, xq, i0 + mi, kb)
+            for mi in T.unroll(R):
+                for r in T.unroll(NT):
+                    facc[T.ramp((mi * NT + r) * L, 1, L)] = lanes(facc, mi * NT + r) + T.Cast(
+                        f"float32x{L}", lanes(iacc, mi * NT + r)) * T.Broadcast(
+                        ax[(i0 + mi) * NA + a] * scale[n0 + r, wgroup(a)], L)
+                    zacc[mi * NT + r] = zacc[mi * NT + r] + axs[(i0 + mi) * NA + a] * scale[n0 + r, wgroup(a)] * (
+                        zero[n0 + r, wgroup(a)] - T.float32(offset))
+        for mi in T.unroll(R):
+            for r in T.unroll(NT):
+                total = T.call_llvm_pure_intrin("float32", "llvm.vector.reduce.fadd", T.float32(0),
+                                                lanes(facc, mi * NT + r)) - zacc[mi * NT + r]
+                if kc == 0:
+                    y[i0 + mi, n0 + r] = total
+                else:
+                    y[i0 + mi, n0 + r] = y[i0 + mi, n0 + r] + total
+
+    @T.prim_func(private=True)
+    def func(x_h: T.handle, packed: T.Buffer((N, Bw), "uint8"), scale: T.Buffer((N, G), "float32"),
+             zero: T.Buffer((N, G), "float32"), y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, K), "float32")
+        y = T.match_buffer(y_h, (m, N), "float32")
+        xq = T.alloc_buffer((m * NB * step,), "int8")
+        ax = T.alloc_buffer((m * NA,), "float32")
+        axs = T.alloc_buffer((m * NA,), "float32")
+        for i in T.parallel(m):
+            amax = T.alloc_buffer((1,), "float32", scope="local")
+            qsum = T.alloc_buffer((1,), "int32", scope="local")
+            for a in range(NA):
+                amax[0] = T.float32(0)
+                for c in range(T.min(KPA * step, K - a * KPA * step)):
+                    amax[0] = T.max(amax[0], T.fabs(x[i, a * KPA * step + c]))
+                ax[i * NA + a] = amax[0] / T.float32(127)
+                inv = T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
+                qsum[0] = 0
+                for gb in range(T.min(KPA, NB - a * KPA)):
+                    for t in range(P):
+                        for v in range(V):
+                            kb = a * KPA + gb
+                            col = (start(kb) + v) * P + t
+                            q = T.if_then_else(
+                                tvm.tirx.all(start(kb) + v >= kb * V, col < K),
+                                T.Cast("int32", T.nearbyint(x[i, T.min(col, K - 1)] * inv)), 0)
+                            xq[(i * NB + kb) * step + t * V + v] = T.Cast("int8", q)
+                            qsum[0] = qsum[0] + q
+                axs[i * NA + a] = ax[i * NA + a] * T.Cast("float32", qsum[0])
+        for nc in T.parallel((N + NC - 1) // NC):
+            facc = T.alloc_buffer((MR * max(NR, NR1) * L,), "float32", scope="local")
+            zacc = T.alloc_buffer((MR * max(NR, NR1),), "float32", scope="local")
+            iacc = T.alloc_buffer((MR * max(NR, NR1) * L,), "int32", scope="local")
+            for kc in range(NKC):
+                for it in range(m // MR):
+                    for nt in range(T.min(NC, N - nc * NC) // NR):
+                        tile(MR, NR, it * MR, nc * NC + nt * NR, kc, packed, scale, zero, y, xq, ax, axs,
+                             facc, zacc, iacc)
+                for ir in range(m % MR):
+                    for nt in range(T.min(NC, N - nc * NC) // NR1):
+                        tile(1, NR1, m // MR * MR + ir, nc * NC + nt * NR1, kc, packed, scale, zero, y, xq, ax,
+                             axs, facc, zacc, iacc)
+
+    return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE, "fq_isa": isa.name})

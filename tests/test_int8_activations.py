@@ -1,0 +1,160 @@
+"""The int8 CPU dequant-matmul (schedules/cpu_int8.py): its integer sums against numpy on the
+definitions (numerics.activations), the instructions each target gets, and compiled layers
+against the numpy inference math with int8 activations."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import tvm
+
+import fq_tvm
+from fq_tvm import models
+from fq_tvm.numerics import ACT_GROUP, quantize_activations
+from fq_tvm.numerics.record import apply
+from fq_tvm.schedules import cpu_int8, kernels, schedule_func
+from conftest import max_rel_err
+
+HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+X86_VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4", "mattr": ["+avx512vnni"]})
+X86_AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+RPI5 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"})
+RPI4 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"})
+
+
+def _pack(codes, bits):
+    per = 8 // bits
+    rows, cols = codes.shape
+    padded = np.zeros((rows, -(-cols // per) * per), np.uint64)
+    padded[:, :cols] = codes
+    return (padded.reshape(rows, -1, per) << (bits * np.arange(per, dtype=np.uint64))).sum(-1).astype(np.uint8)
+
+
+def _layer(rows, cols, bits, group, seed):
+    rng = np.random.default_rng(seed)
+    ngroups = -(-cols // group) if group else 1
+    codes = rng.integers(0, 2**bits, (rows, cols))
+    scale = rng.uniform(0.01, 0.1, (rows, ngroups)).astype(np.float32)
+    zero = rng.uniform(0, 2**bits - 1, (rows, ngroups)).astype(np.float32)
+    g = np.arange(cols) // (group or cols)
+    w = (codes - zero[:, g].astype(np.float64)) * scale[:, g]
+    return _pack(codes, bits), scale, zero, w
+
+
+def _run(lib, x, packed, scale, zero, rows):
+    y = tvm.runtime.tensor(np.zeros((x.shape[0], rows), np.float32))
+    lib.mod["main"](*(tvm.runtime.tensor(a) for a in (x, packed, scale, zero)), y)
+    return y.numpy()
+
+
+def test_activation_quantization_definition():
+    x = np.random.default_rng(0).standard_normal((3, 600)).astype(np.float32)
+    x[1, 300:] = 0.0  # an all-zero group stays zero
+    q = quantize_activations(x)
+    for lo in range(0, 600, ACT_GROUP):
+        part, qpart = x[:, lo:lo + ACT_GROUP], q[:, lo:lo + ACT_GROUP]
+        step = np.abs(part).max(-1, keepdims=True) / 127
+        assert np.all(np.abs(qpart - part) <= step / 2 * (1 + 1e-5) + 1e-12)
+        levels = np.divide(qpart, step, out=np.zeros_like(qpart), where=step > 0)
+        assert np.allclose(levels, np.rint(levels), atol=1e-3) and np.abs(levels).max() <= 127 + 1e-3
+    assert np.all(q[1, 300:] == 0)
+
+
+# (rows, cols, bits, group): odd K (the last block re-reads bytes), rows not a multiple of the
+# register tile, per-row and grouped scales
+CASES = [(64, 1000, 2, 0), (30, 577, 2, 0), (64, 1001, 4, 0), (40, 577, 8, 0), (128, 4506, 2, 0),
+         (64, 1024, 2, 256), (32, 768, 4, 256), (48, 512, 8, 256)]
+
+
+@pytest.mark.parametrize("rows, cols, bits, group", CASES)
+def test_int8_kernel_equals_numpy_on_the_definitions(rows, cols, bits, group):
+    """Integer sums are exact: the kernel equals float64 numpy on the quantized activations up to
+    float32 rounding of the per-group scaling (an off-by-one code or activation would show as
+    ~1e-3)."""
+    plan = cpu_int8.plan(rows, cols, bits, group, HOST)
+    assert plan is not None, f"no int8 kernel for the host ({HOST})"
+    lib = tvm.compile(tvm.IRModule({"main": cpu_int8.dequant_matmul(plan).with_attr("global_symbol", "main")}),
+                      HOST)
+    packed, scale, zero, w = _layer(rows, cols, bits, group, rows + cols + bits)
+    rng = np.random.default_rng(cols)
+    for m in (1, 3, 4, 9):
+        x = rng.standard_normal((m, cols)).astype(np.float32)
+        x[:, :: 97] *= 8.0  # outliers
+        ref = quantize_activations(x, group or ACT_GROUP).astype(np.float64) @ w.T
+        ours = _run(lib, x, packed, scale, zero, rows)
+        assert max_rel_err(ours, ref) < 2e-6, (m, max_rel_err(ours, ref))
+        assert max_rel_err(ours, x.astype(np.float64) @ w.T) < 0.1  # int8 activations, unrotated outliers
+
+
+def test_schedule_func_picks_the_int8_variant_only_with_int8_activations():
+    func = kernels.dequant_matmul(64, 1000, 2, 1000)
+    assert str(schedule_func(func, HOST, act_bits=8).attrs["fq_kernel"]) == cpu_int8.KIND
+    assert str(schedule_func(func, HOST, act_bits=32).attrs["fq_kernel"]) == "dequant_matmul"
+    short = kernels.dequant_matmul(64, 40, 2, 40)  # 10 bytes a row: shorter than one vector
+    assert str(schedule_func(short, HOST, act_bits=8).attrs["fq_kernel"]) == "dequant_matmul"
+
+
+def _asm(target, bits=2):
+    plan = cpu_int8.plan(256, 1024, bits, 0, target)
+    func = cpu_int8.dequant_matmul(plan).with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": func}), target)
+    return plan.isa.name, lib.mod.inspect_source("asm")
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_instructions_per_target(bits):
+    isa, asm = _asm(X86_VNNI, bits)
+    assert isa == "avx512-vnni" and re.search(r"vpdpbusd\s+.*%zmm", asm)
+    isa, asm = _asm(X86_AVX2, bits)
+    assert isa == "avx2" and re.search(r"vpmaddubsw\s+.*%ymm", asm) and "vpdpbusd" not in asm
+    isa, asm = _asm(RPI5, bits)
+    assert isa == "neon-dotprod" and re.search(r"\bsdot\s+v\d+\.4s", asm)
+    isa, asm = _asm(RPI4, bits)
+    assert isa == "neon" and not re.search(r"\b[su]dot\b", asm)
+    assert re.search(r"\b[su]m(lal|ull)2?\s+v\d+\.", asm)  # vectorised widening multiplies
+
+
+@pytest.fixture(scope="module")
+def fq2_linear(tmp_path_factory):
+    work = tmp_path_factory.mktemp("int8lin")
+    onnx_path = models.linear(work / "linear.onnx", 1000, 384, bias=False)
+    np.savez(work / "calib.npz", x=np.random.default_rng(0).standard_normal((32, 4, 1000)).astype(np.float32))
+    records = {}
+    out = fq_tvm.compile(onnx_path, "host", work / "fq2", scheme="fq2", calib=work / "calib.npz", quiet=True,
+                         records=records)
+    (record,) = records.values()
+    return out, record
+
+
+def test_compiled_fq2_layer_matches_numpy_with_int8_activations(fq2_linear):
+    out, record = fq2_linear
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kernels"]["act_bits"] == 8
+    assert manifest["kernels"]["counts"][cpu_int8.KIND] == 1
+    assert "dequant_matmul" not in manifest["kernels"]["counts"]
+    assert manifest["kernels"]["counts"].get("unscheduled", 0) == 0
+    model = fq_tvm.load(out)
+    x = np.random.default_rng(1).standard_normal((2, 7, 1000)).astype(np.float32)
+    ours = model.run({"x": x})["y"]
+    assert max_rel_err(ours, apply(record, x, act_bits=8)) < 1e-4
+    assert max_rel_err(ours, apply(record, x)) < 0.05
+
+
+def test_act_bits_32_keeps_float_activations(fq2_linear, tmp_path):
+    out, record = fq2_linear
+    onnx_path = out.parent / "linear.onnx"
+    float_out = fq_tvm.compile(onnx_path, "host", tmp_path / "fq2f", scheme="fq2", calib=out.parent / "calib.npz",
+                               quiet=True, act_bits=32)
+    manifest = json.loads((float_out / "manifest.json").read_text())
+    assert manifest["kernels"] == {"act_bits": 32, "counts": manifest["kernels"]["counts"]}
+    assert manifest["kernels"]["counts"]["dequant_matmul"] == 1
+    x = np.random.default_rng(2).standard_normal((3, 1000)).astype(np.float32)[None]
+    assert max_rel_err(fq_tvm.load(float_out).run({"x": x})["y"], apply(record, x)) < 1e-4
+
+
+def test_bad_act_bits_is_one_line(fq2_linear, tmp_path):
+    out, _ = fq2_linear
+    with pytest.raises(fq_tvm.FqError, match=r"^--act-bits must be one of 8, 32, not 4$"):
+        fq_tvm.compile(out.parent / "linear.onnx", "host", tmp_path / "x", act_bits=4)
+    assert not (tmp_path / "x").exists()
