@@ -1,10 +1,12 @@
 """One dense layer, side by side in one run: our compiled fq2 / int8 / fp32 artifacts against
 ONNX Runtime fp32, dynamic int8 and MatMulNBits 2/4-bit (accuracy_level 4).
 
-    python benchmarks/bench_layer.py [--size 4096] [--rows 1 16] [--target host]
+    python benchmarks/bench_layer.py [--shapes 4096x4096 11008x4096 1536x384] [--rows 1 16 128]
 
-Prints median latency per call (ms) and the ratio to ORT fp32. Timings on a shared 2-core
-machine are noisy: compare ratios within one run, not figures across runs.
+Shapes are N x K (outputs x inputs). Prints median latency per call (ms) and the ratio to ORT
+fp32. Each runner is timed in a block of calls (2 s) before the next starts: ORT's and TVM's thread
+pools spin after a call, so alternating call by call would make each steal the other's cores.
+Timings on a shared 2-core machine are noisy: compare ratios within one run, not across runs.
 """
 
 from __future__ import annotations
@@ -47,12 +49,12 @@ def ort_runner(path: Path):
     return lambda x: session.run(None, {"x": x})[0]
 
 
-def build(work: Path, size: int, target: str, schemes) -> dict:
+def build(work: Path, n: int, k: int, target: str, schemes) -> dict:
     """{label: callable(x [M, K]) -> y} for ours and ORT's."""
-    onnx_path = models.linear(work / "linear.onnx", size, size, bias=False)
+    onnx_path = models.linear(work / "linear.onnx", k, n, bias=False)
     w = weight_matrix(str(onnx_path), find_dense_layers(str(onnx_path))[0])
     rng = np.random.default_rng(0)
-    np.savez(work / "calib.npz", x=rng.standard_normal((64, 1, size)).astype(np.float32))
+    np.savez(work / "calib.npz", x=rng.standard_normal((64, 1, k)).astype(np.float32))
     runners = {}
     for scheme in schemes:
         t0 = time.perf_counter()
@@ -73,23 +75,37 @@ def build(work: Path, size: int, target: str, schemes) -> dict:
 def main(argv=None) -> None:
     logging.getLogger().setLevel(logging.ERROR)  # ORT quantizer chatter
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=int, default=4096, help="K = N of the layer (default 4096)")
-    p.add_argument("--rows", type=int, nargs="+", default=[1, 16], help="M values (default 1 16)")
+    p.add_argument("--shapes", nargs="+", default=["4096x4096"], help="N x K of each layer (default 4096x4096)")
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 16, 128], help="M values (default 1 16 128)")
     p.add_argument("--target", default="host")
     p.add_argument("--schemes", nargs="+", default=["fq2", "int8", "fp32"])
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        runners = build(Path(tmp), args.size, args.target, args.schemes)
-        rng = np.random.default_rng(1)
-        print(f"\n{args.size}x{args.size} layer, median ms per call ({args.target})")
-        print(f"{'':24}" + "".join(f"{'M=' + str(m):>16}" for m in args.rows))
-        table = {label: [median_ms(lambda: fn(x)) for x in
-                         (rng.standard_normal((m, args.size)).astype(np.float32) for m in args.rows)]
-                 for label, fn in runners.items()}
-        base = table["ORT fp32"]
-        for label, row in table.items():
-            cells = "".join(f"{t:9.3f} ({t / b:4.2f}x)" for t, b in zip(row, base))
-            print(f"{label:24}{cells}")
+    for shape in args.shapes:
+        n, k = (int(v) for v in shape.lower().split("x"))
+        with tempfile.TemporaryDirectory() as tmp:
+            runners = build(Path(tmp), n, k, args.target, args.schemes)
+            rng = np.random.default_rng(1)
+            print(f"\n{n}x{k} layer (N x K), median ms per call ({args.target}, {cpu_name()})")
+            print(f"{'':24}" + "".join(f"{'M=' + str(m):>18}" for m in args.rows))
+            table = {label: [median_ms(lambda: fn(x)) for x in
+                             (rng.standard_normal((m, k)).astype(np.float32) for m in args.rows)]
+                     for label, fn in runners.items()}
+            base = table["ORT fp32"]
+            for label, row in table.items():
+                cells = "".join(f"{t:9.3f} ({t / b:5.2f}x)" for t, b in zip(row, base))
+                print(f"{label:24}{cells}", flush=True)
+
+
+def cpu_name() -> str:
+    """The CPU model and its int8 dot-product flags, for the table's heading."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    keep = [f for f in ("avx2", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return f"{model}; {' '.join(keep)}"
 
 
 if __name__ == "__main__":
