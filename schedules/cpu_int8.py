@@ -96,7 +96,7 @@ ISAS = [
     Isa("neon", ("neon",), 16, 16, (2, 1), 2, _dot_widen, {2: 0, 4: 0, 8: 0}),
 ]
 
-CHUNK_COLS = 1024  # columns of one cache block of the reduction
+CHUNK_COLS = 4096  # columns of one cache block of the reduction (4096 measured faster than 1024, 2048)
 CHUNK_ROWS = 64  # weight rows per parallel task
 
 
