@@ -220,12 +220,12 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
             a = kc * GPC + ga
             for k in T.unroll(R * NT):
                 iacc[T.ramp(k * L, 1, L)] = T.Broadcast(0, L)
-            for gb in range(T.min(KPA, NB - a * KPA)):
-                kb = a * KPA + gb
-                for mi in T.unroll(R):
-                    for r in T.unroll(NT):
-                        iacc[T.ramp((mi * NT + r) * L, 1, L)] = block_dot(
-                            lanes(iacc, mi * NT + r), packed, n0 + r, xq, i0 + mi, kb)
+            for gb in T.unroll(KPA):  # unrolled here: LLVM's own unrolling differs between modules
+                if a * KPA + gb < NB:
+                    for mi in T.unroll(R):
+                        for r in T.unroll(NT):
+                            iacc[T.ramp((mi * NT + r) * L, 1, L)] = block_dot(
+                                lanes(iacc, mi * NT + r), packed, n0 + r, xq, i0 + mi, a * KPA + gb)
             for mi in T.unroll(R):
                 for r in T.unroll(NT):
                     facc[T.ramp((mi * NT + r) * L, 1, L)] = lanes(facc, mi * NT + r) + T.Cast(
