@@ -134,7 +134,7 @@ def hadamard(dim: int, block: int, inverse: bool) -> tvm.tirx.PrimFunc:
         out = te.compute((m, D), lambda i, j: cur[i, j] * (signs[j] * norm), name="y")
     else:
         out = te.compute((m, D), lambda i, j: cur[i, j] * norm, name="y")
-    return _finish([x, signs, out], "hadamard", dim=dim, block=block)
+    return _finish([x, signs, out], "hadamard", dim=dim, block=block, inverse=int(inverse))
 
 
 def _butterfly(prev, m, D, h, name):

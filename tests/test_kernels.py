@@ -99,7 +99,9 @@ def test_hadamard_matches_explicit_matrix(dim, block, inverse):
     signs = rng.choice([-1.0, 1.0], dim).astype(np.float32)
     big = np.kron(np.eye(dim // block), _sylvester(block))
     matrix = big * signs[None, :] if not inverse else signs[:, None] * big  # H D, or D H
-    lib = _build(kernels.hadamard(dim, block, inverse))
+    func = kernels.hadamard(dim, block, inverse)
+    assert str(schedule_func(func, HOST).attrs["fq_kernel"]) == "hadamard_rows"  # the CPU variant
+    lib = _build(func)
     for m in (1, 37):
         x = rng.standard_normal((m, dim)).astype(np.float32)
         ours = _run(lib, x, signs, out_shape=(m, dim))
