@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import tvm.s_tir as s_tir
 
-from . import cpu_hadamard, cpu_int8
+from . import cpu_frame, cpu_hadamard, cpu_int8
 from .common import blocks, is_reduction
 
 
@@ -59,17 +59,20 @@ def elementwise(sch: s_tir.Schedule, target) -> None:
 
 RULES = {"dequant_matmul": dequant_matmul}
 DEFAULT = elementwise
-WRITTEN_SCHEDULED = (cpu_int8.KIND, cpu_hadamard.KIND)
+WRITTEN_SCHEDULED = (cpu_int8.KIND, cpu_hadamard.KIND, cpu_frame.KIND)
 
 
 def variant(func, target, act_bits: int):
-    """Kernels written for CPUs with the same buffers: the Hadamard one row at a time
-    (`cpu_hadamard`); with int8 activations, a dequant-matmul runs `cpu_int8` where the target
+    """Kernels written for CPUs with the same buffers: the Hadamard and the frame one row at a time
+    (`cpu_hadamard`, `cpu_frame`); with int8 activations, a dequant-matmul runs `cpu_int8` where the target
     has an ISA for it and the layer fits its blocks, else the float kernel above."""
     attrs = func.attrs
     kind = str(attrs["fq_kernel"])
     if kind == "hadamard":
         rows = cpu_hadamard.hadamard(int(attrs["fq_dim"]), int(attrs["fq_block"]), bool(int(attrs["fq_inverse"])))
+        return rows.with_attr("global_symbol", attrs["global_symbol"])
+    if kind == "frame_analysis":
+        rows = cpu_frame.frame_analysis(*(int(attrs[f"fq_{k}"]) for k in ("nblk", "two_l", "two_k", "tail")))
         return rows.with_attr("global_symbol", attrs["global_symbol"])
     if act_bits != 8 or kind != "dequant_matmul":
         return func

@@ -158,11 +158,12 @@ def frame_analysis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.Pri
     TK, TL = _i64(two_k), _i64(two_l)
     coef = te.compute((m, _i64(body)), lambda i, j: te.sum(F[j % TK, c] * x[i, (j // TK) * TL + c], axis=c),
                       name="coef")
+    shape = {"nblk": nblk, "two_l": two_l, "two_k": two_k, "tail": tail, "out": body + tail}
     if tail == 0:
-        return _finish([x, F, coef], "frame_analysis", out=body)
+        return _finish([x, F, coef], "frame_analysis", **shape)
     y = te.compute((m, _i64(body + tail)), lambda i, j: tirx.if_then_else(
         j < _i64(body), coef[i, te.min(j, _i64(body - 1))], x[i, te.max(j - _i64(body - din), _i64(din))]), name="y")
-    return _finish([x, F, y], "frame_analysis", out=body + tail)
+    return _finish([x, F, y], "frame_analysis", **shape)
 
 
 def pad_last(dim: int, padded: int) -> tvm.tirx.PrimFunc:

@@ -116,7 +116,9 @@ def test_frame_analysis_matches_block_diagonal(nblk, two_l, two_k, tail):
     for b in range(nblk):
         dense[b * two_k:(b + 1) * two_k, b * two_l:(b + 1) * two_l] = F
     dense[nblk * two_k:, nblk * two_l:] = np.eye(tail)
-    lib = _build(kernels.frame_analysis(nblk, two_l, two_k, tail))
+    func = kernels.frame_analysis(nblk, two_l, two_k, tail)
+    assert str(schedule_func(func, HOST).attrs["fq_kernel"]) == "frame_rows"  # the CPU variant
+    lib = _build(func)
     for m in (1, 37):
         x = rng.standard_normal((m, dense.shape[1])).astype(np.float32)
         assert _rel(_run(lib, x, F, out_shape=(m, dense.shape[0])), x.astype(np.float64) @ dense.T) < 1e-5

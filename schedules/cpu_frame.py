@@ -1,0 +1,40 @@
+"""The CPU frame analysis: per row, each group of 2l inputs times the frame block F (2k x 2l),
+written as broadcast-multiply-adds into a vector of the 2k outputs (F transposed once per task).
+
+Same buffers as `kernels.frame_analysis` (x, F -> y), so `cpu.variant` can swap it in.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm.script import tirx as T
+
+KIND = "frame_rows"
+
+
+def frame_analysis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.PrimFunc:
+    body, din = nblk * two_k, nblk * two_l
+
+    @T.prim_func(private=True)
+    def func(x_h: T.handle, F: T.Buffer((two_k, two_l), "float32"), y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, din + tail), "float32")
+        y = T.match_buffer(y_h, (m, body + tail), "float32")
+        for i in T.parallel(m):
+            ft = T.alloc_buffer((two_l * two_k,), "float32", scope="local")
+            acc = T.alloc_buffer((two_k,), "float32", scope="local")
+            for c, r in T.grid(two_l, two_k):
+                ft[c * two_k + r] = F[r, c]
+            for b in range(nblk):
+                for r in T.vectorized(two_k):
+                    acc[r] = T.float32(0)
+                for c in T.unroll(two_l):
+                    for r in T.vectorized(two_k):
+                        acc[r] = acc[r] + x[i, b * two_l + c] * ft[c * two_k + r]
+                for r in T.vectorized(two_k):
+                    y[i, b * two_k + r] = acc[r]
+            for j in range(tail):
+                y[i, body + j] = x[i, din + j]
+
+    return func.with_attrs({"fq_kernel": KIND, "op_pattern": 8})
