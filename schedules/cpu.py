@@ -3,6 +3,9 @@ vectorised over the target's vector width."""
 
 from __future__ import annotations
 
+import itertools
+
+import tvm
 import tvm.s_tir as s_tir
 
 from . import cpu_frame, cpu_hadamard, cpu_int8
@@ -99,6 +102,17 @@ def _reads_2d_weight(sch, block) -> bool:
 UNROLL = 8  # vectors of output columns per weight row visit
 
 
+def _constant(sch, loop) -> bool:
+    return isinstance(sch.get(loop).extent, tvm.tirx.IntImm)
+
+
+def _fuse_leading(sch, loops):
+    """The leading loops fused for `parallel`, up to the first symbolic extent after the first
+    (fusing over a symbolic extent divides by it to recover each index)."""
+    keep = [loops[0]] + list(itertools.takewhile(lambda lp: _constant(sch, lp), loops[1:]))
+    return sch.fuse(*keep) if len(keep) > 1 else keep[0]
+
+
 def fp32_block(sch: s_tir.Schedule, block, lanes: int) -> None:
     """Unscheduled (legalized) ops: dense matmuls stream each weight row once for all input rows,
     8 vectors of columns at a time; other blocks run rows in parallel, vectorised where spatial."""
@@ -109,6 +123,15 @@ def fp32_block(sch: s_tir.Schedule, block, lanes: int) -> None:
         outer, group, vec = sch.split(spatial[-1], [None, UNROLL, lanes])
         sch.reorder(outer, *reduce, *spatial[:-1], group, vec)
         sch.unroll(group)
+    elif not _constant(sch, spatial[-1]):
+        # a symbolic last extent (a sequence length): split + vectorize would leave a guarded,
+        # scalarised vector loop with divisions by the extent inside; keep the axis whole and
+        # innermost for LLVM's loop vectoriser, and run the leading axes in parallel
+        sch.reorder(*spatial[:-1], *reduce, spatial[-1])
+        sch.parallel(_fuse_leading(sch, spatial[:-1]) if len(spatial) > 1 else spatial[-1])
+        if reduce:
+            sch.decompose_reduction(block, reduce[0])
+        return
     else:
         outer, vec = sch.split(spatial[-1], [None, lanes])
         sch.reorder(*spatial[:-1], outer, *reduce, vec)

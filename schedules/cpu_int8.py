@@ -253,26 +253,30 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
         ax = T.alloc_buffer((m * NA,), "float32")
         axs = T.alloc_buffer((m * NA,), "float32")
         for i in T.parallel(m):
-            amax = T.alloc_buffer((1,), "float32", scope="local")
+            qrow = T.alloc_buffer((K,), "int8", scope="local")
+            amax = T.alloc_buffer((1,), "int32", scope="local")
             qsum = T.alloc_buffer((1,), "int32", scope="local")
             for a in range(NA):
-                amax[0] = T.float32(0)
+                # max |x| as the int32 bits of |x| (monotonic for floats >= 0): an integer
+                # reduction LLVM vectorises; then the group rounded in column order
+                amax[0] = 0
                 for c in range(T.min(KPA * step, K - a * KPA * step)):
-                    amax[0] = T.max(amax[0], T.fabs(x[i, a * KPA * step + c]))
-                ax[i * NA + a] = amax[0] / T.float32(127)
-                inv = T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
+                    amax[0] = T.max(amax[0], T.reinterpret("int32", T.fabs(x[i, a * KPA * step + c])))
+                top = T.reinterpret("float32", amax[0])
+                ax[i * NA + a] = top / T.float32(127)
+                inv = T.if_then_else(top > T.float32(0), T.float32(127) / top, T.float32(0))
                 qsum[0] = 0
-                for gb in range(T.min(KPA, NB - a * KPA)):
-                    for t in range(P):
-                        for v in range(V):
-                            kb = a * KPA + gb
-                            col = (start(kb) + v) * P + t
-                            q = T.if_then_else(
-                                tvm.tirx.all(start(kb) + v >= kb * V, col < K),
-                                T.Cast("int32", T.nearbyint(x[i, T.min(col, K - 1)] * inv)), 0)
-                            xq[(i * NB + kb) * step + t * V + v] = T.Cast("int8", q)
-                            qsum[0] = qsum[0] + q
+                for c in range(T.min(KPA * step, K - a * KPA * step)):
+                    q = T.Cast("int32", T.nearbyint(x[i, a * KPA * step + c] * inv))
+                    qrow[a * KPA * step + c] = T.Cast("int8", q)
+                    qsum[0] = qsum[0] + q
                 axs[i * NA + a] = ax[i * NA + a] * T.Cast("float32", qsum[0])
+            for kb in range(NB):  # into the code order of the packed bytes
+                for t in range(P):
+                    for v in range(V):
+                        col = (start(kb) + v) * P + t
+                        xq[(i * NB + kb) * step + t * V + v] = T.if_then_else(
+                            tvm.tirx.all(start(kb) + v >= kb * V, col < K), qrow[T.min(col, K - 1)], T.int8(0))
         for nc in T.parallel((N + NC - 1) // NC):
             facc = T.alloc_buffer((MR * max(NR, NR1) * L,), "float32", scope="local")
             zacc = T.alloc_buffer((MR * max(NR, NR1),), "float32", scope="local")
