@@ -9,6 +9,8 @@ from __future__ import annotations
 import tvm
 from tvm.script import tirx as T
 
+from .kernels import OPAQUE
+
 KIND = "frame_rows"
 
 
@@ -37,4 +39,4 @@ def frame_analysis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.Pri
             for j in range(tail):
                 y[i, body + j] = x[i, din + j]
 
-    return func.with_attrs({"fq_kernel": KIND, "op_pattern": 8})
+    return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})

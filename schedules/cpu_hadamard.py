@@ -13,6 +13,8 @@ import math
 import tvm
 from tvm.script import tirx as T
 
+from .kernels import OPAQUE
+
 KIND = "hadamard_rows"
 
 
@@ -40,4 +42,4 @@ def hadamard(dim: int, block: int, inverse: bool) -> tvm.tirx.PrimFunc:
             for j in range(dim):
                 y[i, j] = y[i, j] * (signs[j] * T.float32(norm) if inverse else T.float32(norm))
 
-    return func.with_attrs({"fq_kernel": KIND, "op_pattern": 8})
+    return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})

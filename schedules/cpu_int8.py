@@ -25,8 +25,8 @@ import tvm
 from tvm.script import tirx as T
 
 from ..numerics.activations import ACT_GROUP
+from .kernels import OPAQUE
 
-OPAQUE = 8
 KIND = "dequant_matmul_int8"
 
 
