@@ -19,7 +19,8 @@ def family(target):
 
 def schedule_func(func, target, act_bits: int = 8):
     """Our kernel `func` scheduled for `target`: the family may first swap in a variant with the same
-    buffers (act_bits 8: the int8 CPU kernel, written already scheduled)."""
+    buffers (CPU: the Hadamard and frame a row at a time, and with act_bits 8 the int8
+    dequant-matmul, all written already scheduled; GPU: the tiled dequant-matmul)."""
     rules = family(target)
     func = rules.variant(func, target, act_bits)
     kind = str(func.attrs["fq_kernel"])

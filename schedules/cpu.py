@@ -67,23 +67,23 @@ WRITTEN_SCHEDULED = (cpu_int8.KIND, cpu_hadamard.KIND, cpu_frame.KIND)
 
 def variant(func, target, act_bits: int):
     """Kernels written for CPUs with the same buffers: the Hadamard and the frame one row at a time
-    (`cpu_hadamard`, `cpu_frame`); with int8 activations, a dequant-matmul runs `cpu_int8` where the target
-    has an ISA for it and the layer fits its blocks, else the float kernel above."""
-    attrs = func.attrs
+    (`cpu_hadamard`, `cpu_frame`); with int8 activations, a dequant-matmul runs `cpu_int8` where
+    the target has an ISA for it and the layer fits its blocks, else the float kernel above."""
+    written = _written(func.attrs, target, act_bits)
+    return func if written is None else written.with_attr("global_symbol", func.attrs["global_symbol"])
+
+
+def _written(attrs, target, act_bits: int):
     kind = str(attrs["fq_kernel"])
     if kind == "hadamard":
-        rows = cpu_hadamard.hadamard(int(attrs["fq_dim"]), int(attrs["fq_block"]), bool(int(attrs["fq_inverse"])))
-        return rows.with_attr("global_symbol", attrs["global_symbol"])
+        return cpu_hadamard.hadamard(int(attrs["fq_dim"]), int(attrs["fq_block"]), bool(int(attrs["fq_inverse"])))
     if kind == "frame_analysis":
-        rows = cpu_frame.frame_analysis(*(int(attrs[f"fq_{k}"]) for k in ("nblk", "two_l", "two_k", "tail")))
-        return rows.with_attr("global_symbol", attrs["global_symbol"])
-    if act_bits != 8 or kind != "dequant_matmul":
-        return func
-    plan = cpu_int8.plan(int(attrs["fq_rows"]), int(attrs["fq_cols"]), int(attrs["fq_bits"]),
-                         int(attrs.get("fq_group", 0)), target)
-    if plan is None:
-        return func
-    return cpu_int8.dequant_matmul(plan).with_attr("global_symbol", attrs["global_symbol"])
+        return cpu_frame.frame_analysis(*(int(attrs[f"fq_{k}"]) for k in ("nblk", "two_l", "two_k", "tail")))
+    if kind == "dequant_matmul" and act_bits == 8:
+        plan = cpu_int8.plan(int(attrs["fq_rows"]), int(attrs["fq_cols"]), int(attrs["fq_bits"]),
+                             int(attrs.get("fq_group", 0)), target)
+        return None if plan is None else cpu_int8.dequant_matmul(plan)
+    return None
 
 
 def _split_loops(sch, block):
