@@ -123,14 +123,8 @@ def fp32_block(sch: s_tir.Schedule, block, lanes: int) -> None:
         outer, group, vec = sch.split(spatial[-1], [None, UNROLL, lanes])
         sch.reorder(outer, *reduce, *spatial[:-1], group, vec)
         sch.unroll(group)
-    elif not _constant(sch, spatial[-1]):
-        # a symbolic last extent (a sequence length): split + vectorize would leave a guarded,
-        # scalarised vector loop with divisions by the extent inside; keep the axis whole and
-        # innermost for LLVM's loop vectoriser, and run the leading axes in parallel
-        sch.reorder(*spatial[:-1], *reduce, spatial[-1])
-        sch.parallel(_fuse_leading(sch, spatial[:-1]) if len(spatial) > 1 else spatial[-1])
-        if reduce:
-            sch.decompose_reduction(block, reduce[0])
+    elif (reduce and _reduces_last_axis(sch, block)) or not _constant(sch, spatial[-1]):
+        _whole_rows(sch, block, spatial, reduce)
         return
     else:
         outer, vec = sch.split(spatial[-1], [None, lanes])
@@ -138,6 +132,29 @@ def fp32_block(sch: s_tir.Schedule, block, lanes: int) -> None:
         outer = sch.fuse(*spatial[:-1], outer) if len(spatial) > 1 else outer
     sch.parallel(outer)
     sch.vectorize(vec)
+    if reduce:
+        sch.decompose_reduction(block, reduce[0])
+
+
+def _reduces_last_axis(sch, block) -> bool:
+    """A reduction over the contiguous last axis of every input (softmax, layer norm, mean; not a
+    matmul, whose second input runs along the output axis)."""
+    stmt = sch.get(block)
+    reduce_vars = {iv.var for iv in stmt.iter_vars if iv.iter_type == 2}
+    return bool(stmt.reads) and all(region.region and isinstance(region.region[-1].min, tvm.tirx.Var)
+                                    and region.region[-1].min in reduce_vars for region in stmt.reads)
+
+
+def _whole_rows(sch, block, spatial, reduce) -> None:
+    """Leading constant axes in parallel; innermost either the reduction over a contiguous last
+    axis (scalar, in order), or a symbolic last axis (a sequence length) kept whole for LLVM's loop
+    vectoriser: split + vectorize would leave a guarded, scalarised vector loop with divisions by
+    the extent inside."""
+    if reduce and _reduces_last_axis(sch, block):
+        sch.reorder(*spatial, *reduce)
+    else:
+        sch.reorder(*spatial[:-1], *reduce, spatial[-1])
+    sch.parallel(_fuse_leading(sch, spatial[:-1]) if len(spatial) > 1 else spatial[0])
     if reduce:
         sch.decompose_reduction(block, reduce[0])
 
