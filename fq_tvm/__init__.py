@@ -6,7 +6,31 @@ Import-light on purpose: `fq_tvm.load` must work in a bare Python that has only 
 
 __version__ = "0.1.0"
 
+import os
+import platform
+
 from .errors import FqError  # noqa: E402
+
+
+def _physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:  # a bare board Python
+        return os.cpu_count() or 1
+
+
+def _one_thread_per_core() -> None:
+    """TVM's CPU thread pool takes half the logical CPUs on x86, assuming two hyper-threads per
+    core: on a VM with 2 cores and no SMT that is one thread, and every artifact ran single-threaded
+    beside ONNX Runtime's two. Ask for one thread per physical core instead, before the pool starts,
+    unless TVM_NUM_THREADS or OMP_NUM_THREADS is set."""
+    if platform.machine() in ("x86_64", "AMD64") and not ({"TVM_NUM_THREADS", "OMP_NUM_THREADS"} & set(os.environ)):
+        os.environ["TVM_NUM_THREADS"] = str(_physical_cores())
+
+
+_one_thread_per_core()
 
 
 def compile(model, target="host", out_dir=None, **options):  # noqa: A001 - mirrors `fq-compile`

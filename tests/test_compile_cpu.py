@@ -141,3 +141,23 @@ def test_builtin_demo_matches_onnx_runtime(capsys):
     assert "OK: the compiled model matches ONNX Runtime" in out
     errors = [float(line.split()[-1]) for line in out.splitlines() if "max relative error vs ONNX Runtime" in line]
     assert len(errors) == 2 and max(errors) < 1e-4
+
+
+def _threads_in_fresh_python(env_update: dict) -> int:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    env.update(env_update)
+    code = "import fq_tvm, tvm; print(tvm.runtime.num_threads())"
+    return int(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              check=True).stdout.strip())
+
+
+def test_tvm_runs_one_thread_per_physical_core():
+    """TVM alone halves the logical CPUs on x86 (one thread on a 2-core VM without SMT)."""
+    import psutil
+
+    assert _threads_in_fresh_python({}) == psutil.cpu_count(logical=False)
+    assert _threads_in_fresh_python({"TVM_NUM_THREADS": "1"}) == 1  # the user's choice wins
