@@ -25,6 +25,7 @@ import tvm
 from tvm.script import tirx as T
 
 from ..numerics.activations import ACT_GROUP
+from ..numerics.packing import packed_width
 from .kernels import OPAQUE
 
 KIND = "dequant_matmul_int8"
@@ -133,7 +134,7 @@ class Plan:
 
     @property
     def width(self) -> int:  # packed bytes per row
-        return -(-self.cols // self.per)
+        return packed_width(self.cols, self.bits)
 
     @property
     def nblocks(self) -> int:  # blocks of V bytes per row
@@ -168,13 +169,10 @@ def plan(rows: int, cols: int, bits: int, group_cols: int, target) -> Plan | Non
     isa = select_isa(target)
     if isa is None or bits not in isa.offsets:
         return None
-    per = 8 // bits
-    if -(-cols // per) < isa.vbytes:
+    p = Plan(rows, cols, bits, 0 if group_cols >= cols else group_cols, isa)
+    if p.width < isa.vbytes or p.group_cols % p.block_cols:
         return None
-    group_cols = 0 if group_cols >= cols else group_cols
-    if group_cols % (isa.vbytes * per):
-        return None
-    return Plan(rows, cols, bits, group_cols, isa)
+    return p
 
 
 def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:

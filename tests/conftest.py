@@ -39,3 +39,13 @@ def gram_error(op, d, chunk=1024) -> float:
         e[np.arange(len(e)), a + np.arange(len(e))] = 1.0
         err = max(err, float(np.abs(op.adjoint(op.apply(e)) - e).max()))
     return err
+
+
+def pack_reference(codes, bits: int) -> np.ndarray:
+    """uint8 [rows, ceil(cols * bits / 8)]: code j of a row at bit offset bits * (j % per) of byte
+    j // per (DESIGN.md, "Packed codes"), written independently of numerics.pack_codes."""
+    per = 8 // bits
+    rows, cols = codes.shape
+    padded = np.zeros((rows, -(-cols // per) * per), np.uint64)
+    padded[:, :cols] = codes
+    return (padded.reshape(rows, -1, per) << (bits * np.arange(per, dtype=np.uint64))).sum(-1).astype(np.uint8)

@@ -14,21 +14,13 @@ from fq_tvm import models
 from fq_tvm.numerics import ACT_GROUP, quantize_activations
 from fq_tvm.numerics.record import apply
 from fq_tvm.schedules import cpu_int8, kernels, schedule_func
-from conftest import max_rel_err
+from conftest import max_rel_err, pack_reference
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
 X86_VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4", "mattr": ["+avx512vnni"]})
 X86_AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
 RPI5 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"})
 RPI4 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"})
-
-
-def _pack(codes, bits):
-    per = 8 // bits
-    rows, cols = codes.shape
-    padded = np.zeros((rows, -(-cols // per) * per), np.uint64)
-    padded[:, :cols] = codes
-    return (padded.reshape(rows, -1, per) << (bits * np.arange(per, dtype=np.uint64))).sum(-1).astype(np.uint8)
 
 
 def _layer(rows, cols, bits, group, seed):
@@ -39,7 +31,7 @@ def _layer(rows, cols, bits, group, seed):
     zero = rng.uniform(0, 2**bits - 1, (rows, ngroups)).astype(np.float32)
     g = np.arange(cols) // (group or cols)
     w = (codes - zero[:, g].astype(np.float64)) * scale[:, g]
-    return _pack(codes, bits), scale, zero, w
+    return pack_reference(codes, bits), scale, zero, w
 
 
 def _run(lib, x, packed, scale, zero, rows):

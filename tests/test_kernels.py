@@ -9,6 +9,7 @@ import tvm
 
 from fq_tvm.schedules import kernels, schedule_func
 from fq_tvm.targets.cuda import nvcc_path
+from conftest import pack_reference
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
 AARCH64 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
@@ -31,14 +32,6 @@ def _rel(ours, ref):
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
-def _pack(codes, bits):
-    per = 8 // bits
-    rows, cols = codes.shape
-    padded = np.zeros((rows, -(-cols // per) * per), np.uint64)
-    padded[:, :cols] = codes
-    return (padded.reshape(rows, -1, per) << (bits * np.arange(per, dtype=np.uint64))).sum(-1).astype(np.uint8)
-
-
 SHAPES = [(576, 576, None), (1536, 576, None), (384, 1000, None), (40, 1001, None),  # per row
           (576, 576, 128), (1536, 576, 128), (384, 1000, 128)]  # groups of 128 (last one partial)
 
@@ -55,7 +48,7 @@ def test_tiled_dequant_matmul_matches_numpy(rows, cols, bits):
     lib = _build(kernels.dequant_matmul_tiled(rows, cols, bits, 32))
     for m in (1, 37, 64):
         x = rng.standard_normal((m, cols)).astype(np.float32)
-        ours = _run(lib, x, _pack(codes, bits), scale, zero, out_shape=(m, rows))
+        ours = _run(lib, x, pack_reference(codes, bits), scale, zero, out_shape=(m, rows))
         assert _rel(ours, x.astype(np.float64) @ w.T) < 1e-4
 
 
@@ -81,7 +74,7 @@ def test_dequant_matmul_matches_numpy(rows, cols, group, bits):
     lib = _build(kernels.dequant_matmul(rows, cols, bits, group))
     for m in (1, 37):
         x = rng.standard_normal((m, cols)).astype(np.float32)
-        ours = _run(lib, x, _pack(codes, bits), scale, zero, out_shape=(m, rows))
+        ours = _run(lib, x, pack_reference(codes, bits), scale, zero, out_shape=(m, rows))
         assert _rel(ours, x.astype(np.float64) @ w.T) < 1e-4
 
 
