@@ -77,7 +77,9 @@ class Isa:
     """One dot-product instruction family: V code bytes per step, int32 accumulator lanes, the
     register tile (MR activation rows x NR weight rows, and NR for a lone row), and the code
     offset per bit width (0: codes enter as unsigned u8; else codes - offset enter as signed i8).
-    `dot(acc, codes, xs)` adds the products of the codes of one byte position to `acc`."""
+    `dot(acc, codes, xs)` adds the products of the codes of one byte position to `acc`.
+    `gemm` is the register tile of the many-row path (MR rows x NV vectors of weight rows) and
+    `words` the 4-code words per `dot` call there, per bit width; None: no many-row path."""
 
     name: str
     features: tuple[str, ...]
@@ -88,17 +90,26 @@ class Isa:
     dot: Callable
     offsets: dict  # bits -> offset
     signed_dot: Callable | None = None  # used where offsets[bits] != 0, if given
+    gemm: tuple[int, int] | None = None
+    words: dict | None = None  # bits -> words per dot call in the many-row path
 
 
 ISAS = [
-    Isa("avx512-vnni", ("avx512bw", "avx512vnni"), 64, 16, (4, 2), 4, _dot_vnni512, {2: 0, 4: 0, 8: 0}),
-    Isa("avx2", ("avx2",), 32, 8, (4, 1), 4, _dot_avx2, {2: 0, 4: 0, 8: 128}, _dot_avx2_signed),
-    Isa("neon-dotprod", ("neon", "dotprod"), 16, 4, (4, 2), 4, _dot_sdot, {2: 2, 4: 8, 8: 128}),
+    Isa("avx512-vnni", ("avx512bw", "avx512vnni"), 64, 16, (4, 2), 4, _dot_vnni512, {2: 0, 4: 0, 8: 0},
+        gemm=(4, 2), words={2: 4, 4: 4, 8: 4}),
+    # words: vpmaddubsw pairs summed in int16 (2-bit: 4 * 2 * 3 * 128, 4-bit: 4 * 2 * 15 * 128)
+    Isa("avx2", ("avx2",), 32, 8, (4, 1), 4, _dot_avx2, {2: 0, 4: 0, 8: 128}, _dot_avx2_signed,
+        gemm=(4, 1), words={2: 4, 4: 4, 8: 1}),
+    Isa("neon-dotprod", ("neon", "dotprod"), 16, 4, (4, 2), 4, _dot_sdot, {2: 2, 4: 8, 8: 128},
+        gemm=(4, 2), words={2: 4, 4: 4, 8: 4}),
     Isa("neon", ("neon",), 16, 16, (2, 1), 2, _dot_widen, {2: 0, 4: 0, 8: 0}),
 ]
 
 CHUNK_COLS = 4096  # columns of one cache block of the reduction (4096 measured faster than 1024, 2048)
 CHUNK_ROWS = 64  # weight rows per parallel task
+GEMM_ROWS = 64  # activation rows from which the many-row path runs (its decoding pays off)
+GEMM_TASK_ROWS = 64  # weight rows per parallel task of the many-row path
+GEMM_CHUNK_COLS = 1024  # columns per cache block of the many-row path
 
 
 def select_isa(target) -> Isa | None:
@@ -123,6 +134,7 @@ class Plan:
     bits: int
     group_cols: int  # columns per weight group (0: one group per row)
     isa: Isa
+    many_rows: int = GEMM_ROWS  # activation rows from which the many-row path runs
 
     @property
     def ngroups(self) -> int:
@@ -158,21 +170,143 @@ class Plan:
     def groups_per_chunk(self) -> int:
         return max(1, CHUNK_COLS // (self.blocks_per_group * self.block_cols))
 
+    @property
+    def act_cols(self) -> int:  # columns per activation group
+        return self.group_cols or ACT_GROUP
+
+    @property
+    def gemm(self) -> bool:
+        """Whether the many-row path applies: the ISA has one and its column tile divides rows."""
+        return self.isa.gemm is not None and self.rows % (self.isa.gemm[1] * self.isa.lanes) == 0
+
     def row_tiles(self) -> tuple[int, int]:
         """NR for full tiles and for a lone row: the ISA's, or 1 where it does not divide rows."""
         return tuple(n if self.rows % n == 0 else 1 for n in (self.isa.tile[1], self.isa.lone_rows))
 
 
-def plan(rows: int, cols: int, bits: int, group_cols: int, target) -> Plan | None:
+def plan(rows: int, cols: int, bits: int, group_cols: int, target, many_rows: int = GEMM_ROWS) -> Plan | None:
     """The layer's plan for `target`, or None where the int8 kernel does not apply (no ISA, a row
     shorter than one vector, weight groups that are not whole blocks)."""
     isa = select_isa(target)
     if isa is None or bits not in isa.offsets:
         return None
-    p = Plan(rows, cols, bits, 0 if group_cols >= cols else group_cols, isa)
+    p = Plan(rows, cols, bits, 0 if group_cols >= cols else group_cols, isa, many_rows)
     if p.width < isa.vbytes or p.group_cols % p.block_cols:
         return None
     return p
+
+
+def _lut_word(byte, bits: int, offset: int):
+    """The codes of one packed byte, each less `offset`, as bytes of a uint32 (lowest first)."""
+    word = T.uint32(0)
+    for t in range(8 // bits):
+        code = ((T.Cast("uint32", byte) >> T.uint32(bits * t)) & T.uint32((1 << bits) - 1)) + T.uint32(256 - offset)
+        word = word | ((code & T.uint32(255)) << T.uint32(8 * t))  # (no negative uint: TVM sign-extended it)
+    return word
+
+
+def gemm_part(p: Plan):
+    """The many-row path as a macro over (x words, packed, scale, zero, y, ax, axs, m).
+
+    Per task of GEMM_TASK_ROWS weight rows and cache block of columns, the codes are decoded once
+    (a 256-entry table per byte) into 4-code words laid out [row vector][word][lane]; a register
+    tile of MR activation rows x NV vectors of weight rows then broadcasts 4 activation bytes per
+    row against a vector of words (the ISA's dot adds the 4 products per int32 lane), and each
+    activation group flushes into y with the scales: y += ax s sum(q xq) - axs s z."""
+    isa = p.isa
+    N, K, Bw, G, P, L = p.rows, p.cols, p.width, p.ngroups, p.per, isa.lanes
+    MR, NV = isa.gemm
+    S = isa.words[p.bits]
+    offset = isa.offsets[p.bits]
+    dot = isa.signed_dot if offset and isa.signed_dot is not None else isa.dot
+    AG4 = p.act_cols // 4  # words per activation group
+    NA = -(-K // p.act_cols)
+    K4P = -(-(-(-K // 4)) // S) * S  # words per row, padded to whole dot calls
+    GPC = max(1, GEMM_CHUNK_COLS // p.act_cols)  # groups per cache block
+    KC4 = GPC * AG4
+    NKC = -(-NA // GPC)
+    NC = max(GEMM_TASK_ROWS // (NV * L), 1) * NV * L
+    BPW = 4 // P  # packed bytes per word
+    NTASK = -(-N // NC)
+
+    def wgroup(a):
+        return a if G > 1 else 0
+
+    def word_vec(wdec, vec, w):
+        return T.reinterpret(f"int8x{4 * L}", wdec.vload([(vec * KC4 + w) * L], f"uint32x{L}"))
+
+    def x_bcast(xn, i, w):
+        return T.reinterpret(f"int8x{4 * L}", T.Broadcast(
+            T.reinterpret("int32", xn.vload([(i * K4P + w) * 4], "int8x4")), L))
+
+    def word_dot(acc, wdec, xn, vec, w, i, xw):  # S words of weight vector `vec` from local word w
+        return dot(acc, [word_vec(wdec, vec, w + u) for u in range(S)], [x_bcast(xn, i, xw + u) for u in range(S)])
+
+    def packed_word(packed, lut, n, k4):  # the 4 codes of word k4 of weight row n
+        word = T.uint32(0)
+        for j in range(BPW):
+            b = k4 * BPW + j
+            code = T.if_then_else(b < Bw, lut[T.Cast("int32", packed[n, T.min(b, Bw - 1)])], T.uint32(0))
+            word = word | (code << T.uint32(8 * P * j)) if j else code
+        return word
+
+    @T.macro
+    def decode(packed, lut, wdec, nc, kc):
+        for nl in range(T.min(NC, N - nc * NC)):
+            for w in range(KC4):
+                wdec[((nl // L) * KC4 + w) * L + nl % L] = packed_word(packed, lut, nc * NC + nl, kc * KC4 + w)
+
+    @T.macro
+    def tile(R, i0, nt, nc, kc, xn, wdec, scs, zss, ax, axs, y, iacc):
+        for ga in range(T.min(GPC, NA - kc * GPC)):
+            a = kc * GPC + ga
+            for k in T.unroll(R * NV):
+                iacc[T.ramp(k * L, 1, L)] = T.Broadcast(0, L)
+            for st in range(T.min(AG4, K4P - a * AG4) // S):
+                for r in T.unroll(R):
+                    for v in T.unroll(NV):
+                        iacc[T.ramp((r * NV + v) * L, 1, L)] = word_dot(
+                            iacc[T.ramp((r * NV + v) * L, 1, L)], wdec, xn, nt * NV + v, ga * AG4 + st * S,
+                            i0 + r, a * AG4 + st * S)
+            for r in T.unroll(R):
+                for v in T.unroll(NV):
+                    col = (nt * NV + v) * L
+                    part = T.Cast(f"float32x{L}", iacc[T.ramp((r * NV + v) * L, 1, L)]) * T.Broadcast(
+                        ax[(i0 + r) * NA + a], L) * scs[T.ramp(wgroup(a) * NC + col, 1, L)] - T.Broadcast(
+                        axs[(i0 + r) * NA + a], L) * zss[T.ramp(wgroup(a) * NC + col, 1, L)]
+                    if a == 0:
+                        y[i0 + r, T.ramp(nc * NC + col, 1, L)] = part
+                    else:
+                        y[i0 + r, T.ramp(nc * NC + col, 1, L)] = y[i0 + r, T.ramp(nc * NC + col, 1, L)] + part
+
+    @T.macro
+    def run(xn, packed, scale, zero, y, ax, axs, m):
+        for nc in T.parallel(NTASK):
+            lut = T.alloc_buffer((256,), "uint32", scope="local")
+            wdec = T.alloc_buffer((NC * KC4,), "uint32")
+            scs = T.alloc_buffer((G * NC,), "float32")
+            zss = T.alloc_buffer((G * NC,), "float32")
+            iacc = T.alloc_buffer((MR * NV * L,), "int32", scope="local")
+            for b in range(256):
+                lut[b] = _lut_word(b, p.bits, offset)
+            for g in range(G):
+                for nl in range(T.min(NC, N - nc * NC)):
+                    scs[g * NC + nl] = scale[nc * NC + nl, g]
+                    zss[g * NC + nl] = scale[nc * NC + nl, g] * (zero[nc * NC + nl, g] - T.float32(offset))
+            for kc in range(NKC):
+                decode(packed, lut, wdec, nc, kc)
+                for nt in range(T.min(NC, N - nc * NC) // (NV * L)):
+                    for it in range(m // MR):
+                        tile(MR, it * MR, nt, nc, kc, xn, wdec, scs, zss, ax, axs, y, iacc)
+                    for ir in range(m % MR):
+                        tile(1, m // MR * MR + ir, nt, nc, kc, xn, wdec, scs, zss, ax, axs, y, iacc)
+
+    return run, K4P
+
+
+@T.macro
+def _no_gemm(xn, packed, scale, zero, y, ax, axs, m):
+    T.evaluate(0)
 
 
 def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
@@ -188,6 +322,8 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
     dot = isa.signed_dot if offset and isa.signed_dot is not None else isa.dot
     mask = (1 << p.bits) - 1
     step = P * V  # xq elements per block and row
+    gemm, K4P = gemm_part(p) if p.gemm else (_no_gemm, 0)
+    many = p.many_rows if p.gemm else 1 << 62  # rows from which the many-row path runs
 
     def start(kb):  # first byte read by block kb
         return T.min(kb * V, Bw - V)
@@ -247,7 +383,8 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
         m = T.int64()
         x = T.match_buffer(x_h, (m, K), "float32")
         y = T.match_buffer(y_h, (m, N), "float32")
-        xq = T.alloc_buffer((m * NB * step,), "int8")
+        xq = T.alloc_buffer((T.if_then_else(m < many, m, T.int64(0)) * NB * step,), "int8")
+        xn = T.alloc_buffer((T.if_then_else(m < many, T.int64(0), m) * K4P * 4,), "int8")
         ax = T.alloc_buffer((m * NA,), "float32")
         axs = T.alloc_buffer((m * NA,), "float32")
         for i in T.parallel(m):
@@ -269,24 +406,32 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
                     qrow[a * KPA * step + c] = T.Cast("int8", q)
                     qsum[0] = qsum[0] + q
                 axs[i * NA + a] = ax[i * NA + a] * T.Cast("float32", qsum[0])
-            for kb in range(NB):  # into the code order of the packed bytes
-                for t in range(P):
-                    for v in range(V):
-                        col = (start(kb) + v) * P + t
-                        xq[(i * NB + kb) * step + t * V + v] = T.if_then_else(
-                            tvm.tirx.all(start(kb) + v >= kb * V, col < K), qrow[T.min(col, K - 1)], T.int8(0))
-        for nc in T.parallel((N + NC - 1) // NC):
-            facc = T.alloc_buffer((MR * max(NR, NR1) * L,), "float32", scope="local")
-            zacc = T.alloc_buffer((MR * max(NR, NR1),), "float32", scope="local")
-            iacc = T.alloc_buffer((MR * max(NR, NR1) * L,), "int32", scope="local")
-            for kc in range(NKC):
-                for it in range(m // MR):
-                    for nt in range(T.min(NC, N - nc * NC) // NR):
-                        tile(MR, NR, it * MR, nc * NC + nt * NR, kc, packed, scale, zero, y, xq, ax, axs,
-                             facc, zacc, iacc)
-                for ir in range(m % MR):
-                    for nt in range(T.min(NC, N - nc * NC) // NR1):
-                        tile(1, NR1, m // MR * MR + ir, nc * NC + nt * NR1, kc, packed, scale, zero, y, xq, ax,
-                             axs, facc, zacc, iacc)
+            if m >= many:  # natural column order, zeros to the padded end
+                for c in range(K4P * 4):
+                    xn[i * K4P * 4 + c] = T.if_then_else(c < K, qrow[T.min(c, K - 1)], T.int8(0))
+            else:
+                for kb in range(NB):  # into the code order of the packed bytes
+                    for t in range(P):
+                        for v in range(V):
+                            col = (start(kb) + v) * P + t
+                            xq[(i * NB + kb) * step + t * V + v] = T.if_then_else(
+                                tvm.tirx.all(start(kb) + v >= kb * V, col < K), qrow[T.min(col, K - 1)],
+                                T.int8(0))
+        if m >= many:
+            gemm(xn, packed, scale, zero, y, ax, axs, m)
+        else:
+            for nc in T.parallel((N + NC - 1) // NC):
+                facc = T.alloc_buffer((MR * max(NR, NR1) * L,), "float32", scope="local")
+                zacc = T.alloc_buffer((MR * max(NR, NR1),), "float32", scope="local")
+                iacc = T.alloc_buffer((MR * max(NR, NR1) * L,), "int32", scope="local")
+                for kc in range(NKC):
+                    for it in range(m // MR):
+                        for nt in range(T.min(NC, N - nc * NC) // NR):
+                            tile(MR, NR, it * MR, nc * NC + nt * NR, kc, packed, scale, zero, y, xq, ax, axs,
+                                 facc, zacc, iacc)
+                    for ir in range(m % MR):
+                        for nt in range(T.min(NC, N - nc * NC) // NR1):
+                            tile(1, NR1, m // MR * MR + ir, nc * NC + nt * NR1, kc, packed, scale, zero, y, xq,
+                                 ax, axs, facc, zacc, iacc)
 
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE, "fq_isa": isa.name})

@@ -14,7 +14,7 @@ from fq_tvm import models
 from fq_tvm.numerics import ACT_GROUP, quantize_activations
 from fq_tvm.numerics.record import apply
 from fq_tvm.schedules import cpu_int8, kernels, schedule_func
-from conftest import max_rel_err, pack_reference
+from conftest import int8_rows_match, max_rel_err, pack_reference
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
 X86_VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4", "mattr": ["+avx512vnni"]})
@@ -56,7 +56,7 @@ def test_activation_quantization_definition():
 # (rows, cols, bits, group): odd K (the last block re-reads bytes), rows not a multiple of the
 # register tile, per-row and grouped scales
 CASES = [(64, 1000, 2, 0), (30, 577, 2, 0), (64, 1001, 4, 0), (40, 577, 8, 0), (128, 4506, 2, 0),
-         (64, 1024, 2, 256), (32, 768, 4, 256), (48, 512, 8, 256)]
+         (64, 1024, 2, 256), (32, 768, 4, 256), (48, 512, 8, 256), (64, 577, 8, 0), (32, 1003, 2, 0)]
 
 
 @pytest.mark.parametrize("rows, cols, bits, group", CASES)
@@ -64,13 +64,14 @@ def test_int8_kernel_equals_numpy_on_the_definitions(rows, cols, bits, group):
     """Integer sums are exact: the kernel equals float64 numpy on the quantized activations up to
     float32 rounding of the per-group scaling (an off-by-one code or activation would show as
     ~1e-3)."""
-    plan = cpu_int8.plan(rows, cols, bits, group, HOST)
+    plan = cpu_int8.plan(rows, cols, bits, group, HOST, many_rows=16)
     assert plan is not None, f"no int8 kernel for the host ({HOST})"
+    assert plan.gemm or rows % 32, "the many-row path applies wherever its column tile divides the rows"
     lib = tvm.compile(tvm.IRModule({"main": cpu_int8.dequant_matmul(plan).with_attr("global_symbol", "main")}),
                       HOST)
     packed, scale, zero, w = _layer(rows, cols, bits, group, rows + cols + bits)
     rng = np.random.default_rng(cols)
-    for m in (1, 3, 4, 9):
+    for m in (1, 3, 4, 9, 16, 23):  # 16 rows and more: the many-row path
         x = rng.standard_normal((m, cols)).astype(np.float32)
         x[:, :: 97] *= 8.0  # outliers
         ref = quantize_activations(x, group or ACT_GROUP).astype(np.float64) @ w.T
@@ -127,10 +128,11 @@ def test_compiled_fq2_layer_matches_numpy_with_int8_activations(fq2_linear):
     assert "dequant_matmul" not in manifest["kernels"]["counts"]
     assert manifest["kernels"]["counts"].get("unscheduled", 0) == 0
     model = fq_tvm.load(out)
-    x = np.random.default_rng(1).standard_normal((2, 7, 1000)).astype(np.float32)
-    ours = model.run({"x": x})["y"]
-    assert max_rel_err(ours, apply(record, x, act_bits=8)) < 1e-4
-    assert max_rel_err(ours, apply(record, x)) < 0.05
+    for shape in ((2, 7, 1000), (1, 70, 1000)):  # 64 rows and more: the many-row path
+        x = np.random.default_rng(shape[1]).standard_normal(shape).astype(np.float32)
+        ours = model.run({"x": x})["y"]
+        assert int8_rows_match(ours, apply(record, x, act_bits=8)), shape
+        assert max_rel_err(ours, apply(record, x)) < 0.05
 
 
 def test_act_bits_32_keeps_float_activations(fq2_linear, tmp_path):
