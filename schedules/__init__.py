@@ -34,7 +34,8 @@ def schedule_func(func, target, act_bits: int = 8):
 def relax_pipeline(target, counts: dict | None = None):
     """TVM's default Relax pipeline for `target`, with our schedules: on CPU, exp, erf, tanh and
     softmax become TVM's vectorisable polynomial forms (`FastMathTransform`: erf within 4e-7, exp
-    within 4e-6 relative; libm's scalar calls were 10% of MiniLM), and after legalization and
+    within 4e-6 relative; libm's scalar calls were 10% of MiniLM), matmuls by a constant weight
+    run `cpu_dense` (register-tiled, weights packed at compile time), and after legalization and
     fusion, every PrimFunc we did not write gets `cpu.fallback` (the stock CPU pipeline applies no
     schedule at all); GPU targets keep TVM's dlight rules. `counts`, if given, receives how many
     PrimFuncs the CPU rules scheduled ("fallback") and left with unscheduled blocks ("unscheduled")."""
@@ -44,15 +45,16 @@ def relax_pipeline(target, counts: dict | None = None):
         return relax.get_default_pipeline(target)
     from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 
-    from . import cpu
+    from . import cpu, cpu_dense
 
     @tvm.transform.module_pass(opt_level=0, name="fq.CPUPipeline")
     def _pipeline(mod, _ctx):
         with target:
-            mod = tvm.transform.Sequential([relax.transform.FastMathTransform()]
+            tally = counts if counts is not None else {}
+            mod = tvm.transform.Sequential([relax.transform.FastMathTransform(), relax.transform.FoldConstant(),
+                                            cpu_dense.dispatch(cpu.vector_lanes(target), tally)]
                                            + cpu_pipeline.library_dispatch_passes(target)
                                            + cpu_pipeline.legalize_passes(target))(mod)
-            tally = counts if counts is not None else {}
             for gvar, func in list(mod.functions_items()):
                 if isinstance(func, tvm.tirx.PrimFunc) and not _scheduled(func):
                     func, complete = cpu.fallback(func, target)

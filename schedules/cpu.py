@@ -13,14 +13,17 @@ from .common import blocks, is_reduction
 
 
 def vector_lanes(target) -> int:
-    """float32 lanes of the target's widest vector unit."""
+    """float32 lanes of the target's widest vector unit, from its features (LLVM's reported vector
+    width says 512 for AVX2-only Zen 3)."""
     from tvm.target import codegen
 
-    try:
-        bits = int(codegen.llvm_get_vector_width(target))
-    except Exception:  # older/odd targets: assume 128-bit (NEON, SSE)
-        bits = 128
-    return max(4, bits // 32)
+    for feature, lanes in (("avx512f", 16), ("avx", 8)):
+        try:
+            if codegen.llvm_cpu_has_features(feature, target):
+                return lanes
+        except Exception:  # noqa: BLE001 - a target LLVM cannot describe: assume 128-bit
+            break
+    return 4
 
 
 def dequant_matmul(sch: s_tir.Schedule, target) -> None:

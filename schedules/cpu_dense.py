@@ -1,0 +1,180 @@
+"""The CPU fp32 dense layer: y[m, N] = x[m, K] @ W[K, N] for a constant W.
+
+W is packed when the model is compiled into column panels `wp[N / C, K, C]` (C = NV vectors of
+the target's float lanes), so that a register tile of MR rows x C columns reads one contiguous
+panel row per step of the reduction: NV vector loads, MR broadcasts of x and MR x NV fused
+multiply-adds, with the MR x NV accumulators in registers. The reduction runs in cache blocks of
+KC columns (a panel block stays in L1 while every row tile passes over it); parallel tasks take
+column panels.
+
+`dispatch` is the Relax rewrite that routes `R.matmul(x, W)` with a constant 2-D float32 W here,
+as TVM's backends route ops to a vendor library before legalization.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.ir.expr import GenericConst  # a Relax tensor constant
+from tvm.script import tirx as T
+
+from .kernels import OPAQUE
+
+KIND = "dense_fp32"
+KC = 256  # reduction columns per cache block
+TASK_COLS = 64  # output columns per parallel task
+TILES = {4: (6, 4), 8: (6, 2), 16: (6, 2)}  # float lanes -> (MR <= 6 rows, NV vectors): 12-24 accumulators
+
+
+def tile(lanes: int) -> tuple[int, int]:
+    return TILES.get(lanes, (4, 2))
+
+
+def panel_cols(lanes: int) -> int:
+    return tile(lanes)[1] * lanes
+
+
+def pack(w: np.ndarray, lanes: int) -> np.ndarray:
+    """W [K, N] -> wp [N / C, K, C]."""
+    k, n = w.shape
+    c = panel_cols(lanes)
+    return np.ascontiguousarray(w.reshape(k, n // c, c).transpose(1, 0, 2))
+
+
+def dense(K: int, N: int, lanes: int) -> tvm.tirx.PrimFunc:
+    L = lanes
+    MR, NV = tile(L)
+    C = NV * L
+    NP = N // C  # column panels
+    PT = max(1, TASK_COLS // C)  # panels per task
+    NKC = -(-K // KC)
+
+    def row(buf, i, col):
+        return buf[i, T.ramp(col, 1, L)]
+
+    @T.macro
+    def rows(R, i0, p, kc, x, wp, y, acc):
+        for r in T.unroll(R):
+            for v in T.unroll(NV):
+                acc[T.ramp((r * NV + v) * L, 1, L)] = T.if_then_else(
+                    kc == 0, T.Broadcast(T.float32(0), L), row(y, i0 + r, p * C + v * L))
+        for k in range(T.min(KC, K - kc * KC)):
+            for r in T.unroll(R):
+                for v in T.unroll(NV):
+                    acc[T.ramp((r * NV + v) * L, 1, L)] = acc[T.ramp((r * NV + v) * L, 1, L)] + T.Broadcast(
+                        x[i0 + r, kc * KC + k], L) * wp[p, kc * KC + k, T.ramp(v * L, 1, L)]
+        for r in T.unroll(R):
+            for v in T.unroll(NV):
+                y[i0 + r, T.ramp(p * C + v * L, 1, L)] = acc[T.ramp((r * NV + v) * L, 1, L)]
+
+    @T.macro
+    def tail(rest, i0, p, kc, x, wp, y, acc):  # the last m % MR rows as one tile (1 row: latency-bound)
+        if rest == 1:
+            rows(1, i0, p, kc, x, wp, y, acc)
+        if rest == 2:
+            rows(2, i0, p, kc, x, wp, y, acc)
+        if rest == 3:
+            rows(3, i0, p, kc, x, wp, y, acc)
+        if rest == 4:
+            rows(4, i0, p, kc, x, wp, y, acc)
+        if rest == 5:
+            rows(5, i0, p, kc, x, wp, y, acc)
+
+    @T.prim_func(private=True)
+    def func(x_h: T.handle, wp: T.Buffer((NP, K, C), "float32"), y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, K), "float32")
+        y = T.match_buffer(y_h, (m, N), "float32")
+        for task in T.parallel(-(-NP // PT)):
+            acc = T.alloc_buffer((6 * C,), "float32", scope="local")
+            for kc in range(NKC):
+                for pt in range(T.min(PT, NP - task * PT)):
+                    for it in range(m // MR):
+                        rows(MR, it * MR, task * PT + pt, kc, x, wp, y, acc)
+                    tail(m % MR, m // MR * MR, task * PT + pt, kc, x, wp, y, acc)
+
+    return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE, "tirx.is_scheduled": True})
+
+
+def _weight(expr) -> np.ndarray | None:
+    if isinstance(expr, GenericConst) and expr.value.dtype == "float32" and len(expr.value.shape) == 2:
+        return expr.value.numpy()
+    return None
+
+
+def _shape(expr) -> list | None:
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.dtype != "float32" or ty.shape is None or len(ty.shape) < 2:
+        return None
+    return list(ty.shape)
+
+
+@relax.expr_functor.visitor
+class _Uses(relax.PyExprVisitor):
+    """How many call arguments each 2-D constant is."""
+
+    def __init__(self):
+        super().__init__()
+        self.count: dict = {}
+
+    def visit_call_(self, call):
+        for arg in call.args:
+            if isinstance(arg, GenericConst) and len(arg.value.shape) == 2:
+                self.count[arg] = self.count.get(arg, 0) + 1
+        super().visit_call_(call)
+
+
+@relax.expr_functor.mutator
+class _Dispatch(relax.PyExprMutator):
+    """Weights used elsewhere too (a tied embedding table) stay as they are: packing a copy would
+    store them twice."""
+
+    def __init__(self, mod, lanes: int, uses: dict):
+        super().__init__(mod)
+        self.lanes = lanes
+        self.uses = uses
+        self.kernels = {}
+        self.count = 0
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if call.op != tvm.ir.Op.get("relax.matmul"):
+            return call
+        w, shape = _weight(call.args[1]), _shape(call.args[0])
+        if w is None or self.uses.get(call.args[1], 0) != 1 or shape is None or int(shape[-1]) != w.shape[0] or w.shape[1] % panel_cols(self.lanes):
+            return call
+        return self._dense(call.args[0], shape, w)
+
+    def _dense(self, x, shape, w):
+        K, N = w.shape
+        if (K, N) not in self.kernels:
+            self.kernels[(K, N)] = self.builder_.add_func(dense(K, N, self.lanes), f"fq_dense_{K}_{N}")
+        flat = self.builder_.emit(relax.op.reshape(x, [-1, K])) if len(shape) != 2 else x
+        rows = flat.ty.shape[0]
+        y = self.builder_.emit(relax.call_tir(self.kernels[(K, N)], [flat, relax.const(pack(w, self.lanes))],
+                                              relax.TensorType([rows, N], "float32")))
+        self.count += 1
+        return y if len(shape) == 2 else relax.op.reshape(y, shape[:-1] + [N])
+
+
+def dispatch(lanes: int, counts: dict | None = None):
+    """A module pass: every `R.matmul(x, W)` with a constant float32 W whose columns are whole
+    panels becomes a call of `dense`; `counts[KIND]` receives how many."""
+
+    @tvm.transform.module_pass(opt_level=0, name="fq.DispatchDense")
+    def _pass(mod, _ctx):
+        uses = _Uses()
+        for func in mod.functions.values():
+            if isinstance(func, relax.Function):
+                uses.visit_expr(func)
+        mutator = _Dispatch(mod, lanes, uses.count)
+        for gvar, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+        if counts is not None and mutator.count:
+            counts[KIND] = counts.get(KIND, 0) + mutator.count
+        return mutator.builder_.get()
+
+    return _pass
