@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+import math
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
-from .artifact import staging_dir, write_manifest
+from .artifact import check_output, staging_dir, write_manifest
 from .errors import FqError
 from .numerics.activations import ACT_BITS
 
 
 class Steps:
-    """One line per compile step on stderr (the long steps draw their own tqdm bars)."""
+    """One line per compile step on stderr with the seconds since the start, terminal or not
+    (the long steps also draw their own tqdm bars)."""
 
     def __init__(self, total: int, quiet: bool = False):
-        self.total, self.done, self.quiet = total, 0, quiet
+        self.total, self.done, self.quiet, self.start = total, 0, quiet, time.monotonic()
 
     def __call__(self, text: str) -> None:
         self.done += 1
+        self.show(text)
+
+    def show(self, text: str) -> None:
         if not self.quiet:
-            print(f"[{self.done}/{self.total}] {text}", file=sys.stderr, flush=True)
+            print(f"[{self.done}/{self.total} {time.monotonic() - self.start:5.1f}s] {text}", file=sys.stderr,
+                  flush=True)
 
 
 def default_out_dir(model_path: Path, target_name: str, scheme: str) -> Path:
@@ -49,6 +56,8 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     preset = resolve(target, cuda_arch)
     hooks = family(preset)
     hooks.check_tools(preset)
+    check_cpu(preset.target)
+    check_frame_options(scheme, redundancy, l_den)
     cfg = scheme_config(scheme, redundancy=redundancy, l_den=l_den)
     if act_bits not in ACT_BITS:
         raise FqError(f"--act-bits must be one of {', '.join(map(str, ACT_BITS))}, not {act_bits}")
@@ -58,10 +67,10 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     if isinstance(calib, (str, Path)) and not Path(calib).is_file():
         raise FqError(f"{calib}: no such calibration file")
     model_path = Path(model)
-    out_dir = Path(out_dir) if out_dir else default_out_dir(model_path, preset.name, scheme)
-    if out_dir.exists() and not force:
-        raise FqError(f"{out_dir} already exists; pass --force (force=True) to replace it")
-    step = Steps(6 if cfg.method != "none" else 4, quiet)
+    out_dir = default_out_dir(model_path, preset.name, scheme) if out_dir is None else out_dir
+    keep = [path for path in (model_path, calib) if isinstance(path, (str, Path))]
+    out_dir = check_output(out_dir, force, keep)
+    step = Steps(5 if cfg.method != "none" else 4, quiet)
     step(f"loading {model_path}")
     proto = onnx_io.load_model(model_path)
     layers, layer_report, quantized = {}, {}, {}
@@ -76,7 +85,7 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     step(f"building for {preset.name} {preset.target}")
     kernels = {"act_bits": act_bits, "counts": {}}
     executable = _build(mod, preset, act_bits, kernels["counts"])
-    with staging_dir(out_dir, force) as tmp:
+    with staging_dir(out_dir, force, keep) as tmp:
         step(f"writing {out_dir}")
         files = hooks.export(executable, tmp, preset)
         manifest = _manifest(proto, model_path, preset, cfg, files)
@@ -85,7 +94,44 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
         if layer_report.get("layers"):
             manifest["weights"].update(_weight_totals(layer_report["layers"], manifest["weights"]["bytes"]))
         write_manifest(tmp, manifest, files)
+    step.show(f"done: {out_dir}")
     return out_dir
+
+
+REDUNDANCY_RANGE = (1.0, 2.0)  # r = 2 already stores 4 bits per 2-bit weight
+
+
+def check_frame_options(scheme: str, redundancy, l_den) -> None:
+    """--redundancy and --l-den shape the frame of FrameQuant schemes only; r in [1, 2]."""
+    from .quantize import scheme_config
+
+    if redundancy is None and l_den is None:
+        return
+    if scheme_config(scheme).method != "framequant":
+        flag = "--redundancy" if redundancy is not None else "--l-den"
+        raise FqError(f"{flag} applies to FrameQuant schemes (fq2, fq4, had2, ...), not '{scheme}'")
+    low, high = REDUNDANCY_RANGE
+    if redundancy is not None and not (math.isfinite(redundancy) and low <= redundancy <= high):
+        raise FqError(f"--redundancy must be between {low} and {high} (1.0 = no frame), not {redundancy}")
+
+
+def check_cpu(config: dict) -> None:
+    """Refuse an LLVM `mcpu` that LLVM does not know: it would print errors and quietly build
+    for a generic CPU. The list comes from LLVM for the target's triple (without the bad mcpu,
+    so LLVM prints nothing)."""
+    if not isinstance(config, dict) or config.get("kind") != "llvm" or not config.get("mcpu"):
+        return
+    import difflib
+
+    from tvm.target import Target, codegen
+
+    triple = {k: config[k] for k in ("kind", "mtriple") if k in config}
+    known = [str(cpu) for cpu in codegen.llvm_get_cpu_archlist(Target(triple))]
+    mcpu = str(config["mcpu"])
+    if known and mcpu not in known:
+        near = difflib.get_close_matches(mcpu, known, n=3) or known[:3]
+        raise FqError(f"unknown CPU '{mcpu}' for {config.get('mtriple', 'this host')}: LLVM knows "
+                      f"{len(known)} CPUs, e.g. {', '.join(near)}")
 
 
 def _quantize(proto, cfg, calib, skip, quiet):
