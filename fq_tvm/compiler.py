@@ -53,10 +53,10 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     from .quantize import scheme_config
     from .targets import family, resolve
 
+    check_cpu(target)
     preset = resolve(target, cuda_arch)
     hooks = family(preset)
     hooks.check_tools(preset)
-    check_cpu(preset.target)
     check_frame_options(scheme, redundancy, l_den)
     cfg = scheme_config(scheme, redundancy=redundancy, l_den=l_den)
     if act_bits not in ACT_BITS:
@@ -115,10 +115,16 @@ def check_frame_options(scheme: str, redundancy, l_den) -> None:
         raise FqError(f"--redundancy must be between {low} and {high} (1.0 = no frame), not {redundancy}")
 
 
-def check_cpu(config: dict) -> None:
-    """Refuse an LLVM `mcpu` that LLVM does not know: it would print errors and quietly build
-    for a generic CPU. The list comes from LLVM for the target's triple (without the bad mcpu,
-    so LLVM prints nothing)."""
+def check_cpu(target) -> None:
+    """Refuse the `mcpu` of a target JSON dict that LLVM does not know: TVM would print LLVM
+    errors and quietly build for a generic CPU. Checked before TVM sees the dict, against LLVM's
+    list for the dict's triple (asked without the bad mcpu, so LLVM prints nothing)."""
+    import json
+
+    try:
+        config = json.loads(target) if isinstance(target, str) and target.strip().startswith("{") else None
+    except json.JSONDecodeError:
+        return  # targets.resolve says what is wrong with it
     if not isinstance(config, dict) or config.get("kind") != "llvm" or not config.get("mcpu"):
         return
     import difflib
@@ -126,7 +132,10 @@ def check_cpu(config: dict) -> None:
     from tvm.target import Target, codegen
 
     triple = {k: config[k] for k in ("kind", "mtriple") if k in config}
-    known = [str(cpu) for cpu in codegen.llvm_get_cpu_archlist(Target(triple))]
+    try:
+        known = [str(cpu) for cpu in codegen.llvm_get_cpu_archlist(Target(triple))]
+    except Exception:  # a bad triple: targets.resolve reports it
+        return
     mcpu = str(config["mcpu"])
     if known and mcpu not in known:
         near = difflib.get_close_matches(mcpu, known, n=3) or known[:3]
