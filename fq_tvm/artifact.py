@@ -250,7 +250,14 @@ def _signature_problem(m: dict, key: str) -> str | None:
         shape = spec.get("shape")
         if not isinstance(shape, list) or not all(_dim_ok(d) for d in shape):
             return f"'{key}' entry '{spec['name']}' needs a 'shape' list of sizes or names"
+        if "range" in spec and not _range_ok(spec["range"]):
+            return f"'{key}' entry '{spec['name']}' has a 'range' that is not [low, high] integers"
     return None
+
+
+def _range_ok(bounds) -> bool:
+    return isinstance(bounds, list) and len(bounds) == 2 and all(_dim_ok(b) for b in bounds) \
+        and all(isinstance(b, int) for b in bounds) and bounds[0] < bounds[1]
 
 
 def _dtype_ok(dtype) -> bool:
@@ -306,7 +313,18 @@ def _check_input(spec: dict, value) -> np.ndarray:
     shape = spec["shape"]
     if value.ndim != len(shape) or any(isinstance(d, int) and d != s for d, s in zip(shape, value.shape)):
         raise FqError(f"input '{name}' has shape {list(value.shape)}, expected {shape}")
+    _check_range(name, spec.get("range"), value)
     return np.ascontiguousarray(value)
+
+
+def _check_range(name: str, bounds, value: np.ndarray) -> None:
+    """Indices into a table (token ids): the library reads them unchecked, so refuse any outside."""
+    if bounds is None or value.size == 0:
+        return
+    low, high = int(value.min()), int(value.max())
+    if low < bounds[0] or high >= bounds[1]:
+        raise FqError(f"input '{name}' has values from {low} to {high}; it indexes a table of {bounds[1]} rows, "
+                      f"so each must be in [{bounds[0]}, {bounds[1]})")
 
 
 def load(path, device_id: int = 0) -> Model:
