@@ -78,19 +78,7 @@ def check_output(out_dir, force: bool, keep=()) -> Path:
     """The output directory, or FqError if writing it could lose data. `keep`: input files
     (model, calibration data) that must survive. An existing path is replaced only when it is an
     fq-tvm artifact and `force` is set."""
-    if str(out_dir) == "":
-        raise FqError("the output path is empty; name a new directory, e.g. -o model.host")
-    out_dir = Path(out_dir)
-    if out_dir.name in ("", ".", ".."):
-        raise FqError(f"output '{out_dir}' is not a new directory name; give one, e.g. -o model.host")
-    target = out_dir.resolve()
-    cwd = Path.cwd().resolve()
-    if target == cwd or target in cwd.parents:
-        raise FqError(f"output '{out_dir}' is the current directory or one above it; name a new directory")
-    for path in keep:
-        path_resolved = Path(path).resolve()
-        if path_resolved == target or target in path_resolved.parents:
-            raise FqError(f"output '{out_dir}' would replace the input {path}; choose another output")
+    out_dir = _check_placement(out_dir, keep)
     if not os.path.lexists(out_dir):
         return out_dir
     if out_dir.is_symlink() or not is_artifact(out_dir):
@@ -99,6 +87,30 @@ def check_output(out_dir, force: bool, keep=()) -> Path:
     if not force:
         raise FqError(f"{out_dir} already exists; pass --force (force=True) to replace it")
     return out_dir
+
+
+def _check_placement(out_dir, keep) -> Path:
+    """Not empty, '.', '..', the current directory or above, an input or above, or below a file."""
+    if str(out_dir) == "":
+        raise FqError("the output path is empty; name a new directory, e.g. -o model.host")
+    out_dir = Path(out_dir)
+    if out_dir.name in ("", ".", ".."):
+        raise FqError(f"output '{out_dir}' is not a new directory name; give one, e.g. -o model.host")
+    target = out_dir.resolve()
+    if _is_or_holds(target, Path.cwd()):
+        raise FqError(f"output '{out_dir}' is the current directory or one above it; name a new directory")
+    for path in keep:
+        if _is_or_holds(target, Path(path)):
+            raise FqError(f"output '{out_dir}' would replace the input {path}; choose another output")
+    blocking = next((p for p in reversed(out_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise FqError(f"cannot create {out_dir}: {blocking} is not a directory")
+    return out_dir
+
+
+def _is_or_holds(directory: Path, path: Path) -> bool:
+    path = path.resolve()
+    return path == directory or directory in path.parents
 
 
 def is_artifact(directory: Path) -> bool:
@@ -115,9 +127,8 @@ def staging_dir(out_dir: Path, force: bool, keep=()):
     """Yield a temporary directory beside `out_dir`; on success it replaces `out_dir` atomically.
     On any error, Ctrl-C, SIGTERM or SIGHUP the temporary directory is removed."""
     out_dir = check_output(out_dir, force, keep)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     with _signals_exit():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        tmp = _make_staging(out_dir)
         try:
             yield tmp
             check_output(out_dir, force, keep)  # again: the path may have changed meanwhile
@@ -125,6 +136,14 @@ def staging_dir(out_dir: Path, force: bool, keep=()):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _make_staging(out_dir: Path) -> Path:
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as err:
+        raise FqError(f"cannot create {out_dir}: {err.strerror} ({err.filename})") from None
 
 
 @contextlib.contextmanager

@@ -78,6 +78,11 @@ def test_empty_or_dot_output(model_home, capsys):
     _refused(["model.onnx", "-o", "."], capsys, "fq-compile: error: output '.' is not a new directory name")
 
 
+def test_output_below_a_file(model_home, capsys):
+    _refused(["model.onnx", "-o", "notes.txt/art"], capsys, "cannot create notes.txt/art: notes.txt is not a directory")
+    assert (model_home / "notes.txt").read_text() == "mine\n"
+
+
 def test_force_replaces_an_artifact(model_home, capsys):
     assert compile_main(["model.onnx", "-o", "art", "-q"]) == 0
     (model_home / "art" / "stale").write_text("old")
