@@ -85,7 +85,8 @@ def verdict(rows: list, ort: dict | None = None) -> str:
     by = {r["scheme"]: r for r in rows}
     fp32, int8, fq2 = by["fp32"], by["int8"], by["fq2"]
     lines = [f"fq2 stores dense weights in {fq2['bits']:.2f} bits instead of 32: the artifact is "
-             f"{fq2['size_mb']:.1f} MB against {fp32['size_mb']:.1f} MB for fp32 and {int8['size_mb']:.1f} MB for int8.",
+             f"{fq2['size_mb']:.1f} MB against {fp32['size_mb']:.1f} MB for fp32 and {int8['size_mb']:.1f} MB "
+             f"for int8.",
              f"Accuracy: Lee {fq2['lee_spearman']:.4f} against {fp32['lee_spearman']:.4f} (fp32) and "
              f"{int8['lee_spearman']:.4f} (int8), {_change(fq2['lee_spearman'], fp32['lee_spearman'])} fp32; "
              f"embeddings keep a cosine of {fq2.get('cos_to_reference', 1.0):.3f} to fp32's.",
