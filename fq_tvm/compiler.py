@@ -240,17 +240,19 @@ TVM_WARNING = re.compile(r"^\[[\d:]+\] \S+:\d+: Warning: ")
 def fast_take_bounds(func) -> dict | None:
     """TVM's ONNX importer gathers with `take(mode="fast")`: no bounds check, and TVM warns at
     every build. Return {input name: [0, rows)} for the model inputs used as such indices, so
-    that the loader can refuse values out of range (which makes every such take safe), or None
-    when some fast take reads indices that are neither a constant in range nor a model input."""
+    that the loader can refuse values out of range (which makes every such take safe); None when
+    there is no fast take, or when one reads indices that are neither a constant in range nor a
+    model input."""
     from tvm import relax
 
     bound = {b.var: b.value for block in func.body.blocks for b in block.bindings}
     count = int(func.attrs["num_input"]) if func.attrs and "num_input" in func.attrs else len(func.params)
     inputs = {param.name for param in func.params[:count]}
-    ranges = {}
+    ranges, found = {}, False
     for value in bound.values():
         if not (_is_call(value, "relax.take") and value.attrs.mode == "fast"):
             continue
+        found = True
         rows = _static_rows(value.args[0], value.attrs.axis)
         source = _index_source(value.args[1], bound, rows) if rows else None
         if source is True:
@@ -258,7 +260,7 @@ def fast_take_bounds(func) -> dict | None:
         if not isinstance(source, relax.Var) or source.name not in inputs:
             return None
         ranges[source.name] = [0, min(rows, ranges.get(source.name, [0, rows])[1])]
-    return ranges
+    return ranges if found else None
 
 
 def _is_call(value, op: str) -> bool:
