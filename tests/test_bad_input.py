@@ -168,6 +168,20 @@ def test_run_output_prints_the_path_written(mlp_art, tmp_path, capsys, monkeypat
     assert capsys.readouterr().out == "again.npz\n"
 
 
+def test_run_input_fifo_does_not_hang(mlp_art, tmp_path, capsys):
+    import os
+
+    os.mkfifo(tmp_path / "in.npz")
+    _run_fails([str(mlp_art), "-i", str(tmp_path / "in.npz")], capsys, "in.npz: not a regular file")
+
+
+def test_run_output_in_missing_directory(mlp_art, tmp_path, capsys):
+    np.savez(tmp_path / "in.npz", x=np.ones((2, 32), np.float32))
+    _run_fails([str(mlp_art), "-i", str(tmp_path / "in.npz"), "-o", str(tmp_path / "no" / "out")], capsys,
+               "out.npz: cannot write (No such file or directory)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npz"]
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["m.onnx", "--bogus"], "fq-compile: error: unrecognized arguments: --bogus (see fq-compile --help)"),
     (["m.onnx", "--redundancy", "lots"], "argument --redundancy: invalid float value: 'lots'"),
