@@ -88,13 +88,13 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
         records.update({name: rec for name, rec in quantized.items() if name in kept})
     step(f"building for {preset.name} {preset.target}")
     kernels = {"act_bits": act_bits, "counts": {}}
-    bounds = fast_take_bounds(mod["main"])
-    executable = _build(mod, preset, act_bits, kernels["counts"], _log_filter(bounds is not None, quiet))
+    bounds, all_bounded = fast_take_bounds(mod["main"])
+    executable = _build(mod, preset, act_bits, kernels["counts"], _log_filter(all_bounded, quiet))
     with staging_dir(out_dir, force, keep) as tmp:
         step(f"writing {out_dir}")
         files = hooks.export(executable, tmp, preset)
         manifest = _manifest(proto, model_path, preset, cfg, files)
-        _add_ranges(manifest["inputs"], bounds or {})
+        _add_ranges(manifest["inputs"], bounds)
         manifest.update(layer_report)
         manifest["kernels"] = kernels
         if layer_report.get("layers"):
@@ -146,7 +146,7 @@ def check_cpu(target) -> None:
     if known and mcpu not in known:
         near = difflib.get_close_matches(mcpu, known, n=3) or known[:3]
         raise FqError(f"unknown CPU '{mcpu}' for {config.get('mtriple', 'this host')}: LLVM knows "
-                      f"{len(known)} CPUs, e.g. {', '.join(near)}")
+                      f"{len(known)} CPUs, e.g. {', '.join(near)} (--target host picks this machine's)")
 
 
 def _quantize(proto, cfg, calib, skip, quiet):
@@ -237,30 +237,28 @@ FAST_TAKE_WARNING = "Fast mode segfaults when there are out-of-bounds indices"
 TVM_WARNING = re.compile(r"^\[[\d:]+\] \S+:\d+: Warning: ")
 
 
-def fast_take_bounds(func) -> dict | None:
+def fast_take_bounds(func) -> tuple[dict, bool]:
     """TVM's ONNX importer gathers with `take(mode="fast")`: no bounds check, and TVM warns at
     every build. Return {input name: [0, rows)} for the model inputs used as such indices, so
-    that the loader can refuse values out of range (which makes every such take safe); None when
-    there is no fast take, or when one reads indices that are neither a constant in range nor a
-    model input."""
+    that the loader can refuse values out of range (which makes those takes safe), and whether
+    there are fast takes and every one reads a constant in range or such an input."""
     from tvm import relax
 
     bound = {b.var: b.value for block in func.body.blocks for b in block.bindings}
     count = int(func.attrs["num_input"]) if func.attrs and "num_input" in func.attrs else len(func.params)
     inputs = {param.name for param in func.params[:count]}
-    ranges, found = {}, False
+    ranges, found, unbounded = {}, False, False
     for value in bound.values():
         if not (_is_call(value, "relax.take") and value.attrs.mode == "fast"):
             continue
         found = True
         rows = _static_rows(value.args[0], value.attrs.axis)
         source = _index_source(value.args[1], bound, rows) if rows else None
-        if source is True:
-            continue
-        if not isinstance(source, relax.Var) or source.name not in inputs:
-            return None
-        ranges[source.name] = [0, min(rows, ranges.get(source.name, [0, rows])[1])]
-    return ranges if found else None
+        if isinstance(source, relax.Var) and source.name in inputs:
+            ranges[source.name] = [0, min(rows, ranges.get(source.name, [0, rows])[1])]
+        elif source is not True:
+            unbounded = True
+    return ranges, found and not unbounded
 
 
 def _is_call(value, op: str) -> bool:

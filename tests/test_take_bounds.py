@@ -18,15 +18,21 @@ from fq_tvm.errors import FqError
 TABLE = np.arange(100 * 8, dtype=np.float32).reshape(100, 8)
 
 
-def _gather_model(path, shift: int = 0):
-    """y = TABLE[ids] (or TABLE[ids + shift]: indices the compiler cannot bound)."""
+def _gather_model(path, shift: int = 0, both: bool = False):
+    """y = TABLE[ids]; with shift TABLE[ids + shift] (indices the compiler cannot bound); with
+    both the sum of the two."""
     nodes, ids = [], "ids"
     inits = [numpy_helper.from_array(TABLE, "table")]
     if shift:
         inits.append(numpy_helper.from_array(np.array(shift, np.int64), "shift"))
         nodes.append(helper.make_node("Add", ["ids", "shift"], ["moved"]))
         ids = "moved"
-    nodes.append(helper.make_node("Gather", ["table", ids], ["y"], axis=0))
+    if both:
+        nodes += [helper.make_node("Gather", ["table", "ids"], ["direct"], axis=0),
+                  helper.make_node("Gather", ["table", ids], ["shifted"], axis=0),
+                  helper.make_node("Add", ["direct", "shifted"], ["y"])]
+    else:
+        nodes.append(helper.make_node("Gather", ["table", ids], ["y"], axis=0))
     graph = helper.make_graph(nodes, "gather", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", 8])], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
@@ -78,3 +84,12 @@ def test_computed_indices_keep_the_warning_unless_quiet(tmp_path, capfd):
     assert "range" not in json.loads((tmp_path / "loud" / "manifest.json").read_text())["inputs"][0]
     assert compile_main([str(model), "-o", str(tmp_path / "quiet"), "-q"]) == 0
     assert capfd.readouterr() == ("", "")
+
+
+def test_input_gets_its_range_beside_an_unbounded_gather(tmp_path, capfd):
+    model = _gather_model(tmp_path / "both.onnx", shift=1, both=True)
+    assert compile_main([str(model), "-o", str(tmp_path / "both")]) == 0
+    assert FAST_TAKE_WARNING in capfd.readouterr().err
+    assert json.loads((tmp_path / "both" / "manifest.json").read_text())["inputs"][0]["range"] == [0, 100]
+    with pytest.raises(FqError, match="input 'ids' has values from 100 to 100"):
+        load(tmp_path / "both").run({"ids": np.array([[100]])})
