@@ -51,7 +51,7 @@ def minilm_installed() -> bool:
 
 LEGEND = [
     "scheme     how the dense layers' weights are stored (fp32: unchanged; int8; fq2: FrameQuant 2-bit, r = 1.1)",
-    "bits/w     stored bits per weight of the dense layers, scales included (lower is smaller)",
+    "bits/w     stored bits per weight of the dense layers, scales included (lower is better: a smaller model)",
     "MB         artifact size on disk (lower is better; the embedding table stays fp32 in all three)",
     "Lee        Spearman correlation with human ratings of 50 document pairs (higher is better)",
     "WordSim    Spearman correlation with WordSim353 word-pair ratings (higher is better)",

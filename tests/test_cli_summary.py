@@ -76,9 +76,26 @@ def test_verdict_in_words():
         "ONNX Runtime fp32 (Lee 0.5083)."]
 
 
+def test_minilm_demo_prints_table_legend_and_verdict(tmp_path, capsys, monkeypatch):
+    """The MiniLM demo's printing, with the slow parts (export, compile, evaluation) stubbed."""
+    from fq_tvm import demo, evaluate, realmodels, report
+
+    rows = [dict(r, wordsim353=0.7, cos_to_reference=r.get("cos_to_reference", 1.0)) for r in ROWS]
+    monkeypatch.setattr(report, "minilm_rows", lambda work, schemes, target, metrics: rows)
+    monkeypatch.setattr(realmodels, "export_minilm", lambda work: work / "minilm.onnx")
+    monkeypatch.setattr(evaluate, "ort_runner", lambda path: None)
+    monkeypatch.setattr(evaluate, "evaluate_minilm", lambda run, metrics: {"lee_spearman": 0.5083,
+                                                                            "seconds": {"lee": 1.2}})
+    demo.run_minilm_demo(tmp_path, "host")
+    out = capsys.readouterr().out
+    assert "\nfq2         2.40   30.0  0.4575   0.7000    0.9500       0.80\n" in out
+    assert "\nORT fp32                 0.5083                          1.20\n" in out
+    assert "\n".join(LEGEND) in out and verdict(ROWS, {"lee_spearman": 0.5083, "lee_s": 1.2}) in out
+
+
 def test_legend_has_a_line_per_column_and_a_direction():
     assert [line.split()[0] for line in LEGEND] == ["scheme", "bits/w", "MB", "Lee", "WordSim", "cos", "50"]
-    assert all("better" in line or "smaller" in line for line in LEGEND[1:])
+    assert all("(higher is better" in line or "(lower is better" in line for line in LEGEND[1:])
 
 
 def test_builtin_demo_keeps_artifacts_and_says_what_next(tmp_path, capsys):
