@@ -154,8 +154,8 @@ def _signals_exit():
         yield
         return
     old = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) is signal.SIG_DFL:
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
             old[sig] = signal.signal(sig, _exit_on_signal)
     try:
         yield
