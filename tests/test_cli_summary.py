@@ -98,14 +98,33 @@ def test_legend_has_a_line_per_column_and_a_direction():
     assert all("(higher is better" in line or "(lower is better" in line for line in LEGEND[1:])
 
 
-def test_builtin_demo_keeps_artifacts_and_says_what_next(tmp_path, capsys):
+def _fake_demo(work, target):
+    (work / "encoder.fq").mkdir()
+    return 2e-7
+
+
+def test_builtin_demo_keeps_artifacts_and_says_what_next(tmp_path, capsys, monkeypatch):
+    """The compile itself: test_compile_cpu.test_builtin_demo_matches_onnx_runtime."""
+    from fq_tvm import demo
+
+    monkeypatch.setattr(demo, "run_demo", _fake_demo)
     keep = tmp_path / "kept"
     assert demo_main(["--builtin", "--keep", str(keep)]) == 0
     out = capsys.readouterr().out
     assert "max relative error: largest |ours - ORT| over the largest |ORT| output; lower is better" in out
+    assert "OK: the compiled model matches ONNX Runtime (worst max relative error 2.00e-07, bound 1e-4)" in out
     assert f"The ONNX file and the artifacts are kept in {keep}." in out
     assert "Next, your own model: fq-compile model.onnx --scheme fq2 --calib calib.npz -o model.fq2" in out
-    assert (keep / "encoder.onnx").is_file() and (keep / "encoder.fq" / "manifest.json").is_file()
+    assert (keep / "encoder.fq").is_dir()
+
+
+def test_builtin_demo_without_keep_says_how_to_keep(capsys, monkeypatch):
+    from fq_tvm import demo
+
+    monkeypatch.setattr(demo, "run_demo", _fake_demo)
+    assert demo_main(["--builtin"]) == 0
+    assert ("in a temporary directory, now deleted; fq-demo --keep DIR keeps them in DIR."
+            in capsys.readouterr().out)
 
 
 def test_demo_usage_error_is_one_line(capsys):
