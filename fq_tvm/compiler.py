@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from . import __version__
 from .artifact import check_output, staging_dir, write_manifest
 from .errors import FqError
+from .gathers import add_ranges, fast_take_bounds, log_filter, without_log_lines
 from .numerics.activations import ACT_BITS
 
 
@@ -89,12 +86,12 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     step(f"building for {preset.name} {preset.target}")
     kernels = {"act_bits": act_bits, "counts": {}}
     bounds, all_bounded = fast_take_bounds(mod["main"])
-    executable = _build(mod, preset, act_bits, kernels["counts"], _log_filter(all_bounded, quiet))
+    executable = _build(mod, preset, act_bits, kernels["counts"], log_filter(all_bounded, quiet))
     with staging_dir(out_dir, force, keep) as tmp:
         step(f"writing {out_dir}")
         files = hooks.export(executable, tmp, preset)
         manifest = _manifest(proto, model_path, preset, cfg, files)
-        _add_ranges(manifest["inputs"], bounds)
+        add_ranges(manifest["inputs"], bounds)
         manifest.update(layer_report)
         manifest["kernels"] = kernels
         if layer_report.get("layers"):
@@ -223,7 +220,7 @@ def _build(mod, preset, act_bits: int, counts: dict, drop=None):
 
     target = preset.tvm_target()
     try:
-        with _without_log_lines(drop):
+        with without_log_lines(drop):
             mod = schedule_kernels(mod, target, act_bits, counts)
             return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, counts))
     except FqError:
@@ -231,115 +228,6 @@ def _build(mod, preset, act_bits: int, counts: dict, drop=None):
     except Exception as err:
         lines = [line for line in str(err).strip().splitlines() if line.strip()]
         raise FqError(f"TVM build for '{preset.name}' failed: {lines[-1] if lines else type(err).__name__}") from None
-
-
-FAST_TAKE_WARNING = "Fast mode segfaults when there are out-of-bounds indices"
-TVM_WARNING = re.compile(r"^\[[\d:]+\] \S+:\d+: Warning: ")
-
-
-def fast_take_bounds(func) -> tuple[dict, bool]:
-    """TVM's ONNX importer gathers with `take(mode="fast")`: no bounds check, and TVM warns at
-    every build. Return {input name: [0, rows)} for the model inputs used as such indices, so
-    that the loader can refuse values out of range (which makes those takes safe), and whether
-    there are fast takes and every one reads a constant in range or such an input."""
-    from tvm import relax
-
-    bound = {b.var: b.value for block in func.body.blocks for b in block.bindings}
-    count = int(func.attrs["num_input"]) if func.attrs and "num_input" in func.attrs else len(func.params)
-    inputs = {param.name for param in func.params[:count]}
-    ranges, found, unbounded = {}, False, False
-    for value in bound.values():
-        if not (_is_call(value, "relax.take") and value.attrs.mode == "fast"):
-            continue
-        found = True
-        rows = _static_rows(value.args[0], value.attrs.axis)
-        source = _index_source(value.args[1], bound, rows) if rows else None
-        if isinstance(source, relax.Var) and source.name in inputs:
-            ranges[source.name] = [0, min(rows, ranges.get(source.name, [0, rows])[1])]
-        elif source is not True:
-            unbounded = True
-    return ranges, found and not unbounded
-
-
-def _is_call(value, op: str) -> bool:
-    from tvm import relax
-
-    return isinstance(value, relax.Call) and getattr(value.op, "name", None) == op
-
-
-def _static_rows(table, axis) -> int | None:
-    try:
-        return int(table.ty.shape[int(axis or 0)])
-    except (TypeError, ValueError, AttributeError, IndexError):
-        return None
-
-
-SAME_VALUES = ("relax.astype", "relax.strided_slice", "relax.reshape", "relax.expand_dims", "relax.squeeze",
-               "relax.permute_dims", "relax.broadcast_to")  # ops whose output values are some of their input's
-
-
-def _index_source(index, bound: dict, rows: int):
-    """Where the values of `index` come from, through SAME_VALUES ops and ONNX's negative-index
-    fix `where(x < 0, x + rows, x)` (the loader refuses negative inputs, so it keeps x): True for a
-    constant with every value in [0, rows), the model input (a parameter of main), None otherwise."""
-    import tvm
-
-    while index in bound:
-        value = bound[index]
-        if any(_is_call(value, op) for op in SAME_VALUES):
-            index = value.args[0]
-        elif _is_call(value, "relax.where") and _is_negative_test(bound.get(value.args[0]), value.args[2]):
-            index = value.args[2]
-        else:
-            return None
-    if isinstance(index, tvm.ir.expr.Constant):
-        values = index.value.numpy()
-        return bool(values.size == 0 or (values.min() >= 0 and values.max() < rows)) or None
-    return index
-
-
-def _is_negative_test(cond, x) -> bool:
-    import tvm
-
-    return (_is_call(cond, "relax.less") and cond.args[0].same_as(x)
-            and isinstance(cond.args[1], tvm.ir.expr.Constant) and float(cond.args[1].value.numpy()) == 0)
-
-
-def _add_ranges(inputs: list, bounds: dict) -> None:
-    for spec in inputs:
-        if spec["name"] in bounds and spec["dtype"].startswith(("int", "uint")):
-            spec["range"] = bounds[spec["name"]]
-
-
-def _log_filter(fast_takes_safe: bool, quiet: bool):
-    """Which lines of TVM's C++ log to drop during the build: the fast-take warning where the
-    loader bounds the indices, and every TVM warning under -q."""
-    if not (fast_takes_safe or quiet):
-        return None
-    return lambda line: (fast_takes_safe and FAST_TAKE_WARNING in line) or (quiet and bool(TVM_WARNING.match(line)))
-
-
-@contextlib.contextmanager
-def _without_log_lines(drop):
-    """Capture the process's stderr (fd 2, where TVM's C++ logs go) and write back the lines
-    `drop` does not match."""
-    if drop is None:
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            lines = capture.read().decode(errors="replace").splitlines(keepends=True)
-            kept = "".join(line for line in lines if not drop(line))
-            if kept:
-                os.write(2, kept.encode())
 
 
 def _manifest(proto, model_path: Path, preset, cfg, files: list[str]) -> dict:

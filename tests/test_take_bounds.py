@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fq_tvm.artifact import load
 from fq_tvm.cli import compile_main
-from fq_tvm.compiler import FAST_TAKE_WARNING
+from fq_tvm.gathers import FAST_TAKE_WARNING
 from fq_tvm.errors import FqError
 
 TABLE = np.arange(100 * 8, dtype=np.float32).reshape(100, 8)
