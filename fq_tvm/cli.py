@@ -1,11 +1,14 @@
-"""Command-line entry points: fq-compile, fq-run, fq-demo. Errors are one line, exit status 1."""
+"""Command-line entry points: fq-compile, fq-run, fq-demo. Errors, bad arguments included, are one
+line on stderr and exit status 1; an interrupt exits 130 (SIGTERM 143)."""
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import sys
+import time
 import traceback
 
 from .errors import FqError
@@ -23,7 +26,12 @@ The output is a directory: model.so (+ device code for CUDA) and manifest.json w
 target, scheme, input/output signature and sha256 checksums. It is written to a temporary
 directory and renamed when complete, so a failed compile leaves nothing behind.
 Run it with: fq-run OUT_DIR --input inputs.npz
-"""
+
+--force replaces OUTPUT only when it is an fq-tvm artifact (it has our manifest.json); it never
+replaces the model, a directory holding it, the current directory or any other file.
+Progress and the final summary go to stderr, the artifact path to stdout (--json: the summary as
+JSON on stdout); -q prints errors only.
+""" + "{exit}"
 
 EPILOG_RUN = """\
 The .npz keys are the model's input names (see the artifact's manifest.json). Without --output
@@ -31,7 +39,20 @@ the outputs' names, shapes and a few statistics are printed.
 example:
   python -c "import numpy as np; np.savez('in.npz', x=np.random.rand(2, 8, 64).astype('float32'))"
   fq-run model.host --input in.npz --output out.npz
+""" + "{exit}"
+EXIT_STATUS = """
+exit status: 0 success; 1 any error, bad arguments included (one line on stderr, no traceback;
+FQ_DEBUG=1 adds the traceback of an internal error); 130 interrupted (Ctrl-C); 143 terminated.
 """
+EPILOG_COMPILE = EPILOG_COMPILE.replace("{exit}", EXIT_STATUS)
+EPILOG_RUN = EPILOG_RUN.replace("{exit}", EXIT_STATUS)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are FqErrors: one line and exit status 1, like every other error."""
+
+    def error(self, message):
+        raise FqError(f"{message} (see {self.prog} --help)")
 
 
 def _cli(prog: str):
@@ -61,7 +82,7 @@ def _cli(prog: str):
 
 
 def _compile_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="fq-compile", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_COMPILE,
         description="Compile an ONNX model with TVM into a deployable artifact for a CPU or GPU target.")
     p.add_argument("model", nargs="?", help="the .onnx file to compile")
@@ -84,15 +105,14 @@ def _compile_parser() -> argparse.ArgumentParser:
                         "and multiplies in int8 (AVX-512 VNNI, AVX2, Arm dotprod, NEON); 32 keeps them float")
     p.add_argument("--cuda-arch", help="CUDA architecture for CUDA targets, e.g. sm_80 (default), sm_86, sm_90")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout")
     p.add_argument("--list-targets", action="store_true", help="print the target presets and exit")
     p.add_argument("--list-schemes", action="store_true", help="print the quantization schemes and exit")
     return p
 
 
 def _list_targets() -> None:
-    import json
-
     from .targets import presets
 
     for preset in presets():
@@ -121,15 +141,21 @@ def compile_main(argv=None):
         raise FqError("no model given; usage: fq-compile MODEL.onnx --target TARGET -o OUT_DIR (see --help)")
     from .compiler import compile as compile_model
 
+    start = time.monotonic()
     out = compile_model(args.model, args.target, args.output, scheme=args.scheme, redundancy=args.redundancy,
                         l_den=args.l_den, calib=args.calib, skip=args.skip, cuda_arch=args.cuda_arch,
                         force=args.force, quiet=args.quiet, act_bits=args.act_bits)
-    print(out)
+    info = summary(out, time.monotonic() - start)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    elif not args.quiet:
+        print(summary_text(info), file=sys.stderr)
+        print(out)
     return 0
 
 
 def _run_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="fq-run", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_RUN,
         description="Run a compiled fq-tvm artifact on this machine.")
     p.add_argument("artifact", help="artifact directory written by fq-compile")
@@ -138,32 +164,104 @@ def _run_parser() -> argparse.ArgumentParser:
     return p
 
 
+NPY_MAGIC, ZIP_MAGICS = b"\x93NUMPY", (b"PK\x03\x04", b"PK\x05\x06")
+
+
 def read_npz(path) -> dict:
+    """The arrays of an .npz file written by numpy.savez; FqError for anything else."""
     import numpy as np
 
     if not os.path.exists(path):
         raise FqError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise FqError(f"{path}: not a regular file")
+    with open(path, "rb") as handle:
+        head = handle.read(6)
+    if head.startswith(NPY_MAGIC):
+        raise FqError(f"{path}: a single .npy array, not an .npz archive; save inputs with "
+                      f"numpy.savez(FILE, INPUT_NAME=array)")
+    if not head.startswith(ZIP_MAGICS):
+        raise FqError(f"{path}: not an .npz file (an .npz is the zip archive numpy.savez writes)")
     try:
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
+    except ValueError as err:
+        if "allow_pickle" in str(err):
+            raise FqError(f"{path}: holds Python objects, not numeric arrays; fq-run reads numeric arrays only") \
+                from None
+        raise FqError(f"{path}: not a readable .npz file ({str(err).splitlines()[0]})") from None
     except Exception as err:
         raise FqError(f"{path}: not a readable .npz file ({str(err).splitlines()[0]})") from None
+
+
+def write_npz(path: str, arrays: dict) -> str:
+    """Write `arrays` to PATH (.npz added unless present, as numpy does) through a temporary
+    file renamed into place; return the path written."""
+    import numpy as np
+
+    path = path if path.endswith(".npz") else path + ".npz"
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise FqError(f"{path}: cannot write ({err.strerror})") from None
+    return path
 
 
 @_cli("fq-run")
 def run_main(argv=None):
     args = _run_parser().parse_args(argv)
-    import numpy as np
-
     from .artifact import load
 
     model = load(args.artifact)
     outputs = model.run(read_npz(args.input))
     if args.output:
-        np.savez(args.output, **outputs)
-        print(args.output)
+        print(write_npz(args.output, outputs))
     else:
         for name, value in outputs.items():
             print(f"{name}: shape {list(value.shape)} {value.dtype} mean {value.mean():.6g} "
                   f"std {value.std():.6g}")
     return 0
+
+
+def summary(out_dir, seconds: float) -> dict:
+    """What the compile produced, from the manifest it just wrote."""
+    from pathlib import Path
+
+    from .artifact import MANIFEST
+
+    out_dir = Path(out_dir)
+    manifest = json.loads((out_dir / MANIFEST).read_text())
+    weights = manifest["weights"]
+    quantized = manifest["scheme"]["method"] != "none"
+    fp32_bytes = weights.get("fp32_bytes", weights["bytes"])
+    return {"artifact": str(out_dir), "scheme": manifest["scheme"]["name"], "target": manifest["target"]["name"],
+            "layers_quantized": len(manifest.get("layers", [])),
+            "layers_kept_fp32": len(manifest.get("skipped", [])) if quantized else None,
+            "dense_bits_per_weight": weights.get("quantized_dense_bits_per_weight", 32.0),
+            "bits_per_weight": round(32 * weights["bytes"] / fp32_bytes, 4) if fp32_bytes else 32.0,
+            "weight_bytes": weights["bytes"], "fp32_weight_bytes": fp32_bytes,
+            "artifact_bytes": sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file()),
+            "compile_seconds": round(seconds, 2)}
+
+
+def summary_text(info: dict) -> str:
+    mb = 1e6
+    if info["layers_kept_fp32"] is None:
+        layers = f"no layers quantized (scheme {info['scheme']})"
+    else:
+        layers = (f"{_count(info['layers_quantized'], 'layer')} quantized ({info['scheme']}, "
+                  f"{info['dense_bits_per_weight']:.2f} bits per weight), {info['layers_kept_fp32']} kept fp32")
+    ratio = info["fp32_weight_bytes"] / info["weight_bytes"] if info["weight_bytes"] else 1.0
+    smaller = f"{ratio:.1f}x smaller" if ratio > 1.005 else "the same"
+    return (f"compiled in {info['compile_seconds']:.1f} s: {layers}; weights {info['bits_per_weight']:.2f} bits "
+            f"each on average, {info['weight_bytes'] / mb:.3f} MB against {info['fp32_weight_bytes'] / mb:.3f} MB "
+            f"in fp32 ({smaller}); artifact {info['artifact_bytes'] / mb:.3f} MB on disk")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")

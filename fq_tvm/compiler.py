@@ -2,25 +2,33 @@
 
 from __future__ import annotations
 
+import math
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
-from .artifact import staging_dir, write_manifest
+from .artifact import check_output, staging_dir, write_manifest
 from .errors import FqError
+from .gathers import add_ranges, fast_take_bounds, log_filter, without_log_lines
 from .numerics.activations import ACT_BITS
 
 
 class Steps:
-    """One line per compile step on stderr (the long steps draw their own tqdm bars)."""
+    """One line per compile step on stderr with the seconds since the start, terminal or not
+    (the long steps also draw their own tqdm bars)."""
 
     def __init__(self, total: int, quiet: bool = False):
-        self.total, self.done, self.quiet = total, 0, quiet
+        self.total, self.done, self.quiet, self.start = total, 0, quiet, time.monotonic()
 
     def __call__(self, text: str) -> None:
         self.done += 1
+        self.show(text)
+
+    def show(self, text: str) -> None:
         if not self.quiet:
-            print(f"[{self.done}/{self.total}] {text}", file=sys.stderr, flush=True)
+            print(f"[{self.done}/{self.total} {time.monotonic() - self.start:5.1f}s] {text}", file=sys.stderr,
+                  flush=True)
 
 
 def default_out_dir(model_path: Path, target_name: str, scheme: str) -> Path:
@@ -46,9 +54,11 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     from .quantize import scheme_config
     from .targets import family, resolve
 
+    check_cpu(target)
     preset = resolve(target, cuda_arch)
     hooks = family(preset)
     hooks.check_tools(preset)
+    check_frame_options(scheme, redundancy, l_den)
     cfg = scheme_config(scheme, redundancy=redundancy, l_den=l_den)
     if act_bits not in ACT_BITS:
         raise FqError(f"--act-bits must be one of {', '.join(map(str, ACT_BITS))}, not {act_bits}")
@@ -58,10 +68,10 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     if isinstance(calib, (str, Path)) and not Path(calib).is_file():
         raise FqError(f"{calib}: no such calibration file")
     model_path = Path(model)
-    out_dir = Path(out_dir) if out_dir else default_out_dir(model_path, preset.name, scheme)
-    if out_dir.exists() and not force:
-        raise FqError(f"{out_dir} already exists; pass --force (force=True) to replace it")
-    step = Steps(6 if cfg.method != "none" else 4, quiet)
+    out_dir = default_out_dir(model_path, preset.name, scheme) if out_dir is None else out_dir
+    keep = [path for path in (model_path, calib) if isinstance(path, (str, Path))]
+    out_dir = check_output(out_dir, force, keep)
+    step = Steps(5 if cfg.method != "none" else 4, quiet)
     step(f"loading {model_path}")
     proto = onnx_io.load_model(model_path)
     layers, layer_report, quantized = {}, {}, {}
@@ -75,17 +85,65 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
         records.update({name: rec for name, rec in quantized.items() if name in kept})
     step(f"building for {preset.name} {preset.target}")
     kernels = {"act_bits": act_bits, "counts": {}}
-    executable = _build(mod, preset, act_bits, kernels["counts"])
-    with staging_dir(out_dir, force) as tmp:
+    bounds, all_bounded = fast_take_bounds(mod["main"])
+    executable = _build(mod, preset, act_bits, kernels["counts"], log_filter(all_bounded, quiet))
+    with staging_dir(out_dir, force, keep) as tmp:
         step(f"writing {out_dir}")
         files = hooks.export(executable, tmp, preset)
         manifest = _manifest(proto, model_path, preset, cfg, files)
+        add_ranges(manifest["inputs"], bounds)
         manifest.update(layer_report)
         manifest["kernels"] = kernels
         if layer_report.get("layers"):
             manifest["weights"].update(_weight_totals(layer_report["layers"], manifest["weights"]["bytes"]))
         write_manifest(tmp, manifest, files)
+    step.show(f"done: {out_dir}")
     return out_dir
+
+
+REDUNDANCY_RANGE = (1.0, 2.0)  # r = 2 already stores 4 bits per 2-bit weight
+
+
+def check_frame_options(scheme: str, redundancy, l_den) -> None:
+    """--redundancy and --l-den shape the frame of FrameQuant schemes only; r in [1, 2]."""
+    from .quantize import scheme_config
+
+    if redundancy is None and l_den is None:
+        return
+    if scheme_config(scheme).method != "framequant":
+        flag = "--redundancy" if redundancy is not None else "--l-den"
+        raise FqError(f"{flag} applies to FrameQuant schemes (fq2, fq4, had2, ...), not '{scheme}'")
+    low, high = REDUNDANCY_RANGE
+    if redundancy is not None and not (math.isfinite(redundancy) and low <= redundancy <= high):
+        raise FqError(f"--redundancy must be between {low} and {high} (1.0 = no frame), not {redundancy}")
+
+
+def check_cpu(target) -> None:
+    """Refuse the `mcpu` of a target JSON dict that LLVM does not know: TVM would print LLVM
+    errors and quietly build for a generic CPU. Checked before TVM sees the dict, against LLVM's
+    list for the dict's triple (asked without the bad mcpu, so LLVM prints nothing)."""
+    import json
+
+    try:
+        config = json.loads(target) if isinstance(target, str) and target.strip().startswith("{") else None
+    except json.JSONDecodeError:
+        return  # targets.resolve says what is wrong with it
+    if not isinstance(config, dict) or config.get("kind") != "llvm" or not config.get("mcpu"):
+        return
+    import difflib
+
+    from tvm.target import Target, codegen
+
+    triple = {k: config[k] for k in ("kind", "mtriple") if k in config}
+    try:
+        known = [str(cpu) for cpu in codegen.llvm_get_cpu_archlist(Target(triple))]
+    except Exception:  # a bad triple: targets.resolve reports it
+        return
+    mcpu = str(config["mcpu"])
+    if known and mcpu not in known:
+        near = difflib.get_close_matches(mcpu, known, n=3) or known[:3]
+        raise FqError(f"unknown CPU '{mcpu}' for {config.get('mtriple', 'this host')}: LLVM knows "
+                      f"{len(known)} CPUs, e.g. {', '.join(near)} (--target host picks this machine's)")
 
 
 def _quantize(proto, cfg, calib, skip, quiet):
@@ -154,7 +212,7 @@ def _unmatched(report, params) -> None:
     report["layers"] = keep
 
 
-def _build(mod, preset, act_bits: int, counts: dict):
+def _build(mod, preset, act_bits: int, counts: dict, drop=None):
     import tvm
 
     from .schedules import apply as schedule_kernels
@@ -162,8 +220,9 @@ def _build(mod, preset, act_bits: int, counts: dict):
 
     target = preset.tvm_target()
     try:
-        mod = schedule_kernels(mod, target, act_bits, counts)
-        return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, counts))
+        with without_log_lines(drop):
+            mod = schedule_kernels(mod, target, act_bits, counts)
+            return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, counts))
     except FqError:
         raise
     except Exception as err:

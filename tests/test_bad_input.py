@@ -124,12 +124,81 @@ def test_run_missing_artifact(tmp_path, capsys):
     assert "no such artifact directory" in capsys.readouterr().err
 
 
-def test_run_bad_npz(mlp_onnx, tmp_path, capsys):
-    art = tmp_path / "mlp.fq"
+@pytest.fixture(scope="module")
+def mlp_art(mlp_onnx, tmp_path_factory):
+    art = tmp_path_factory.mktemp("run") / "mlp.fq"
     assert compile_main([str(mlp_onnx), "-o", str(art), "-q"]) == 0
+    return art
+
+
+def _run_fails(argv, capsys, expected: str):
+    assert run_main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fq-run: error: ") and expected in err, err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_run_garbage_npz(mlp_art, tmp_path, capsys):
     (tmp_path / "in.npz").write_text("garbage")
-    assert run_main([str(art), "-i", str(tmp_path / "in.npz")]) == 1
-    assert "not a readable .npz file" in capsys.readouterr().err
+    _run_fails([str(mlp_art), "-i", str(tmp_path / "in.npz")], capsys,
+               "in.npz: not an .npz file (an .npz is the zip archive numpy.savez writes)")
+
+
+def test_run_given_npy(mlp_art, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.ones((1, 32), np.float32))
+    _run_fails([str(mlp_art), "-i", str(tmp_path / "x.npy")], capsys,
+               "x.npy: a single .npy array, not an .npz archive; save inputs with numpy.savez(FILE, INPUT_NAME=array)")
+
+
+def test_run_npz_with_objects(mlp_art, tmp_path, capsys):
+    np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}], dtype=object))
+    _run_fails([str(mlp_art), "-i", str(tmp_path / "obj.npz")], capsys,
+               "obj.npz: holds Python objects, not numeric arrays")
+
+
+def test_run_output_prints_the_path_written(mlp_art, tmp_path, capsys, monkeypatch):
+    np.savez(tmp_path / "in.npz", x=np.ones((2, 32), np.float32))
+    monkeypatch.chdir(tmp_path)
+    assert run_main([str(mlp_art), "-i", "in.npz", "--output", "result"]) == 0
+    assert capsys.readouterr().out == "result.npz\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npz", "result.npz"]
+    with np.load(tmp_path / "result.npz") as data:
+        assert data["y"].shape == (2, 16)
+    assert run_main([str(mlp_art), "-i", "in.npz", "-o", "again.npz"]) == 0
+    assert capsys.readouterr().out == "again.npz\n"
+
+
+def test_run_input_fifo_does_not_hang(mlp_art, tmp_path, capsys):
+    import os
+
+    os.mkfifo(tmp_path / "in.npz")
+    _run_fails([str(mlp_art), "-i", str(tmp_path / "in.npz")], capsys, "in.npz: not a regular file")
+
+
+def test_run_output_in_missing_directory(mlp_art, tmp_path, capsys):
+    np.savez(tmp_path / "in.npz", x=np.ones((2, 32), np.float32))
+    _run_fails([str(mlp_art), "-i", str(tmp_path / "in.npz"), "-o", str(tmp_path / "no" / "out")], capsys,
+               "out.npz: cannot write (No such file or directory)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npz"]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["m.onnx", "--bogus"], "fq-compile: error: unrecognized arguments: --bogus (see fq-compile --help)"),
+    (["m.onnx", "--redundancy", "lots"], "argument --redundancy: invalid float value: 'lots'"),
+    (["m.onnx", "--act-bits", "4"], "argument --act-bits: invalid choice: 4"),
+])
+def test_argparse_errors_are_one_line_exit_1(argv, expected, capsys):
+    _fails(argv, capsys, expected)
+
+
+def test_run_argparse_error_and_help_documents_exit_status(capsys):
+    assert run_main(["art"]) == 1
+    err = capsys.readouterr().err
+    assert err == "fq-run: error: the following arguments are required: -i/--input (see fq-run --help)\n"
+    with pytest.raises(SystemExit) as done:
+        compile_main(["--help"])
+    assert done.value.code == 0
+    assert "exit status: 0 success; 1 any error, bad arguments included" in capsys.readouterr().out
 
 
 def test_scheme_needing_calibration(mlp_onnx, tmp_path, capsys):
@@ -147,9 +216,25 @@ def test_calibration_file_lacking_inputs(mlp_onnx, tmp_path, capsys):
            "--calib", str(tmp_path / "calib.npz"))
 
 
-def test_bad_redundancy(mlp_onnx, tmp_path, capsys):
-    _check(mlp_onnx, tmp_path / "out", capsys, "redundancy must be >= 1.0", "--scheme", "fq2", "--redundancy", "0.5",
-           "--calib", "unused.npz")
+@pytest.mark.parametrize("value", ["0.5", "3", "nan", "inf"])
+def test_bad_redundancy(mlp_onnx, tmp_path, capsys, value):
+    _check(mlp_onnx, tmp_path / "out", capsys, f"--redundancy must be between 1.0 and 2.0 (1.0 = no frame), not "
+           f"{float(value)}", "--scheme", "fq2", "--redundancy", value, "--calib", "unused.npz")
+
+
+@pytest.mark.parametrize("scheme, flag, value", [("fp32", "--redundancy", "1.1"), ("fp32", "--l-den", "0"),
+                                                 ("int8", "--l-den", "8"), ("rtn2", "--redundancy", "0.5")])
+def test_frame_options_of_schemes_without_a_frame(mlp_onnx, tmp_path, capsys, scheme, flag, value):
+    _check(mlp_onnx, tmp_path / "out", capsys, f"{flag} applies to FrameQuant schemes (fq2, fq4, had2, ...), "
+           f"not '{scheme}'", "--scheme", scheme, flag, value)
+
+
+def test_unknown_llvm_cpu(mlp_onnx, tmp_path, capfd):
+    """capfd: the one line must also be all that LLVM and TVM print on the process's stderr."""
+    _check(mlp_onnx, tmp_path / "out", capfd, "unknown CPU 'notacpu' for this host: LLVM knows", "--target",
+           '{"kind": "llvm", "mcpu": "notacpu"}')
+    _check(mlp_onnx, tmp_path / "out", capfd, "unknown CPU 'cortex-a77x' for aarch64-linux-gnu: LLVM knows",
+           "--target", '{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a77x"}')
 
 
 def test_bad_skip_regex(mlp_onnx, tmp_path, capsys):
