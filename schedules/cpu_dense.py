@@ -42,7 +42,9 @@ def pack(w: np.ndarray, lanes: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(k, n // c, c).transpose(1, 0, 2))
 
 
-def dense(K: int, N: int, lanes: int) -> tvm.tirx.PrimFunc:
+def dense(K: int, N: int, lanes: int, packed: bool = True) -> tvm.tirx.PrimFunc:
+    """The kernel for W packed (`wp [N / C, K, C]`), or read in place (`W [K, N]`, for a weight
+    that other ops use too)."""
     L = lanes
     MR, NV = tile(L)
     C = NV * L
@@ -53,8 +55,11 @@ def dense(K: int, N: int, lanes: int) -> tvm.tirx.PrimFunc:
     def row(buf, i, col):
         return buf[i, T.ramp(col, 1, L)]
 
+    def panel(w, wloc, pt, p, kc, k, col):  # L columns of panel p at step k of block kc
+        return w[p, kc * KC + k, T.ramp(col, 1, L)] if packed else wloc[T.ramp((pt * KC + k) * C + col, 1, L)]
+
     @T.macro
-    def rows(R, i0, p, kc, x, wp, y, acc):
+    def rows(R, i0, pt, p, kc, x, wp, wloc, y, acc):
         for r in T.unroll(R):
             for v in T.unroll(NV):
                 acc[T.ramp((r * NV + v) * L, 1, L)] = T.if_then_else(
@@ -63,37 +68,47 @@ def dense(K: int, N: int, lanes: int) -> tvm.tirx.PrimFunc:
             for r in T.unroll(R):
                 for v in T.unroll(NV):
                     acc[T.ramp((r * NV + v) * L, 1, L)] = acc[T.ramp((r * NV + v) * L, 1, L)] + T.Broadcast(
-                        x[i0 + r, kc * KC + k], L) * wp[p, kc * KC + k, T.ramp(v * L, 1, L)]
+                        x[i0 + r, kc * KC + k], L) * panel(wp, wloc, pt, p, kc, k, v * L)
         for r in T.unroll(R):
             for v in T.unroll(NV):
                 y[i0 + r, T.ramp(p * C + v * L, 1, L)] = acc[T.ramp((r * NV + v) * L, 1, L)]
 
     @T.macro
-    def tail(rest, i0, p, kc, x, wp, y, acc):  # the last m % MR rows as one tile (1 row: latency-bound)
-        if rest == 1:
-            rows(1, i0, p, kc, x, wp, y, acc)
+    def tail(rest, i0, pt, p, kc, x, wp, wloc, y, acc):  # the last m % MR rows as one tile
+        if rest == 1:  # (a 1-row tile chains one FMA per accumulator: latency-bound)
+            rows(1, i0, pt, p, kc, x, wp, wloc, y, acc)
         if rest == 2:
-            rows(2, i0, p, kc, x, wp, y, acc)
+            rows(2, i0, pt, p, kc, x, wp, wloc, y, acc)
         if rest == 3:
-            rows(3, i0, p, kc, x, wp, y, acc)
+            rows(3, i0, pt, p, kc, x, wp, wloc, y, acc)
         if rest == 4:
-            rows(4, i0, p, kc, x, wp, y, acc)
+            rows(4, i0, pt, p, kc, x, wp, wloc, y, acc)
         if rest == 5:
-            rows(5, i0, p, kc, x, wp, y, acc)
+            rows(5, i0, pt, p, kc, x, wp, wloc, y, acc)
+
+    @T.macro
+    def gather(task, kc, wp, wloc):  # in place: this task's block of W, packed (strided reads cost 2.5x)
+        if not packed:
+            for pt in range(T.min(PT, NP - task * PT)):
+                for k in range(T.min(KC, K - kc * KC)):
+                    for c in T.vectorized(C):
+                        wloc[(pt * KC + k) * C + c] = wp[kc * KC + k, (task * PT + pt) * C + c]
 
     @T.prim_func(private=True)
-    def func(x_h: T.handle, wp: T.Buffer((NP, K, C), "float32"), y_h: T.handle):
+    def func(x_h: T.handle, wp: T.Buffer(((NP, K, C) if packed else (K, N)), "float32"), y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         m = T.int64()
         x = T.match_buffer(x_h, (m, K), "float32")
         y = T.match_buffer(y_h, (m, N), "float32")
         for task in T.parallel(-(-NP // PT)):
             acc = T.alloc_buffer((6 * C,), "float32", scope="local")
+            wloc = T.alloc_buffer((1 if packed else PT * KC * C,), "float32")
             for kc in range(NKC):
+                gather(task, kc, wp, wloc)
                 for pt in range(T.min(PT, NP - task * PT)):
                     for it in range(m // MR):
-                        rows(MR, it * MR, task * PT + pt, kc, x, wp, y, acc)
-                    tail(m % MR, m // MR * MR, task * PT + pt, kc, x, wp, y, acc)
+                        rows(MR, it * MR, pt, task * PT + pt, kc, x, wp, wloc, y, acc)
+                    tail(m % MR, m // MR * MR, pt, task * PT + pt, kc, x, wp, wloc, y, acc)
 
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE, "tirx.is_scheduled": True})
 
@@ -128,7 +143,7 @@ class _Uses(relax.PyExprVisitor):
 
 @relax.expr_functor.mutator
 class _Dispatch(relax.PyExprMutator):
-    """Weights used elsewhere too (a tied embedding table) stay as they are: packing a copy would
+    """Weights used elsewhere too (a tied embedding table) are read in place: packing a copy would
     store them twice."""
 
     def __init__(self, mod, lanes: int, uses: dict):
@@ -143,17 +158,21 @@ class _Dispatch(relax.PyExprMutator):
         if call.op != tvm.ir.Op.get("relax.matmul"):
             return call
         w, shape = _weight(call.args[1]), _shape(call.args[0])
-        if w is None or self.uses.get(call.args[1], 0) != 1 or shape is None or int(shape[-1]) != w.shape[0] or w.shape[1] % panel_cols(self.lanes):
+        if w is None or shape is None or int(shape[-1]) != w.shape[0] or w.shape[1] % panel_cols(self.lanes):
             return call
-        return self._dense(call.args[0], shape, w)
+        shared = self.uses.get(call.args[1], 0) != 1
+        return self._dense(call.args[0], shape, w, call.args[1] if shared else None)
 
-    def _dense(self, x, shape, w):
+    def _dense(self, x, shape, w, shared):
         K, N = w.shape
-        if (K, N) not in self.kernels:
-            self.kernels[(K, N)] = self.builder_.add_func(dense(K, N, self.lanes), f"fq_dense_{K}_{N}")
+        key = (K, N, shared is None)
+        if key not in self.kernels:
+            name = f"fq_dense_{K}_{N}" + ("" if shared is None else "_in_place")
+            self.kernels[key] = self.builder_.add_func(dense(K, N, self.lanes, packed=shared is None), name)
+        weight = relax.const(pack(w, self.lanes)) if shared is None else shared
         flat = self.builder_.emit(relax.op.reshape(x, [-1, K])) if len(shape) != 2 else x
         rows = flat.ty.shape[0]
-        y = self.builder_.emit(relax.call_tir(self.kernels[(K, N)], [flat, relax.const(pack(w, self.lanes))],
+        y = self.builder_.emit(relax.call_tir(self.kernels[key], [flat, weight],
                                               relax.TensorType([rows, N], "float32")))
         self.count += 1
         return y if len(shape) == 2 else relax.op.reshape(y, shape[:-1] + [N])
