@@ -54,6 +54,7 @@ def relax_pipeline(target, counts: dict | None = None):
             mod = tvm.transform.Sequential([relax.transform.FastMathTransform(), relax.transform.FoldConstant(),
                                             cpu_dense.dispatch(cpu.vector_lanes(target), tally)]
                                            + cpu_pipeline.library_dispatch_passes(target)
+                                           + [relax.transform.LegalizeOps({"relax.nn.relu": _relu_keeping_nan})]
                                            + cpu_pipeline.legalize_passes(target))(mod)
             for gvar, func in list(mod.functions_items()):
                 if isinstance(func, tvm.tirx.PrimFunc) and not _scheduled(func):
@@ -66,6 +67,18 @@ def relax_pipeline(target, counts: dict | None = None):
             return restrict_single_buffer_funcs(mod)
 
     return _pipeline
+
+
+def _relu_keeping_nan(bb, call):
+    """relu as `x < 0 ? 0 : x`: TVM's max(x, 0) turns NaN into 0, where ONNX Runtime (and the user
+    chasing bad input) sees NaN."""
+    from tvm import te, tirx
+
+    def relu(x):
+        return te.compute(x.shape, lambda *i: tirx.if_then_else(x(*i) < tirx.const(0, x.dtype),
+                                                                 tirx.const(0, x.dtype), x(*i)), name="relu")
+
+    return bb.call_te(relu, call.args[0])
 
 
 def restrict_single_buffer_funcs(mod: tvm.IRModule) -> tvm.IRModule:

@@ -161,3 +161,20 @@ def test_tvm_runs_one_thread_per_physical_core():
 
     assert _threads_in_fresh_python({}) == psutil.cpu_count(logical=False)
     assert _threads_in_fresh_python({"TVM_NUM_THREADS": "1"}) == 1  # the user's choice wins
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_and_inf_reach_the_output_like_ort(mlp_onnx, encoder_onnx, tmp_path_factory, bad):
+    """A NaN or Inf in one input row shows in the outputs of the rows ORT marks (relu keeps NaN;
+    attention spreads it over the sequence) and nowhere else."""
+    for onnx_path, shape in ((mlp_onnx, (3, 32)), (encoder_onnx, (2, 5, 64))):
+        art = tmp_path_factory.getbasetemp() / f"{onnx_path.stem}.nan.host"
+        if not art.exists():
+            _compile(onnx_path, art)
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        x.reshape(-1, shape[-1])[1, 3] = bad
+        ours = load(art).run({"x": x})["y"]
+        ref = ort_run(onnx_path, {"x": x})[0]
+        assert np.array_equal(np.isfinite(ours), np.isfinite(ref)), onnx_path.stem
+        assert not np.isfinite(ref).all()
+        assert max_rel_err(np.where(np.isfinite(ref), ours, 0), np.where(np.isfinite(ref), ref, 0)) < 1e-4
