@@ -1,10 +1,12 @@
 """Whole-model latency, side by side in one run: fq-tvm fp32 / int8 / fq2 artifacts against ONNX
 Runtime fp32 and dynamic int8 on the same ONNX file and the same inputs.
 
-    python benchmarks/bench_model.py [--shapes 1x128 16x128] [--schemes fp32 int8 fq2]
+    python benchmarks/bench_model.py [--model minilm|smollm2] [--shapes 1x128 16x128] [--schemes fp32 int8 fq2]
 
-The model is all-MiniLM-L6-v2 (exported and calibrated as fq-report does); inputs are Lee
-documents truncated or padded to the sequence length. Each runner is timed in its own block of
+minilm: all-MiniLM-L6-v2 (exported and calibrated as fq-report does); inputs are Lee documents
+truncated or padded to the sequence length. smollm2: SmolLM2-135M, one forward pass (logits for
+every position, no KV cache) over Pride and Prejudice tokens; calibration 16 x 256 Wikipedia
+tokens, the tied lm_head kept fp32 (as in fq-report). Each runner is timed in its own block of
 calls (bench_layer.median_ms) so that thread pools do not steal each other's cores.
 """
 
@@ -23,44 +25,67 @@ import fq_tvm  # noqa: E402
 from fq_tvm import evaluate, realmodels  # noqa: E402
 
 
-def runners(work: Path, schemes) -> dict:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
+def _model(name: str, work: Path):
+    """(onnx path, calibration path, compile options) of a benchmark model."""
+    if name == "smollm2":
+        onnx_path = realmodels.export_smollm2(work)
+        calib = work / "smollm2_calib.npz"
+        if not calib.exists():
+            realmodels.smollm2_calib(calib, n=16, seq=256)
+        return onnx_path, calib, {"skip": "lm_head"}
     onnx_path = realmodels.export_minilm(work)
     calib = work / "minilm_calib.npz"
     if not calib.exists():
         realmodels.minilm_calib(calib)
+    return onnx_path, calib, {}
+
+
+def runners(work: Path, schemes, model: str = "minilm") -> dict:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    onnx_path, calib, options = _model(model, work)
     out = {}
     for scheme in schemes:
         t0 = time.perf_counter()
-        path = fq_tvm.compile(onnx_path, "host", work / f"bench.{scheme}", scheme=scheme, calib=calib, force=True,
-                              quiet=True)
+        path = fq_tvm.compile(onnx_path, "host", work / f"bench.{model}.{scheme}", scheme=scheme, calib=calib,
+                              force=True, quiet=True, **options)
         print(f"compiled {scheme} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         out[f"fq-tvm {scheme}"] = evaluate.artifact_runner(path)
-    int8_path = work / "minilm.ort_int8.onnx"
+    int8_path = work / f"{model}.ort_int8.onnx"
     quantize_dynamic(str(onnx_path), str(int8_path), weight_type=QuantType.QInt8, per_channel=True)
     out["ORT fp32"] = evaluate.ort_runner(onnx_path)
     out["ORT int8 (dynamic)"] = evaluate.ort_runner(int8_path)
     return out
 
 
+def feeds(model: str, shapes) -> list:
+    if model == "smollm2":
+        ids = evaluate.austen_windows(realmodels.smollm2_tokenizer(), max(b for b, _ in shapes),
+                                      max(s for _, s in shapes))
+        return [{"input_ids": ids[:batch, :seq]} for batch, seq in shapes]
+    docs, _ = realmodels.lee_corpus()
+    tokenizer = realmodels.minilm_tokenizer()
+    return [realmodels.tokenize_minilm(tokenizer, docs[:batch], max_len=seq, pad_to=seq) for batch, seq in shapes]
+
+
 def main(argv=None) -> None:
     logging.getLogger().setLevel(logging.ERROR)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="+", default=["1x128", "16x128"], help="batch x tokens (default 1x128 16x128)")
+    p.add_argument("--model", choices=["minilm", "smollm2"], default="minilm")
+    p.add_argument("--shapes", nargs="+", default=None, help="batch x tokens (minilm: 1x128 16x128; smollm2: 1x128)")
     p.add_argument("--schemes", nargs="+", default=["fp32", "int8", "fq2"])
     p.add_argument("--work", default=str(Path.home() / ".cache" / "fq-tvm" / "bench_model"))
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    table = runners(work, args.schemes)
-    docs, _ = realmodels.lee_corpus()
-    tokenizer = realmodels.minilm_tokenizer()
-    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
-    feeds = [realmodels.tokenize_minilm(tokenizer, docs[:batch], max_len=seq, pad_to=seq) for batch, seq in shapes]
-    print(f"\nall-MiniLM-L6-v2, median ms per call ({cpu_name()})")
+    table = runners(work, args.schemes, args.model)
+    shapes = [tuple(int(v) for v in s.lower().split("x"))
+              for s in (args.shapes or (["1x128"] if args.model == "smollm2" else ["1x128", "16x128"]))]
+    inputs = feeds(args.model, shapes)
+    name = "SmolLM2-135M forward" if args.model == "smollm2" else "all-MiniLM-L6-v2"
+    print(f"\n{name}, median ms per call ({cpu_name()})")
     print(f"{'':22}" + "".join(f"{f'{b}x{s}':>18}" for b, s in shapes))
-    results = {label: [median_ms(lambda: run(feed)) for feed in feeds] for label, run in table.items()}
+    results = {label: [median_ms(lambda: run(feed)) for feed in inputs] for label, run in table.items()}
     base = results["ORT fp32"]
     for label, row in results.items():
         print(f"{label:22}" + "".join(f"{t:9.2f} ({t / b:5.2f}x)" for t, b in zip(row, base)), flush=True)

@@ -129,6 +129,17 @@ def fp32_block(sch: s_tir.Schedule, block, lanes: int) -> None:
     elif (reduce and _reduces_last_axis(sch, block)) or not _constant(sch, spatial[-1]):
         _whole_rows(sch, block, spatial, reduce)
         return
+    elif reduce and _short_rows(sch, spatial[-1], lanes):
+        # a short output row (attention's P @ V, 32-128 wide) stays in registers across the
+        # reduction: one accumulator chain per vector instead of one chain for the whole row
+        outer, vec = sch.split(spatial[-1], [None, lanes])
+        sch.reorder(*spatial[:-1], *reduce, outer, vec)
+        sch.unroll(outer)
+        sch.vectorize(vec)
+        if len(spatial) > 1:
+            sch.parallel(_fuse_leading(sch, spatial[:-1]))
+        sch.decompose_reduction(block, reduce[0])
+        return
     else:
         outer, vec = sch.split(spatial[-1], [None, lanes])
         sch.reorder(*spatial[:-1], outer, *reduce, vec)
@@ -137,6 +148,11 @@ def fp32_block(sch: s_tir.Schedule, block, lanes: int) -> None:
     sch.vectorize(vec)
     if reduce:
         sch.decompose_reduction(block, reduce[0])
+
+
+def _short_rows(sch, loop, lanes: int) -> bool:
+    extent = sch.get(loop).extent
+    return isinstance(extent, tvm.tirx.IntImm) and extent.value % lanes == 0 and extent.value <= 8 * lanes
 
 
 def _reduces_last_axis(sch, block) -> bool:
