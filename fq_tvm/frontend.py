@@ -1,0 +1,188 @@
+"""The import front end: ONNX as users have it -> a graph TVM's Relax importer converts.
+
+`prepare` pins input shapes, folds constants and simplifies (onnxsim, see DESIGN.md "Import"),
+infers shapes with data propagation and names every node. `convert` runs TVM's importer with
+small per-node fixes for what it mishandles in 0.27, and turns any failure into one line naming
+the ONNX node. `FQ_DEBUG=1` shows TVM's own output and traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import tempfile
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import FqError
+
+SIMPLIFY_MAX_BYTES = 1_500_000_000  # onnxsim serialises the model: keep under the 2 GB protobuf limit
+
+
+# ---- input shapes -------------------------------------------------------------------------------
+
+def parse_input_shapes(items) -> dict:
+    """`["pixel_values=1,3,224,224", "batch=1"]` or a dict -> {name: [int, ...] or int}."""
+    if not items:
+        return {}
+    if isinstance(items, dict):
+        pairs = items.items()
+    else:
+        pairs = []
+        for item in [items] if isinstance(items, str) else items:
+            name, sep, dims = str(item).partition("=")
+            if not sep or not name.strip() or not dims.strip():
+                raise FqError(f"--input-shape '{item}': expected NAME=DIMS, e.g. pixel_values=1,3,224,224 or batch=1")
+            pairs.append((name.strip(), dims))
+    out = {}
+    for name, dims in pairs:
+        try:
+            values = [int(d) for d in dims.split(",")] if isinstance(dims, str) else [int(d) for d in np.atleast_1d(dims)]
+        except ValueError:
+            raise FqError(f"--input-shape {name}={dims}: dims must be positive integers") from None
+        if not values or min(values) < 1:
+            raise FqError(f"--input-shape {name}={dims}: dims must be positive integers")
+        out[name] = values
+    return out
+
+
+def pin_shapes(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
+    """Fix input dims: by input name (all dims) or by symbolic dim name (one int)."""
+    if not shapes:
+        return model
+    inits = {t.name for t in model.graph.initializer}
+    inputs = {v.name: v for v in model.graph.input if v.name not in inits}
+    symbols = {d.dim_param for v in inputs.values() for d in v.type.tensor_type.shape.dim if d.dim_param}
+    fixed = {}  # dim_param -> value
+    for name, dims in shapes.items():
+        if name in inputs:
+            fixed.update(_pin_input(inputs[name], dims))
+        elif name in symbols:
+            if len(dims) != 1:
+                raise FqError(f"--input-shape {name}=...: '{name}' is a symbolic dim, give one integer")
+            fixed[name] = dims[0]
+        else:
+            raise FqError(f"--input-shape {name}: no input or symbolic dim of that name (inputs: "
+                          f"{', '.join(inputs)}; symbolic dims: {', '.join(sorted(symbols)) or 'none'})")
+    for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param in fixed:
+                d.dim_value = fixed[d.dim_param]
+    return model
+
+
+def _pin_input(value, dims) -> dict:
+    shape = value.type.tensor_type.shape
+    if len(shape.dim) != len(dims):
+        raise FqError(f"--input-shape {value.name}: {len(dims)} dims given, the input has rank {len(shape.dim)}")
+    fixed = {}
+    for d, new in zip(shape.dim, dims):
+        if d.HasField("dim_value") and d.dim_value != new:
+            raise FqError(f"--input-shape {value.name}: dim {d.dim_value} is fixed in the model, not {new}")
+        if d.dim_param:
+            fixed[d.dim_param] = new
+        d.dim_value = new
+    return fixed
+
+
+# ---- simplification ------------------------------------------------------------------------------
+
+def prepare(model: onnx.ModelProto, input_shapes: dict | None = None) -> onnx.ModelProto:
+    """The model TVM's importer sees: shapes pinned, constants folded, shapes inferred, nodes named."""
+    model = pin_shapes(model, input_shapes or {})
+    model = simplify(model)
+    model = infer_shapes(model)
+    name_nodes(model)
+    return model
+
+
+def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant folding and graph simplification with onnxsim (if installed); on any failure the
+    model is returned unchanged (the importer's own error then names the node)."""
+    try:
+        import onnxsim
+    except ImportError:
+        return model
+    if model.ByteSize() > SIMPLIFY_MAX_BYTES:
+        return model
+    try:
+        with _quiet():
+            out, _ = onnxsim.simplify(model, check_n=0, certify=False)
+    except Exception:  # noqa: BLE001 - best effort; the unsimplified model still gets our fixes
+        return model
+    return _keep_tied_transposes(model, out)
+
+
+def _keep_tied_transposes(before, after) -> onnx.ModelProto:
+    """onnxsim folds Transpose(E) of a tied embedding into a second copy E^T; put the Transpose
+    back so the head reads E (passes/tied_weights.py stores it once)."""
+    old = {t.name: t for t in before.graph.initializer if len(t.dims) == 2}
+    shapes = {}
+    for t in old.values():
+        shapes.setdefault((t.dims[1], t.dims[0]), []).append(t)
+    gathered = {n.input[0] for n in after.graph.node if n.op_type == "Gather"}
+    keep = []
+    for init in after.graph.initializer:
+        twins = [t for t in shapes.get(tuple(init.dims), []) if t.name in gathered and t.name != init.name]
+        match = next((t for t in twins if np.array_equal(numpy_helper.to_array(t).T, numpy_helper.to_array(init))), None)
+        if init.name in old or match is None or len(init.dims) != 2:
+            keep.append(init)
+            continue
+        after.graph.node.insert(0, onnx.helper.make_node("Transpose", [match.name], [init.name], perm=[1, 0],
+                                                         name=f"{init.name}_tied_transpose"))
+    del after.graph.initializer[:]
+    after.graph.initializer.extend(keep)
+    return after
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Symbolic shapes for every tensor: ONNX Runtime's symbolic shape inference (sympy; relates
+    the dims of legacy exports to the input dims, e.g. 'batch*seq', where onnx's own inference
+    invents unrelated 'unk__N'), else onnx's with data propagation. Hints only: never fails."""
+    if model.ByteSize() >= SIMPLIFY_MAX_BYTES:
+        return model
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        with _quiet():
+            out = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        if out is not None:
+            return out
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001
+        return model
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give every node a unique name (errors and per-node fixes refer to nodes by name)."""
+    seen = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}" if not node.name else f"{node.name}_{i}"
+        seen.add(node.name)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence Python and C++ output (fd 1 and 2) unless FQ_DEBUG=1."""
+    if os.environ.get("FQ_DEBUG") == "1":
+        yield
+        return
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink:
+        sys.stdout.flush(), sys.stderr.flush()
+        os.dup2(sink.fileno(), 1), os.dup2(sink.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                yield
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
