@@ -111,10 +111,19 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     try:
         with _quiet():
-            out, _ = onnxsim.simplify(model, check_n=0, certify=False)
+            out, _ = onnxsim.simplify(model, check_n=0, certify=False, perform_optimization=False)
     except Exception:  # noqa: BLE001 - best effort; the unsimplified model still gets our fixes
         return model
+    _restore_node_metadata(model, out)
     return _keep_tied_transposes(model, out)
+
+
+def _restore_node_metadata(before, after) -> None:
+    """onnxsim drops nodes' metadata_props (torch's module paths, our layer names): copy them back."""
+    props = {n.name: n.metadata_props for n in before.graph.node if n.name and n.metadata_props}
+    for node in after.graph.node:
+        if node.name in props and not node.metadata_props:
+            node.metadata_props.extend(props[node.name])
 
 
 def _keep_tied_transposes(before, after) -> onnx.ModelProto:
