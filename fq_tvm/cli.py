@@ -77,6 +77,10 @@ def _compile_parser() -> argparse.ArgumentParser:
                                                  "k = round(l r); default 8)")
     p.add_argument("--calib", help=".npz of sample inputs keyed by input name, samples along axis 0 "
                                    "(needed by gptq/had/fq schemes)")
+    p.add_argument("--calib-samples", type=int, metavar="N", help="calibrate on the first N samples of --calib")
+    p.add_argument("--input-shape", action="append", metavar="NAME=DIMS",
+                   help="pin a dynamic input before import, by input name (pixel_values=1,3,224,224) or by "
+                        "symbolic dim name (batch=1); repeatable")
     p.add_argument("--skip", metavar="REGEX", help="keep layers whose name, node or weight matches REGEX in "
                                                    "fp32 (e.g. 'lm_head')")
     p.add_argument("--act-bits", type=int, choices=(8, 32), default=8,
@@ -123,7 +127,8 @@ def compile_main(argv=None):
 
     out = compile_model(args.model, args.target, args.output, scheme=args.scheme, redundancy=args.redundancy,
                         l_den=args.l_den, calib=args.calib, skip=args.skip, cuda_arch=args.cuda_arch,
-                        force=args.force, quiet=args.quiet, act_bits=args.act_bits)
+                        force=args.force, quiet=args.quiet, act_bits=args.act_bits,
+                        input_shapes=args.input_shape, calib_samples=args.calib_samples)
     print(out)
     return 0
 

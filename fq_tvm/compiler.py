@@ -30,7 +30,7 @@ def default_out_dir(model_path: Path, target_name: str, scheme: str) -> Path:
 def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redundancy: float | None = None,
             l_den: int | None = None, calib=None, skip: str | None = None, cuda_arch: str | None = None,
             force: bool = False, quiet: bool = False, records: dict | None = None, act_bits: int = 8,
-            input_shapes=None) -> Path:
+            input_shapes=None, calib_samples: int | None = None) -> Path:
     """Compile an ONNX model for `target` into an artifact directory; return its path.
 
     model: path to an .onnx file. target: a preset name (`fq-compile --list-targets`) or a TVM
@@ -40,7 +40,8 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     keep fp32. act_bits: 8 (default) quantizes each quantized layer's coded input to int8 per row
     and group and multiplies in int8 on CPUs with a dot-product ISA; 32 keeps float activations
     (`--act-bits`). input_shapes: {input or symbolic dim name: dims} or ["NAME=DIMS", ...] pins
-    dynamic dims before import (`--input-shape`). records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
+    dynamic dims before import (`--input-shape`). calib_samples: use the first N calibration
+    samples (`--calib-samples`). records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
     layers the artifact runs quantized (to check it against a numpy evaluation). A failed compile
     leaves nothing at `out_dir`.
     """
@@ -70,7 +71,7 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     layers, layer_report, quantized = {}, {}, {}
     if cfg.method != "none":
         step(f"quantizing dense layers ({cfg.name})")
-        layers, layer_report, quantized = _quantize(proto, cfg, calib, skip, quiet)
+        layers, layer_report, quantized = _quantize(proto, cfg, calib, skip, quiet, calib_samples)
     step("importing into Relax" + (" and rewriting dense layers" if layers else ""))
     mod = _import(proto, layers, layer_report, quiet, imported)
     if records is not None:  # only what the artifact really runs quantized
@@ -91,12 +92,12 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     return out_dir
 
 
-def _quantize(proto, cfg, calib, skip, quiet):
+def _quantize(proto, cfg, calib, skip, quiet, calib_samples=None):
     from .importer import param_name
     from .quantize import calibrate_layers, plan_layers, quantize_layers, to_packed
 
     plan = plan_layers(proto, skip)
-    hessians = calibrate_layers(proto, plan.chosen, calib, not quiet) if cfg.method != "rtn" else None
+    hessians = calibrate_layers(proto, plan.chosen, calib, not quiet, calib_samples) if cfg.method != "rtn" else None
     records = quantize_layers(proto, plan, cfg, hessians, not quiet)
     layers = {param_name(w): to_packed(r) for w, r in records.items()}
     report = {"layers": [_layer_entry(plan.names[layer.node], layer, records[layer.weight])

@@ -81,18 +81,26 @@ MASK_INPUT = "attention_mask"  # when the model has this input, padded positions
 _LAST_CALIBRATION: dict = {}  # one entry: compiling one model under several schemes calibrates once
 
 
-def calibrate_layers(proto, layers, calib, progress: bool = True) -> dict:
+def calibrate_layers(proto, layers, calib, progress: bool = True, samples: int | None = None) -> dict:
     """{activation name: HessianStat} for the activations read by `layers`. The last result is
-    kept in memory, keyed by digests of the model and of the calibration file, and reused."""
+    kept in memory, keyed by digests of the model and of the calibration file, and reused.
+    samples: use the first N samples (`--calib-samples`)."""
+    import sys
+
+    from . import calib_data
     from .numerics import calibrate
 
     tensors = list(dict.fromkeys(layer.activation for layer in layers))
     key = _calibration_key(proto, calib, tensors)
+    key = key and key + (samples,)
     if key is not None and key in _LAST_CALIBRATION:
         return _LAST_CALIBRATION[key]
+    data, batch, notes = calib_data.validate(proto, calib_data.read(calib), samples)
+    for note in notes if progress else []:
+        print(f"    note: {note}", file=sys.stderr)
     mask = MASK_INPUT if any(i.name == MASK_INPUT for i in proto.graph.input) else None
     try:
-        stats = calibrate(proto, calib, tensors=tensors, progress=progress, mask_input=mask)
+        stats = calibrate(proto, data, tensors=tensors, progress=progress, mask_input=mask, batch_size=batch)
     except ValueError as err:
         raise FqError(f"calibration failed: {err}") from None
     if key is not None:
