@@ -97,7 +97,7 @@ def _quantize(proto, cfg, calib, skip, quiet, calib_samples=None):
     from .quantize import calibrate_layers, plan_layers, quantize_layers, to_packed
 
     plan = plan_layers(proto, skip)
-    hessians = calibrate_layers(proto, plan.chosen, calib, not quiet, calib_samples) if cfg.method != "rtn" else None
+    hessians = calibrate_layers(proto, plan.all_uses(plan.chosen), calib, not quiet, calib_samples) if cfg.method != "rtn" else None
     records = quantize_layers(proto, plan, cfg, hessians, not quiet)
     layers = {param_name(w): to_packed(r) for w, r in records.items()}
     report = {"layers": [_layer_entry(plan.names[layer.node], layer, records[layer.weight])
