@@ -94,7 +94,10 @@ def _pin_input(value, dims) -> dict:
 def prepare(model: onnx.ModelProto, input_shapes: dict | None = None) -> onnx.ModelProto:
     """The model TVM's importer sees: shapes pinned, constants folded, shapes inferred, nodes named."""
     model = pin_shapes(model, input_shapes or {})
+    tables = {t.name: t for t in model.graph.initializer if len(t.dims) == 2}
     model = simplify(model)
+    fold_constants(model)
+    model = _keep_tied_transposes(tables, model)
     model = infer_shapes(model)
     name_nodes(model)
     return model
@@ -115,7 +118,7 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception:  # noqa: BLE001 - best effort; the unsimplified model still gets our fixes
         return model
     _restore_node_metadata(model, out)
-    return _keep_tied_transposes(model, out)
+    return out
 
 
 def _restore_node_metadata(before, after) -> None:
@@ -126,10 +129,10 @@ def _restore_node_metadata(before, after) -> None:
             node.metadata_props.extend(props[node.name])
 
 
-def _keep_tied_transposes(before, after) -> onnx.ModelProto:
-    """onnxsim folds Transpose(E) of a tied embedding into a second copy E^T; put the Transpose
-    back so the head reads E (passes/tied_weights.py stores it once)."""
-    old = {t.name: t for t in before.graph.initializer if len(t.dims) == 2}
+def _keep_tied_transposes(old: dict, after) -> onnx.ModelProto:
+    """Folding turns Transpose(E) of a tied embedding into a second copy E^T; put the Transpose
+    back so the head reads E (passes/tied_weights.py stores it once). old: the 2-D initializers
+    before folding, by name."""
     shapes = {}
     for t in old.values():
         shapes.setdefault((t.dims[1], t.dims[0]), []).append(t)
@@ -146,6 +149,53 @@ def _keep_tied_transposes(before, after) -> onnx.ModelProto:
     del after.graph.initializer[:]
     after.graph.initializer.extend(keep)
     return after
+
+
+_NOT_FOLDED = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+               "Bernoulli", "If", "Loop", "Scan"}
+
+
+def fold_constants(model: onnx.ModelProto) -> None:
+    """Evaluate nodes whose inputs are all constants (Constant nodes, DequantizeLinear of int8
+    weights, transposes...) into initializers, in place. onnxsim keeps Constant nodes and QDQ
+    pairs on purpose; we want every weight to be an initializer the planner sees."""
+    g = model.graph
+    values = {t.name: t for t in g.initializer}
+    outputs = {o.name for o in g.output}
+    kept = []
+    for node in g.node:
+        foldable = (node.domain in ("", "ai.onnx") and node.op_type not in _NOT_FOLDED
+                    and all(i in values for i in node.input if i) and not outputs & set(node.output))
+        if not foldable:
+            kept.append(node)
+            continue
+        try:
+            feeds = {i: numpy_helper.to_array(values[i]) for i in node.input if i}
+            results = _evaluate(model, node, feeds)
+        except Exception:  # noqa: BLE001 - leave the node to the importer
+            kept.append(node)
+            continue
+        for name, value in zip(node.output, results):
+            values[name] = numpy_helper.from_array(np.asarray(value), name)
+            g.initializer.append(values[name])
+    del g.node[:]
+    g.node.extend(kept)
+
+
+def _evaluate(model, node, feeds):
+    """Run one node in ONNX Runtime (onnx's reference evaluator lacks older opsets of some ops)."""
+    import onnxruntime as ort
+
+    inputs = [onnx.helper.make_tensor_value_info(i, numpy_helper.from_array(a).data_type, a.shape)
+              for i, a in feeds.items()]
+    outputs = [onnx.helper.make_value_info(o, onnx.TypeProto()) for o in node.output]
+    graph = onnx.helper.make_graph([node], "fold", inputs, outputs)
+    one = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(one.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import warnings
 
 import onnx
@@ -48,20 +49,25 @@ def to_relax(model: onnx.ModelProto) -> tuple[tvm.IRModule, dict]:
 
     check_ops(model)
     dtypes = {v["name"]: v["dtype"] for v in signature(model)["inputs"]}
-    try:
-        with warnings.catch_warnings(), _quiet(), installed(Hooks(model)):
-            warnings.simplefilter("ignore")
-            mod = relax_onnx.from_onnx(model, dtype_dict=dtypes, keep_params_in_input=True)
+    failure = None
+    with warnings.catch_warnings(), _quiet():
+        warnings.simplefilter("ignore")
+        try:
+            with installed(Hooks(model)):
+                mod = relax_onnx.from_onnx(model, dtype_dict=dtypes, keep_params_in_input=True)
             mod, params = detach_params(mod)
-    except FqError:
-        raise
-    except NodeError as err:
-        _debug_traceback(err)
-        raise FqError(f"cannot import the model: {err}") from None
-    except Exception as err:
-        _debug_traceback(err)
-        text = [line for line in str(err).strip().splitlines() if line.strip()]
-        raise FqError(f"TVM's ONNX importer failed: {text[-1].strip() if text else type(err).__name__}") from None
+        except FqError as err:
+            failure = str(err)
+        except NodeError as err:
+            _debug_traceback(err)
+            failure = f"cannot import the model: {err}"
+        except Exception as err:  # noqa: BLE001 - TVM raises many kinds; one line for all
+            _debug_traceback(err)
+            text = [line for line in str(err).strip().splitlines() if line.strip()]
+            failure = f"TVM's ONNX importer failed: {text[-1].strip() if text else type(err).__name__}"
+        gc.collect()  # TVM warns when the failed import's BlockBuilder is freed: do it while quiet
+    if failure:
+        raise FqError(failure)
     func = mod["main"]
     num_inputs = int(func.attrs["num_input"])
     names = [var.name for var in func.params[num_inputs:]]
