@@ -89,11 +89,62 @@ def _pin_input(value, dims) -> dict:
     return fixed
 
 
+# ---- fp16 / bf16 models -----------------------------------------------------------------------------
+
+_HALF = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+_FLOAT = onnx.TensorProto.FLOAT
+
+
+def to_float32(model: onnx.ModelProto) -> None:
+    """Compute an fp16 / bf16 model in fp32, in place: weights widened (quantization then starts
+    from the stored values), casts to half retargeted to float; half inputs and outputs keep
+    their type through a Cast at the graph's edge."""
+    g = model.graph
+    if not any(t.data_type in _HALF for t in g.initializer) and not any(
+            v.type.tensor_type.elem_type in _HALF for v in list(g.input) + list(g.output)):
+        return
+    for i, init in enumerate(g.initializer):
+        if init.data_type in _HALF:
+            wide = numpy_helper.to_array(init).astype(np.float32)
+            g.initializer[i].CopyFrom(numpy_helper.from_array(wide, init.name))
+    for node in g.node:
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i in _HALF:
+                attr.i = _FLOAT
+            elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in _HALF:
+                attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float32), attr.t.name))
+    _cast_edges(g)
+    del g.value_info[:]
+
+
+def _cast_edges(g) -> None:
+    inits = {t.name for t in g.initializer}
+    head, tail = [], []
+    for value in g.input:
+        if value.name not in inits and value.type.tensor_type.elem_type in _HALF:
+            wide = f"{value.name}__fp32"
+            for node in g.node:
+                node.input[:] = [wide if i == value.name else i for i in node.input]
+            head.append(onnx.helper.make_node("Cast", [value.name], [wide], to=_FLOAT, name=f"{wide}_cast"))
+    for value in g.output:
+        half = value.type.tensor_type.elem_type
+        if half in _HALF:
+            wide = f"{value.name}__fp32"
+            for node in g.node:
+                node.output[:] = [wide if o == value.name else o for o in node.output]
+                node.input[:] = [wide if i == value.name else i for i in node.input]
+            tail.append(onnx.helper.make_node("Cast", [wide], [value.name], to=half, name=f"{wide}_cast"))
+    nodes = head + list(g.node) + tail
+    del g.node[:]
+    g.node.extend(nodes)
+
+
 # ---- simplification ------------------------------------------------------------------------------
 
 def prepare(model: onnx.ModelProto, input_shapes: dict | None = None) -> onnx.ModelProto:
     """The model TVM's importer sees: shapes pinned, constants folded, shapes inferred, nodes named."""
     model = pin_shapes(model, input_shapes or {})
+    to_float32(model)
     tables = {t.name: t for t in model.graph.initializer if len(t.dims) == 2}
     model = simplify(model)
     fold_constants(model)

@@ -139,6 +139,25 @@ def test_gemm_alpha_beta(tmp_path):
     _fq2(path, tmp_path)
 
 
+def test_fp16_model_computes_fp32(tmp_path):
+    """fp16 weights and I/O: the artifact keeps fp16 inputs and outputs and computes in fp32."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="fc"), helper.make_node("Relu", ["h"], ["y"])]
+    inp = [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["n", K])]
+    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["n", K])]
+    path = _model(nodes, [_w((K, K), dtype=np.float16)], tmp_path / "h.onnx", inputs=inp, outputs=out)
+    x = _x().astype(np.float16)
+    art = fq_tvm.compile(path, "host", tmp_path / "fp32", quiet=True)
+    ours = fq_tvm.load(art).run({"x": x})["y"]
+    assert ours.dtype == np.float16 and max_rel_err(ours, _ort_plain(path, {"x": x})[0].astype(np.float32)) < 2e-3
+    records = {}
+    art = fq_tvm.compile(path, "host", tmp_path / "fq2", scheme="fq2", calib=_calib(tmp_path), quiet=True,
+                         records=records, act_bits=32)
+    sim = tmp_path / "sim.onnx"
+    onnx.save(simulated_model(prepare(onnx.load(str(path))), records), str(sim))
+    ours = fq_tvm.load(art).run({"x": x})["y"].astype(np.float32)
+    assert len(records) == 1 and max_rel_err(ours, ort_run(sim, {"x": x})[0].astype(np.float32)) < 2e-3
+
+
 def test_external_data_model(tmp_path):
     path = _model([helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")], [_w((K, K))], tmp_path / "e.onnx")
     model = onnx.load(str(path))
