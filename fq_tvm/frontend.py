@@ -231,6 +231,20 @@ def fold_constants(model: onnx.ModelProto) -> None:
             g.initializer.append(values[name])
     del g.node[:]
     g.node.extend(kept)
+    _drop_unused_initializers(g)
+
+
+def _drop_unused_initializers(g) -> None:
+    """Initializers nothing reads any more (the int8 source of a folded DequantizeLinear)."""
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    dropped = {t.name for t in g.initializer if t.name not in used}
+    if not dropped:
+        return
+    keep = [t for t in g.initializer if t.name not in dropped]
+    inputs = [v for v in g.input if v.name not in dropped]
+    del g.initializer[:], g.input[:]
+    g.initializer.extend(keep)
+    g.input.extend(inputs)
 
 
 def _evaluate(model, node, feeds):

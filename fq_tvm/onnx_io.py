@@ -42,6 +42,10 @@ def check_model(model: onnx.ModelProto, where: str = "model") -> None:
         dims = value.type.tensor_type.shape.dim
         if any(d.HasField("dim_value") and d.dim_value == 0 for d in dims):
             raise FqError(f"{where}: input '{value.name}' has a dim of size 0")
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.FLOAT and not np.isfinite(attr.f):
+                raise FqError(f"{where}: node '{node.name or node.op_type}' ({node.op_type}) has {attr.name} = {attr.f}")
     full = model.ByteSize() < 2_000_000_000  # full shape inference needs the whole proto in memory
     try:
         onnx.checker.check_model(model, full_check=full)

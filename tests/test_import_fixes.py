@@ -313,3 +313,17 @@ def test_no_outputs_zero_dim_and_shape_inference_failure(tmp_path, capsys):
     del model.graph.input[0].type.tensor_type.shape.dim[0]  # x becomes rank 1: MatMul shapes clash
     model.graph.initializer[0].CopyFrom(_w((K + 1, K)))
     _invalid(tmp_path, capsys, model, "fails the ONNX checker")
+
+
+def test_gemm_alpha_nan_refused(tmp_path, capsys):
+    gemm = helper.make_node("Gemm", ["x", "W"], ["y"], alpha=float("nan"), name="fc")
+    model = onnx.load(str(_model([gemm], [_w((K, K))], tmp_path / "g.onnx")))
+    _invalid(tmp_path, capsys, model, "node 'fc' (Gemm) has alpha = nan")
+
+
+def test_qdq_source_weights_are_dropped(tmp_path):
+    q = numpy_helper.from_array(np.ones((K, K), np.int8), "Wq")
+    nodes = [helper.make_node("DequantizeLinear", ["Wq", "s"], ["W"], name="dq"),
+             helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")]
+    path = _model(nodes, [q, numpy_helper.from_array(np.array(0.5, np.float32), "s")], tmp_path / "q.onnx")
+    assert [t.name for t in prepare(onnx.load(str(path))).graph.initializer] == ["W"]
