@@ -225,17 +225,28 @@ def test_input_shape_errors(tmp_path, capsys, pin, message):
 
 # ---- import errors: one line, naming the node, before calibration -------------------------------
 
-def test_import_failure_names_node_fast_and_quiet(tmp_path, capfd):
-    """Reshape to a shape read from a run-time input of unknown length cannot be imported; the
-    error names the node, comes before calibration (the calibration file lacks inputs on
-    purpose), and nothing else reaches stdout / stderr."""
+def _unimportable(tmp_path):
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="fc"),
              helper.make_node("Reshape", ["h", "s"], ["y"], name="bad_reshape")]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", K]),
               helper.make_tensor_value_info("s", TensorProto.INT64, ["r"])]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
     outputs[0].type.tensor_type.shape.SetInParent()  # unknown rank is not allowed; a shape of no dims
-    path = _model(nodes, [_w((K, K))], tmp_path / "bad.onnx", inputs=inputs, outputs=outputs)
+    return _model(nodes, [_w((K, K))], tmp_path / "bad.onnx", inputs=inputs, outputs=outputs)
+
+
+def test_fq_debug_shows_tvm_detail(tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("FQ_DEBUG", "1")
+    assert compile_main([str(_unimportable(tmp_path)), "-o", str(tmp_path / "o"), "-q"]) == 1
+    err = capfd.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("fq-compile: error: cannot import")
+
+
+def test_import_failure_names_node_fast_and_quiet(tmp_path, capfd):
+    """Reshape to a shape read from a run-time input of unknown length cannot be imported; the
+    error names the node, comes before calibration (the calibration file lacks inputs on
+    purpose), and nothing else reaches stdout / stderr."""
+    path = _unimportable(tmp_path)
     np.savez(tmp_path / "c.npz", wrong=np.ones(3))
     start = time.time()
     code = compile_main([str(path), "-o", str(tmp_path / "o"), "-q", "--scheme", "fq2", "--calib",
