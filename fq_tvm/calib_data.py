@@ -113,3 +113,64 @@ def read(calib) -> dict:
         raise
     except Exception as err:  # noqa: BLE001 - any unreadable file is one line
         raise FqError(f"{calib}: not a readable .npz calibration file ({str(err).splitlines()[0][:200]})") from None
+
+
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+MAX_TEXT_SAMPLES = 64
+DEFAULT_SEQ = 128
+
+
+def from_text(model_path, text_path, tokenizer_dir, samples: int | None = None) -> dict:
+    """Calibration inputs for a token-id model from a plain text file (one sample per paragraph,
+    paragraphs split by blank lines) and a `tokenizers` tokenizer.json (`--calib-text --tokenizer`).
+    Padded / truncated to the model's static sequence length, else to the longest paragraph (at
+    most 128 tokens)."""
+    from pathlib import Path
+
+    texts = _paragraphs(Path(text_path))
+    tok = _tokenizer(Path(tokenizer_dir))
+    from .onnx_io import load_model
+
+    inputs = list(_inputs(load_model(model_path)))
+    other = [name for name, _, _ in inputs if name not in TEXT_INPUTS]
+    if other or not any(name == "input_ids" for name, _, _ in inputs):
+        raise FqError(f"--calib-text builds only {', '.join(TEXT_INPUTS)}; the model's inputs are "
+                      f"{', '.join(n for n, _, _ in inputs)}: pass --calib FILE.npz")
+    texts = texts[: samples or MAX_TEXT_SAMPLES]
+    dims = next(d for n, _, d in inputs if n == "input_ids")
+    seq = dims[1] if len(dims) > 1 and isinstance(dims[1], int) else None
+    encodings = tok.encode_batch(texts)
+    seq = seq or min(max(len(e.ids) for e in encodings), DEFAULT_SEQ)
+    arrays = {name: np.zeros((len(texts), seq), np.int64) for name in TEXT_INPUTS}
+    for row, enc in enumerate(encodings):
+        n = min(len(enc.ids), seq)
+        arrays["input_ids"][row, :n] = enc.ids[:n]
+        arrays["attention_mask"][row, :n] = 1
+        arrays["token_type_ids"][row, :n] = enc.type_ids[:n]
+    return {name: arrays[name] for name, _, _ in inputs}
+
+
+def _paragraphs(path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise FqError(f"{path}: cannot read the calibration text ({err.strerror or err})") from None
+    paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]
+    paragraphs = [p for p in paragraphs if p]
+    if not paragraphs:
+        raise FqError(f"{path}: the calibration text is empty")
+    return paragraphs
+
+
+def _tokenizer(path):
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise FqError("--calib-text needs the 'tokenizers' package: pip install tokenizers") from None
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FqError(f"{path}: no tokenizer.json there (--tokenizer takes a directory with tokenizer.json or the file)")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as err:  # noqa: BLE001
+        raise FqError(f"{file}: not a readable tokenizer.json ({str(err).splitlines()[0][:200]})") from None

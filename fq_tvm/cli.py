@@ -78,6 +78,9 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", help=".npz of sample inputs keyed by input name, samples along axis 0 "
                                    "(needed by gptq/had/fq schemes)")
     p.add_argument("--calib-samples", type=int, metavar="N", help="calibrate on the first N samples of --calib")
+    p.add_argument("--calib-text", metavar="FILE", help="token-id models: calibrate on this plain text file (one "
+                                                        "sample per paragraph) tokenized with --tokenizer")
+    p.add_argument("--tokenizer", metavar="DIR", help="directory with tokenizer.json (or the file) for --calib-text")
     p.add_argument("--input-shape", action="append", metavar="NAME=DIMS",
                    help="pin a dynamic input before import, by input name (pixel_values=1,3,224,224) or by "
                         "symbolic dim name (batch=1); repeatable")
@@ -125,12 +128,27 @@ def compile_main(argv=None):
         raise FqError("no model given; usage: fq-compile MODEL.onnx --target TARGET -o OUT_DIR (see --help)")
     from .compiler import compile as compile_model
 
+    calib = args.calib
+    if args.calib_text or args.tokenizer:
+        calib = _text_calibration(args)
     out = compile_model(args.model, args.target, args.output, scheme=args.scheme, redundancy=args.redundancy,
-                        l_den=args.l_den, calib=args.calib, skip=args.skip, cuda_arch=args.cuda_arch,
+                        l_den=args.l_den, calib=calib, skip=args.skip, cuda_arch=args.cuda_arch,
                         force=args.force, quiet=args.quiet, act_bits=args.act_bits,
                         input_shapes=args.input_shape, calib_samples=args.calib_samples)
     print(out)
     return 0
+
+
+def _text_calibration(args) -> dict:
+    from .calib_data import from_text
+
+    if not (args.calib_text and args.tokenizer):
+        raise FqError("--calib-text and --tokenizer go together")
+    if args.calib:
+        raise FqError("give --calib or --calib-text, not both")
+    if not os.path.isfile(args.model):
+        raise FqError(f"{args.model}: no such file")
+    return from_text(args.model, args.calib_text, args.tokenizer, args.calib_samples)
 
 
 def _run_parser() -> argparse.ArgumentParser:

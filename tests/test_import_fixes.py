@@ -338,3 +338,38 @@ def test_qdq_source_weights_are_dropped(tmp_path):
              helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")]
     path = _model(nodes, [q, numpy_helper.from_array(np.array(0.5, np.float32), "s")], tmp_path / "q.onnx")
     assert [t.name for t in prepare(onnx.load(str(path))).graph.initializer] == ["W"]
+
+
+def _token_model(tmp_path):
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"]) for n in ("input_ids", "attention_mask")]
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "W"], ["h"], name="fc"),
+             helper.make_node("Unsqueeze", ["attention_mask", "axis"], ["m"], name="unsq"),
+             helper.make_node("Cast", ["m"], ["mf"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("Mul", ["h", "mf"], ["y"], name="masked")]
+    inits = [_w((40, K), name="E"), _w((K, K)), numpy_helper.from_array(np.array([2], np.int64), "axis")]
+    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", K])]
+    return _model(nodes, inits, tmp_path / "tok.onnx", inputs=inputs, outputs=out)
+
+
+def _word_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = "the a cat dog sat on mat and ran far away quick brown fox jumps over lazy".split()
+    tok = Tokenizer(models.WordLevel({w: i + 1 for i, w in enumerate(words)} | {"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    return tmp_path
+
+
+def test_calibration_from_text(tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat\n\nthe quick brown fox jumps over the lazy dog\n\na dog ran far away\n")
+    out = tmp_path / "o"
+    assert compile_main([str(_token_model(tmp_path)), "-o", str(out), "-q", "--scheme", "gptq2", "--calib-text",
+                         str(text), "--tokenizer", str(_word_tokenizer(tmp_path))]) == 0
+    assert [e["name"] for e in json.loads((out / "manifest.json").read_text())["layers"]] == ["fc"]
+    assert compile_main([str(_linear(tmp_path)), "-o", str(tmp_path / "o2"), "-q", "--scheme", "gptq2",
+                         "--calib-text", str(text), "--tokenizer", str(tmp_path)]) == 1
+    assert "--calib-text builds only input_ids" in capsys.readouterr().err
