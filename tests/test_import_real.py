@@ -146,3 +146,57 @@ def test_fq2_matches_simulation(tmp_path, exported, kind, dynamo, opset, dynamic
     for batch, seq in _shapes(dynamic):
         feed = _feed(kind, batch, seq, seed=batch)
         assert max_rel_err(list(model.run(feed).values())[0], ort_run(sim, feed)[0]) < 1e-4
+
+
+def _other(kind):
+    """Tiny GPT-2, DistilBERT and transformers' ViT: (module, example inputs, input names)."""
+    torch.manual_seed(0)
+    if kind == "vit":
+        cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=128)
+        model, example = transformers.ViTModel(cfg), {"pixel_values": torch.randn(2, 3, 32, 32)}
+    else:
+        if kind == "gpt2":
+            model = transformers.GPT2Model(transformers.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4,
+                                                                   n_positions=64))
+        else:
+            model = transformers.DistilBertModel(transformers.DistilBertConfig(
+                vocab_size=100, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64))
+        example = {k: torch.from_numpy(v) for k, v in _feed("bert", 2, 8).items()}
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model.eval()
+
+        def forward(self, *args):
+            kw = dict(zip(example, args)) | ({"use_cache": False} if kind == "gpt2" else {})
+            return self.m(**kw).last_hidden_state
+
+    return Wrap(), example
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["gpt2", "distilbert", "vit"])
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_other_models_dynamic_batch(tmp_path, kind, dynamo):
+    """Dynamo here uses torch's defaults (opset 20, weights in a side .onnx.data file)."""
+    model, example = _other(kind)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if dynamo:
+            batch = torch.export.Dim("batch", min=1, max=32)
+            torch.onnx.export(model, tuple(example.values()), str(path), dynamo=True, input_names=list(example),
+                              output_names=["out"], dynamic_shapes={"args": tuple({0: batch} for _ in example)})
+        else:
+            torch.onnx.export(model, tuple(example.values()), str(path), dynamo=False, opset_version=17,
+                              input_names=list(example), output_names=["out"],
+                              dynamic_axes={n: {0: "batch"} for n in [*example, "out"]})
+    art = fq_tvm.load(fq_tvm.compile(path, "host", tmp_path / "fp32", quiet=True))
+    for batch in (1, 3):
+        if kind == "vit":
+            feed = {"pixel_values": np.random.default_rng(batch).standard_normal((batch, 3, 32, 32)).astype(np.float32)}
+        else:
+            feed = _feed("bert", batch, 8, seed=batch)
+        assert max_rel_err(art.run(feed)["out"], ort_run(path, feed)[0]) < 1e-4
