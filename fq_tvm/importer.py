@@ -28,7 +28,9 @@ def check_ops(model: onnx.ModelProto) -> None:
         if node.domain not in ("", "ai.onnx") or node.op_type not in known:
             name = node.name or f"#{i}"
             domain = f" (domain '{node.domain}')" if node.domain not in ("", "ai.onnx") else ""
-            raise FqError(f"unsupported ONNX op '{node.op_type}'{domain} at node '{name}'")
+            hint = " (its sequence length must be static to unroll it: pin it with --input-shape)" \
+                if node.op_type == "LSTM" else ""
+            raise FqError(f"unsupported ONNX op '{node.op_type}'{domain} at node '{name}'{hint}")
 
 
 def param_name(initializer_name: str) -> str:

@@ -51,7 +51,14 @@ def _constant_of_shape(bb, inputs, attr, params, opset):
     if isinstance(shape, relax.ShapeExpr) and all(isinstance(d, tirx.IntImm) for d in shape.values):
         return relax.const(np.full([int(d) for d in shape.values], value), str(value.dtype))
     if not isinstance(shape, relax.ShapeExpr):
-        shape = relax.op.tensor_to_shape(shape)
+        # upstream passes tensor_to_shape(...) straight to broadcast_to, whose legalization then
+        # asserts (the target is a Var not bound to a ShapeExpr); bind fresh dims instead
+        ty = shape.ty
+        if isinstance(ty, relax.TensorType) and isinstance(ty.shape, relax.ShapeExpr) and ty.ndim == 1:
+            shape = bb.normalize(relax.op.astype(shape, "int64"))
+            shape = tvm_onnx._tensor_to_shape_expr(bb, shape, int(ty.shape.values[0]), "fill_dim")
+        else:
+            shape = relax.op.tensor_to_shape(shape)
     return relax.op.broadcast_to(relax.const(value, str(value.dtype)), shape)
 
 

@@ -6,6 +6,7 @@ against ONNX Runtime (fp32) and the float simulation of the same codes (fq2, act
 
 import json
 import time
+import warnings
 
 import numpy as np
 import onnx
@@ -373,3 +374,44 @@ def test_calibration_from_text(tmp_path, capsys):
     assert compile_main([str(_linear(tmp_path)), "-o", str(tmp_path / "o2"), "-q", "--scheme", "gptq2",
                          "--calib-text", str(text), "--tokenizer", str(tmp_path)]) == 1
     assert "--calib-text builds only input_ids" in capsys.readouterr().err
+
+
+def _crnn(path):
+    torch = pytest.importorskip("torch")
+
+    class Crnn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = torch.nn.Conv1d(16, 64, 3, padding=1)
+            self.lstm = torch.nn.LSTM(64, 64, batch_first=True, bidirectional=True)
+            self.fc = torch.nn.Linear(128, 40)
+
+        def forward(self, x):
+            return self.fc(self.lstm(torch.relu(self.conv(x)).transpose(1, 2))[0])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Crnn().eval(), (torch.randn(2, 16, 12),), str(path), dynamo=False, opset_version=14,
+                          input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch", 2: "time"}, "y": {0: "batch", 1: "time"}})
+    return path
+
+
+def test_lstm_unrolled_when_time_is_pinned(tmp_path, capsys):
+    """A bidirectional LSTM (no TVM converter) is unrolled once its length is static: fp32 matches
+    ORT; fq2 quantizes W and R of each direction once (R is shared by the 12 steps) and the head."""
+    path = _crnn(tmp_path / "crnn.onnx")
+    assert compile_main([str(path), "-o", str(tmp_path / "o"), "-q"]) == 1
+    assert "pin it with --input-shape" in capsys.readouterr().err
+    x = np.random.default_rng(0).standard_normal((3, 16, 12)).astype(np.float32)
+    art = fq_tvm.compile(path, "host", tmp_path / "fp32", quiet=True, input_shapes=["time=12"])
+    assert max_rel_err(fq_tvm.load(art).run({"x": x})["y"], _ort_plain(path, {"x": x})[0]) < 1e-4
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(1).standard_normal((16, 16, 12)).astype(np.float32))
+    records = {}
+    art = fq_tvm.compile(path, "host", tmp_path / "fq2", scheme="fq2", calib=tmp_path / "c.npz", quiet=True,
+                         records=records, act_bits=32, input_shapes=["time=12"])
+    assert len(records) == 5
+    sim = tmp_path / "sim.onnx"
+    onnx.save(simulated_model(prepare(onnx.load(str(path)), {"time": [12]}), records), str(sim))
+    assert max_rel_err(fq_tvm.load(art).run({"x": x})["y"], ort_run(sim, {"x": x})[0]) < 1e-4
