@@ -168,7 +168,7 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     if model.ByteSize() > SIMPLIFY_MAX_BYTES:
         return model
     try:
-        with _quiet():
+        with quiet_output():
             out, _ = onnxsim.simplify(model, check_n=0, certify=False, perform_optimization=False)
     except Exception:  # noqa: BLE001 - best effort; the unsimplified model still gets our fixes
         return model
@@ -276,7 +276,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        with _quiet():
+        with quiet_output():
             out = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
         if out is not None:
             return out
@@ -298,7 +298,7 @@ def name_nodes(model: onnx.ModelProto) -> None:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_output():
     """Silence Python and C++ output (fd 1 and 2) unless FQ_DEBUG=1."""
     if os.environ.get("FQ_DEBUG") == "1":
         yield

@@ -46,13 +46,13 @@ def to_relax(model: onnx.ModelProto) -> tuple[tvm.IRModule, dict]:
     once the graph rewrites that need the names are done. A failure is one FqError line naming
     the ONNX node; FQ_DEBUG=1 also shows TVM's output and traceback.
     """
-    from .frontend import _quiet
+    from .frontend import quiet_output
     from .onnx_fix import Hooks, NodeError, installed
 
     check_ops(model)
     dtypes = {v["name"]: v["dtype"] for v in signature(model)["inputs"]}
     failure = None
-    with warnings.catch_warnings(), _quiet():
+    with warnings.catch_warnings(), quiet_output():
         warnings.simplefilter("ignore")
         try:
             with installed(Hooks(model)):
