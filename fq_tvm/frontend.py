@@ -151,7 +151,7 @@ def prepare(model: onnx.ModelProto, input_shapes: dict | None = None) -> onnx.Mo
     fold_constants(model)
     model = _keep_tied_transposes(tables, model)
     model = infer_shapes(model)
-    if unroll_lstms(model):
+    if unroll_lstms(model) | plain_dense_forms(model):
         _drop_unused_initializers(model.graph)
         model = infer_shapes(model)
     name_nodes(model)
@@ -265,6 +265,47 @@ def _evaluate(model, node, feeds):
     opts.log_severity_level = 3
     session = ort.InferenceSession(one.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
+
+
+def plain_dense_forms(model: onnx.ModelProto) -> bool:
+    """Rewrite dense ops the planner cannot take into its form `x @ W`, in place; True if any:
+    Gemm(transA=1) reads Transpose(A); MatMul(W, x) with a 2-D constant W [M, K] and x of known
+    rank r >= 2 becomes Transpose(MatMul(Transpose(x), W^T)), swapping the last two axes."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in list(g.value_info) + list(g.input)
+             if v.type.tensor_type.HasField("shape")}
+    nodes, changed = [], False
+    for i, node in enumerate(g.node):
+        a = node.input[0] if node.input else ""
+        if node.op_type == "Gemm" and a not in inits and any(x.name == "transA" and x.i for x in node.attribute):
+            at = f"{a}__transposed_{i}"
+            nodes.append(onnx.helper.make_node("Transpose", [a], [at], perm=[1, 0], name=f"{at}_op"))
+            for x in node.attribute:
+                if x.name == "transA":
+                    x.i = 0
+            node.input[0] = at
+            changed = True
+        elif (node.op_type == "MatMul" and a in inits and len(inits[a].dims) == 2 and node.input[1] not in inits
+              and ranks.get(node.input[1], 0) >= 2):
+            nodes.extend(_left_matmul(node, inits[a], ranks[node.input[1]], g, i))
+            changed = True
+            continue
+        nodes.append(node)
+    if changed:
+        del g.node[:]
+        g.node.extend(nodes)
+    return changed
+
+
+def _left_matmul(node, weight, rank, g, i):
+    perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+    wt = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(weight).T), f"{weight.name}__T")
+    g.initializer.append(wt)
+    xt, yt = f"{node.output[0]}__xt_{i}", f"{node.output[0]}__yt_{i}"
+    return [onnx.helper.make_node("Transpose", [node.input[1]], [xt], perm=perm, name=f"{xt}_op"),
+            onnx.helper.make_node("MatMul", [xt, wt.name], [yt], name=node.name or f"MatMul_{i}"),
+            onnx.helper.make_node("Transpose", [yt], [node.output[0]], perm=perm, name=f"{yt}_op")]
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

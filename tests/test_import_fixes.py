@@ -120,16 +120,32 @@ def test_shared_weight_is_one_layer(tmp_path):
     assert 0 < manifest["weights"]["bytes"] < 4 * K * K
 
 
-def test_unsupported_constant_weights_are_listed(tmp_path):
+def test_gemm_transa_and_constant_on_the_left(tmp_path):
+    """Gemm(transA=1) and MatMul(W, x) are rewritten into the planner's form: both quantized."""
     nodes = [helper.make_node("Gemm", ["xt", "W"], ["g"], transA=1, name="gemm_ta"),
              helper.make_node("MatMul", ["W2", "g"], ["y"], name="left")]
-    inp = [helper.make_tensor_value_info("xt", TensorProto.FLOAT, [K, 4])]
+    inp = [helper.make_tensor_value_info("xt", TensorProto.FLOAT, [K, 40])]
     out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [K, K])]
-    path = _model(nodes, [_w((K, K)), _w((K, 4), name="W2")], tmp_path / "odd.onnx", inputs=inp, outputs=out)
-    np.savez(tmp_path / "c.npz", xt=np.ones((K, 4), np.float32))
+    path = _model(nodes, [_w((K, K)), _w((K, 40), name="W2")], tmp_path / "odd.onnx", inputs=inp, outputs=out)
+    feed = {"xt": np.random.default_rng(0).standard_normal((K, 40)).astype(np.float32)}
+    _fp32_matches(path, tmp_path, feed)
+    np.savez(tmp_path / "c.npz", xt=np.random.default_rng(1).standard_normal((K, 40)).astype(np.float32))
+    records = {}
+    art = fq_tvm.compile(path, "host", tmp_path / "q", scheme="fq2", calib=tmp_path / "c.npz", quiet=True,
+                         records=records, act_bits=32)
+    assert sorted(e["name"] for e in json.loads((art / "manifest.json").read_text())["layers"]) == ["gemm_ta", "left"]
+    sim = tmp_path / "sim.onnx"
+    onnx.save(simulated_model(prepare(onnx.load(str(path))), records), str(sim))
+    assert max_rel_err(fq_tvm.load(art).run(feed)["y"], ort_run(sim, feed)[0]) < 1e-4
+
+
+def test_batched_constant_weight_is_listed(tmp_path):
+    path = _model([helper.make_node("MatMul", ["x3", "W3"], ["y"], name="batched")], [_w((2, K, K), name="W3")],
+                  tmp_path / "b.onnx", inputs=[helper.make_tensor_value_info("x3", TensorProto.FLOAT, [2, 5, K])],
+                  outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, K])])
     art = fq_tvm.compile(path, "host", tmp_path / "a", scheme="rtn2", quiet=True)
-    reasons = {e["name"]: e["reason"] for e in json.loads((art / "manifest.json").read_text())["skipped"]}
-    assert "transA" in reasons["gemm_ta"] and "left operand" in reasons["left"]
+    (entry,) = json.loads((art / "manifest.json").read_text())["skipped"]
+    assert entry["name"] == "batched" and "rank 3" in entry["reason"]
 
 
 def test_gemm_alpha_beta(tmp_path):
