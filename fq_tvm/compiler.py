@@ -65,7 +65,7 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     if out_dir.exists() and not force:
         raise FqError(f"{out_dir} already exists; pass --force (force=True) to replace it")
     step = Steps(6 if cfg.method != "none" else 4, quiet)
-    step(f"loading {model_path}")
+    step(f"loading and importing {model_path}")
     proto = onnx_io.load_model(model_path)
     imported, proto = _import_first(proto, input_shapes)
     layers, layer_report, quantized = {}, {}, {}
