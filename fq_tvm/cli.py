@@ -98,6 +98,13 @@ def _compile_parser() -> argparse.ArgumentParser:
                                                  "k = round(l r); default 8)")
     p.add_argument("--calib", help=".npz of sample inputs keyed by input name, samples along axis 0 "
                                    "(needed by gptq/had/fq schemes)")
+    p.add_argument("--calib-samples", type=int, metavar="N", help="calibrate on the first N samples of --calib")
+    p.add_argument("--calib-text", metavar="FILE", help="token-id models: calibrate on this plain text file (one "
+                                                        "sample per paragraph) tokenized with --tokenizer")
+    p.add_argument("--tokenizer", metavar="DIR", help="directory with tokenizer.json (or the file) for --calib-text")
+    p.add_argument("--input-shape", action="append", metavar="NAME=DIMS",
+                   help="pin a dynamic input before import, by input name (pixel_values=1,3,224,224) or by "
+                        "symbolic dim name (batch=1); repeatable")
     p.add_argument("--skip", metavar="REGEX", help="keep layers whose name, node or weight matches REGEX in "
                                                    "fp32 (e.g. 'lm_head')")
     p.add_argument("--act-bits", type=int, choices=(8, 32), default=8,
@@ -142,9 +149,13 @@ def compile_main(argv=None):
     from .compiler import compile as compile_model
 
     start = time.monotonic()
+    calib = args.calib
+    if args.calib_text or args.tokenizer:
+        calib = _text_calibration(args)
     out = compile_model(args.model, args.target, args.output, scheme=args.scheme, redundancy=args.redundancy,
-                        l_den=args.l_den, calib=args.calib, skip=args.skip, cuda_arch=args.cuda_arch,
-                        force=args.force, quiet=args.quiet, act_bits=args.act_bits)
+                        l_den=args.l_den, calib=calib, skip=args.skip, cuda_arch=args.cuda_arch,
+                        force=args.force, quiet=args.quiet, act_bits=args.act_bits,
+                        input_shapes=args.input_shape, calib_samples=args.calib_samples)
     info = summary(out, time.monotonic() - start)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -152,6 +163,18 @@ def compile_main(argv=None):
         print(summary_text(info), file=sys.stderr)
         print(out)
     return 0
+
+
+def _text_calibration(args) -> dict:
+    from .calib_data import from_text
+
+    if not (args.calib_text and args.tokenizer):
+        raise FqError("--calib-text and --tokenizer go together")
+    if args.calib:
+        raise FqError("give --calib or --calib-text, not both")
+    if not os.path.isfile(args.model):
+        raise FqError(f"{args.model}: no such file")
+    return from_text(args.model, args.calib_text, args.tokenizer, args.calib_samples)
 
 
 def _run_parser() -> argparse.ArgumentParser:

@@ -37,7 +37,8 @@ def default_out_dir(model_path: Path, target_name: str, scheme: str) -> Path:
 
 def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redundancy: float | None = None,
             l_den: int | None = None, calib=None, skip: str | None = None, cuda_arch: str | None = None,
-            force: bool = False, quiet: bool = False, records: dict | None = None, act_bits: int = 8) -> Path:
+            force: bool = False, quiet: bool = False, records: dict | None = None, act_bits: int = 8,
+            input_shapes=None, calib_samples: int | None = None) -> Path:
     """Compile an ONNX model for `target` into an artifact directory; return its path.
 
     model: path to an .onnx file. target: a preset name (`fq-compile --list-targets`) or a TVM
@@ -46,7 +47,9 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     keyed by input name, samples along axis 0 (needed by gptq/had/fq). skip: regex of layers to
     keep fp32. act_bits: 8 (default) quantizes each quantized layer's coded input to int8 per row
     and group and multiplies in int8 on CPUs with a dot-product ISA; 32 keeps float activations
-    (`--act-bits`). records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
+    (`--act-bits`). input_shapes: {input or symbolic dim name: dims} or ["NAME=DIMS", ...] pins
+    dynamic dims before import (`--input-shape`). calib_samples: use the first N calibration
+    samples (`--calib-samples`). records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
     layers the artifact runs quantized (to check it against a numpy evaluation). A failed compile
     leaves nothing at `out_dir`.
     """
@@ -72,14 +75,15 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     keep = [path for path in (model_path, calib) if isinstance(path, (str, Path))]
     out_dir = check_output(out_dir, force, keep)
     step = Steps(5 if cfg.method != "none" else 4, quiet)
-    step(f"loading {model_path}")
+    step(f"loading and importing {model_path}")
     proto = onnx_io.load_model(model_path)
+    imported, proto = _import_first(proto, input_shapes)
     layers, layer_report, quantized = {}, {}, {}
     if cfg.method != "none":
         step(f"quantizing dense layers ({cfg.name})")
-        layers, layer_report, quantized = _quantize(proto, cfg, calib, skip, quiet)
+        layers, layer_report, quantized = _quantize(proto, cfg, calib, skip, quiet, calib_samples)
     step("importing into Relax" + (" and rewriting dense layers" if layers else ""))
-    mod = _import(proto, layers, layer_report, quiet)
+    mod = _import(proto, layers, layer_report, quiet, imported)
     if records is not None:  # only what the artifact really runs quantized
         kept = {entry["weight"] for entry in layer_report.get("layers", [])}
         records.update({name: rec for name, rec in quantized.items() if name in kept})
@@ -146,12 +150,12 @@ def check_cpu(target) -> None:
                       f"{len(known)} CPUs, e.g. {', '.join(near)} (--target host picks this machine's)")
 
 
-def _quantize(proto, cfg, calib, skip, quiet):
+def _quantize(proto, cfg, calib, skip, quiet, calib_samples=None):
     from .importer import param_name
     from .quantize import calibrate_layers, plan_layers, quantize_layers, to_packed
 
     plan = plan_layers(proto, skip)
-    hessians = calibrate_layers(proto, plan.chosen, calib, not quiet) if cfg.method != "rtn" else None
+    hessians = calibrate_layers(proto, plan.all_uses(plan.chosen), calib, not quiet, calib_samples) if cfg.method != "rtn" else None
     records = quantize_layers(proto, plan, cfg, hessians, not quiet)
     layers = {param_name(w): to_packed(r) for w, r in records.items()}
     report = {"layers": [_layer_entry(plan.names[layer.node], layer, records[layer.weight])
@@ -178,10 +182,19 @@ def _layer_entry(name, layer, record) -> dict:
             "bits_per_weight": round(bits_per_weight(record), 4), "bytes": layer_bits(record) // 8}
 
 
-def _import(proto, layers=None, report=None, quiet=True):
+def _import_first(proto, input_shapes):
+    """Prepare and import before any calibration, so a model we cannot import fails in seconds."""
+    from .frontend import parse_input_shapes, prepare
+    from .importer import to_relax
+
+    proto = prepare(proto, parse_input_shapes(input_shapes))
+    return to_relax(proto), proto
+
+
+def _import(proto, layers=None, report=None, quiet=True, imported=None):
     from .importer import bind_weights, to_relax
 
-    mod, weights = to_relax(proto)
+    mod, weights = imported or to_relax(proto)
     if layers:
         from .passes.quantize_dense import QuantizeDense
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import warnings
 
 import onnx
@@ -27,7 +28,9 @@ def check_ops(model: onnx.ModelProto) -> None:
         if node.domain not in ("", "ai.onnx") or node.op_type not in known:
             name = node.name or f"#{i}"
             domain = f" (domain '{node.domain}')" if node.domain not in ("", "ai.onnx") else ""
-            raise FqError(f"unsupported ONNX op '{node.op_type}'{domain} at node '{name}'")
+            hint = " (its sequence length must be static to unroll it: pin it with --input-shape)" \
+                if node.op_type == "LSTM" else ""
+            raise FqError(f"unsupported ONNX op '{node.op_type}'{domain} at node '{name}'{hint}")
 
 
 def param_name(initializer_name: str) -> str:
@@ -36,27 +39,50 @@ def param_name(initializer_name: str) -> str:
 
 
 def to_relax(model: onnx.ModelProto) -> tuple[tvm.IRModule, dict]:
-    """Import `model` into Relax with weights kept as named parameters of `main`.
+    """Import `model` (after frontend.prepare) into Relax with weights kept as named parameters
+    of `main`.
 
     Returns (module, {parameter name: numpy array}); `bind_weights` turns them into constants
-    once the graph rewrites that need the names are done.
+    once the graph rewrites that need the names are done. A failure is one FqError line naming
+    the ONNX node; FQ_DEBUG=1 also shows TVM's output and traceback.
     """
+    from .frontend import quiet_output
+    from .onnx_fix import Hooks, NodeError, installed
+
     check_ops(model)
     dtypes = {v["name"]: v["dtype"] for v in signature(model)["inputs"]}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            mod = relax_onnx.from_onnx(model, dtype_dict=dtypes, keep_params_in_input=True)
+    failure = None
+    with warnings.catch_warnings(), quiet_output():
+        warnings.simplefilter("ignore")
+        try:
+            with installed(Hooks(model)):
+                mod = relax_onnx.from_onnx(model, dtype_dict=dtypes, keep_params_in_input=True)
             mod, params = detach_params(mod)
-    except FqError:
-        raise
-    except Exception as err:
-        text = str(err).strip().splitlines()
-        raise FqError(f"TVM's ONNX importer failed: {text[-1] if text else type(err).__name__}") from None
+        except FqError as err:
+            failure = str(err)
+        except NodeError as err:
+            _debug_traceback(err)
+            failure = f"cannot import the model: {err}"
+        except Exception as err:  # noqa: BLE001 - TVM raises many kinds; one line for all
+            _debug_traceback(err)
+            text = [line for line in str(err).strip().splitlines() if line.strip()]
+            failure = f"TVM's ONNX importer failed: {text[-1].strip() if text else type(err).__name__}"
+        gc.collect()  # TVM warns when the failed import's BlockBuilder is freed: do it while quiet
+    if failure:
+        raise FqError(failure)
     func = mod["main"]
     num_inputs = int(func.attrs["num_input"])
     names = [var.name for var in func.params[num_inputs:]]
     return mod, {name: value.numpy() for name, value in zip(names, params.get("main", []))}
+
+
+def _debug_traceback(err: Exception) -> None:
+    import os
+    import sys
+    import traceback
+
+    if os.environ.get("FQ_DEBUG") == "1":
+        traceback.print_exception(err.__cause__ or err, file=sys.stderr)
 
 
 def bind_weights(mod: tvm.IRModule, weights: dict) -> tvm.IRModule:

@@ -35,8 +35,20 @@ def check_model(model: onnx.ModelProto, where: str = "model") -> None:
     """Run the ONNX checker and reject NaN constants and non-finite dense weights.
 
     (Infinite constants elsewhere are legitimate: attention masks use -inf.)"""
+    check_opset(model, where)
+    if not model.graph.output:
+        raise FqError(f"{where}: the graph has no outputs (it computes nothing)")
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if any(d.HasField("dim_value") and d.dim_value == 0 for d in dims):
+            raise FqError(f"{where}: input '{value.name}' has a dim of size 0")
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.FLOAT and not np.isfinite(attr.f):
+                raise FqError(f"{where}: node '{node.name or node.op_type}' ({node.op_type}) has {attr.name} = {attr.f}")
+    big = model.ByteSize() >= 2_000_000_000  # over the protobuf limit: the checker reads the file
     try:
-        onnx.checker.check_model(model, full_check=False)
+        onnx.checker.check_model(where if big and os.path.isfile(where) else model, full_check=not big)
     except Exception as err:
         raise FqError(f"{where}: fails the ONNX checker: {_first_line(err)}") from None
     dense = {n.input[1] for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1}
@@ -47,6 +59,17 @@ def check_model(model: onnx.ModelProto, where: str = "model") -> None:
                 raise FqError(f"{where}: weight '{init.name}' contains NaN values")
             if init.name in dense and not np.isfinite(arr).all():
                 raise FqError(f"{where}: dense weight '{init.name}' contains Inf values")
+
+
+MIN_OPSET = 7  # TVM's importer has no converters for older default-domain opsets
+
+
+def check_opset(model: onnx.ModelProto, where: str = "model") -> None:
+    """Refuse default-domain opsets outside what onnx and TVM's importer know."""
+    latest = onnx.defs.onnx_opset_version()
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx") and not MIN_OPSET <= entry.version <= latest:
+            raise FqError(f"{where}: ONNX opset {entry.version} is not supported (use {MIN_OPSET} to {latest})")
 
 
 def _dims(value_info) -> list:

@@ -26,6 +26,11 @@ class Plan:
     chosen: list = field(default_factory=list)  # numerics.DenseLayer
     skipped: list = field(default_factory=list)  # (DenseLayer, reason)
     names: dict = field(default_factory=dict)  # node name -> readable layer name
+    uses: dict = field(default_factory=dict)  # weight name -> every DenseLayer (node) reading it
+
+    def all_uses(self, layers) -> list:
+        """Every node reading the weights of `layers` (a shared weight calibrates over all uses)."""
+        return [use for layer in layers for use in self.uses.get(layer.weight, [layer])]
 
 
 def scheme_config(name: str, **options):
@@ -65,6 +70,9 @@ def plan_layers(proto, skip: str | None = None, min_features: int = MIN_FEATURES
     for layer in find_dense_layers(proto):
         name = display_name(nodes[layer.node]) if layer.node in nodes else layer.node
         plan.names[layer.node] = name
+        plan.uses.setdefault(layer.weight, []).append(layer)
+        if len(plan.uses[layer.weight]) > 1:
+            continue  # a shared weight is one layer: its first use stands for all
         if pattern and any(pattern.search(s) for s in (name, layer.node, layer.weight)):
             plan.skipped.append((layer, f"matches --skip '{skip}'"))
         elif min(layer.in_features, layer.out_features) < min_features:
@@ -72,7 +80,38 @@ def plan_layers(proto, skip: str | None = None, min_features: int = MIN_FEATURES
                                         f"under {min_features} features)"))
         else:
             plan.chosen.append(layer)
+    for layer, reason in unsupported_dense(proto, set(plan.uses)):
+        plan.names[layer.node] = display_name(nodes[layer.node]) if layer.node in nodes else layer.node
+        plan.skipped.append((layer, reason))
     return plan
+
+
+def unsupported_dense(proto, found: set) -> list:
+    """(DenseLayer, reason) for MatMul / Gemm nodes with a constant weight the rewrite cannot take."""
+    from .numerics.calibrate import DenseLayer
+
+    inits = {t.name: list(t.dims) for t in proto.graph.initializer}
+    out = []
+    for i, node in enumerate(proto.graph.node):
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        a, b = node.input[0], node.input[1]
+        if b in found or (a not in inits and b not in inits):
+            continue
+        weight = b if b in inits else a
+        dims = inits[weight]
+        if a in inits and b in inits:
+            reason = "both inputs are constants"
+        elif a in inits:
+            reason = "the constant weight is the left operand"
+        elif node.op_type == "Gemm":
+            reason = "Gemm with transA=1"
+        else:
+            reason = f"the weight has rank {len(dims)}, not 2"
+        rows, cols = (dims[-1], dims[-2]) if len(dims) >= 2 else (dims[0] if dims else 1, 1)
+        out.append((DenseLayer(node.name or f"{node.op_type}_{i}", node.op_type, a, weight, False, cols, rows,
+                               node.output[0]), reason))
+    return out
 
 
 MASK_INPUT = "attention_mask"  # when the model has this input, padded positions do not calibrate
@@ -81,18 +120,26 @@ MASK_INPUT = "attention_mask"  # when the model has this input, padded positions
 _LAST_CALIBRATION: dict = {}  # one entry: compiling one model under several schemes calibrates once
 
 
-def calibrate_layers(proto, layers, calib, progress: bool = True) -> dict:
+def calibrate_layers(proto, layers, calib, progress: bool = True, samples: int | None = None) -> dict:
     """{activation name: HessianStat} for the activations read by `layers`. The last result is
-    kept in memory, keyed by digests of the model and of the calibration file, and reused."""
+    kept in memory, keyed by digests of the model and of the calibration file, and reused.
+    samples: use the first N samples (`--calib-samples`)."""
+    import sys
+
+    from . import calib_data
     from .numerics import calibrate
 
     tensors = list(dict.fromkeys(layer.activation for layer in layers))
     key = _calibration_key(proto, calib, tensors)
+    key = key and key + (samples,)
     if key is not None and key in _LAST_CALIBRATION:
         return _LAST_CALIBRATION[key]
+    data, batch, notes = calib_data.validate(proto, calib_data.read(calib), samples)
+    for note in notes if progress else []:
+        print(f"    note: {note}", file=sys.stderr)
     mask = MASK_INPUT if any(i.name == MASK_INPUT for i in proto.graph.input) else None
     try:
-        stats = calibrate(proto, calib, tensors=tensors, progress=progress, mask_input=mask)
+        stats = calibrate(proto, data, tensors=tensors, progress=progress, mask_input=mask, batch_size=batch)
     except ValueError as err:
         raise FqError(f"calibration failed: {err}") from None
     if key is not None:
@@ -123,12 +170,22 @@ def quantize_layers(proto, plan: Plan, cfg, hessians: dict | None, progress: boo
         w = weight_matrix(proto, layer)
         if layer.alpha != 1.0:  # Relax applies Gemm's alpha to the activation, keep W raw
             w = w / np.float32(layer.alpha)
-        h = hessians[layer.activation].hessian() if hessians else None
+        h = _summed_hessian(hessians, plan.all_uses([layer])) if hessians else None
         records[layer.weight] = quantize_layer(
             plan.names[layer.node], w, h, cfg,
             input_seed=seed_for(layer.activation + ":in", cfg.seed),
             output_seed=seed_for(layer.weight + ":out", cfg.seed))
     return records
+
+
+def _summed_hessian(hessians, uses) -> np.ndarray:
+    """H over every use of one weight: the row statistics of all its activations pooled."""
+    stats = [hessians[a] for a in dict.fromkeys(use.activation for use in uses)]
+    if len(stats) == 1:
+        return stats[0].hessian()
+    from .numerics.calibrate import HessianStat
+
+    return HessianStat(sum(s.xtx for s in stats), sum(s.count for s in stats)).hessian()
 
 
 def _bar(items, enabled: bool, desc: str):

@@ -65,7 +65,10 @@ def packed_linear(bb, x, layer: PackedLinear, shared: dict):
     rows = xf.ty.shape[0]
     func = _kernels().dequant_matmul(layer.rows, layer.cols, layer.bits, layer.group_size)
     name = f"fq_dequant_matmul_{layer.rows}_{layer.cols}_b{layer.bits}_g{layer.group_size}"
-    args = [xf, relax.const(layer.packed), relax.const(layer.scale), relax.const(layer.zero)]
+    consts = ("weights", id(layer))  # a weight shared by several nodes is stored once
+    if consts not in shared:
+        shared[consts] = [relax.const(layer.packed), relax.const(layer.scale), relax.const(layer.zero)]
+    args = [xf, *shared[consts]]
     u = _call(bb, func, name, args, [rows, layer.rows])
     dim = layer.rows
     if layer.out_rot is not None:

@@ -71,7 +71,7 @@ class QuantizeDense:
         rewriter = _DenseRewriter(mod, self.layers, params)
         new_func = rewriter.visit_expr(func)
         self.rewritten_params = rewriter.rewritten
-        self.num_input_transforms = len(rewriter.shared)
+        self.num_input_transforms = sum(not isinstance(key[0], str) for key in rewriter.shared)  # not weights
         rewriter.builder_.update_func(mod.get_global_var("main"), new_func)
         out = rewriter.builder_.finalize()
         return relax.transform.RemoveUnusedParameters()(relax.transform.DeadCodeElimination()(out))

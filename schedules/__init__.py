@@ -50,7 +50,7 @@ def relax_pipeline(target, counts: dict | None = None):
     def _pipeline(mod, _ctx):
         with target:
             tally = counts if counts is not None else {}
-            mod = tvm.transform.Sequential([fast_erf_tanh(), relax.transform.FoldConstant(),
+            mod = tvm.transform.Sequential([fast_erf_tanh(),
                                             cpu_dense.dispatch(cpu.vector_lanes(target), tally)]
                                            + cpu_pipeline.library_dispatch_passes(target)
                                            + [relax.transform.LegalizeOps({"relax.nn.relu": _relu_keeping_nan})]

@@ -157,11 +157,26 @@ class _Dispatch(relax.PyExprMutator):
         call = super().visit_call_(call)
         if call.op != tvm.ir.Op.get("relax.matmul"):
             return call
-        w, shape = _weight(call.args[1]), _shape(call.args[0])
-        if w is None or shape is None or int(shape[-1]) != w.shape[0] or w.shape[1] % panel_cols(self.lanes):
+        const, transposed = self._constant(call.args[1])
+        w, shape = _weight(const), _shape(call.args[0])
+        if w is None or shape is None:
             return call
-        shared = self.uses.get(call.args[1], 0) != 1
-        return self._dense(call.args[0], shape, w, call.args[1] if shared else None)
+        w = w.T if transposed else w
+        shared = self.uses.get(const, 0) != 1
+        if int(shape[-1]) != w.shape[0] or w.shape[1] % panel_cols(self.lanes) or (shared and transposed):
+            return call
+        return self._dense(call.args[0], shape, w, const if shared else None)
+
+    def _constant(self, expr):
+        """(the constant, whether transposed) behind a matmul's weight: a constant, or
+        `permute_dims` of one (ONNX Gemm with transB), which is left unused and removed."""
+        if isinstance(expr, relax.Var):
+            bound = self.lookup_binding(expr)
+            if (isinstance(bound, relax.Call) and bound.op == tvm.ir.Op.get("relax.permute_dims")
+                    and isinstance(bound.args[0], GenericConst) and len(bound.args[0].value.shape) == 2
+                    and (bound.attrs.axes is None or [int(a) for a in bound.attrs.axes] == [1, 0])):
+                return bound.args[0], True
+        return expr, False
 
     def _dense(self, x, shape, w, shared):
         K, N = w.shape
@@ -191,7 +206,7 @@ def dispatch(lanes: int, counts: dict | None = None):
         mutator = _Dispatch(mod, lanes, uses.count)
         for gvar, func in list(mod.functions_items()):
             if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+                mutator.builder_.update_func(gvar, relax.analysis.remove_all_unused(mutator.visit_expr(func)))
         if counts is not None and mutator.count:
             counts[KIND] = counts.get(KIND, 0) + mutator.count
         return mutator.builder_.get()

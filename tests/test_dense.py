@@ -115,3 +115,21 @@ def test_compiled_fp32_model_runs_dense_and_matches_ort(tmp_path):
     for shape in ((1, 1, 300), (3, 7, 300)):
         x = np.random.default_rng(shape[1]).standard_normal(shape).astype(np.float32)
         assert max_rel_err(model.run({"x": x})["y"], ort_run(onnx_path, {"x": x})[0]) < 1e-5
+
+
+def test_dispatch_takes_a_transposed_constant_and_drops_the_transpose():
+    """ONNX Gemm with transB imports as matmul(x, permute_dims(W)): W.T is packed, the transpose
+    and the unpacked W leave the module."""
+    w = np.random.default_rng(1).standard_normal((4 * cpu_dense.panel_cols(LANES), 40)).astype(np.float32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([tvm.tirx.Var("m", "int64"), 40], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            wt = bb.emit(relax.op.permute_dims(relax.const(w)))
+            out = bb.emit_output(relax.op.matmul(x, wt))
+        bb.emit_func_output(out)
+    counts = {}
+    out = cpu_dense.dispatch(LANES, counts)(bb.get())
+    assert counts == {cpu_dense.KIND: 1} and "relax.permute_dims" not in _calls(out)
+    (const,) = _constants(out)
+    assert np.array_equal(const.value.numpy(), cpu_dense.pack(w.T, LANES))
