@@ -126,7 +126,7 @@ def fp32_block(sch: s_tir.Schedule, block, lanes: int) -> None:
         outer, group, vec = sch.split(spatial[-1], [None, UNROLL, lanes])
         sch.reorder(outer, *reduce, *spatial[:-1], group, vec)
         sch.unroll(group)
-    elif (reduce and _reduces_last_axis(sch, block)) or not _constant(sch, spatial[-1]):
+    elif (reduce and _reduces_last_axis(sch, block)) or not _constant(sch, spatial[-1]) or _writes_bool(sch, block):
         _whole_rows(sch, block, spatial, reduce)
         return
     elif reduce and _short_rows(sch, spatial[-1], lanes):
@@ -148,6 +148,12 @@ def fp32_block(sch: s_tir.Schedule, block, lanes: int) -> None:
     sch.vectorize(vec)
     if reduce:
         sch.decompose_reduction(block, reduce[0])
+
+
+def _writes_bool(sch, block) -> bool:
+    """TVM 0.27 fails to build a vector store to a bool buffer (kept as int8): "dtype mismatch on
+    BufferStore" (a mask of 8 tokens with 8 lanes). Such blocks are left to LLVM's vectoriser."""
+    return any(region.buffer.dtype == "bool" for region in sch.get(block).writes)
 
 
 def _short_rows(sch, loop, lanes: int) -> bool:
