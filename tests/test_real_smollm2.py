@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 WINDOWS, WINDOW = 2, 256
 CALIB = (16, 256)  # windows x tokens: smaller than the default (64 x 512) to bound CI time
-RANKED = ("rtn2", "gptq2", "fq2r1", "fq2")
+RANKED = ("rtn2", "gptq2", "fq2")  # fq2r1 (no redundancy) is ranked by fq-report smollm2 only, for CI time
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_compiled_fq2_agrees_with_its_simulation(smollm2, compiled_fq2):
 
 
 def test_fq2_ranks_first_among_2bit_schemes(simulated):
-    for other in ("rtn2", "gptq2", "fq2r1"):
+    for other in ("rtn2", "gptq2"):
         assert simulated["fq2"] < simulated[other], (other, simulated)
 
 
