@@ -1,0 +1,70 @@
+"""What a CPU can run: its model name and flags (from /proc/cpuinfo), and whether an artifact's
+kernels need a feature it lacks. Stdlib only: the RPC server on a board imports it too."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+# LLVM target feature -> the /proc/cpuinfo flag that says the CPU has it
+FEATURE_FLAGS = {
+    "avx2": "avx2", "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512vnni": "avx512_vnni",
+    "avxvnni": "avx_vnni", "dotprod": "asimddp", "i8mm": "i8mm", "sve": "sve",
+}
+SHOWN_FLAGS = ("avx2", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimd", "asimddp", "i8mm", "sve")
+
+
+def read_cpuinfo(text: str | None = None) -> dict:
+    """{"model": CPU model name, "flags": [...]} from /proc/cpuinfo (x86 `flags`, Arm `Features`)."""
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            text = ""
+    model, flags = "", []
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "hardware") and not model:
+            model = value.strip()
+        elif key in ("flags", "features") and not flags:
+            flags = value.split()
+    return {"model": model or platform.processor() or "unknown CPU", "flags": flags}
+
+
+def board_info() -> dict:
+    """This machine: architecture, CPU model and flags, core count, glibc version."""
+    cpu = read_cpuinfo()
+    libc = platform.libc_ver()
+    return {"arch": platform.machine(), "cpu": cpu["model"], "flags": cpu["flags"],
+            "cores": os.cpu_count() or 1, "glibc": libc[1] if libc[0] == "glibc" else ""}
+
+
+def board_info_json() -> str:
+    return json.dumps(board_info())
+
+
+def describe(info: dict) -> str:
+    """'AMD EPYC (x86_64, 2 cores; avx2)' for a report heading."""
+    shown = [f for f in SHOWN_FLAGS if f in info.get("flags", [])]
+    return f"{info['cpu']} ({info['arch']}, {info['cores']} cores; {' '.join(shown) or 'no listed SIMD flags'})"
+
+
+def needed_features(target_dict: dict) -> list[str]:
+    """The LLVM features of FEATURE_FLAGS that code built for this TVM target may use."""
+    from tvm.target import Target, codegen
+
+    target = Target(target_dict)
+    if target.kind.name != "llvm":
+        return []
+    return [f for f in FEATURE_FLAGS if codegen.llvm_cpu_has_features(f, target)]
+
+
+def missing_features(target_dict: dict, info: dict) -> list[str]:
+    """Features the artifact's target has and the CPU described by `info` lacks."""
+    flags = set(info.get("flags", []))
+    if not flags:  # unknown CPU flags (no /proc/cpuinfo): nothing to say
+        return []
+    return [f for f in needed_features(target_dict) if FEATURE_FLAGS[f] not in flags]
