@@ -24,7 +24,7 @@ def markdown(result: dict) -> str:
     where = result["board"] or result["host"]["description"]
     lines = [f"# fq-bench: {Path(result['model']).name}", "",
              f"- machine: {where}",
-             f"- threads: {result['threads']} (fq-tvm and ONNX Runtime alike)",
+             f"- threads: {result['threads']}",
              f"- eval inputs: {result['eval_inputs']['source']} "
              f"({', '.join(f'{k} {v}' for k, v in result['eval_inputs']['shapes'].items())})",
              f"- date: {result['date']}; fq-tvm {result['versions']['fq_tvm']}, TVM {result['versions']['tvm']}, "

@@ -84,6 +84,7 @@ def bench(model, calib=None, schemes=DEFAULT_SCHEMES, *, target: str | None = No
     proto = onnx_io.load_model(model)
     artifacts = [Path(a) for a in artifacts]
     remote = _remote_spec(rpc, tracker, key, target, artifacts)
+    board_threads = threads  # on a board: its own default unless given
     threads = _threads(threads)
     out_dir = _report_path(out_dir, model, force)
     steps = 4 + (0 if artifacts else len(schemes)) + (1 if remote else 0) + (2 if ort and not remote else 0)
@@ -102,7 +103,7 @@ def bench(model, calib=None, schemes=DEFAULT_SCHEMES, *, target: str | None = No
         if remote:
             with log(f"request a board ({remote.describe()})"):
                 board = stack.enter_context(rpc_client.open_board(remote, timeout))
-            entries = [board.entry(p, m, threads) for p, m in zip(paths, manifests)]
+            entries = [board.entry(p, m, board_threads) for p, m in zip(paths, manifests)]
         else:
             board = None
             entries = [_local_entry(p, m) for p, m in zip(paths, manifests)]
@@ -113,7 +114,8 @@ def bench(model, calib=None, schemes=DEFAULT_SCHEMES, *, target: str | None = No
             accuracy = {e.label: _accuracy(e, feeds, reference, entries) for e in entries}
         with log(f"time {len(entries)} builds ({seconds:g} s each, interleaved blocks)"):
             latency = _time_all(entries, feeds, seconds)
-        result = _result(model, entries, accuracy, latency, threads, source, feeds, board, tmp)
+        shown = threads if board is None else (board_threads or "the board's default")
+        result = _result(model, entries, accuracy, latency, shown, source, feeds, board, tmp)
         result["notes"] += notes
         with log("write report.md, report.json, report.png"):
             from .bench_report import write_report
