@@ -1,5 +1,5 @@
 """What a CPU can run: its model name and flags (from /proc/cpuinfo), and whether an artifact's
-kernels need a feature it lacks. Stdlib only: the RPC server on a board imports it too."""
+kernels need a feature it lacks. Stdlib and numpy only: the RPC server on a board imports it too."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import json
 import os
 import platform
 from pathlib import Path
+
+import numpy as np
 
 # LLVM target feature -> the /proc/cpuinfo flag that says the CPU has it
 FEATURE_FLAGS = {
@@ -23,22 +25,45 @@ def read_cpuinfo(text: str | None = None) -> dict:
             text = Path("/proc/cpuinfo").read_text()
         except OSError:
             text = ""
-    model, flags = "", []
+    fields = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key in ("model name", "hardware") and not model:
-            model = value.strip()
-        elif key in ("flags", "features") and not flags:
-            flags = value.split()
+        fields.setdefault(key.strip().lower(), value.strip())
+    # x86: "model name"; Raspberry Pi: "Model" (the board); other Arm boards: "Hardware"
+    model = fields.get("model name") or (fields.get("model") if "features" in fields else None) \
+        or fields.get("hardware") or ""
+    flags = (fields.get("flags") or fields.get("features") or "").split()
     return {"model": model or platform.processor() or "unknown CPU", "flags": flags}
+
+
+# aarch64 HWCAP bits (linux/arch/arm64/include/uapi/asm/hwcap.h): AT_HWCAP = 16, AT_HWCAP2 = 26
+ARM_HWCAP = {16: {"fp": 0, "asimd": 1, "asimdhp": 10, "asimddp": 20, "sve": 22}, 26: {"i8mm": 13}}
+
+
+def auxv_flags(data: bytes | None = None) -> list[str]:
+    """aarch64 CPU flags from the auxiliary vector (/proc/self/auxv): what the kernel, or
+    qemu-user, says this process may use. /proc/cpuinfo under qemu-user shows the host's CPU."""
+    if data is None:
+        try:
+            data = Path("/proc/self/auxv").read_bytes()
+        except OSError:
+            return []
+    words = np.frombuffer(data[: len(data) // 16 * 16], dtype=np.uint64).reshape(-1, 2) if data else []
+    values = {int(k): int(v) for k, v in words}
+    return [name for key, bits in ARM_HWCAP.items() for name, bit in bits.items() if values.get(key, 0) >> bit & 1]
 
 
 def board_info() -> dict:
     """This machine: architecture, CPU model and flags, core count, glibc version."""
     cpu = read_cpuinfo()
+    arch = platform.machine()
+    model, flags = cpu["model"], cpu["flags"]
+    if arch == "aarch64":
+        if "asimd" not in flags:  # qemu-user: the host's /proc/cpuinfo
+            model = f"aarch64 emulated by qemu-user on {model} (timings are not ARM speed)"
+        flags = auxv_flags()
     libc = platform.libc_ver()
-    return {"arch": platform.machine(), "cpu": cpu["model"], "flags": cpu["flags"],
+    return {"arch": arch, "cpu": model, "flags": flags,
             "cores": os.cpu_count() or 1, "glibc": libc[1] if libc[0] == "glibc" else ""}
 
 
