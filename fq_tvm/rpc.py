@@ -167,7 +167,7 @@ class Board:
         self.session = session
         self.where = where
         self.info = self._info()
-        self._count = 0
+        self._models = []
 
     def _info(self) -> dict | None:
         try:
@@ -206,14 +206,15 @@ class Board:
 
     def load(self, path: Path, manifest: dict) -> "RemoteModel":
         self.check(path, manifest)
-        self._count += 1
-        name = f"fq{self._count}-{manifest['library']}"
+        name = f"fq{len(self._models) + 1}-{manifest['library']}"
         try:
             self.session.upload(str(Path(path) / manifest["library"]), name)
             module = self.session.load_module(name)
         except Exception as err:
             raise FqError(f"{path}: the board at {self.where} cannot load it: {_last_line(err)}") from None
-        return RemoteModel(self.session.cpu(), module, manifest)
+        model = RemoteModel(self.session.cpu(), module, manifest)
+        self._models.append(model)
+        return model
 
     def entry(self, path: Path, manifest: dict, threads: int | None = None):
         """A fq_tvm.benchmark.Entry for this artifact on the board."""
@@ -228,7 +229,14 @@ class Board:
                      artifact_size(path), overall, dense, where=self.where)
 
     def close(self) -> None:
-        self.session = None
+        """End the session: TVM closes it, and the board goes back to the pool, once no remote
+        object is left, so the models loaded from it are emptied too (and cycles collected)."""
+        import gc
+
+        for model in self._models:
+            model.release()
+        self._models, self.session = [], None
+        gc.collect()
 
 
 class RemoteModel:
@@ -242,6 +250,9 @@ class RemoteModel:
         self.inputs = manifest["inputs"]
         self.outputs = manifest["outputs"]
         self._call_s = None  # seconds per call, once measured
+
+    def release(self) -> None:
+        self.vm = self.device = None
 
     def _set_inputs(self, inputs: dict) -> None:
         import tvm
