@@ -211,7 +211,9 @@ class Board:
             self.session.upload(str(Path(path) / manifest["library"]), name)
             module = self.session.load_module(name)
         except Exception as err:
-            raise FqError(f"{path}: the board at {self.where} cannot load it: {_last_line(err)}") from None
+            hint = "" if self.info else (f" (the server does not report its CPU; the artifact is for "
+                                         f"{manifest['target']['arch']}: is the board?)")
+            raise FqError(f"{path}: the board at {self.where} cannot load it: {_last_line(err)}{hint}") from None
         model = RemoteModel(self.session.cpu(), module, manifest)
         self._models.append(model)
         return model
