@@ -106,6 +106,8 @@ def bench(model, calib=None, schemes=DEFAULT_SCHEMES, *, target: str | None = No
             entries = [board.entry(p, m, board_threads) for p, m in zip(paths, manifests)]
         else:
             board = None
+            if board_threads is not None:
+                set_tvm_threads(threads)
             entries = [_local_entry(p, m) for p, m in zip(paths, manifests)]
         notes = []
         if ort and not remote:
@@ -147,8 +149,15 @@ def _threads(threads) -> int:
         return _physical_cores()
     if threads < 1:
         raise FqError(f"--threads must be at least 1, not {threads}")
-    os.environ["TVM_NUM_THREADS"] = str(threads)  # before TVM's thread pool starts
     return threads
+
+
+def set_tvm_threads(threads: int) -> None:
+    """This process's TVM thread pool: `threads` workers (also when the pool already runs)."""
+    import tvm
+
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    tvm.get_global_func("runtime.config_threadpool")(1, threads)  # 1: big cores first
 
 
 def _report_path(out_dir, model: Path, force: bool) -> Path:

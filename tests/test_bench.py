@@ -10,6 +10,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+import tvm
+
 import fq_tvm
 from fq_tvm import bench_cli, cpuinfo, timing
 from fq_tvm.cli import run_main
@@ -111,8 +113,9 @@ def test_python_api_reuses_artifacts(bench_run, encoder_onnx, tmp_path):
     with np.load(bench_run["calib"]) as data:
         np.savez(tmp_path / "eval.npz", x=data["x"][:8])
     result = fq_tvm.bench(encoder_onnx, artifacts=[out / "artifacts" / "fq2"], inputs=tmp_path / "eval.npz",
-                          ort=False, seconds=0.2, out_dir=tmp_path / "again", quiet=True)
+                          ort=False, seconds=0.2, out_dir=tmp_path / "again", quiet=True, threads=1)
     assert [r["label"] for r in result["rows"]] == ["fq-tvm fq2"]
+    assert result["threads"] == 1 and tvm.runtime.num_threads() == 1
     assert not (tmp_path / "again" / "artifacts").exists()
     first = next(r for r in bench_run["report"]["rows"] if r["label"] == "fq-tvm fq2")
     assert result["rows"][0]["vs_ort_fp32"] == pytest.approx(first["vs_ort_fp32"], rel=1e-6)
