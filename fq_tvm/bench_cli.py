@@ -37,7 +37,8 @@ def parser() -> argparse.ArgumentParser:
                description="Latency, size and accuracy of a model's fq-tvm builds beside ONNX Runtime.")
     p.add_argument("model", help="the .onnx model")
     p.add_argument("--calib", help=".npz of calibration samples (needed by fq2 and other GPTQ-based schemes)")
-    p.add_argument("--schemes", default="fp32,int8,fq2", help="comma-separated schemes to build (default fp32,int8,fq2)")
+    p.add_argument("--schemes", default="fp32,int8,fq2",
+                   help="comma-separated schemes to build (default fp32,int8,fq2)")
     p.add_argument("-t", "--target", help="target preset of the builds (default host; a board's preset with --rpc)")
     p.add_argument("--artifacts", nargs="+", metavar="DIR", help="measure these artifacts instead of building")
     p.add_argument("-i", "--inputs", help=".npz of eval inputs keyed by input name (default: 8 calib samples)")

@@ -65,7 +65,8 @@ def plot(result: dict, path: Path) -> bool:
     labels = [r["label"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     med = [r["latency"]["median_ms"] for r in rows]
-    err = [[m - r["latency"]["p10_ms"] for m, r in zip(med, rows)], [r["latency"]["p90_ms"] - m for m, r in zip(med, rows)]]
+    err = [[m - r["latency"]["p10_ms"] for m, r in zip(med, rows)],
+           [r["latency"]["p90_ms"] - m for m, r in zip(med, rows)]]
     axes[0].barh(labels, med, xerr=err, color="tab:blue")
     axes[0].set_xlabel("median ms per call (p10-p90)")
     axes[1].barh(labels, [r["size_bytes"] / MB for r in rows], color="tab:gray")

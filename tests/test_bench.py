@@ -73,7 +73,10 @@ def test_accuracy_matches_an_independent_computation(bench_run, encoder_onnx):
     assert report["rows"][2]["path"] == str(encoder_onnx)
     for row in report["rows"]:
         path = out / row["path"]  # relative inside the report, or the model itself
-        ours = fq_tvm.load(path).run(feeds)["y"] if row["runtime"] == "fq-tvm" else ort_outputs(path, feeds, threads)["y"]
+        if row["runtime"] == "fq-tvm":
+            ours = fq_tvm.load(path).run(feeds)["y"]
+        else:
+            ours = ort_outputs(path, feeds, threads)["y"]
         got = row["vs_ort_fp32"]
         assert got["max_rel_err"] == pytest.approx(max_rel_err(ours, ref), rel=1e-3, abs=1e-6), row["label"]
         assert got["cosine"] == pytest.approx(cosine(ours, ref), abs=1e-6), row["label"]
