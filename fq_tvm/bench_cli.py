@@ -44,7 +44,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--inputs", help=".npz of eval inputs keyed by input name (default: 8 calib samples)")
     p.add_argument("--threads", type=int, help="threads for fq-tvm and ONNX Runtime (default: physical cores)")
     p.add_argument("--seconds", type=float, default=2.0, help="timing budget per build, seconds (default 2)")
-    p.add_argument("--no-ort", action="store_true", help="leave out the ONNX Runtime int8 / MatMulNBits rows")
+    p.add_argument("--no-ort", action="store_true", help="leave out the ONNX Runtime int8 / MatMulNBits rows "
+                                                         "(ORT fp32 stays: it is the reference)")
     p.add_argument("-o", "--output", help="report directory (default MODEL.bench beside the model)")
     p.add_argument("--force", action="store_true", help="replace an existing report directory")
     p.add_argument("--rpc", metavar="HOST:PORT", help="run the builds on the RPC server at HOST:PORT")

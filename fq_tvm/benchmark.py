@@ -20,7 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -48,7 +48,6 @@ class Entry:
     bits_per_weight: float
     dense_bits_per_weight: float | None = None
     where: str = "local"
-    extra: dict = field(default_factory=dict)
 
 
 class Progress:
@@ -81,7 +80,8 @@ def bench(model, calib=None, schemes=DEFAULT_SCHEMES, *, target: str | None = No
 
     model = Path(model)
     proto = onnx_io.load_model(model)
-    artifacts = [Path(a) for a in artifacts]
+    schemes = list(dict.fromkeys(schemes))
+    artifacts = list(dict.fromkeys(Path(a) for a in artifacts))
     remote = _remote_spec(rpc, tracker, key, target, artifacts)
     board_threads = threads  # on a board: its own default unless given
     threads = _threads(threads)
@@ -109,10 +109,11 @@ def bench(model, calib=None, schemes=DEFAULT_SCHEMES, *, target: str | None = No
                 set_tvm_threads(threads)
             entries = [_local_entry(p, m) for p, m in zip(paths, manifests)]
         notes = []
-        if ort and not remote:
-            entries += _ort_entries(model, session, tmp / "ort", threads, log, notes)
+        if not remote:
+            entries += _ort_entries(model, session, tmp / "ort", threads, log, notes, quantized=ort)
+        _unique_labels(entries)
         with log(f"run {len(entries)} builds on the eval inputs"):
-            accuracy = {e.label: _accuracy(e, feeds, reference, entries) for e in entries}
+            accuracy = _accuracy(entries, feeds, reference)
         with log(f"time {len(entries)} builds ({seconds:g} s each, interleaved blocks)"):
             latency = _time_all(entries, feeds, seconds)
         shown = threads if board is None else (board_threads or "the board's default")
@@ -338,12 +339,16 @@ def _local_entry(path: Path, manifest: dict) -> Entry:
 
 # ---- ONNX Runtime baselines -----------------------------------------------------------------------
 
-def _ort_entries(model: Path, session, work: Path, threads: int, log: Progress, notes: list) -> list[Entry]:
+def _ort_entries(model: Path, session, work: Path, threads: int, log: Progress, notes: list,
+                 quantized: bool = True) -> list[Entry]:
+    """ORT fp32 (the session of the reference), and with `quantized` dynamic int8 and MatMulNBits."""
     from . import onnx_io
 
-    work.mkdir(parents=True, exist_ok=True)
     fp32_bytes = onnx_io.weight_bytes(onnx_io.load_model(model))
     entries = [_ort_entry("ORT fp32", "fp32", model, session, fp32_bytes)]
+    if not quantized:
+        return entries
+    work.mkdir(parents=True, exist_ok=True)
     with log("quantize for ONNX Runtime: dynamic int8"):
         path = _ort_int8(model, work / "model.int8.onnx")
         entries.append(_ort_entry("ORT int8 (dynamic)", "int8", path, _ort_session(path, threads), fp32_bytes))
@@ -425,12 +430,21 @@ def compare(ours: dict, ref: dict) -> dict:
     return {"max_rel_err": max(errs), "cosine": min(coss)}
 
 
-def _accuracy(entry: Entry, feeds: dict, reference: dict, entries: list[Entry]) -> dict:
-    outputs = entry.run(feeds)
-    entry.extra["outputs"] = outputs
-    fp32 = next((e for e in entries if e.runtime == "fq-tvm" and e.scheme == "fp32" and "outputs" in e.extra), None)
-    return {"vs_ort_fp32": compare(outputs, reference),
-            "vs_fp32_build": compare(outputs, fp32.extra["outputs"]) if fp32 is not None else None}
+def _accuracy(entries: list[Entry], feeds: dict, reference: dict) -> dict:
+    """{label: {"vs_ort_fp32": compare(...), "vs_fp32_build": compare(...) or None}}."""
+    outputs = {e.label: e.run(feeds) for e in entries}
+    fp32 = next((outputs[e.label] for e in entries if e.runtime == "fq-tvm" and e.scheme == "fp32"), None)
+    return {label: {"vs_ort_fp32": compare(out, reference),
+                    "vs_fp32_build": compare(out, fp32) if fp32 is not None else None}
+            for label, out in outputs.items()}
+
+
+def _unique_labels(entries: list[Entry]) -> None:
+    """Two builds of one scheme (e.g. --artifacts with different options): label them by directory."""
+    labels = [e.label for e in entries]
+    for i, e in enumerate(entries):
+        if labels.count(e.label) > 1:
+            e.label = f"{e.label} ({i + 1}: {e.path.name})"
 
 
 def _time_all(entries: list[Entry], feeds: dict, seconds: float) -> dict:

@@ -115,13 +115,15 @@ def test_python_api_reuses_artifacts(bench_run, encoder_onnx, tmp_path):
     out = bench_run["dir"]
     with np.load(bench_run["calib"]) as data:
         np.savez(tmp_path / "eval.npz", x=data["x"][:8])
-    result = fq_tvm.bench(encoder_onnx, artifacts=[out / "artifacts" / "fq2"], inputs=tmp_path / "eval.npz",
-                          ort=False, seconds=0.2, out_dir=tmp_path / "again", quiet=True, threads=1)
-    assert [r["label"] for r in result["rows"]] == ["fq-tvm fq2"]
+    arts = [out / "artifacts" / "fq2", out / "artifacts" / "fp32"]  # fp32 second: still the fp32 reference
+    result = fq_tvm.bench(encoder_onnx, artifacts=arts, inputs=tmp_path / "eval.npz", ort=False, seconds=0.2,
+                          out_dir=tmp_path / "again", quiet=True, threads=1)
+    assert [r["label"] for r in result["rows"]] == ["fq-tvm fq2", "fq-tvm fp32", "ORT fp32"]
     assert result["threads"] == 1 and tvm.runtime.num_threads() == 1
-    assert not (tmp_path / "again" / "artifacts").exists()
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["report.json", "report.md", "report.png"]
     first = next(r for r in bench_run["report"]["rows"] if r["label"] == "fq-tvm fq2")
-    assert result["rows"][0]["vs_ort_fp32"] == pytest.approx(first["vs_ort_fp32"], rel=1e-6)
+    for key in ("vs_ort_fp32", "vs_fp32_build"):
+        assert result["rows"][0][key] == pytest.approx(first[key], rel=1e-6)
     assert json.loads((tmp_path / "again" / "report.json").read_text())["rows"] == result["rows"]
 
 
