@@ -203,6 +203,31 @@ def test_board_of_another_architecture(capsys, pool, builds, mlp_onnx, tmp_path)
     wait_free(pool["tracker"], KEY, 2, pool["procs"])
 
 
+def test_stand_alone_server_with_rpc_option(capsys, builds, mlp_onnx, tmp_path):
+    """fq-rpc-server without a tracker, fq-bench --rpc HOST:PORT (the command line end to end)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fq_tvm.rpc_server", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        for _ in range(10):  # TVM's log lines, then ours once it listens
+            line = proc.stderr.readline()
+            if line.startswith("fq-rpc-server:"):
+                break
+        assert line.startswith(f"fq-rpc-server: serving on 127.0.0.1:{port} (no tracker)"), line
+        out = tmp_path / "r"
+        rc = bench_cli.main([str(mlp_onnx), "--calib", str(builds["calib"]), "--artifacts", str(builds["fq2"]),
+                             "--rpc", f"127.0.0.1:{port}", "--seconds", "0.2", "-o", str(out), "-q"])
+        assert rc == 0 and capsys.readouterr().out.strip() == str(out)
+        report = json.loads((out / "report.json").read_text())
+        assert report["board"].endswith(f"over RPC at 127.0.0.1:{port}")
+        assert [r["label"] for r in report["rows"]] == ["fq-tvm fq2"]
+        assert report["notes"][-1].startswith("fq-tvm builds ran on the remote board")
+    finally:
+        stop([proc])
+
+
 def test_board_without_dotprod():
     """An rpi5 build (Cortex-A76: sdot kernels) offered to a Cortex-A72 board (no dotprod)."""
     board = object.__new__(rpc.Board)
