@@ -134,12 +134,26 @@ def _remote_spec(rpc, tracker, key, target, artifacts):
     if not (rpc or tracker):
         if key:
             raise FqError("--key names the board kind in a tracker's pool; give --tracker HOST:PORT too")
+        if target is not None:
+            _check_target_runs_here(target)
         return None
     from . import rpc as rpc_client
 
     if target is None and not artifacts:
         raise FqError("a remote board needs --target (its preset, e.g. rpi5) or --artifacts built for it")
     return rpc_client.Remote.parse(rpc, tracker, key)
+
+
+def _check_target_runs_here(target: str) -> None:
+    """Before any compile: a target whose builds this machine cannot run needs a board."""
+    from .targets import resolve
+
+    preset = resolve(target)
+    if preset.device != "cpu":
+        raise FqError(f"target '{target}' is a {preset.device} target; fq-bench measures CPU builds")
+    if not preset.runs_here:
+        raise FqError(f"target '{target}' builds for {preset.arch}, which this machine cannot run: add "
+                      f"--rpc HOST:PORT or --tracker HOST:PORT --key KEY to run them on a board")
 
 
 def _threads(threads) -> int:

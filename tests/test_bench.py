@@ -217,6 +217,8 @@ def test_existing_report_needs_force(capsys, tmp_path, mlp_onnx):
     (["--tracker", "127.0.0.1:9190"], "--tracker needs --key"),
     (["--key", "rpi5"], "give --tracker HOST:PORT too"),
     (["--threads", "0"], "--threads must be at least 1"),
+    (["--target", "rpi5"], "target 'rpi5' builds for aarch64, which this machine cannot run: add --rpc"),
+    (["--target", "nosuch"], "unknown target 'nosuch'"),
 ])
 def test_bad_options(capsys, tmp_path, mlp_onnx, argv, words):
     line = one_line_error(capsys, [str(mlp_onnx), "--inputs", "x.npz", "--target", "host", "-o",
