@@ -31,10 +31,12 @@ def markdown(result: dict) -> str:
              f"ONNX Runtime {result['versions']['onnxruntime']}", "",
              "Latency: median ms per call over interleaved blocks (p10 / p90); accuracy against ONNX Runtime "
              "fp32 on the eval inputs (max relative error = max |a - b| / max |b|; cosine of the flattened "
-             "outputs, worst output).", "",
-             "| build | median ms | p10 ms | p90 ms | vs ORT fp32 | size MB | bits/weight (dense) "
+             "outputs, worst output). Peak MB: resident memory the build added while it loaded and ran "
+             "once (peak above the process before; all builds share one process, so read it as a "
+             "comparison).", "",
+             "| build | median ms | p10 ms | p90 ms | vs ORT fp32 | size MB | peak MB | bits/weight (dense) "
              "| max rel err | cosine | cos to fq-tvm fp32 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [_line(row) for row in result["rows"]]
     lines += [""] + [f"Note: {note}" for note in result["notes"]]
     return "\n".join(lines).rstrip() + "\n"
@@ -48,8 +50,10 @@ def _line(row: dict) -> str:
         bits += f" ({row['dense_bits_per_weight']:.2f})"
     acc = row["vs_ort_fp32"]
     fp32 = f"{row['vs_fp32_build']['cosine']:.6f}" if row["vs_fp32_build"] else ""
+    peak = f"{row['peak_bytes'] / MB:.1f}" if row.get("peak_bytes") is not None else ""
     return (f"| {row['label']} | {lat['median_ms']:.3f} | {lat['p10_ms']:.3f} | {lat['p90_ms']:.3f} | {ratio} "
-            f"| {row['size_bytes'] / MB:.3f} | {bits} | {acc['max_rel_err']:.2e} | {acc['cosine']:.6f} | {fp32} |")
+            f"| {row['size_bytes'] / MB:.3f} | {peak} | {bits} | {acc['max_rel_err']:.2e} | {acc['cosine']:.6f} "
+            f"| {fp32} |")
 
 
 def plot(result: dict, path: Path) -> bool:

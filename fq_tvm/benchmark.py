@@ -48,6 +48,7 @@ class Entry:
     bits_per_weight: float
     dense_bits_per_weight: float | None = None
     where: str = "local"
+    peak_bytes: int | None = None  # resident memory added by loading it and one call (local only)
 
 
 class Progress:
@@ -107,10 +108,10 @@ def bench(model, calib=None, schemes=DEFAULT_SCHEMES, *, target: str | None = No
             board = None
             if board_threads is not None:
                 set_tvm_threads(threads)
-            entries = [_local_entry(p, m) for p, m in zip(paths, manifests)]
+            entries = [with_peak(lambda p=p, m=m: _local_entry(p, m), feeds) for p, m in zip(paths, manifests)]
         notes = []
         if not remote:
-            entries += _ort_entries(model, session, tmp / "ort", threads, log, notes, quantized=ort)
+            entries += _ort_entries(model, feeds, tmp / "ort", threads, log, notes, quantized=ort)
         _unique_labels(entries)
         with log(f"run {len(entries)} builds on the eval inputs"):
             accuracy = _accuracy(entries, feeds, reference)
@@ -351,21 +352,56 @@ def _local_entry(path: Path, manifest: dict) -> Entry:
                  overall, dense)
 
 
+def with_peak(make, feeds: dict) -> Entry:
+    """make() and one run on the feeds, with the resident memory they added at their peak."""
+    def load_and_run():
+        entry = make()
+        entry.run(feeds)
+        return entry
+
+    entry, peak = peak_rss(load_and_run)
+    entry.peak_bytes = peak
+    return entry
+
+
+def peak_rss(fn):
+    """(fn(), bytes): the peak resident set size while fn ran, above the size before it (Linux:
+    the high-water mark is reset through /proc/self/clear_refs); bytes None elsewhere."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_bytes("VmRSS")
+    except OSError:
+        return fn(), None
+    result = fn()
+    return result, max(0, _status_bytes("VmHWM") - before)
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    raise OSError(f"no {field} in /proc/self/status")
+
+
 # ---- ONNX Runtime baselines -----------------------------------------------------------------------
 
-def _ort_entries(model: Path, session, work: Path, threads: int, log: Progress, notes: list,
+def _ort_entries(model: Path, feeds: dict, work: Path, threads: int, log: Progress, notes: list,
                  quantized: bool = True) -> list[Entry]:
-    """ORT fp32 (the session of the reference), and with `quantized` dynamic int8 and MatMulNBits."""
+    """ORT fp32, and with `quantized` dynamic int8 and MatMulNBits, each in its own session."""
     from . import onnx_io
 
     fp32_bytes = onnx_io.weight_bytes(onnx_io.load_model(model))
-    entries = [_ort_entry("ORT fp32", "fp32", model, session, fp32_bytes)]
+
+    def entry(label, scheme, path):
+        return with_peak(lambda: _ort_entry(label, scheme, path, _ort_session(path, threads), fp32_bytes), feeds)
+
+    entries = [entry("ORT fp32", "fp32", model)]
     if not quantized:
         return entries
     work.mkdir(parents=True, exist_ok=True)
     with log("quantize for ONNX Runtime: dynamic int8"):
         path = _ort_int8(model, work / "model.int8.onnx")
-        entries.append(_ort_entry("ORT int8 (dynamic)", "int8", path, _ort_session(path, threads), fp32_bytes))
+        entries.append(entry("ORT int8 (dynamic)", "int8", path))
     with log("quantize for ONNX Runtime: MatMulNBits 4-bit and 2-bit"):
         for bits in (4, 2):
             path = _ort_nbits(model, work / f"model.nbits{bits}.onnx", bits)
@@ -373,8 +409,7 @@ def _ort_entries(model: Path, session, work: Path, threads: int, log: Progress, 
                 notes.append(f"no ORT MatMulNBits {bits}-bit row: ORT's quantizer rewrites no layer of this model "
                              f"(it takes MatMul by a constant weight with K a multiple of 32, not Gemm)")
                 continue
-            entries.append(_ort_entry(f"ORT MatMulNBits {bits}-bit", f"nbits{bits}", path,
-                                      _ort_session(path, threads), fp32_bytes))
+            entries.append(entry(f"ORT MatMulNBits {bits}-bit", f"nbits{bits}", path))
     return entries
 
 
@@ -499,7 +534,7 @@ def _row(entry: Entry, accuracy: dict, latency: dict, tmp: Path) -> dict:
     path = Path(entry.path)
     shown = path.relative_to(tmp) if path.is_relative_to(tmp) else path
     return {"label": entry.label, "runtime": entry.runtime, "scheme": entry.scheme, "path": str(shown),
-            "where": entry.where, "latency": latency, "size_bytes": entry.size_bytes,
+            "where": entry.where, "latency": latency, "size_bytes": entry.size_bytes, "peak_bytes": entry.peak_bytes,
             "bits_per_weight": entry.bits_per_weight, "dense_bits_per_weight": entry.dense_bits_per_weight,
             **accuracy}
 

@@ -13,7 +13,7 @@ import pytest
 import tvm
 
 import fq_tvm
-from fq_tvm import bench_cli, cpuinfo, timing
+from fq_tvm import bench_cli, benchmark, cpuinfo, timing
 from fq_tvm.cli import run_main
 from conftest import max_rel_err
 
@@ -102,6 +102,7 @@ def test_sizes_bits_and_latency_are_consistent(bench_run):
     assert rows["fq-tvm fq2"]["dense_bits_per_weight"] < 4
     assert rows["ORT int8 (dynamic)"]["size_bytes"] == (out / "ort" / "model.int8.onnx").stat().st_size
     assert 8 < rows["ORT int8 (dynamic)"]["bits_per_weight"] < 12  # int8 weights, fp32 biases and norms
+    assert all(r["peak_bytes"] is not None and r["peak_bytes"] >= 0 for r in report["rows"])
     base = rows["ORT fp32"]["latency"]["median_ms"]
     for row in report["rows"]:
         lat = row["latency"]
@@ -246,6 +247,15 @@ def test_fq_run_repeat(capsys, bench_run, tmp_path):
     assert 0 < p10 <= median <= p90
     assert run_main([str(bench_run["dir"] / "artifacts" / "fq2"), "-i", str(tmp_path / "in.npz"), "--repeat", "0"]) == 1
     assert "--repeat must be at least 1" in capsys.readouterr().err
+
+
+def test_peak_rss_sees_a_temporary_allocation():
+    def fn():
+        block = np.ones(64 << 20, np.uint8)  # 64 MiB, every page written, freed on return
+        return int(block[-1])
+
+    value, peak = benchmark.peak_rss(fn)
+    assert value == 1 and 60e6 < peak < 200e6
 
 
 def test_summarize():
