@@ -47,4 +47,11 @@ def load(path, **options):
     return _load(path, **options)
 
 
-__all__ = ["FqError", "__version__", "compile", "load"]
+def bench(model, calib=None, schemes=("fp32", "int8", "fq2"), **options):
+    """Latency, size and accuracy of the model's builds beside ONNX Runtime; see `fq_tvm.benchmark.bench`."""
+    from .benchmark import bench as _bench
+
+    return _bench(model, calib, schemes, **options)
+
+
+__all__ = ["FqError", "__version__", "bench", "compile", "load"]

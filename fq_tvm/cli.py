@@ -184,6 +184,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="artifact directory written by fq-compile")
     p.add_argument("-i", "--input", required=True, help=".npz file keyed by input name")
     p.add_argument("-o", "--output", help=".npz file to write the outputs to")
+    p.add_argument("--repeat", type=int, metavar="N", help="also time N calls (after 3 warm-up calls) and print "
+                                                           "median / p10 / p90 ms on stderr")
     return p
 
 
@@ -238,10 +240,15 @@ def write_npz(path: str, arrays: dict) -> str:
 @_cli("fq-run")
 def run_main(argv=None):
     args = _run_parser().parse_args(argv)
+    if args.repeat is not None and args.repeat < 1:
+        raise FqError(f"--repeat must be at least 1, not {args.repeat}")
     from .artifact import load
 
     model = load(args.artifact)
-    outputs = model.run(read_npz(args.input))
+    inputs = read_npz(args.input)
+    outputs = model.run(inputs)
+    if args.repeat is not None:
+        _print_timing(model, inputs, args.repeat)
     if args.output:
         print(write_npz(args.output, outputs))
     else:
@@ -249,6 +256,14 @@ def run_main(argv=None):
             print(f"{name}: shape {list(value.shape)} {value.dtype} mean {value.mean():.6g} "
                   f"std {value.std():.6g}")
     return 0
+
+
+def _print_timing(model, inputs: dict, n: int) -> None:
+    from .timing import repeat
+
+    t = repeat(lambda: model.run(inputs), n)
+    print(f"latency over {t['calls']} calls: median {t['median_ms']:.3f} ms, p10 {t['p10_ms']:.3f} ms, "
+          f"p90 {t['p90_ms']:.3f} ms", file=sys.stderr)
 
 
 def summary(out_dir, seconds: float) -> dict:
