@@ -153,7 +153,7 @@ def fp32_block(sch: s_tir.Schedule, block, lanes: int) -> None:
 def _writes_bool(sch, block) -> bool:
     """TVM 0.27 fails to build a vector store to a bool buffer (kept as int8): "dtype mismatch on
     BufferStore" (a mask of 8 tokens with 8 lanes). Such blocks are left to LLVM's vectoriser."""
-    return any(region.buffer.dtype == "bool" for region in sch.get(block).writes)
+    return any(region.source.dtype == "bool" for region in sch.get(block).writes)
 
 
 def _short_rows(sch, loop, lanes: int) -> bool:

@@ -178,3 +178,13 @@ def test_nan_and_inf_reach_the_output_like_ort(mlp_onnx, encoder_onnx, tmp_path_
         assert np.array_equal(np.isfinite(ours), np.isfinite(ref)), onnx_path.stem
         assert not np.isfinite(ref).all()
         assert max_rel_err(np.where(np.isfinite(ref), ours, 0), np.where(np.isfinite(ref), ref, 0)) < 1e-4
+
+
+def test_every_fp32_op_of_the_encoder_gets_a_schedule(encoder_onnx, tmp_path_factory):
+    """The fallback rule fits every legalized op of an encoder block (attention batch-matmuls,
+    softmax, layer norm, masks): a rule that raises leaves its op unscheduled and 10-40x slower."""
+    art = tmp_path_factory.getbasetemp() / "encoder.host"
+    if not art.exists():
+        _compile(encoder_onnx, art)
+    counts = json.loads((art / "manifest.json").read_text())["kernels"]["counts"]
+    assert counts.get("unscheduled", 0) == 0 and counts["fallback"] > 5, counts
