@@ -119,7 +119,7 @@ def test_fp32_matches_ort(tmp_path, exported, kind, dynamo, opset, dynamic):
     counts = json.loads((out / "manifest.json").read_text())["kernels"]["counts"]
     # every op of the export gets a CPU schedule but topi's own scatter_elements on shape vectors
     # (2 int64 elements, loops already parallel, no block structure for our rule): 1-2 per export
-    assert counts.get("unscheduled", 0) <= 2 and counts["fallback"] > 20, counts
+    assert counts.get("unscheduled", 0) <= 2, counts
     model = fq_tvm.load(out)
     for batch, seq in _shapes(dynamic):
         feed = _feed(kind, batch, seq, seed=batch)
