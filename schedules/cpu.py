@@ -158,7 +158,7 @@ def _writes_bool(sch, block) -> bool:
 
 def _short_rows(sch, loop, lanes: int) -> bool:
     extent = sch.get(loop).extent
-    return isinstance(extent, tvm.tirx.IntImm) and extent.value % lanes == 0 and extent.value <= 8 * lanes
+    return _constant(sch, loop) and extent.value % lanes == 0 and extent.value <= 8 * lanes
 
 
 def _reduces_last_axis(sch, block) -> bool:

@@ -98,23 +98,31 @@ def eval_feeds(calib) -> dict:
         return {"x": data["x"][:8]}
 
 
-def test_two_benches_at_once_through_the_tracker(pool, builds, mlp_onnx, tmp_path):
-    """fp32 and fq2 at the same time: each gets its own board; accuracy as computed here."""
+def bench_at_once(model, calib, artifacts: dict, tracker: str, key: str, tmp_path, timeout: float) -> dict:
+    """fq-bench of each artifact, all at once through the tracker: {scheme: report}."""
     results, errors = {}, []
 
     def run(scheme):
         try:
-            results[scheme] = fq_tvm.bench(mlp_onnx, builds["calib"], artifacts=[builds[scheme]], tracker=pool["addr"],
-                                           key=KEY, seconds=0.3, out_dir=tmp_path / scheme, quiet=True, timeout=60)
+            results[scheme] = fq_tvm.bench(model, calib, artifacts=[artifacts[scheme]], tracker=tracker, key=key,
+                                           seconds=0.3, out_dir=tmp_path / f"{scheme}.bench", quiet=True,
+                                           timeout=timeout)
         except Exception as err:  # reported below
             errors.append(err)
 
-    threads = [threading.Thread(target=run, args=(s,)) for s in ("fp32", "fq2")]
+    threads = [threading.Thread(target=run, args=(s,)) for s in artifacts]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, errors
+    return results
+
+
+def test_two_benches_at_once_through_the_tracker(pool, builds, mlp_onnx, tmp_path):
+    """fp32 and fq2 at the same time: each gets its own board; accuracy as computed here."""
+    results = bench_at_once(mlp_onnx, builds["calib"], {s: builds[s] for s in ("fp32", "fq2")}, pool["addr"], KEY,
+                            tmp_path, timeout=60)
     feeds = eval_feeds(builds["calib"])
     ref = {"y": ort_run(mlp_onnx, feeds)[0]}
     boards = set()
@@ -127,7 +135,7 @@ def test_two_benches_at_once_through_the_tracker(pool, builds, mlp_onnx, tmp_pat
         assert row["vs_ort_fp32"]["cosine"] == pytest.approx(expected["cosine"], abs=1e-9)
         lat = row["latency"]
         assert 0 < lat["p10_ms"] <= lat["median_ms"] <= lat["p90_ms"] and lat["calls"] >= 5
-        assert "over RPC at 127.0.0.1:" in result["board"] and (tmp_path / scheme / "report.md").exists()
+        assert "over RPC at 127.0.0.1:" in result["board"] and (tmp_path / f"{scheme}.bench" / "report.md").exists()
     assert len(boards) == 2  # two boards of the pool, one per request
     wait_free(pool["tracker"], KEY, 2, pool["procs"])
 
@@ -281,22 +289,7 @@ def test_qemu_aarch64_pool_runs_rpi5_builds(tracker, mlp_onnx, tmp_path):
             host[s] = fq_tvm.compile(mlp_onnx, "host", tmp_path / f"mlp.host.{s}", scheme=s, calib=calib,
                                      quiet=True, act_bits=32)
         wait_free(tracker, key, 2, procs, timeout=240)
-        results, errors = {}, []
-
-        def run(scheme):
-            try:
-                results[scheme] = fq_tvm.bench(mlp_onnx, calib, artifacts=[arm[scheme]], tracker=f"127.0.0.1:{tracker}",
-                                               key=key, seconds=0.3, out_dir=tmp_path / f"{scheme}.bench",
-                                               quiet=True, timeout=120)
-            except Exception as err:
-                errors.append(err)
-
-        threads = [threading.Thread(target=run, args=(s,)) for s in ("fp32", "fq2")]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors
+        results = bench_at_once(mlp_onnx, calib, arm, f"127.0.0.1:{tracker}", key, tmp_path, timeout=120)
         feeds = eval_feeds(calib)
         ref = {"y": ort_run(mlp_onnx, feeds)[0]}
         assert len({r["rows"][0]["where"] for r in results.values()}) == 2
