@@ -460,7 +460,7 @@ machine=$(uname -m)
 if [ -n "$NEED_GLIBC" ]; then
     have=$(glibc_version)
     [ -n "$have" ] || die "cannot tell this machine's glibc version (getconf GNU_LIBC_VERSION, ldd --version); the bundle needs glibc >= $NEED_GLIBC"
-    ver_ge "$have" "$NEED_GLIBC" || die "this machine has glibc $have, older than the $NEED_GLIBC the bundled runner and TVM libraries need; use a newer OS (Raspberry Pi OS bookworm has 2.36)"
+    ver_ge "$have" "$NEED_GLIBC" || die "this machine has glibc $have, older than the $NEED_GLIBC the bundled runner and TVM libraries need; use a newer OS@HINT_GLIBC@"
 fi
 
 if [ -n "$NEED_GLIBCXX" ]; then
@@ -469,7 +469,7 @@ if [ -n "$NEED_GLIBCXX" ]; then
         if [ -f "$d/libstdc++.so.6" ]; then lib=$d/libstdc++.so.6; break; fi
     done
     [ -n "$lib" ] || die "libstdc++.so.6 not found; install it (apt-get install libstdc++6)"
-    grep -q "GLIBCXX_$NEED_GLIBCXX" "$lib" || die "this machine's libstdc++ ($lib) lacks GLIBCXX_$NEED_GLIBCXX, which the bundled runner and TVM libraries need; use a newer OS (Raspberry Pi OS bookworm has it)"
+    grep -q "GLIBCXX_$NEED_GLIBCXX" "$lib" || die "this machine's libstdc++ ($lib) lacks GLIBCXX_$NEED_GLIBCXX, which the bundled runner and TVM libraries need; use a newer OS@HINT_GLIBCXX@"
 fi
 
 if command -v sha256sum >/dev/null 2>&1; then
@@ -485,8 +485,11 @@ exec "$HERE/bin/fq-runner" "$HERE/model" "$@"
 
 def run_sh(info: dict) -> str:
     req = info["requires"]
+    pi = info["arch"] == "aarch64"
     return (RUN_SH.replace("@ARCH@", info["arch"]).replace("@GLIBC@", req["glibc"] or "")
-            .replace("@GLIBCXX@", req["glibcxx"] or ""))
+            .replace("@GLIBCXX@", req["glibcxx"] or "")
+            .replace("@HINT_GLIBC@", " (Raspberry Pi OS bookworm has 2.36)" if pi else "")
+            .replace("@HINT_GLIBCXX@", " (Raspberry Pi OS bookworm has it)" if pi else ""))
 
 
 def _dims(spec: dict) -> str:
@@ -516,7 +519,7 @@ Run:
 It verifies the sha256 of every model file against model/manifest.json before loading, reads the
 inputs, runs the model, writes each output as outputs/NAME.npy, and prints the latency: a warm-up
 (--warmup N, default 2), then --repeat N timed runs (default 10), median / min / max in ms.
-Threads: TVM_NUM_THREADS=N ./run.sh ... (default: one per core).
+Threads: TVM_NUM_THREADS=N ./run.sh ... (default: one per physical core).
 
 Inputs (an .npz written by np.savez, not np.savez_compressed; or .npy files), by name:
 {inputs}

@@ -62,7 +62,7 @@ static const char* kUsage =
     "  --repeat N   timed runs after the warm-up (default 10); prints median / min / max ms\n"
     "  --warmup N   untimed runs first (default 2)\n"
     "  --check      verify the artifact and exit\n"
-    "Threads: TVM_NUM_THREADS (default: one per core).\n";
+    "Threads: TVM_NUM_THREADS=N (default: one per physical core).\n";
 
 struct Fail : std::runtime_error {
   explicit Fail(const std::string& msg) : std::runtime_error(msg) {}
@@ -579,6 +579,36 @@ struct AlignedAlloc {
   void FreeData(DLTensor* t) { std::free(t->data); }
 };
 
+// TVM's CPU pool takes half the logical CPUs on x86 (it assumes two hyper-threads per core): on a
+// VM with 2 cores and no SMT that is one thread. Like fq_tvm/__init__.py, ask for one thread per
+// physical core (distinct "physical id" / "core id" pairs of /proc/cpuinfo) unless TVM_NUM_THREADS
+// or OMP_NUM_THREADS is set. On aarch64 TVM's default is already one thread per core.
+static void one_thread_per_core() {
+#if defined(__x86_64__)
+  if (std::getenv("TVM_NUM_THREADS") || std::getenv("OMP_NUM_THREADS")) return;
+  FILE* f = std::fopen("/proc/cpuinfo", "r");
+  if (!f) return;
+  std::vector<std::pair<std::string, std::string>> cores;
+  std::string package = "0";
+  char line[512];
+  while (std::fgets(line, sizeof(line), f)) {
+    std::string l(line);
+    size_t colon = l.find(':');
+    if (colon == std::string::npos) continue;
+    std::string key = l.substr(0, l.find_last_not_of(" \t", colon - 1) + 1);
+    std::string value = l.substr(colon + 1);
+    value.erase(0, value.find_first_not_of(' '));
+    value.erase(value.find_last_not_of(" \n") + 1);
+    if (key == "physical id") package = value;
+    if (key == "core id") cores.emplace_back(package, value);
+  }
+  std::fclose(f);
+  std::sort(cores.begin(), cores.end());
+  size_t n = std::unique(cores.begin(), cores.end()) - cores.begin();
+  if (n > 0) setenv("TVM_NUM_THREADS", std::to_string(n).c_str(), 0);
+#endif
+}
+
 // ---- main --------------------------------------------------------------------------------------
 
 static std::vector<ffi::Tensor> as_outputs(const ffi::Any& result) {
@@ -628,6 +658,7 @@ static int run(int argc, char** argv) {
   }
   if (model_dir.empty()) fail("no model directory given (fq-runner --help)");
 
+  one_thread_per_core();
   Manifest m = verify_artifact(model_dir);
   if (check_only) {
     std::printf("fq-runner: %s verified (%s)\n", model_dir.c_str(), kArch);
