@@ -455,12 +455,15 @@ glibc_version() {
 }
 
 machine=$(uname -m)
-[ "$machine" = "$ARCH" ] || die "this bundle is for $ARCH, this machine is $machine; build one for it (fq-compile --target ..., then fq-bundle)"
+[ "$machine" = "$ARCH" ] || die "this bundle is for $ARCH, this machine is $machine;" \
+    "build one for it (fq-compile --target ..., then fq-bundle)"
 
 if [ -n "$NEED_GLIBC" ]; then
     have=$(glibc_version)
-    [ -n "$have" ] || die "cannot tell this machine's glibc version (getconf GNU_LIBC_VERSION, ldd --version); the bundle needs glibc >= $NEED_GLIBC"
-    ver_ge "$have" "$NEED_GLIBC" || die "this machine has glibc $have, older than the $NEED_GLIBC the bundled runner and TVM libraries need; use a newer OS@HINT_GLIBC@"
+    [ -n "$have" ] || die "cannot tell this machine's glibc version (getconf GNU_LIBC_VERSION, ldd --version);" \
+        "the bundle needs glibc >= $NEED_GLIBC"
+    ver_ge "$have" "$NEED_GLIBC" || die "this machine has glibc $have, older than the $NEED_GLIBC" \
+        "the bundled runner and TVM libraries need; use a newer OS@HINT_GLIBC@"
 fi
 
 if [ -n "$NEED_GLIBCXX" ]; then
@@ -469,7 +472,8 @@ if [ -n "$NEED_GLIBCXX" ]; then
         if [ -f "$d/libstdc++.so.6" ]; then lib=$d/libstdc++.so.6; break; fi
     done
     [ -n "$lib" ] || die "libstdc++.so.6 not found; install it (apt-get install libstdc++6)"
-    grep -q "GLIBCXX_$NEED_GLIBCXX" "$lib" || die "this machine's libstdc++ ($lib) lacks GLIBCXX_$NEED_GLIBCXX, which the bundled runner and TVM libraries need; use a newer OS@HINT_GLIBCXX@"
+    grep -q "GLIBCXX_$NEED_GLIBCXX" "$lib" || die "this machine's libstdc++ ($lib) lacks GLIBCXX_$NEED_GLIBCXX," \
+        "which the bundled runner and TVM libraries need; use a newer OS@HINT_GLIBCXX@"
 fi
 
 if command -v sha256sum >/dev/null 2>&1; then
@@ -501,20 +505,24 @@ def readme(top: str, info: dict) -> str:
     inputs = "\n".join(f"    {s['name']}: {s['dtype']} {_dims(s)}" for s in info["inputs"])
     outputs = "\n".join(f"    {s['name']}: {s['dtype']} {_dims(s)}" for s in info["outputs"])
     first = info["inputs"][0]["name"]
+    cxx = f" and libstdc++ with GLIBCXX_{req['glibcxx']}" if req["glibcxx"] else ""
+    board = "\n(a Raspberry Pi 4 or 5: the 64-bit Raspberry Pi OS, bookworm)" if info["arch"] == "aarch64" else ""
+    examples = [(f"tar xzf {top}.tar.gz && cd {top}", ""),
+                ("./run.sh -i inputs.npz -o outputs --repeat 20", "# an .npz keyed by input name"),
+                (f"./run.sh {first}=x.npy -o outputs", "# one input from a .npy file"),
+                ("./run.sh -i inputs_dir -o outputs", "# a directory of NAME.npy files")]
+    width = max(len(cmd) for cmd, _ in examples) + 2
+    run_lines = "\n".join(f"    {cmd:<{width}}{note}".rstrip() for cmd, note in examples)
+    versions = info["versions"]
     return f"""{top}: an fq-tvm model that runs without Python
-(target {info['target']}, scheme {info['scheme']}, {info['arch']}; fq-tvm {info['versions']['fq_tvm']},
-TVM {info['versions']['tvm']})
+target {info['target']} ({info['arch']}), scheme {info['scheme']}; fq-tvm {versions['fq_tvm']}, TVM {versions['tvm']}
 
-Needs: Linux on {info['arch']} with glibc >= {req['glibc']}{f" and libstdc++ with GLIBCXX_{req['glibcxx']}" if req['glibcxx'] else ""}
-(for a Raspberry Pi: the 64-bit Raspberry Pi OS bookworm). Nothing else: TVM's runtime libraries
-are in lib/, the runner in bin/. run.sh checks all of this first and says in one line what is
-missing.
+Needs: Linux on {info['arch']} with glibc >= {req['glibc']}{cxx}{board}.
+Nothing else: TVM's runtime libraries are in lib/, the runner in bin/. run.sh checks the machine
+first and says in one line what is missing.
 
 Run:
-    tar xzf {top}.tar.gz && cd {top}
-    ./run.sh -i inputs.npz -o outputs --repeat 20
-    ./run.sh {first}=x.npy -o outputs             # one input from a .npy file
-    ./run.sh -i inputs_dir -o outputs              # a directory of NAME.npy files
+{run_lines}
 
 It verifies the sha256 of every model file against model/manifest.json before loading, reads the
 inputs, runs the model, writes each output as outputs/NAME.npy, and prints the latency: a warm-up

@@ -279,7 +279,8 @@ def test_fq_bundle_refuses_bad_input(capsys, host_artifact, tmp_path, monkeypatc
     with open(tampered / "model.so", "ab") as handle:
         handle.write(b"\0")
     assert "checksum mismatch for 'model.so'" in cli_error(capsys, [tampered, "-o", out])
-    assert "must be a file name ending in .tar.gz or .tgz" in cli_error(capsys, [host_artifact, "-o", tmp_path / "o.zip"])
+    assert "must be a file name ending in .tar.gz or .tgz" in cli_error(capsys,
+                                                                       [host_artifact, "-o", tmp_path / "o.zip"])
     (tmp_path / "d.tar.gz").mkdir()
     assert "is a directory" in cli_error(capsys, [host_artifact, "-o", tmp_path / "d.tar.gz", "--force"])
     assert "is inside the artifact" in cli_error(capsys, [host_artifact, "-o", host_artifact / "b.tar.gz"])
@@ -294,8 +295,8 @@ def test_fq_bundle_refuses_bad_input(capsys, host_artifact, tmp_path, monkeypatc
     assert "fq-bundle packs CPU artifacts (x86_64, aarch64) only" in cli_error(capsys, [cuda, "-o", out])
     arm = fake_artifact(host_artifact, tmp_path / "arm", arch="aarch64", name="rpi5")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no aarch64-linux-gnu-g++
-    assert cli_error(capsys, [arm, "-o", out]) == (
-        "fq-bundle: error: aarch64-linux-gnu-g++ (the aarch64 cross-compiler) not found: run bash scripts/setup_arm64.sh")
+    assert cli_error(capsys, [arm, "-o", out]) == ("fq-bundle: error: aarch64-linux-gnu-g++ (the aarch64 "
+                                                   "cross-compiler) not found: run bash scripts/setup_arm64.sh")
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
