@@ -39,6 +39,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -250,7 +251,7 @@ def build_runner(source: dict, quiet: bool = True) -> Path:
     if cached.is_file():
         return cached
     if not quiet:
-        print(f"fq-bundle: compiling the runner with {cxx}", flush=True)
+        print(f"fq-bundle: compiling the runner with {cxx}", file=sys.stderr, flush=True)
     cached.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
         binary = Path(tmp) / RUNNER
@@ -368,7 +369,8 @@ def bundle(artifact, out, *, force: bool = False, quiet: bool = False) -> dict:
     if not quiet:
         print(f"fq-bundle: {out} ({summary['bytes'] / 1e6:.1f} MB, {arch}, target {target['name']}): "
               f"needs glibc >= {glibc} ({', '.join(glibc_from)})"
-              + (f" and libstdc++ with GLIBCXX_{glibcxx} ({', '.join(glibcxx_from)})" if glibcxx else ""))
+              + (f" and libstdc++ with GLIBCXX_{glibcxx} ({', '.join(glibcxx_from)})" if glibcxx else ""),
+              file=sys.stderr)
     return summary
 
 
@@ -390,7 +392,7 @@ def _write(out: Path, top: str, directory: Path, manifest: dict, runner: Path, s
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
         try:
             names = []
-            with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
+            with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz", compresslevel=6) as tar:
                 sums = {}
                 for name in ("", "/bin", "/lib", "/model"):
                     _add_dir(tar, top + name, now)

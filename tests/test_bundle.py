@@ -127,6 +127,48 @@ def test_bundle_records_what_the_binaries_need(host_bundle):
     assert all(bundler._sha256(root / n) == d for n, d in sums.items())
 
 
+@pytest.fixture(scope="module")
+def ids_artifact(work):
+    """Token ids (int64, a table of 50 rows) -> two outputs: an fp32 build."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["h"], name="embed"),
+             helper.make_node("MatMul", ["h", "W"], ["y"], name="proj"),
+             helper.make_node("Relu", ["h"], ["z"], name="relu")]
+    graph = helper.make_graph(
+        nodes, "ids", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 48]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", "seq", 32])],
+        [numpy_helper.from_array(rng.standard_normal((50, 32)).astype(np.float32), "E"),
+         numpy_helper.from_array(rng.standard_normal((32, 48)).astype(np.float32), "W")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), work / "ids.onnx")
+    return fq_tvm.compile(work / "ids.onnx", "host", work / "ids.host", scheme="fp32", quiet=True)
+
+
+def test_int_input_and_two_outputs(ids_artifact, tmp_path):
+    summary = fq_tvm.bundle(ids_artifact, tmp_path / "ids.tar.gz", quiet=True)
+    with tarfile.open(summary["path"]) as tar:
+        tar.extractall(tmp_path, filter="data")
+    root = tmp_path / "ids"
+    ids = np.random.default_rng(1).integers(0, 50, (2, 5))
+    np.savez(tmp_path / "in.npz", ids=ids)
+    done = run([root / "run.sh", "-i", tmp_path / "in.npz", "-o", tmp_path / "out", "--repeat", "2"], env=host_env())
+    assert done.returncode == 0, done.stderr
+    ref = fq_tvm.load(ids_artifact).run({"ids": ids})
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["y.npy", "z.npy"]
+    for name in ("y", "z"):
+        ours = np.load(tmp_path / "out" / f"{name}.npy")
+        assert ours.shape == ref[name].shape and np.array_equal(ours, ref[name])
+    np.savez(tmp_path / "bad.npz", ids=np.array([[1, 2, 50]]))  # read unchecked by the library: refused
+    assert one_line_error(run([root / "run.sh", "-i", tmp_path / "bad.npz"], env=host_env())) == (
+        "fq-runner: input 'ids' has values from 1 to 50; it indexes a table of 50 rows, so each must be in [0, 50)")
+    np.savez(tmp_path / "i32.npz", ids=ids.astype(np.int32))
+    assert "input 'ids' has dtype int32, expected int64" in one_line_error(
+        run([root / "run.sh", "-i", tmp_path / "i32.npz"], env=host_env()))
+
+
 # ---- the runner refuses -------------------------------------------------------------------------
 
 def copy_bundle(root: Path, tmp_path: Path) -> Path:
@@ -152,6 +194,33 @@ def test_runner_refuses_a_tampered_model(host_bundle, tmp_path):
     assert "'model.so' listed in the manifest is missing" in one_line_error(run([copy / "run.sh"], env=host_env()))
     (copy / "model" / "manifest.json").write_text("{not json")
     assert "corrupt manifest" in one_line_error(run([copy / "run.sh"], env=host_env()))
+
+
+def test_runner_sha256_and_unloadable_library(host_bundle, tmp_path):
+    """The runner's own sha256 against hashlib on block-boundary sizes; a library that passes its
+    checksum but is no shared library fails in one line."""
+    _, root = host_bundle
+    copy = copy_bundle(root, tmp_path)
+    model = copy / "model"
+    manifest = json.loads((model / "manifest.json").read_text())
+    rng = np.random.default_rng(0)
+    for size in (0, 1, 55, 56, 63, 64, 65, 119, 120, 65536, 65537, 1_000_003):
+        (model / f"f{size}").write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+        manifest["files"][f"f{size}"] = bundler._sha256(model / f"f{size}")
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    done = run([copy / "bin" / "fq-runner", model, "--check"])
+    assert done.returncode == 0 and done.stdout == f"fq-runner: {model} verified (x86_64)\n", done.stderr
+    (model / "f56").write_bytes(b"x" * 56)
+    assert one_line_error(run([copy / "bin" / "fq-runner", model, "--check"])).endswith(
+        "checksum mismatch for 'f56' (file changed or corrupt)")
+    (model / "f56").unlink()
+    del manifest["files"]["f56"]
+    (model / "model.so").write_bytes(b"\x7fELF" + bytes(200))
+    manifest["files"]["model.so"] = bundler._sha256(model / "model.so")
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    np.save(tmp_path / "x.npy", np.ones((1, 32), np.float32))
+    line = one_line_error(run([copy / "bin" / "fq-runner", model, "-i", tmp_path / "x.npy"]))
+    assert line.startswith(f"fq-runner: {model}: cannot load 'model.so': ")
 
 
 def test_run_sh_refuses_a_changed_library(host_bundle, tmp_path):

@@ -36,6 +36,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -73,8 +74,10 @@ struct Fail : std::runtime_error {
 
 static const size_t kMaxManifest = 8u << 20;
 
-// The whole file, only if it is a regular file reached without following a symbolic link.
-static std::string read_regular(const std::string& path, size_t limit = SIZE_MAX) {
+// The whole file (or each chunk given to `sink`), only if it is a regular file reached without
+// following a symbolic link.
+static std::string read_regular(const std::string& path, size_t limit = SIZE_MAX,
+                                const std::function<void(const char*, size_t)>& sink = nullptr) {
   int fd = open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
   if (fd < 0) {
     if (errno == ELOOP) fail(path + ": is a symbolic link; an artifact holds regular files only");
@@ -96,6 +99,10 @@ static std::string read_regular(const std::string& path, size_t limit = SIZE_MAX
       fail(path + ": cannot read (" + std::strerror(err) + ")");
     }
     if (n == 0) break;
+    if (sink) {
+      sink(buf, static_cast<size_t>(n));
+      continue;
+    }
     data.append(buf, static_cast<size_t>(n));
     if (data.size() > limit) {
       close(fd);
@@ -122,20 +129,43 @@ static bool ends_with(const std::string& s, const std::string& tail) {
 
 // ---- sha256 (FIPS 180-4) -----------------------------------------------------------------------
 
-static std::string sha256_hex(const std::string& data) {
-  static const uint32_t k[64] = {
-      0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
-      0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
-      0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
-      0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
-      0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
-      0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
-      0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-      0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
-  uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
-                   0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
-  auto rotr = [](uint32_t x, int n) { return (x >> n) | (x << (32 - n)); };
-  auto block = [&](const unsigned char* p) {
+class Sha256 {
+ public:
+  void update(const void* data, size_t n) {
+    const unsigned char* p = static_cast<const unsigned char*>(data);
+    total_ += n;
+    while (n > 0) {
+      size_t take = std::min(n, size_t(64) - fill_);
+      std::memcpy(buf_ + fill_, p, take);
+      fill_ += take, p += take, n -= take;
+      if (fill_ == 64) block(buf_), fill_ = 0;
+    }
+  }
+  std::string hex() {
+    uint64_t bits = total_ * 8;
+    unsigned char pad[72] = {0x80};
+    size_t len = (fill_ < 56 ? 56 : 120) - fill_;
+    for (int i = 0; i < 8; ++i) pad[len + i] = static_cast<unsigned char>(bits >> (56 - 8 * i));
+    update(pad, len + 8);
+    static const char* digits = "0123456789abcdef";
+    std::string out;
+    for (uint32_t v : h_)
+      for (int i = 28; i >= 0; i -= 4) out += digits[(v >> i) & 0xf];
+    return out;
+  }
+
+ private:
+  static uint32_t rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
+  void block(const unsigned char* p) {
+    static const uint32_t k[64] = {
+        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+        0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+        0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+        0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+        0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+        0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+        0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
     uint32_t w[64];
     for (int i = 0; i < 16; ++i)
       w[i] = (uint32_t(p[4 * i]) << 24) | (uint32_t(p[4 * i + 1]) << 16) | (uint32_t(p[4 * i + 2]) << 8) |
@@ -145,30 +175,26 @@ static std::string sha256_hex(const std::string& data) {
       uint32_t s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >> 10);
       w[i] = w[i - 16] + s0 + w[i - 7] + s1;
     }
-    uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], hh = h[7];
+    uint32_t a = h_[0], b = h_[1], c = h_[2], d = h_[3], e = h_[4], f = h_[5], g = h_[6], h = h_[7];
     for (int i = 0; i < 64; ++i) {
-      uint32_t t1 = hh + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + k[i] + w[i];
+      uint32_t t1 = h + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + k[i] + w[i];
       uint32_t t2 = (rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
-      hh = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
+      h = g, g = f, f = e, e = d + t1, d = c, c = b, b = a, a = t1 + t2;
     }
-    h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += hh;
-  };
-  const unsigned char* p = reinterpret_cast<const unsigned char*>(data.data());
-  size_t n = data.size(), full = n / 64 * 64;
-  for (size_t i = 0; i < full; i += 64) block(p + i);
-  unsigned char tail[128] = {0};
-  size_t rest = n - full;
-  std::memcpy(tail, p + full, rest);
-  tail[rest] = 0x80;
-  size_t tail_len = rest + 9 <= 64 ? 64 : 128;
-  uint64_t bits = uint64_t(n) * 8;
-  for (int i = 0; i < 8; ++i) tail[tail_len - 1 - i] = static_cast<unsigned char>(bits >> (8 * i));
-  for (size_t i = 0; i < tail_len; i += 64) block(tail + i);
-  static const char* hex = "0123456789abcdef";
-  std::string out;
-  for (uint32_t v : h)
-    for (int i = 28; i >= 0; i -= 4) out += hex[(v >> i) & 0xf];
-  return out;
+    h_[0] += a, h_[1] += b, h_[2] += c, h_[3] += d, h_[4] += e, h_[5] += f, h_[6] += g, h_[7] += h;
+  }
+  uint32_t h_[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+  unsigned char buf_[64];
+  size_t fill_ = 0;
+  uint64_t total_ = 0;
+};
+
+// sha256 of a regular file (no link, FIFO or device), read in chunks: a model of hundreds of MB
+// is not held in memory twice.
+static std::string sha256_file(const std::string& path) {
+  Sha256 digest;
+  read_regular(path, SIZE_MAX, [&](const char* data, size_t n) { digest.update(data, n); });
+  return digest.hex();
 }
 
 // ---- the manifest ------------------------------------------------------------------------------
@@ -289,7 +315,7 @@ static Manifest verify_artifact(const std::string& dir) {
                                               "' is not a sha256 hex digest");
     std::string file = dir + "/" + std::string(*name);
     if (!exists(file)) fail(dir + ": file '" + std::string(*name) + "' listed in the manifest is missing");
-    if (sha256_hex(read_regular(file)) != std::string(*digest))
+    if (sha256_file(file) != std::string(*digest))
       fail(dir + ": checksum mismatch for '" + std::string(*name) + "' (file changed or corrupt)");
   }
   return out;
@@ -634,6 +660,13 @@ static int64_t parse_count(const char* flag, const char* text, int64_t min) {
   return v;
 }
 
+static std::string last_line(const std::string& text) {
+  std::string t = text;
+  while (!t.empty() && (t.back() == '\n' || t.back() == ' ')) t.pop_back();
+  size_t nl = t.rfind('\n');
+  return nl == std::string::npos ? t : t.substr(nl + 1);
+}
+
 static int run(int argc, char** argv) {
   std::string model_dir, inputs, out_dir;
   std::map<std::string, std::string> named;
@@ -666,13 +699,18 @@ static int run(int argc, char** argv) {
   }
   std::map<std::string, NpyArray> arrays = gather_inputs(m, inputs, named);
 
-  ffi::Module lib = ffi::Module::LoadFromFile(model_dir + "/" + m.library);
-  auto load = lib->GetFunction(ffi::String("vm_load_executable"), true);
-  if (!load) fail(model_dir + "/" + m.library + ": not a Relax VM executable (no vm_load_executable)");
-  ffi::Module vm = (*load)().cast<ffi::Module>();
-  auto init = vm->GetFunction(ffi::String("vm_initialization"), false);
-  auto main_fn = vm->GetFunction(ffi::String("main"), false);
-  if (!init || !main_fn) fail(model_dir + "/" + m.library + ": the VM executable has no main function");
+  ffi::Optional<ffi::Function> init, main_fn;
+  try {
+    ffi::Module lib = ffi::Module::LoadFromFile(model_dir + "/" + m.library);
+    auto load = lib->GetFunction(ffi::String("vm_load_executable"), true);
+    if (!load) fail(model_dir + ": cannot load '" + m.library + "': not a Relax VM executable");
+    ffi::Module vm = (*load)().cast<ffi::Module>();
+    init = vm->GetFunction(ffi::String("vm_initialization"), false);
+    main_fn = vm->GetFunction(ffi::String("main"), false);
+    if (!init || !main_fn) fail(model_dir + ": cannot load '" + m.library + "': the VM executable has no main");
+  } catch (const ffi::Error& e) {
+    fail(model_dir + ": cannot load '" + m.library + "': " + last_line(e.message()));
+  }
   (*init)(static_cast<int>(kDLCPU), 0, 2);  // CPU device 0, pooled allocator (VirtualMachine's default)
 
   DLDevice cpu{kDLCPU, 0};
@@ -719,13 +757,6 @@ static int run(int argc, char** argv) {
                median, sorted.front(), sorted.back(), static_cast<long long>(n),
                static_cast<long long>(std::max<int64_t>(warmup, 1)));
   return 0;
-}
-
-static std::string last_line(const std::string& text) {
-  std::string t = text;
-  while (!t.empty() && (t.back() == '\n' || t.back() == ' ')) t.pop_back();
-  size_t nl = t.rfind('\n');
-  return nl == std::string::npos ? t : t.substr(nl + 1);
 }
 
 int main(int argc, char** argv) {
