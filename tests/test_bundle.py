@@ -285,6 +285,19 @@ def test_run_sh_glibc_check(host_bundle, tmp_path):
         "fq-bundle: this bundle is for x86_64, this machine is aarch64;")
 
 
+def test_run_sh_libstdcxx_check(host_bundle, tmp_path):
+    """run.sh looks for the newest GLIBCXX_ version the binaries need in the system's libstdc++."""
+    _, root = host_bundle
+    need = json.loads((root / "bundle.json").read_text())["requires"]["glibcxx"]
+    assert f"NEED_GLIBCXX={need}\n" in (root / "run.sh").read_text()
+    copy = copy_bundle(root, tmp_path)
+    script = (copy / "run.sh").read_text().replace(f"NEED_GLIBCXX={need}\n", "NEED_GLIBCXX=3.4.999\n")
+    (copy / "run.sh").write_text(script)
+    line = one_line_error(run([copy / "run.sh", "--check"], env=host_env()))
+    assert re.fullmatch(r"fq-bundle: this machine's libstdc\+\+ \(/\S+/libstdc\+\+\.so\.6\) lacks GLIBCXX_3\.4\.999, "
+                        r"which the bundled runner and TVM libraries need; use a newer OS", line), line
+
+
 def test_version_logic():
     assert bundler.version_at_least("2.36", "2.34") and bundler.version_at_least("2.34", "2.34")
     assert not bundler.version_at_least("2.4", "2.17") and bundler.version_at_least("2.17", "2.4")
