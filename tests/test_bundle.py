@@ -376,6 +376,12 @@ def test_fq_bundle_refuses_bad_input(capsys, host_artifact, tmp_path, monkeypatc
     (cuda / "manifest.json").write_text(json.dumps(manifest))
     assert "fq-bundle packs CPU artifacts (x86_64, aarch64) only" in cli_error(capsys, [cuda, "-o", out])
     arm = fake_artifact(host_artifact, tmp_path / "arm", arch="aarch64", name="rpi5")
+    if shutil.which("aarch64-linux-gnu-g++"):
+        monkeypatch.setenv("FQ_ARM64_SYSROOT", str(tmp_path / "no-sysroot"))
+        line = cli_error(capsys, [arm, "-o", out])
+        assert line.startswith(f"fq-bundle: error: the aarch64 TVM runtime libraries are not in the arm64 sysroot "
+                               f"{tmp_path / 'no-sysroot'} (") and line.endswith("; run bash scripts/setup_arm64.sh")
+        monkeypatch.delenv("FQ_ARM64_SYSROOT")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no aarch64-linux-gnu-g++
     assert cli_error(capsys, [arm, "-o", out]) == ("fq-bundle: error: aarch64-linux-gnu-g++ (the aarch64 "
                                                    "cross-compiler) not found: run bash scripts/setup_arm64.sh")

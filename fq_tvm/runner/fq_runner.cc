@@ -61,7 +61,7 @@ static const char* kUsage =
     "  NAME=FILE    the input NAME from a .npy file\n"
     "  -o OUT_DIR   write each output as OUT_DIR/NAME.npy (the directory is created)\n"
     "  --repeat N   timed runs after the warm-up (default 10); prints median / min / max ms\n"
-    "  --warmup N   untimed runs first (default 2)\n"
+    "  --warmup N   untimed runs first (default 2; at least 1: its outputs are the ones written)\n"
     "  --check      verify the artifact and exit\n"
     "Threads: TVM_NUM_THREADS=N (default: one per physical core).\n";
 
