@@ -54,4 +54,12 @@ def bench(model, calib=None, schemes=("fp32", "int8", "fq2"), **options):
     return _bench(model, calib, schemes, **options)
 
 
-__all__ = ["FqError", "__version__", "bench", "compile", "load"]
+def bundle(artifact, out, **options):
+    """Pack an artifact, TVM's runtime libraries and a C++ runner into a tarball that runs without
+    Python; see `fq_tvm.bundler.bundle`."""
+    from .bundler import bundle as _bundle
+
+    return _bundle(artifact, out, **options)
+
+
+__all__ = ["FqError", "__version__", "bench", "bundle", "compile", "load"]
