@@ -129,7 +129,7 @@ def ignored_options(cfg, given: dict) -> list[str]:
     """One warning line for the options in `given` ({flag or parameter name: value}) that the
     scheme does not use: calibration data for a scheme that does not calibrate, pad_small for fp32."""
     lines = []
-    unused = [name for name, value in given.items() if value not in (None, False)
+    unused = [name for name, value in given.items() if value is not None and value is not False
               and (not calibrates(cfg) if "calib" in name else cfg.method == "none")]
     calib = [name for name in unused if "calib" in name]
     if calib:

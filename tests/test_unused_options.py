@@ -29,6 +29,7 @@ def test_which_schemes_calibrate():
      ["--calib-text is ignored: scheme fp32 does not calibrate", "--pad-small is ignored: scheme fp32 does not quantize"]),
     ("rtn4", {"calib=": "c.npz", "calib_samples=": None, "pad_small=": True},
      ["calib= is ignored: scheme rtn4 does not calibrate"]),  # rtn4 pads nothing, but pad_small is its option
+    ("int8", {"--calib-samples": 0}, ["--calib-samples is ignored: scheme int8 does not calibrate"]),
     ("fq2", {"--calib": "c.npz", "--calib-samples": 8, "--pad-small": True}, []),
     ("gptq2", {"--calib": "c.npz", "--pad-small": False}, []),
 ])
