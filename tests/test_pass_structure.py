@@ -4,9 +4,11 @@ TVMScript, and `tvm.ir.assert_structural_equal` between the pass's output and Ex
 QuantizeDense: the Expected kernels are built here from `schedules.kernels` (not taken from the
 pass's output), and every constant (Hadamard signs, frame block, packed codes, scales, zeros) from
 the layer's record, so a different kernel, an extra reshape or copy, a constant in the wrong place
-or a transform that is not shared makes the modules differ (the last test checks that the
-comparison does catch an unshared transform). StoreTiedWeightsOnce runs on a bound module
-(weights as constants), as in the compile path.
+or a transform that is not shared makes the modules differ
+(test_structural_check_catches_an_unshared_transform checks that the comparison does catch one).
+The pass leaves the rewritten matmul's variable as an alias of its last kernel's output (`mm = o`;
+the build's CanonicalizeBindings removes it), so Expected writes it too. StoreTiedWeightsOnce runs
+on a bound module (weights as constants), as in the compile path.
 """
 
 import numpy as np
