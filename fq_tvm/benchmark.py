@@ -280,8 +280,11 @@ def _first_line(err: Exception) -> str:
 def _build(model: Path, scheme: str, target: str, calib, tmp: Path, log: Progress) -> Path:
     import fq_tvm
 
+    from .compiler import uses_calibration
+
     with log(f"compile {scheme} for {target}"):
-        return fq_tvm.compile(model, target, tmp / "artifacts" / scheme, scheme=scheme, calib=calib, quiet=True)
+        return fq_tvm.compile(model, target, tmp / "artifacts" / scheme, scheme=scheme, quiet=True,
+                              calib=calib if uses_calibration(scheme) else None)
 
 
 def check_artifacts(paths, model: Path, target: str | None, local: bool) -> list[dict]:

@@ -10,8 +10,9 @@ import os
 import sys
 import time
 import traceback
+import warnings
 
-from .errors import FqError
+from .errors import FqError, FqWarning, warn
 
 EPILOG_COMPILE = """\
 examples:
@@ -107,6 +108,9 @@ def _compile_parser() -> argparse.ArgumentParser:
                         "symbolic dim name (batch=1); repeatable")
     p.add_argument("--skip", metavar="REGEX", help="keep layers whose name, node or weight matches REGEX in "
                                                    "fp32 (e.g. 'lm_head')")
+    p.add_argument("--pad-small", action="store_true",
+                   help="quantize layers whose sizes padding would make store over 1.5x the scheme's nominal bits "
+                        "per weight (fq2 on 100 -> 37: 6.1 bits); by default they stay fp32, listed with the reason")
     p.add_argument("--act-bits", type=int, choices=(8, 32), default=8,
                    help="activations of quantized layers: 8 (default) quantizes them per row and group of 256 "
                         "and multiplies in int8 (AVX-512 VNNI, AVX2, Arm dotprod, NEON); 32 keeps them float")
@@ -146,16 +150,33 @@ def compile_main(argv=None):
         return 0
     if not args.model:
         raise FqError("no model given; usage: fq-compile MODEL.onnx --target TARGET -o OUT_DIR (see --help)")
+    from .compiler import calibrates, ignored_options
     from .compiler import compile as compile_model
+    from .quantize import scheme_config
 
     start = time.monotonic()
-    calib = args.calib
-    if args.calib_text or args.tokenizer:
-        calib = _text_calibration(args)
-    out = compile_model(args.model, args.target, args.output, scheme=args.scheme, redundancy=args.redundancy,
-                        l_den=args.l_den, calib=calib, skip=args.skip, cuda_arch=args.cuda_arch,
-                        force=args.force, quiet=args.quiet, act_bits=args.act_bits,
-                        input_shapes=args.input_shape, calib_samples=args.calib_samples)
+    with warnings.catch_warnings():
+        if args.quiet:
+            warnings.simplefilter("ignore", FqWarning)
+        else:
+            warnings.simplefilter("always", FqWarning)
+            warnings.showwarning = _show_warning(warnings.showwarning)
+        calib, samples, cfg = args.calib, args.calib_samples, scheme_config(args.scheme)
+        if args.calib_text or args.tokenizer:
+            _check_text_calibration(args)
+        given = {"--calib": args.calib, "--calib-text": args.calib_text, "--calib-samples": args.calib_samples,
+                 "--pad-small": args.pad_small}
+        for text in ignored_options(cfg, given):
+            warn(text)
+        if not calibrates(cfg):
+            calib = samples = None
+        elif args.calib_text:
+            calib = _text_calibration(args)
+        out = compile_model(args.model, args.target, args.output, scheme=args.scheme, redundancy=args.redundancy,
+                            l_den=args.l_den, calib=calib, skip=args.skip, cuda_arch=args.cuda_arch,
+                            force=args.force, quiet=args.quiet, act_bits=args.act_bits,
+                            input_shapes=args.input_shape, calib_samples=samples,
+                            pad_small=args.pad_small and cfg.method != "none")
     info = summary(out, time.monotonic() - start)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -165,13 +186,28 @@ def compile_main(argv=None):
     return 0
 
 
-def _text_calibration(args) -> dict:
-    from .calib_data import from_text
+def _show_warning(show):
+    """warnings.showwarning printing an FqWarning as one line, `fq-compile: warning: ...`."""
 
+    def shown(message, category, *rest, **kw):
+        if issubclass(category, FqWarning):
+            print(f"fq-compile: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            show(message, category, *rest, **kw)
+
+    return shown
+
+
+def _check_text_calibration(args) -> None:
     if not (args.calib_text and args.tokenizer):
         raise FqError("--calib-text and --tokenizer go together")
     if args.calib:
         raise FqError("give --calib or --calib-text, not both")
+
+
+def _text_calibration(args) -> dict:
+    from .calib_data import from_text
+
     if not os.path.isfile(args.model):
         raise FqError(f"{args.model}: no such file")
     return from_text(args.model, args.calib_text, args.tokenizer, args.calib_samples)
@@ -280,6 +316,8 @@ def summary(out_dir, seconds: float) -> dict:
     return {"artifact": str(out_dir), "scheme": manifest["scheme"]["name"], "target": manifest["target"]["name"],
             "layers_quantized": len(manifest.get("layers", [])),
             "layers_kept_fp32": len(manifest.get("skipped", [])) if quantized else None,
+            "kept_fp32": [{key: entry[key] for key in ("name", "shape", "reason")}
+                          for entry in manifest.get("skipped", [])] if quantized else None,
             "dense_bits_per_weight": weights.get("quantized_dense_bits_per_weight", 32.0),
             "bits_per_weight": round(32 * weights["bytes"] / fp32_bytes, 4) if fp32_bytes else 32.0,
             "weight_bytes": weights["bytes"], "fp32_weight_bytes": fp32_bytes,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import __version__
 from .artifact import check_output, staging_dir, write_manifest
-from .errors import FqError
+from .errors import FqError, warn
 from .gathers import add_ranges, fast_take_bounds, log_filter, without_log_lines
 from .numerics.activations import ACT_BITS
 
@@ -38,7 +38,7 @@ def default_out_dir(model_path: Path, target_name: str, scheme: str) -> Path:
 def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redundancy: float | None = None,
             l_den: int | None = None, calib=None, skip: str | None = None, cuda_arch: str | None = None,
             force: bool = False, quiet: bool = False, records: dict | None = None, act_bits: int = 8,
-            input_shapes=None, calib_samples: int | None = None) -> Path:
+            input_shapes=None, calib_samples: int | None = None, pad_small: bool = False) -> Path:
     """Compile an ONNX model for `target` into an artifact directory; return its path.
 
     model: path to an .onnx file. target: a preset name (`fq-compile --list-targets`) or a TVM
@@ -49,7 +49,10 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     and group and multiplies in int8 on CPUs with a dot-product ISA; 32 keeps float activations
     (`--act-bits`). input_shapes: {input or symbolic dim name: dims} or ["NAME=DIMS", ...] pins
     dynamic dims before import (`--input-shape`). calib_samples: use the first N calibration
-    samples (`--calib-samples`). records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
+    samples (`--calib-samples`); schemes that do not calibrate (fp32, int8, rtn*) ignore calib and
+    calib_samples with an FqWarning. pad_small: quantize layers that padding makes store over 1.5x
+    the scheme's nominal bits per weight (with an FqWarning each) instead of keeping them fp32
+    (`--pad-small`). records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
     layers the artifact runs quantized (to check it against a numpy evaluation). A failed compile
     leaves nothing at `out_dir`.
     """
@@ -63,6 +66,10 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     hooks.check_tools(preset)
     check_frame_options(scheme, redundancy, l_den)
     cfg = scheme_config(scheme, redundancy=redundancy, l_den=l_den)
+    for text in ignored_options(cfg, {"calib=": calib, "calib_samples=": calib_samples, "pad_small=": pad_small}):
+        warn(text)
+    if not calibrates(cfg):
+        calib = calib_samples = None
     if act_bits not in ACT_BITS:
         raise FqError(f"--act-bits must be one of {', '.join(map(str, ACT_BITS))}, not {act_bits}")
     if cfg.method in ("gptq", "framequant") and calib is None:
@@ -81,7 +88,7 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     layers, layer_report, quantized = {}, {}, {}
     if cfg.method != "none":
         step(f"quantizing dense layers ({cfg.name})")
-        layers, layer_report, quantized = _quantize(proto, cfg, calib, skip, quiet, calib_samples)
+        layers, layer_report, quantized = _quantize(proto, cfg, calib, skip, quiet, calib_samples, pad_small)
     step("importing into Relax" + (" and rewriting dense layers" if layers else ""))
     mod = _import(proto, layers, layer_report, quiet, imported)
     if records is not None:  # only what the artifact really runs quantized
@@ -103,6 +110,34 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
         write_manifest(tmp, manifest, files)
     step.show(f"done: {out_dir}")
     return out_dir
+
+
+def calibrates(cfg) -> bool:
+    """Whether the scheme (a numerics.QuantConfig) runs calibration: GPTQ and FrameQuant do."""
+    return cfg.method in ("gptq", "framequant")
+
+
+def uses_calibration(scheme: str) -> bool:
+    """Whether the scheme named `scheme` calibrates (True for a name we do not know: compile says
+    what is wrong with it)."""
+    from .numerics import SCHEMES
+
+    return scheme not in SCHEMES or calibrates(SCHEMES[scheme])
+
+
+def ignored_options(cfg, given: dict) -> list[str]:
+    """One warning line for the options in `given` ({flag or parameter name: value}) that the
+    scheme does not use: calibration data for a scheme that does not calibrate, pad_small for fp32."""
+    lines = []
+    unused = [name for name, value in given.items() if value is not None and value is not False
+              and (not calibrates(cfg) if "calib" in name else cfg.method == "none")]
+    calib = [name for name in unused if "calib" in name]
+    if calib:
+        lines.append(f"{' and '.join(calib)} {'is' if len(calib) == 1 else 'are'} ignored: scheme {cfg.name} "
+                     f"does not calibrate")
+    if len(unused) > len(calib):
+        lines.append(f"{unused[-1]} is ignored: scheme {cfg.name} does not quantize")
+    return lines
 
 
 REDUNDANCY_RANGE = (1.0, 2.0)  # r = 2 already stores 4 bits per 2-bit weight
@@ -150,12 +185,16 @@ def check_cpu(target) -> None:
                       f"{len(known)} CPUs, e.g. {', '.join(near)} (--target host picks this machine's)")
 
 
-def _quantize(proto, cfg, calib, skip, quiet, calib_samples=None):
+def _quantize(proto, cfg, calib, skip, quiet, calib_samples=None, pad_small=False):
     from .importer import param_name
     from .quantize import calibrate_layers, plan_layers, quantize_layers, to_packed
 
-    plan = plan_layers(proto, skip)
-    hessians = calibrate_layers(proto, plan.all_uses(plan.chosen), calib, not quiet, calib_samples) if cfg.method != "rtn" else None
+    plan = plan_layers(proto, skip, cfg=cfg, pad_small=pad_small)
+    for _, text in plan.padded:
+        warn(text)
+    hessians = None
+    if cfg.method != "rtn" and plan.chosen:  # no layer to quantize (all kept fp32): no calibration run
+        hessians = calibrate_layers(proto, plan.all_uses(plan.chosen), calib, not quiet, calib_samples)
     records = quantize_layers(proto, plan, cfg, hessians, not quiet)
     layers = {param_name(w): to_packed(r) for w, r in records.items()}
     report = {"layers": [_layer_entry(plan.names[layer.node], layer, records[layer.weight])

@@ -17,6 +17,7 @@ import numpy as np
 from .errors import FqError
 
 MIN_FEATURES = 32  # layers with fewer input or output features stay fp32
+PAD_LIMIT = 1.5  # a layer whose padding stores over PAD_LIMIT x the nominal bits stays fp32 (--pad-small)
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Plan:
 
     chosen: list = field(default_factory=list)  # numerics.DenseLayer
     skipped: list = field(default_factory=list)  # (DenseLayer, reason)
+    padded: list = field(default_factory=list)  # (DenseLayer, warning): chosen although padding bloats it
     names: dict = field(default_factory=dict)  # node name -> readable layer name
     uses: dict = field(default_factory=dict)  # weight name -> every DenseLayer (node) reading it
 
@@ -58,7 +60,46 @@ def display_name(proto_node) -> str:
     return proto_node.name
 
 
-def plan_layers(proto, skip: str | None = None, min_features: int = MIN_FEATURES) -> Plan:
+def stored_bits_per_weight(cfg, out_features: int, in_features: int) -> tuple[int, int, float]:
+    """(rows, cols, bits per weight) of the record an N x K layer gets under `cfg`, from the shapes
+    alone (the bits are what numerics.bits_per_weight gives after quantizing): FrameQuant pads both sides for its
+    Hadamards (numerics.padded_dim) and widens the input by its frame; codes are packed per row,
+    with a float32 scale and zero per row (or group)."""
+    from .numerics import input_transforms, packed_width, padded_dim
+
+    rows, cols = out_features, in_features
+    if cfg.method == "framequant":
+        had, frame = input_transforms(in_features, cfg, 0)
+        rows, cols = padded_dim(out_features), had.dp if frame is None else frame.out_dim
+    groups = -(-cols // (cfg.group_size or cols))
+    return rows, cols, rows * (8 * packed_width(cols, cfg.bits) + 64 * groups) / (out_features * in_features)
+
+
+def nominal_bits(cfg, in_features: int) -> float:
+    """The scheme's bits per weight for a layer of K inputs without padding: bits x r (the frame's
+    redundancy, 1 outside FrameQuant) plus the float32 scale and zero of each row (or group)."""
+    from .numerics import nominal_bits_per_weight, storage_bits
+
+    per = min(in_features, cfg.group_size or in_features)
+    return nominal_bits_per_weight(storage_bits(cfg.bits), cfg.redundancy, per, scale_bits=32, zero_bits=32)
+
+
+def padding_check(cfg, layer) -> str | None:
+    """What padding costs, when it makes the layer store over PAD_LIMIT x the scheme's nominal
+    bits per weight (100 -> 37 under fq2: 6.09 against 2.84), else None."""
+    rows, cols, stored = stored_bits_per_weight(cfg, layer.out_features, layer.in_features)
+    nominal = nominal_bits(cfg, layer.in_features)
+    if stored <= PAD_LIMIT * nominal:
+        return None
+    return (f"padded to {rows}x{cols} it stores {stored:.2f} bits per weight, over {PAD_LIMIT}x {cfg.name}'s "
+            f"nominal {nominal:.2f}")
+
+
+def plan_layers(proto, skip: str | None = None, min_features: int = MIN_FEATURES, cfg=None,
+                pad_small: bool = False) -> Plan:
+    """Choose the dense layers to quantize. With `cfg`, a layer that padding would make store over
+    PAD_LIMIT x the scheme's nominal bits stays fp32 (a skipped reason), unless `pad_small`: then
+    it is chosen and listed in `plan.padded` with a warning."""
     from .numerics import find_dense_layers
 
     try:
@@ -78,6 +119,14 @@ def plan_layers(proto, skip: str | None = None, min_features: int = MIN_FEATURES
         elif min(layer.in_features, layer.out_features) < min_features:
             plan.skipped.append((layer, f"too small ({layer.out_features}x{layer.in_features}, "
                                         f"under {min_features} features)"))
+        elif cfg is not None and cfg.method != "none" and (cost := padding_check(cfg, layer)):
+            if pad_small:
+                plan.chosen.append(layer)
+                plan.padded.append((layer, f"{name} [{layer.out_features}, {layer.in_features}]: {cost} "
+                                           f"(--pad-small)"))
+            else:
+                plan.skipped.append((layer, f"{cost.replace(' it stores ', ' it would store ')} (--pad-small "
+                                            f"quantizes it)"))
         else:
             plan.chosen.append(layer)
     for layer, reason in unsupported_dense(proto, set(plan.uses)):

@@ -49,6 +49,7 @@ def _keep(rows: list, row: dict, schemes, quiet: bool) -> None:
 def minilm_rows(work: Path, schemes=SCHEMES, target: str = "host", metrics=None, quiet: bool = False) -> list:
     """One dict per scheme: scheme, bits, size_mb, compile_s, the MiniLM metrics, eval_s."""
     from . import compile as compile_model
+    from .compiler import uses_calibration
     from .evaluate import artifact_runner, evaluate_minilm
     from .realmodels import export_minilm, minilm_calib
 
@@ -61,8 +62,8 @@ def minilm_rows(work: Path, schemes=SCHEMES, target: str = "host", metrics=None,
     rows, reference = [], None
     for scheme in (["fp32"] + [s for s in schemes if s != "fp32"]):
         t0 = time.perf_counter()
-        out = compile_model(onnx_path, target, work / f"minilm.{scheme}", scheme=scheme, calib=calib,
-                            force=True, quiet=True)
+        out = compile_model(onnx_path, target, work / f"minilm.{scheme}", scheme=scheme, force=True, quiet=True,
+                            calib=calib if uses_calibration(scheme) else None)
         compile_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         result = evaluate_minilm(artifact_runner(out), reference_embeddings=reference, metrics=metrics)
@@ -91,6 +92,7 @@ def smollm2_rows(work: Path, schemes=SCHEMES, target: str = "host", compiled_win
     import onnx
 
     from . import compile as compile_model
+    from .compiler import uses_calibration
     from .evaluate import artifact_runner, austen_windows, ort_runner, perplexity_of, window_nlls
     from .quantize import simulated_model
     from .realmodels import export_smollm2, smollm2_calib, smollm2_tokenizer
@@ -108,8 +110,9 @@ def smollm2_rows(work: Path, schemes=SCHEMES, target: str = "host", compiled_win
         records = {}
         # float activations: the check against the float simulation is then exact (<< 1%); what int8
         # activations cost is measured by benchmarks/act_bits_accuracy.py
-        out = compile_model(onnx_path, target, work / f"smollm2.{scheme}", scheme=scheme, calib=calib,
-                            skip="lm_head", force=True, quiet=True, records=records, act_bits=32)
+        out = compile_model(onnx_path, target, work / f"smollm2.{scheme}", scheme=scheme, skip="lm_head", force=True,
+                            quiet=True, records=records, act_bits=32,
+                            calib=calib if uses_calibration(scheme) else None)
         compile_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         compiled = window_nlls(artifact_runner(out), windows[:compiled_windows])
