@@ -44,7 +44,7 @@ def relax_pipeline(target, counts: dict | None = None):
         return relax.get_default_pipeline(target)
     from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 
-    from . import cpu, cpu_dense
+    from . import cpu, cpu_dense, cpu_ops
 
     @tvm.transform.module_pass(opt_level=0, name="fq.CPUPipeline")
     def _pipeline(mod, _ctx):
@@ -53,7 +53,7 @@ def relax_pipeline(target, counts: dict | None = None):
             mod = tvm.transform.Sequential([fast_erf_tanh(),
                                             cpu_dense.dispatch(cpu.vector_lanes(target), tally)]
                                            + cpu_pipeline.library_dispatch_passes(target)
-                                           + [relax.transform.LegalizeOps({"relax.nn.relu": _relu_keeping_nan})]
+                                           + [relax.transform.LegalizeOps(cpu_ops.overrides())]
                                            + cpu_pipeline.legalize_passes(target))(mod)
             for gvar, func in list(mod.functions_items()):
                 if isinstance(func, tvm.tirx.PrimFunc) and not _scheduled(func):
@@ -70,8 +70,8 @@ def relax_pipeline(target, counts: dict | None = None):
 
 def fast_erf_tanh():
     """erf and tanh as TVM's polynomials (erf within 4e-7 absolute; libm's scalar `erff` was 7% of
-    MiniLM). Not softmax: TVM's `fast_softmax` writes two more full-size buffers and ran 1.6x
-    slower than softmax with libm's `expf` (14% against 9% of MiniLM at 16x128)."""
+    MiniLM). Not TVM's `fast_softmax`: it writes two more full-size buffers and ran 1.6x slower than
+    softmax with libm's `expf`; `cpu_ops` legalizes softmax with its own vectorisable exp."""
     from tvm import relax, topi
 
     fast = {"relax.erf": topi.fast_erf, "relax.tanh": topi.fast_tanh}
@@ -92,18 +92,6 @@ def fast_erf_tanh():
         return mutator.builder_.get()
 
     return _pass
-
-
-def _relu_keeping_nan(bb, call):
-    """relu as `x < 0 ? 0 : x`: TVM's max(x, 0) turns NaN into 0, where ONNX Runtime (and the user
-    chasing bad input) sees NaN."""
-    from tvm import te, tirx
-
-    def relu(x):
-        return te.compute(x.shape, lambda *i: tirx.if_then_else(x(*i) < tirx.const(0, x.dtype),
-                                                                 tirx.const(0, x.dtype), x(*i)), name="relu")
-
-    return bb.call_te(relu, call.args[0])
 
 
 def restrict_single_buffer_funcs(mod: tvm.IRModule) -> tvm.IRModule:

@@ -110,6 +110,7 @@ CHUNK_ROWS = 64  # weight rows per parallel task
 GEMM_ROWS = 64  # activation rows from which the many-row path runs (its decoding pays off)
 GEMM_TASK_ROWS = 64  # weight rows per parallel task of the many-row path
 GEMM_CHUNK_COLS = 1024  # columns per cache block of the many-row path
+GEMM_TILE_BLOCK = 8  # row tiles whose activations stay in L1 while every weight vector passes
 
 
 def select_isa(target) -> Isa | None:
@@ -228,6 +229,7 @@ def gemm_part(p: Plan):
     NC = max(GEMM_TASK_ROWS // (NV * L), 1) * NV * L
     BPW = 4 // P  # packed bytes per word
     NTASK = -(-N // NC)
+    TB = GEMM_TILE_BLOCK
 
     def wgroup(a):
         return a if G > 1 else 0
@@ -295,9 +297,11 @@ def gemm_part(p: Plan):
                     zss[g * NC + nl] = scale[nc * NC + nl, g] * (zero[nc * NC + nl, g] - T.float32(offset))
             for kc in range(NKC):
                 decode(packed, lut, wdec, nc, kc)
+                for ib in range((m // MR + TB - 1) // TB):  # a block of row tiles against every weight vector
+                    for nt in range(T.min(NC, N - nc * NC) // (NV * L)):
+                        for it in range(T.min(TB, m // MR - ib * TB)):
+                            tile(MR, (ib * TB + it) * MR, nt, nc, kc, xn, wdec, scs, zss, ax, axs, y, iacc)
                 for nt in range(T.min(NC, N - nc * NC) // (NV * L)):
-                    for it in range(m // MR):
-                        tile(MR, it * MR, nt, nc, kc, xn, wdec, scs, zss, ax, axs, y, iacc)
                     for ir in range(m % MR):
                         tile(1, m // MR * MR + ir, nt, nc, kc, xn, wdec, scs, zss, ax, axs, y, iacc)
 
