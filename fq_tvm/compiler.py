@@ -97,7 +97,7 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     step(f"building for {preset.name} {preset.target}")
     kernels = {"act_bits": act_bits, "counts": {}}
     bounds, all_bounded = fast_take_bounds(mod["main"])
-    executable = _build(mod, preset, act_bits, kernels["counts"], log_filter(all_bounded, quiet))
+    executable = _build(mod, preset, act_bits, kernels["counts"], log_filter(all_bounded, quiet), quiet)
     with staging_dir(out_dir, force, keep) as tmp:
         step(f"writing {out_dir}")
         files = hooks.export(executable, tmp, preset)
@@ -264,7 +264,7 @@ def _unmatched(report, params) -> None:
     report["layers"] = keep
 
 
-def _build(mod, preset, act_bits: int, counts: dict, drop=None):
+def _build(mod, preset, act_bits: int, counts: dict, drop=None, quiet: bool = True):
     import tvm
 
     from .schedules import apply as schedule_kernels
@@ -274,7 +274,11 @@ def _build(mod, preset, act_bits: int, counts: dict, drop=None):
     try:
         with without_log_lines(drop):
             mod = schedule_kernels(mod, target, act_bits, counts)
-            return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, counts))
+            notes = []
+            executable = tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, counts, notes))
+            for note in notes if not quiet else []:
+                print(f"    note: kept TVM's plain lowering (no schedule fits): {note}", file=sys.stderr)
+            return executable
     except FqError:
         raise
     except Exception as err:

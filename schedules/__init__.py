@@ -31,13 +31,14 @@ def schedule_func(func, target, act_bits: int = 8):
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def relax_pipeline(target, counts: dict | None = None):
+def relax_pipeline(target, counts: dict | None = None, notes: list | None = None):
     """TVM's default Relax pipeline for `target`, with our schedules: on CPU, erf and tanh become
     TVM's vectorisable polynomial forms (`fast_erf_tanh`), matmuls by a constant weight
     run `cpu_dense` (register-tiled, weights packed at compile time), and after legalization and
     fusion, every PrimFunc we did not write gets `cpu.fallback` (the stock CPU pipeline applies no
     schedule at all); GPU targets keep TVM's dlight rules. `counts`, if given, receives how many
-    PrimFuncs the CPU rules scheduled ("fallback") and left with unscheduled blocks ("unscheduled")."""
+    PrimFuncs the CPU rules scheduled ("fallback") and left with unscheduled blocks ("unscheduled");
+    `notes`, if given, receives one line per function left so, naming its blocks and the reason."""
     from tvm import relax
 
     if "gpu" in target.keys:
@@ -57,10 +58,12 @@ def relax_pipeline(target, counts: dict | None = None):
                                            + cpu_pipeline.legalize_passes(target))(mod)
             for gvar, func in list(mod.functions_items()):
                 if isinstance(func, tvm.tirx.PrimFunc) and not _scheduled(func):
-                    func, complete = cpu.fallback(func, target)
+                    func, left = cpu.fallback(func, target)
                     mod[gvar] = func.with_attr("tirx.is_scheduled", True)
-                    key = "fallback" if complete else "unscheduled"
+                    key = "unscheduled" if left else "fallback"
                     tally[key] = tally.get(key, 0) + 1
+                    if left and notes is not None:
+                        notes.append(f"{gvar.name_hint} ({'; '.join(left)})")
             mod = tvm.transform.Sequential(cpu_pipeline.dataflow_lower_passes(target)
                                            + cpu_pipeline.finalize_passes(target))(mod)
             return restrict_single_buffer_funcs(mod)

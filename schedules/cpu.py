@@ -186,20 +186,26 @@ def _whole_rows(sch, block, spatial, reduce) -> None:
 
 def fallback(func, target):
     """Schedule a PrimFunc fq-tvm did not write (legalized fp32 ops), block by block; a block the
-    rule cannot handle is left as it is. Returns (func, whether every block was scheduled)."""
+    rule cannot handle is left as it is. Returns (func, what was left: ["block: error", ...])."""
     lanes = vector_lanes(target)
     sch = s_tir.Schedule(func)
     try:
         found = blocks(sch)
     except Exception:  # noqa: BLE001 - no block structure (e.g. an extern/scan op): leave it alone
-        return func, False
-    complete = True
+        return func, ["no blocks to schedule: a TOPI op written as loops (ir_builder)"]
+    left = []
     for block in found:
         trial = sch.copy()
+        name = sch.get(block).name_hint
         try:
-            fp32_block(trial, trial.get_sblock(sch.get(block).name_hint), lanes)
-        except Exception:  # noqa: BLE001 - the rule does not fit this block: keep it unscheduled
-            complete = False
+            fp32_block(trial, trial.get_sblock(name), lanes)
+        except Exception as err:  # noqa: BLE001 - the rule does not fit this block: keep it unscheduled
+            left.append(f"{name}: {_first_line(err)}")
             continue
         sch = trial
-    return sch.mod["main"], complete
+    return sch.mod["main"], left
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[-1][:120]}" if lines else type(err).__name__
