@@ -190,9 +190,10 @@ def fallback(func, target):
     lanes = vector_lanes(target)
     sch = s_tir.Schedule(func)
     try:
-        found = blocks(sch)
+        blocks(sch)
     except Exception:  # noqa: BLE001 - no block structure (e.g. an extern/scan op): leave it alone
         return func, ["no blocks to schedule: a TOPI op written as loops (ir_builder)"]
+    found = _inline_elementwise(sch)
     left = []
     for block in found:
         trial = sch.copy()
@@ -204,6 +205,25 @@ def fallback(func, target):
             continue
         sch = trial
     return sch.mod["main"], left
+
+
+def _inline_elementwise(sch) -> list:
+    """Fold each elementwise block that feeds exactly one other block into it (GELU's bias, divide,
+    erf, add and multiplies become one pass instead of five over a full-size buffer); a block read
+    twice (softmax's exp) stays, so nothing is computed twice. Returns the blocks left."""
+    changed = True
+    while changed:
+        changed = False
+        for block in blocks(sch):
+            if is_reduction(sch, block) or len(sch.get_consumers(block)) != 1:
+                continue
+            try:
+                sch.compute_inline(block)
+            except Exception:  # noqa: BLE001 - an output block, or an access pattern inlining cannot take
+                continue
+            changed = True
+            break
+    return blocks(sch)
 
 
 def _first_line(err: Exception) -> str:
