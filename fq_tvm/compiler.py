@@ -38,7 +38,7 @@ def default_out_dir(model_path: Path, target_name: str, scheme: str) -> Path:
 def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redundancy: float | None = None,
             l_den: int | None = None, calib=None, skip: str | None = None, cuda_arch: str | None = None,
             force: bool = False, quiet: bool = False, records: dict | None = None, act_bits: int = 8,
-            input_shapes=None, calib_samples: int | None = None) -> Path:
+            input_shapes=None, calib_samples: int | None = None, tuning_db=None) -> Path:
     """Compile an ONNX model for `target` into an artifact directory; return its path.
 
     model: path to an .onnx file. target: a preset name (`fq-compile --list-targets`) or a TVM
@@ -49,7 +49,8 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     and group and multiplies in int8 on CPUs with a dot-product ISA; 32 keeps float activations
     (`--act-bits`). input_shapes: {input or symbolic dim name: dims} or ["NAME=DIMS", ...] pins
     dynamic dims before import (`--input-shape`). calib_samples: use the first N calibration
-    samples (`--calib-samples`). records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
+    samples (`--calib-samples`). tuning_db: a directory written by fq-tune (`--tuning-db`): its
+    tuned schedules replace the CPU fallback where they were faster. records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
     layers the artifact runs quantized (to check it against a numpy evaluation). A failed compile
     leaves nothing at `out_dir`.
     """
@@ -89,8 +90,9 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
         records.update({name: rec for name, rec in quantized.items() if name in kept})
     step(f"building for {preset.name} {preset.target}")
     kernels = {"act_bits": act_bits, "counts": {}}
+    tuned = _tuning(tuning_db, preset, kernels, quiet)
     bounds, all_bounded = fast_take_bounds(mod["main"])
-    executable = _build(mod, preset, act_bits, kernels["counts"], log_filter(all_bounded, quiet))
+    executable = _build(mod, preset, act_bits, kernels["counts"], log_filter(all_bounded, quiet), tuned)
     with staging_dir(out_dir, force, keep) as tmp:
         step(f"writing {out_dir}")
         files = hooks.export(executable, tmp, preset)
@@ -225,7 +227,17 @@ def _unmatched(report, params) -> None:
     report["layers"] = keep
 
 
-def _build(mod, preset, act_bits: int, counts: dict, drop=None):
+def _tuning(tuning_db, preset, kernels: dict, quiet: bool):
+    """The `before_fallback` hook applying an fq-tune database (fills `kernels["tuning"]`), or None."""
+    if tuning_db is None:
+        return None
+    from .tuning import Applier
+
+    kernels["tuning"] = {}
+    return Applier(tuning_db, preset, kernels["tuning"], quiet)
+
+
+def _build(mod, preset, act_bits: int, counts: dict, drop=None, before_fallback=None):
     import tvm
 
     from .schedules import apply as schedule_kernels
@@ -235,7 +247,7 @@ def _build(mod, preset, act_bits: int, counts: dict, drop=None):
     try:
         with without_log_lines(drop):
             mod = schedule_kernels(mod, target, act_bits, counts)
-            return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, counts))
+            return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, counts, before_fallback))
     except FqError:
         raise
     except Exception as err:
