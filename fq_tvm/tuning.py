@@ -194,7 +194,7 @@ def read_meta(out_dir: Path) -> dict | None:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise FqError(f"{path}: not a readable fq-tune file ({err})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("target"), dict) or not isinstance(meta.get("tasks"), dict):
+    if not (isinstance(meta, dict) and isinstance(meta.get("target"), dict) and isinstance(meta.get("tasks"), dict)):
         raise FqError(f"{path}: not an fq-tune file")
     return meta
 
@@ -299,8 +299,7 @@ def _remeasure_hand(task: Task, target, builder, runner) -> None:
 
 
 def best_seconds(db, mod) -> float | None:
-    import tvm  # noqa: F401
-
+    """The best repeat of the workload's best record in `db` (None: no successful record)."""
     if not db.has_workload(mod):
         return None
     top = db.get_top_k(db.commit_workload(mod), 1)
@@ -324,7 +323,6 @@ def tune(model, target="host", out_dir="tuning", *, scheme: str = "fp32", calib=
     same directory continues, a task already at `trials` is skipped). budget: seconds or '20m';
     tuning stops starting new batches once it is spent. seed: fixed, so a run can be repeated.
     quick: shorter measurements (tests)."""
-    import tvm
     from tvm.s_tir import meta_schedule as ms
 
     from .targets import family, resolve
@@ -419,9 +417,29 @@ def _finish(out, meta, tasks, db, say) -> Path:
     for task in tasks:
         task.meta["best_s"] = best_seconds(db, task.mod)
     _write_meta(out, meta)
-    wins = sum(1 for t in tasks if t.meta.get("best_s") and t.meta.get("hand_s") and t.meta["best_s"] < t.meta["hand_s"])
-    say(f"done: {len(db)} records; {wins} of {len(tasks)} tasks beat the hand schedule -> {out}")
+    wins = [t for t in tasks if _wins(t.meta)]
+    say(f"done: {len(db)} records; {len(wins)} of {len(tasks)} tasks beat the hand schedule -> {out}")
+    for line in summary_lines(meta):
+        say(line)
     return out
+
+
+def _wins(entry: dict) -> bool:
+    return bool(entry.get("best_s") and entry.get("hand_s") and entry["best_s"] < entry["hand_s"])
+
+
+def summary_lines(meta: dict) -> list[str]:
+    """Per task: calls, hand and tuned ms per call, and what a build will use."""
+    rows = sorted(meta["tasks"].values(), key=lambda e: -(e.get("hand_s") or 0) * e.get("calls", 1))
+    lines = [f"{'task':48} {'calls':>5} {'hand ms':>9} {'tuned ms':>9}  used"]
+    for e in rows:
+        lines.append(f"{e['names'][0][:48]:48} {e.get('calls', 1):5d} {_num(e.get('hand_s')):>9} "
+                     f"{_num(e.get('best_s')):>9}  {'tuned' if _wins(e) else 'hand'}")
+    return lines
+
+
+def _num(seconds) -> str:
+    return "-" if not seconds else f"{seconds * 1e3:.4f}"
 
 
 def _ms(seconds) -> str:
