@@ -123,12 +123,37 @@ def fallback_funcs(mod) -> list:
             if isinstance(func, tvm.tirx.PrimFunc) and not _scheduled(func) and gvar.name_hint in calls]
 
 
-def find_tasks(mod) -> tuple[list[Task], list[str]]:
-    """Distinct static workloads among the fallback functions, and the names of the dynamic ones."""
+def reads_indirect(func) -> bool:
+    """A block reads a buffer at an index loaded from another (a gather: `take`). MetaSchedule's
+    runner feeds random data, so such a candidate would read out of bounds (and crash or time out
+    its runner): gathers are not tuned."""
+    import tvm
+
+    try:
+        sch = tvm.s_tir.Schedule(workload(func))
+        found = [sch.get(b) for b in _blocks(sch)]
+    except Exception:  # noqa: BLE001 - no block structure: nothing MetaSchedule could tune either
+        return True
+    return any(str(region).count("[") > 1 for block in found for region in block.reads)
+
+
+def _blocks(sch):
+    from .schedules.common import blocks
+
+    return blocks(sch)
+
+
+def find_tasks(mod, skipped: dict | None = None) -> tuple[list[Task], list[str]]:
+    """Distinct static workloads among the fallback functions, and the names of the dynamic ones;
+    `skipped` receives {name: why} of static ones not tuned (gathers)."""
     tasks, dynamic, by_key = [], [], {}
     for name, func, calls in fallback_funcs(mod):
         if not is_static(func):
             dynamic.append(name)
+            continue
+        if reads_indirect(func):
+            if skipped is not None:
+                skipped[name] = "data-dependent indexing (a gather): random inputs would read out of bounds"
             continue
         wl = workload(func)
         key = workload_key(wl)
@@ -354,15 +379,17 @@ def tune(model, target="host", out_dir="tuning", *, scheme: str = "fp32", calib=
     mod = lowered_module(model, preset, scheme=scheme, calib=calib, skip=skip, act_bits=act_bits,
                          input_shapes=input_shapes, calib_samples=calib_samples, redundancy=redundancy,
                          l_den=l_den, quiet=quiet)
-    tasks, dynamic = find_tasks(mod)
+    skipped = {}
+    tasks, dynamic = find_tasks(mod, skipped)
     n_static = sum(len(t.names) for t in tasks)
-    say(f"{n_static + len(dynamic)} functions left to the CPU fallback: {n_static} with static shapes "
-        f"({len(tasks)} distinct tasks), {len(dynamic)} with symbolic shapes (not tuned"
-        + (": pin them with --input-shape, e.g. batch=1 --input-shape seq=128)" if dynamic else ")"))
+    say(f"{n_static + len(dynamic) + len(skipped)} functions left to the CPU fallback: {n_static} with static "
+        f"shapes ({len(tasks)} distinct tasks), {len(skipped)} gathers (not tuned), {len(dynamic)} with symbolic "
+        f"shapes (not tuned" + (": pin them with --input-shape, e.g. batch=1 --input-shape seq=128)" if dynamic else ")"))
     out.mkdir(parents=True, exist_ok=True)
     meta = meta or {"format": 1, "target": _target_id(preset), "tasks": {}}
     meta["model"] = Path(model).name
     meta["dynamic_functions"] = sorted(dynamic)
+    meta["skipped_functions"] = skipped
     _write_meta(out, meta)
     if not tasks:
         say("nothing to tune")
@@ -391,7 +418,7 @@ def tune(model, target="host", out_dir="tuning", *, scheme: str = "fp32", calib=
                 continue
             if limit is not None and time.monotonic() - start > limit:
                 say(f"budget of {limit:.0f} s spent; stopping (run again with the same -o to continue)")
-                return _finish(out, meta, tasks, db, say)
+                return _finish(out, meta, tasks, db, say, tvm_target)
             n = min(CHUNK, trials - task.meta["trials"])
             rand = (seed * 1_000_003 + int(task.key[:8], 16) + task.meta["trials"]) % (2**31 - 1)
             ctx = ms.TuneContext(mod=task.mod, target=tvm_target, space_generator="post-order-apply",
@@ -410,12 +437,15 @@ def tune(model, target="host", out_dir="tuning", *, scheme: str = "fp32", calib=
             say(f"task {index + 1}/{len(tasks)} {task.names[0]} ({task.calls} calls): "
                 f"{task.meta['trials']}/{trials} trials, best {_ms(best)}, hand schedule {_ms(hand)}"
                 + (f" ({hand / best:.2f}x)" if best and hand else ""))
-    return _finish(out, meta, tasks, db, say)
+    return _finish(out, meta, tasks, db, say, tvm_target)
 
 
-def _finish(out, meta, tasks, db, say) -> Path:
+def _finish(out, meta, tasks, db, say, target) -> Path:
     for task in tasks:
         task.meta["best_s"] = best_seconds(db, task.mod)
+        task.meta["checked"] = _same_results(task, db, target) if task.meta["best_s"] else None
+        if task.meta["checked"] is False:
+            say(f"{task.names[0]}: the best record's results differ from the hand schedule's: not used")
     _write_meta(out, meta)
     wins = [t for t in tasks if _wins(t.meta)]
     say(f"done: {len(db)} records; {len(wins)} of {len(tasks)} tasks beat the hand schedule -> {out}")
@@ -424,8 +454,39 @@ def _finish(out, meta, tasks, db, say) -> Path:
     return out
 
 
+def _same_results(task: Task, db, target) -> bool:
+    """The best record and the hand schedule, built here, give the same results on random inputs
+    (MetaSchedule measures candidates, it does not check them)."""
+    import numpy as np
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from .schedules import cpu
+
+    sch = db.query_schedule(task.mod, target, "main")
+    if sch is None:
+        return False
+    hand, _ = cpu.fallback(task.mod["main"], target)
+    rng = np.random.default_rng(0)
+    inputs = []
+    for info in ms.arg_info.ArgInfo.from_prim_func(task.mod["main"]):
+        shape, dtype = [int(d) for d in info.shape], str(info.dtype)
+        inputs.append((rng.standard_normal(shape) if "float" in dtype else rng.integers(0, 2, shape)).astype(dtype))
+    outs = []
+    for mod in (tvm.IRModule({"main": hand.with_attr("tirx.is_scheduled", True)}), sch.mod):
+        args = [tvm.runtime.tensor(x.copy()) for x in inputs]
+        tvm.tirx.build(mod, target=target)["main"](*args)
+        outs.append([a.numpy().astype(np.float64) for a in args])
+    for a, b in zip(*outs):
+        scale = max(float(np.abs(a).max()), 1e-30)
+        if not np.all(np.isfinite(a) == np.isfinite(b)) or float(np.nanmax(np.abs(a - b), initial=0)) > 1e-4 * scale:
+            return False
+    return True
+
+
 def _wins(entry: dict) -> bool:
-    return bool(entry.get("best_s") and entry.get("hand_s") and entry["best_s"] < entry["hand_s"])
+    return bool(entry.get("best_s") and entry.get("hand_s") and entry["best_s"] < entry["hand_s"]
+                and entry.get("checked") is not False)
 
 
 def summary_lines(meta: dict) -> list[str]:
@@ -501,6 +562,8 @@ class Applier:
 
         if not is_static(func):
             return None, "symbolic shape"
+        if reads_indirect(func):
+            return None, "a gather (not tuned)"
         wl = workload(func)
         entry = self.meta["tasks"].get(workload_key(wl))
         if entry is None or not self.db.has_workload(wl):
@@ -508,6 +571,8 @@ class Applier:
         best, hand = best_seconds(self.db, wl), entry.get("hand_s")
         if best is None:
             return None, "no successful record"
+        if entry.get("checked") is False:
+            return None, "the tuned results differed from the hand schedule's"
         if hand is not None and best >= hand:
             return None, f"hand schedule faster ({_ms(hand)} against {_ms(best)})"
         sch = self.db.query_schedule(wl, self.preset.tvm_target(), "main")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fq_tvm
-from fq_tvm import FqError, tuning
+from fq_tvm import FqError, models, tuning
 from fq_tvm.cli import compile_main
 from fq_tvm.tune_cli import main as tune_main
 from conftest import max_rel_err, ort_run
@@ -56,6 +56,7 @@ def test_tune_writes_a_seeded_database_and_a_second_run_continues_it(tuned, enco
     # the encoder's fallback ops: attention matmuls, softmax, layer norm, gelu, adds, transposes
     assert len(tasks) == 9
     assert all(entry["trials"] == 2 and entry["hand_s"] > 0 and entry["best_s"] > 0 for entry in tasks.values())
+    assert all(entry["checked"] is True for entry in tasks.values())  # best records agree with the hand schedule
     names = {name for entry in tasks.values() for name in entry["names"]}
     assert {"softmax", "layer_norm", "matmul"} <= names
     first = _records(tuned)
@@ -124,6 +125,26 @@ def test_dynamic_shapes_are_reported_not_tuned(encoder_onnx, tmp_path, capsys):
     meta = _meta(tmp_path / "db")
     assert len(meta["dynamic_functions"]) == 10 and meta["tasks"] == {}  # undeduplicated: matmul, matmul1
     assert {"softmax", "layer_norm"} <= set(meta["dynamic_functions"])
+
+
+def test_gathers_are_not_tuned(tmp_path):
+    """An embedding lookup reads at indices loaded from the input: random measurement inputs would
+    read out of bounds, so it keeps the hand schedule; the rest of the model is tuned."""
+    onnx_path = models.tied_lm(tmp_path / "lm.onnx", vocab=512, hidden=32)
+    fq_tvm.tune(onnx_path, "host", tmp_path / "db", trials=1, input_shapes=["batch=1", "seq=8"], quick=True, quiet=True)
+    meta = _meta(tmp_path / "db")
+    skipped = meta["skipped_functions"]
+    assert len(skipped) == 1 and all(name.startswith("take") and "gather" in why for name, why in skipped.items())
+    tuned_names = {name for entry in meta["tasks"].values() for name in entry["names"]}
+    assert tuned_names and not tuned_names & set(skipped)
+    art = fq_tvm.compile(onnx_path, "host", tmp_path / "art", input_shapes=["batch=1", "seq=8"], quiet=True,
+                         tuning_db=_with_hand_times(tmp_path / "db", tmp_path / "db2", 1.0))
+    functions = json.loads((art / "manifest.json").read_text())["kernels"]["tuning"]["functions"]
+    assert all(functions[name] == "default: a gather (not tuned)" for name in skipped)
+    assert {name for name, v in functions.items() if v == "tuned"} == tuned_names
+    ids = np.random.default_rng(0).integers(0, 512, (1, 8)).astype(np.int64)
+    ref = ort_run(onnx_path, {"x": ids})[0]
+    assert max_rel_err(fq_tvm.load(art).run({"x": ids})["y"], ref) < 1e-5
 
 
 def test_bad_arguments_are_one_line_errors(encoder_onnx, tmp_path, capsys):
