@@ -50,7 +50,8 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     (`--act-bits`). input_shapes: {input or symbolic dim name: dims} or ["NAME=DIMS", ...] pins
     dynamic dims before import (`--input-shape`). calib_samples: use the first N calibration
     samples (`--calib-samples`). tuning_db: a directory written by fq-tune (`--tuning-db`): its
-    tuned schedules replace the CPU fallback where they were faster. records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
+    tuned schedules replace the CPU fallback where they were faster.
+    records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
     layers the artifact runs quantized (to check it against a numpy evaluation). A failed compile
     leaves nothing at `out_dir`.
     """
@@ -75,6 +76,7 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     out_dir = default_out_dir(model_path, preset.name, scheme) if out_dir is None else out_dir
     keep = [path for path in (model_path, calib) if isinstance(path, (str, Path))]
     out_dir = check_output(out_dir, force, keep)
+    tuned, tuning_report = _tuning(tuning_db, preset, quiet)  # a bad --tuning-db fails before any work
     step = Steps(5 if cfg.method != "none" else 4, quiet)
     step(f"loading and importing {model_path}")
     proto = onnx_io.load_model(model_path)
@@ -90,7 +92,8 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
         records.update({name: rec for name, rec in quantized.items() if name in kept})
     step(f"building for {preset.name} {preset.target}")
     kernels = {"act_bits": act_bits, "counts": {}}
-    tuned = _tuning(tuning_db, preset, kernels, quiet)
+    if tuned is not None:
+        kernels["tuning"] = tuning_report
     bounds, all_bounded = fast_take_bounds(mod["main"])
     executable = _build(mod, preset, act_bits, kernels["counts"], log_filter(all_bounded, quiet), tuned)
     with staging_dir(out_dir, force, keep) as tmp:
@@ -227,14 +230,15 @@ def _unmatched(report, params) -> None:
     report["layers"] = keep
 
 
-def _tuning(tuning_db, preset, kernels: dict, quiet: bool):
-    """The `before_fallback` hook applying an fq-tune database (fills `kernels["tuning"]`), or None."""
+def _tuning(tuning_db, preset, quiet: bool):
+    """The `before_fallback` hook applying an fq-tune database and the report it fills (the
+    manifest's `kernels["tuning"]`), or (None, None)."""
     if tuning_db is None:
-        return None
+        return None, None
     from .tuning import Applier
 
-    kernels["tuning"] = {}
-    return Applier(tuning_db, preset, kernels["tuning"], quiet)
+    report = {}
+    return Applier(tuning_db, preset, report, quiet), report
 
 
 def _build(mod, preset, act_bits: int, counts: dict, drop=None, before_fallback=None):

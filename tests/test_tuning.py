@@ -147,6 +147,17 @@ def test_gathers_are_not_tuned(tmp_path):
     assert max_rel_err(fq_tvm.load(art).run({"x": ids})["y"], ref) < 1e-5
 
 
+@pytest.mark.slow  # two tuning runs of the encoder: about 30 s
+def test_budget_stops_between_batches_and_a_rerun_goes_on(encoder_onnx, tmp_path, capsys):
+    out = tmp_path / "db"
+    fq_tvm.tune(encoder_onnx, "host", out, trials=2, budget=0.001, input_shapes=PINS, quick=True)
+    assert "budget of 0 s spent" in capsys.readouterr().err
+    meta = _meta(out)
+    assert len(meta["tasks"]) == 9 and all(e["trials"] == 0 and e["hand_s"] > 0 for e in meta["tasks"].values())
+    fq_tvm.tune(encoder_onnx, "host", out, trials=1, input_shapes=PINS, quick=True, quiet=True)
+    assert all(e["trials"] == 1 for e in _meta(out)["tasks"].values()) and len(_records(out)) == 9
+
+
 def test_bad_arguments_are_one_line_errors(encoder_onnx, tmp_path, capsys):
     assert tune_main([str(encoder_onnx), "-o", str(tmp_path / "db"), "--budget", "soon"]) == 1
     assert "--budget" in capsys.readouterr().err
