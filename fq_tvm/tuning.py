@@ -524,7 +524,7 @@ class Applier:
         from tvm.s_tir import meta_schedule as ms
 
         self.dir, self.preset, self.report, self.quiet = Path(db_dir), preset, report, quiet
-        report.update(database=str(self.dir), functions={})
+        report.update(database=str(self.dir), functions={}, tuned=0, default=0)
         meta = read_meta(self.dir) if self.dir.is_dir() else None
         if meta is None or not all((self.dir / f).is_file() for f in DB_FILES):
             raise FqError(f"--tuning-db {db_dir}: not a directory written by fq-tune")
