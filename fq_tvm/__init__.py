@@ -40,6 +40,14 @@ def compile(model, target="host", out_dir=None, **options):  # noqa: A001 - mirr
     return _compile(model, target, out_dir, **options)
 
 
+def tune(model, target="host", out_dir="tuning", **options):
+    """Tune the CPU graph ops of the model's build into a MetaSchedule database directory for
+    `compile(..., tuning_db=out_dir)`; see `fq_tvm.tuning.tune` (`fq-tune`)."""
+    from .tuning import tune as _tune
+
+    return _tune(model, target, out_dir, **options)
+
+
 def load(path, **options):
     """Load an artifact directory for running here; see `fq_tvm.artifact.load`."""
     from .artifact import load as _load
@@ -62,4 +70,4 @@ def bundle(artifact, out, **options):
     return _bundle(artifact, out, **options)
 
 
-__all__ = ["FqError", "__version__", "bench", "bundle", "compile", "load"]
+__all__ = ["FqError", "__version__", "bench", "bundle", "compile", "load", "tune"]

@@ -115,6 +115,8 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="activations of quantized layers: 8 (default) quantizes them per row and group of 256 "
                         "and multiplies in int8 (AVX-512 VNNI, AVX2, Arm dotprod, NEON); 32 keeps them float")
     p.add_argument("--cuda-arch", help="CUDA architecture for CUDA targets, e.g. sm_80 (default), sm_86, sm_90")
+    p.add_argument("--tuning-db", metavar="DIR", help="apply the schedules fq-tune wrote to DIR for this target "
+                                                      "(CPU graph ops; others keep the built-in schedules)")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout")
@@ -176,7 +178,8 @@ def compile_main(argv=None):
                             l_den=args.l_den, calib=calib, skip=args.skip, cuda_arch=args.cuda_arch,
                             force=args.force, quiet=args.quiet, act_bits=args.act_bits,
                             input_shapes=args.input_shape, calib_samples=samples,
-                            pad_small=args.pad_small and cfg.method != "none")
+                            pad_small=args.pad_small and cfg.method != "none",
+                            tuning_db=args.tuning_db)
     info = summary(out, time.monotonic() - start)
     if args.json:
         print(json.dumps(info, indent=2))

@@ -38,7 +38,8 @@ def default_out_dir(model_path: Path, target_name: str, scheme: str) -> Path:
 def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redundancy: float | None = None,
             l_den: int | None = None, calib=None, skip: str | None = None, cuda_arch: str | None = None,
             force: bool = False, quiet: bool = False, records: dict | None = None, act_bits: int = 8,
-            input_shapes=None, calib_samples: int | None = None, pad_small: bool = False) -> Path:
+            input_shapes=None, calib_samples: int | None = None, pad_small: bool = False,
+            tuning_db=None) -> Path:
     """Compile an ONNX model for `target` into an artifact directory; return its path.
 
     model: path to an .onnx file. target: a preset name (`fq-compile --list-targets`) or a TVM
@@ -52,7 +53,8 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     samples (`--calib-samples`); schemes that do not calibrate (fp32, int8, rtn*) ignore calib and
     calib_samples with an FqWarning. pad_small: quantize layers that padding makes store over 1.5x
     the scheme's nominal bits per weight (with an FqWarning each) instead of keeping them fp32
-    (`--pad-small`). records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
+    (`--pad-small`). tuning_db: a directory written by fq-tune (`--tuning-db`): its
+    tuned schedules replace the CPU fallback where they were faster. records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
     layers the artifact runs quantized (to check it against a numpy evaluation). A failed compile
     leaves nothing at `out_dir`.
     """
@@ -81,6 +83,7 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     out_dir = default_out_dir(model_path, preset.name, scheme) if out_dir is None else out_dir
     keep = [path for path in (model_path, calib) if isinstance(path, (str, Path))]
     out_dir = check_output(out_dir, force, keep)
+    tuned, tuning_report = _tuning(tuning_db, preset, quiet)  # a bad --tuning-db fails before any work
     step = Steps(5 if cfg.method != "none" else 4, quiet)
     step(f"loading and importing {model_path}")
     proto = onnx_io.load_model(model_path)
@@ -96,8 +99,10 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
         records.update({name: rec for name, rec in quantized.items() if name in kept})
     step(f"building for {preset.name} {preset.target}")
     kernels = {"act_bits": act_bits, "counts": {}}
+    if tuned is not None:
+        kernels["tuning"] = tuning_report
     bounds, all_bounded = fast_take_bounds(mod["main"])
-    executable = _build(mod, preset, act_bits, kernels["counts"], log_filter(all_bounded, quiet), quiet)
+    executable = _build(mod, preset, act_bits, kernels["counts"], log_filter(all_bounded, quiet), quiet, tuned)
     with staging_dir(out_dir, force, keep) as tmp:
         step(f"writing {out_dir}")
         files = hooks.export(executable, tmp, preset)
@@ -264,7 +269,18 @@ def _unmatched(report, params) -> None:
     report["layers"] = keep
 
 
-def _build(mod, preset, act_bits: int, counts: dict, drop=None, quiet: bool = True):
+def _tuning(tuning_db, preset, quiet: bool):
+    """The `before_fallback` hook applying an fq-tune database and the report it fills (the
+    manifest's `kernels["tuning"]`), or (None, None)."""
+    if tuning_db is None:
+        return None, None
+    from .tuning import Applier
+
+    report = {}
+    return Applier(tuning_db, preset, report, quiet), report
+
+
+def _build(mod, preset, act_bits: int, counts: dict, drop=None, quiet: bool = True, before_fallback=None):
     import tvm
 
     from .schedules import apply as schedule_kernels
@@ -275,7 +291,7 @@ def _build(mod, preset, act_bits: int, counts: dict, drop=None, quiet: bool = Tr
         with without_log_lines(drop):
             mod = schedule_kernels(mod, target, act_bits, counts)
             notes = []
-            executable = tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, counts, notes))
+            executable = tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, counts, notes, before_fallback))
             for note in notes if not quiet else []:
                 print(f"    note: kept TVM's plain lowering (no schedule fits): {note}", file=sys.stderr)
             return executable

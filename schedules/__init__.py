@@ -31,14 +31,16 @@ def schedule_func(func, target, act_bits: int = 8):
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def relax_pipeline(target, counts: dict | None = None, notes: list | None = None):
+def relax_pipeline(target, counts: dict | None = None, notes: list | None = None, before_fallback=None):
     """TVM's default Relax pipeline for `target`, with our schedules: on CPU, erf and tanh become
     TVM's vectorisable polynomial forms (`fast_erf_tanh`), matmuls by a constant weight
     run `cpu_dense` (register-tiled, weights packed at compile time), and after legalization and
     fusion, every PrimFunc we did not write gets `cpu.fallback` (the stock CPU pipeline applies no
     schedule at all); GPU targets keep TVM's dlight rules. `counts`, if given, receives how many
     PrimFuncs the CPU rules scheduled ("fallback") and left with unscheduled blocks ("unscheduled");
-    `notes`, if given, receives one line per function left so, naming its blocks and the reason."""
+    `notes`, if given, receives one line per function left so, naming its blocks and the reason.
+    `before_fallback(mod) -> mod`, if given, runs on CPU after legalization and fusion, before the
+    fallback: functions it marks `tirx.is_scheduled` keep its schedule (`fq_tvm.tuning`)."""
     from tvm import relax
 
     if "gpu" in target.keys:
@@ -56,6 +58,8 @@ def relax_pipeline(target, counts: dict | None = None, notes: list | None = None
                                            + cpu_pipeline.library_dispatch_passes(target)
                                            + [relax.transform.LegalizeOps(cpu_ops.overrides())]
                                            + cpu_pipeline.legalize_passes(target))(mod)
+            if before_fallback is not None:
+                mod = before_fallback(mod)
             for gvar, func in list(mod.functions_items()):
                 if isinstance(func, tvm.tirx.PrimFunc) and not _scheduled(func):
                     func, left = cpu.fallback(func, target)
