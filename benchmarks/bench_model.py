@@ -43,12 +43,14 @@ def _model(name: str, work: Path):
 def runners(work: Path, schemes, model: str = "minilm") -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from fq_tvm.compiler import uses_calibration
+
     onnx_path, calib, options = _model(model, work)
     out = {}
     for scheme in schemes:
         t0 = time.perf_counter()
-        path = fq_tvm.compile(onnx_path, "host", work / f"bench.{model}.{scheme}", scheme=scheme, calib=calib,
-                              force=True, quiet=True, **options)
+        path = fq_tvm.compile(onnx_path, "host", work / f"bench.{model}.{scheme}", scheme=scheme,
+                              calib=calib if uses_calibration(scheme) else None, force=True, quiet=True, **options)
         print(f"compiled {scheme} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         out[f"fq-tvm {scheme}"] = evaluate.artifact_runner(path)
     int8_path = work / f"{model}.ort_int8.onnx"
