@@ -128,16 +128,23 @@ def _shape(expr) -> list | None:
 
 @relax.expr_functor.visitor
 class _Uses(relax.PyExprVisitor):
-    """How many call arguments each 2-D constant is."""
+    """How many call arguments each 2-D constant is, directly or through a variable bound to it."""
 
     def __init__(self):
         super().__init__()
         self.count: dict = {}
+        self.bound: dict = {}  # var -> the 2-D constant it is bound to
+
+    def visit_var_binding_(self, binding):
+        if isinstance(binding.value, GenericConst) and len(binding.value.value.shape) == 2:
+            self.bound[binding.var] = binding.value
+        super().visit_var_binding_(binding)
 
     def visit_call_(self, call):
         for arg in call.args:
-            if isinstance(arg, GenericConst) and len(arg.value.shape) == 2:
-                self.count[arg] = self.count.get(arg, 0) + 1
+            const = self.bound.get(arg, arg)
+            if isinstance(const, GenericConst) and len(const.value.shape) == 2:
+                self.count[const] = self.count.get(const, 0) + 1
         super().visit_call_(call)
 
 
@@ -168,10 +175,12 @@ class _Dispatch(relax.PyExprMutator):
         return self._dense(call.args[0], shape, w, const if shared else None)
 
     def _constant(self, expr):
-        """(the constant, whether transposed) behind a matmul's weight: a constant, or
-        `permute_dims` of one (ONNX Gemm with transB), which is left unused and removed."""
+        """(the constant, whether transposed) behind a matmul's weight: a constant, a variable bound
+        to one, or `permute_dims` of one (ONNX Gemm with transB), which is left unused and removed."""
         if isinstance(expr, relax.Var):
             bound = self.lookup_binding(expr)
+            if isinstance(bound, GenericConst):  # a variable bound to the constant (a tied head)
+                return bound, False
             if (isinstance(bound, relax.Call) and bound.op == tvm.ir.Op.get("relax.permute_dims")
                     and isinstance(bound.args[0], GenericConst) and len(bound.args[0].value.shape) == 2
                     and (bound.attrs.axes is None or [int(a) for a in bound.attrs.axes] == [1, 0])):

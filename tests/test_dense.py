@@ -60,24 +60,25 @@ def _calls(mod) -> list[str]:
     return names
 
 
-def _module(w: np.ndarray, also_gather: bool):
+def _module(w: np.ndarray, also_gather: bool, bound: bool = False):
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType([tvm.tirx.Var("b", "int64"), 5, w.shape[0]], "float32"))
     ids = relax.Var("ids", relax.TensorType([3], "int64"))
     with bb.function("main", [x, ids]):
         with bb.dataflow():
-            table = relax.const(w)
+            table = bb.emit(relax.const(w)) if bound else relax.const(w)  # bound: SmolLM2's tied head
             y = bb.emit(relax.op.matmul(x, table))
             out = bb.emit_output(relax.op.take(table, ids, axis=1) if also_gather else y)
         bb.emit_func_output(relax.Tuple([y, out]) if also_gather else out)
     return bb.get()
 
 
+@pytest.mark.parametrize("bound", [False, True])
 @pytest.mark.parametrize("also_gather", [False, True])
-def test_dispatch_takes_constant_matmuls(also_gather):
+def test_dispatch_takes_constant_matmuls(also_gather, bound):
     w = np.random.default_rng(0).standard_normal((40, 4 * cpu_dense.panel_cols(LANES))).astype(np.float32)
     counts = {}
-    out = cpu_dense.dispatch(LANES, counts)(_module(w, also_gather))
+    out = cpu_dense.dispatch(LANES, counts)(_module(w, also_gather, bound))
     calls = _calls(out)
     suffix = "_in_place" if also_gather else ""
     assert f"fq_dense_40_{w.shape[1]}{suffix}" in calls and "relax.matmul" not in calls
