@@ -83,6 +83,8 @@ def fast_erf_tanh():
     softmax with libm's `expf`; `cpu_ops` legalizes softmax with its own vectorisable exp."""
     from tvm import relax, topi
 
+    from .common import mutate_relax_functions
+
     fast = {"relax.erf": topi.fast_erf, "relax.tanh": topi.fast_tanh}
 
     @relax.expr_functor.mutator
@@ -94,11 +96,7 @@ def fast_erf_tanh():
 
     @tvm.transform.module_pass(opt_level=0, name="fq.FastErfTanh")
     def _pass(mod, _ctx):
-        mutator = _Fast(mod)
-        for gvar, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gvar, mutator.visit_expr(func))
-        return mutator.builder_.get()
+        return mutate_relax_functions(mod, _Fast(mod), prune=False)
 
     return _pass
 

@@ -13,3 +13,15 @@ def blocks(sch: s_tir.Schedule) -> list:
 
 def is_reduction(sch: s_tir.Schedule, block) -> bool:
     return any(var.iter_type == 2 for var in sch.get(block).iter_vars)  # 2: CommReduce
+
+
+def mutate_relax_functions(mod, mutator, prune: bool = True):
+    """The module with `mutator` (a relax.PyExprMutator built on `mod`) run over every Relax
+    function, and bindings left unused by the rewrite removed."""
+    from tvm import relax
+
+    for gvar, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            new = mutator.visit_expr(func)
+            mutator.builder_.update_func(gvar, relax.analysis.remove_all_unused(new) if prune else new)
+    return mutator.builder_.get()

@@ -18,6 +18,7 @@ import tvm
 from tvm import relax
 from tvm.script import tirx as T
 
+from .common import mutate_relax_functions
 from .kernels import OPAQUE
 
 KIND = "attention_scores"
@@ -88,12 +89,10 @@ def dispatch(lanes: int, counts: dict | None = None):
     @tvm.transform.module_pass(opt_level=0, name="fq.DispatchAttentionScores")
     def _pass(mod, _ctx):
         mutator = _Dispatch(mod, lanes)
-        for gvar, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gvar, relax.analysis.remove_all_unused(mutator.visit_expr(func)))
+        mod = mutate_relax_functions(mod, mutator)
         if counts is not None and mutator.count:
             counts[KIND] = counts.get(KIND, 0) + mutator.count
-        return mutator.builder_.get()
+        return mod
 
     return _pass
 

@@ -19,6 +19,7 @@ from tvm import relax
 from tvm.ir.expr import GenericConst  # a Relax tensor constant
 from tvm.script import tirx as T
 
+from .common import mutate_relax_functions
 from .kernels import OPAQUE
 
 KIND = "dense_fp32"
@@ -213,11 +214,9 @@ def dispatch(lanes: int, counts: dict | None = None):
             if isinstance(func, relax.Function):
                 uses.visit_expr(func)
         mutator = _Dispatch(mod, lanes, uses.count)
-        for gvar, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gvar, relax.analysis.remove_all_unused(mutator.visit_expr(func)))
+        mod = mutate_relax_functions(mod, mutator)
         if counts is not None and mutator.count:
             counts[KIND] = counts.get(KIND, 0) + mutator.count
-        return mutator.builder_.get()
+        return mod
 
     return _pass
