@@ -51,6 +51,8 @@ def ort_runner(path: Path):
 
 def build(work: Path, n: int, k: int, target: str, schemes) -> dict:
     """{label: callable(x [M, K]) -> y} for ours and ORT's."""
+    from fq_tvm.compiler import uses_calibration
+
     onnx_path = models.linear(work / "linear.onnx", k, n, bias=False)
     w = weight_matrix(str(onnx_path), find_dense_layers(str(onnx_path))[0])
     rng = np.random.default_rng(0)
@@ -59,7 +61,7 @@ def build(work: Path, n: int, k: int, target: str, schemes) -> dict:
     for scheme in schemes:
         t0 = time.perf_counter()
         out = fq_tvm.compile(onnx_path, target, work / f"ours.{scheme}", scheme=scheme,
-                             calib=work / "calib.npz", quiet=True)
+                             calib=work / "calib.npz" if uses_calibration(scheme) else None, quiet=True)
         print(f"compiled {scheme} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         model = fq_tvm.load(out)
         runners[f"fq-tvm {scheme}"] = lambda x, m=model: m.run({"x": x[None]})["y"]
