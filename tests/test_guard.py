@@ -49,15 +49,31 @@ def _dequant32(codes, scale, zero):
 
 
 def _reference_errors(W, X_fit, X_held, cfg):
-    """Every candidate of gptq2 fitted on X_fit's Hessian, scored on the held-out activations."""
+    """The guard's search written out for gptq2 (damping 0.01 -> 0.1 -> 1 while the error falls,
+    act order at the best damping, RTN), each candidate fitted on X_fit's Hessian and scored on the
+    held-out activations. Returns {label: error} in the order tried."""
     H_fit = X_fit.T @ X_fit
     out = {}
-    for cand in candidates(cfg, len(X_fit), W.shape[1]):
-        if cand.solver == "rtn":
+
+    def err(damp=None, act_order=False):
+        if damp is None:
             q, s, z = rtn(W, cfg)
+            label = "rtn"
         else:
-            q, s, z = gptq(W, H_fit, cfg, percdamp=cand.percdamp, act_order=cand.act_order)
-        out[cand.label] = _out_err(X_held, W, _dequant32(q, s, z))
+            q, s, z = gptq(W, H_fit, cfg, percdamp=damp, act_order=act_order)
+            label = f"gptq{' act-order' if act_order else ''} damp {damp:g}"
+        out[label] = _out_err(X_held, W, _dequant32(q, s, z))
+        return out[label]
+
+    assert len(X_fit) >= W.shape[1] / 2  # no auto damping: the ladder starts at 0.01
+    best_d, best = 0.01, err(0.01)
+    for d in (0.1, 1.0):
+        e = err(d)
+        if e >= best:
+            break
+        best_d, best = d, e
+    err(best_d, act_order=True)
+    err()
     return out
 
 
@@ -130,6 +146,7 @@ def test_guard_choice_where_gptq_overfits_matches_numpy_reference():
     assert ref[guard["chosen"]] < 0.9 * ref["gptq damp 0.01"]
     # the record is the chosen option refitted on all rows (numbers as the guard's own path)
     chosen = next(c for c in candidates(cfg, stat.fit_count, K) if c.label == guard["chosen"])
+    assert guard["chosen"] != "rtn"
     assert guard["refit"] and guard["fit_rows"] == 128 and guard["held_rows"] == 32
     if chosen.solver == "gptq":
         q, s, z = gptq(W, stat.hessian(), cfg, percdamp=chosen.percdamp, act_order=chosen.act_order)
@@ -209,7 +226,8 @@ def test_manifest_records_the_choice(mlp_onnx, tmp_path):
     assert guard == records["fc0.weight"].guard
     assert guard["fit_rows"] == 32 and guard["held_rows"] == 8 and guard["refit"] is True
     assert guard["chosen"] == min(guard["held_out_err"], key=guard["held_out_err"].get)
-    assert set(guard["held_out_err"]) == {c.label for c in candidates(get_scheme("gptq2"), 32, 32)}
+    assert set(guard["held_out_err"]) <= {c.label for c in candidates(get_scheme("gptq2"), 32, 32)}
+    assert {"gptq damp 0.01", "gptq damp 0.1", "rtn"} <= set(guard["held_out_err"])
     _, X_held = _split(x[:, None, :].astype(np.float64))
     w0 = _mlp_w0(mlp_onnx)
     rtn2 = _out_err(X_held, w0, effective_weight(quantize_layer("fc0", w0, None, "rtn2")))

@@ -271,9 +271,12 @@ def _accumulate(stats, name, act, mask, held_samples=None):
     if mask is not None and act.shape[:-1] == mask.shape:
         weights = mask.reshape(-1).astype(np.float64)
     held = _held_rows(held_samples, len(rows))
-    weighted = rows * weights[:, None]
-    xtx = weighted.T @ rows
-    held_xtx = weighted[held].T @ rows[held]
+    if mask is not None and not weights.all():  # padding adds nothing: skip its rows
+        keep = weights != 0
+        rows, weights, held = rows[keep], weights[keep], held[keep]
+    fit_rows, held_rows = rows[~held], rows[held]
+    held_xtx = (held_rows * weights[held, None]).T @ held_rows  # two products: no more flops than one
+    xtx = (fit_rows * weights[~held, None]).T @ fit_rows + held_xtx
     count, held_count = float(weights.sum()), float(weights[held].sum())
     if name in stats:
         stat = stats[name]

@@ -14,7 +14,7 @@ import numpy as np
 from .calibrate import HessianStat
 from .frames import FusionFrame, frame_k
 from .gptq import gptq
-from .guard import Candidate, auto_damp, candidates, output_error
+from .guard import Candidate, auto_damp, choose, output_energy, output_error
 from .hadamard import Hadamard, seed_for
 from .quantize import QuantConfig, get_scheme, rtn
 from .record import QuantizedLinear, effective_weight
@@ -131,12 +131,15 @@ def _guarded(layer: _Layer, stat: HessianStat) -> QuantizedLinear:
     on all rows with cfg.guard_refit)."""
     cfg, W = layer.cfg, layer.W
     H_held = stat.held_hessian()
+    energy = output_energy(W, H_held)
     H_fit = layer.hessian(stat.fit_hessian())
-    errors, fitted = {}, {}
-    for cand in candidates(cfg, stat.fit_count, W.shape[1]):
+    fitted = {}
+
+    def score(cand):
         fitted[cand] = layer.solve(cand, H_fit)
-        errors[cand] = output_error(W, effective_weight(layer.record(*fitted[cand])), H_held)
-    best = min(errors, key=errors.get)  # first of equals: the scheme's own option wins ties
+        return output_error(W, effective_weight(layer.record(*fitted[cand])), H_held, energy)
+
+    best, errors = choose(cfg, stat.fit_count, W.shape[1], score)
     refit = cfg.guard_refit and best.solver != "rtn"  # RTN does not read the Hessian
     codes = layer.solve(best, layer.hessian(stat.hessian())) if refit else fitted[best]
     guard = {"chosen": best.label, "held_out_err": {c.label: round(e, 6) for c, e in errors.items()},

@@ -6,10 +6,11 @@ Calibration keeps two Hessian sums per activation (calibrate.py): all rows, and 
 
     err = ||X_h (W - W_hat)^T||^2 / ||X_h W^T||^2 = tr(E H_h E^T) / tr(W H_h W^T),  E = W - W_hat,
 
-so no activations need to be kept. Each candidate (CANDIDATES: GPTQ at its damping and at larger
-ones, GPTQ in act order, and round-to-nearest on the same grid; for FrameQuant all in the frame
-domain) is fitted on the fit rows and scored on the held-out rows; the best one is then refitted
-on all rows (`guard_refit`, the default) or kept as fitted. RTN is always a candidate, so the
+so no activations need to be kept. Each candidate (GPTQ at the scheme's damping and at
+GUARD_DAMPS, GPTQ in act order, and round-to-nearest on the same grid; for FrameQuant all in the
+frame domain) is fitted on the fit rows and scored on the held-out rows (`choose` tries the
+dampings as a ladder, stopping when the error stops falling); the best one is then refitted on all
+rows (`guard_refit`, the default) or kept as fitted. RTN is always a candidate, so the
 chosen option is never worse than RTN on the held-out rows, by construction.
 
 Few rows: when the rows are under FEW_ROWS x the input dimension, the base damping (the first
@@ -52,25 +53,69 @@ def auto_damp(percdamp: float, rows: float | None, in_features: int) -> float:
     return percdamp
 
 
-def candidates(cfg, rows: float | None, in_features: int) -> list[Candidate]:
-    """The options the guard compares for `cfg` (method gptq or framequant); the first one is what
-    the scheme does without the guard (its damping, auto-raised for few rows)."""
+def damping_ladder(cfg, rows: float | None, in_features: int) -> tuple[float, list[float], list[float]]:
+    """(base, larger, smaller): the scheme's damping (auto-raised for few rows) and the other
+    damping candidates above it (ascending) and below it (descending)."""
     base = auto_damp(cfg.percdamp, rows, in_features)
-    out = [Candidate("gptq", base)]
-    out += [Candidate("gptq", d) for d in sorted({cfg.percdamp, *GUARD_DAMPS}) if d != base]
-    per_row = cfg.group_size is None
-    if cfg.method == "gptq" and per_row:  # after FrameQuant's rotation the diagonal is flat
-        out.append(Candidate("gptq", base, act_order=True))
+    others = sorted({cfg.percdamp, *GUARD_DAMPS} - {base})
+    return base, [d for d in others if d > base], [d for d in reversed(others) if d < base]
+
+
+def candidates(cfg, rows: float | None, in_features: int) -> list[Candidate]:
+    """Every option the guard may compare for `cfg` (method gptq or framequant); the first is what
+    the scheme does without the guard (its damping, auto-raised for few rows). `choose` scores a
+    subset of them."""
+    base, larger, smaller = damping_ladder(cfg, rows, in_features)
+    damps = (base, *larger, *smaller)
+    out = [Candidate("gptq", d) for d in damps]
+    if cfg.method == "gptq" and cfg.group_size is None:  # after FrameQuant's rotation the diagonal is flat
+        out += [Candidate("gptq", d, act_order=True) for d in damps]
     out.append(Candidate("rtn"))
     return out
 
 
-def output_error(W: np.ndarray, W_hat: np.ndarray, H: np.ndarray) -> float:
-    """Relative output error tr(E H E^T) / tr(W H W^T), E = W - W_hat (float64)."""
+def choose(cfg, rows: float | None, in_features: int, score) -> tuple[Candidate, dict]:
+    """The candidate with the least score (held-out error) and {candidate: score} of those tried.
+
+    Damping is searched as a ladder, since each step costs a GPTQ run: from the base damping up
+    through the larger ones while the error falls; if the first step up does not help, down through
+    the smaller ones the same way. Then act order at the best damping (GPTQ without rotation, per-row
+    grids), then RTN. Ties keep the earlier candidate (the scheme's own option first)."""
+    base, larger, smaller = damping_ladder(cfg, rows, in_features)
+    errors = {}
+
+    def tried(cand):
+        errors[cand] = float(score(cand))
+        return errors[cand]
+
+    best_d, best = base, tried(Candidate("gptq", base))
+    for direction in (larger, smaller):
+        for d in direction:
+            err = tried(Candidate("gptq", d))
+            if not err < best:
+                break
+            best_d, best = d, err
+        if best_d != base:
+            break
+    if cfg.method == "gptq" and cfg.group_size is None:
+        tried(Candidate("gptq", best_d, act_order=True))
+    tried(Candidate("rtn"))
+    chosen = min(errors, key=errors.get)  # dicts keep order: the first of equals
+    return chosen, errors
+
+
+def output_energy(W: np.ndarray, H: np.ndarray) -> float:
+    """tr(W H W^T): the output energy of W [N, K] on rows with Hessian H (float64)."""
     W = np.asarray(W, dtype=np.float64)
-    E = W - np.asarray(W_hat, dtype=np.float64)
-    num = float(np.einsum("ij,ij->", E @ H, E))
-    den = float(np.einsum("ij,ij->", W @ H, W))
+    return float(np.einsum("ij,ij->", W @ H, W))
+
+
+def output_error(W: np.ndarray, W_hat: np.ndarray, H: np.ndarray, energy: float | None = None) -> float:
+    """Relative output error tr(E H E^T) / tr(W H W^T), E = W - W_hat (float64); `energy`: the
+    denominator when already known (output_energy)."""
+    E = np.asarray(W, dtype=np.float64) - np.asarray(W_hat, dtype=np.float64)
+    num = output_energy(E, H)
+    den = output_energy(W, H) if energy is None else energy
     if den <= 0:
         return 0.0 if num <= 0 else float("inf")
     return max(num, 0.0) / den
