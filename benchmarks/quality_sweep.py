@@ -28,7 +28,7 @@ low-rank (rank hidden / 4), heavy-tailed (Student-t, 3 degrees of freedom) mixtu
 with hidden / 64 outlier features scaled 8x; calibration 1,000 tokens (125 x 8, the MLP 1000
 rows), evaluation 320 tokens of the same distribution, another seed. Metric: relative output error
 ||y - y_fp32|| / ||y_fp32|| of the float simulation (which the compiled artifacts equal, see
-tests/test_quantized_compile.py). `--seeds` repeats over input seeds (model seed fixed).
+tests/test_quantized_compile.py). `--seeds N --first-seed S` repeats over input seeds (model seed fixed).
 Per-layer held-out errors of the guard are summarised as `guard` (chosen options counted).
 """
 
@@ -176,7 +176,7 @@ def synthetic_main(args, work: Path):
         proto = onnx.load(str(path))
         hidden = proto.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
         two_d = model.startswith("mlp")
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             calib = work / f"{model}.calib.s{seed}.npz"
             cshape, eshape = ((1000,), (320,)) if two_d else ((125, 8), (40, 8))
             np.savez(calib, x=synth_inputs(hidden, cshape, 2 * seed))
@@ -214,7 +214,8 @@ def main(argv=None):
     ap.add_argument("--seq", action="store_true", help="re-calibrate on the quantized model, quantize again")
     ap.add_argument("--work", default="/tmp/quality")
     ap.add_argument("--tag", default="", help="free text stored with each result")
-    ap.add_argument("--seeds", type=int, default=1, help="synthetic: input seeds 0..N-1")
+    ap.add_argument("--seeds", type=int, default=1, help="synthetic: input seeds FIRST..FIRST+N-1")
+    ap.add_argument("--first-seed", type=int, default=0, help="synthetic: the first input seed")
     args = ap.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
