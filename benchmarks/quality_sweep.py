@@ -18,6 +18,18 @@ Runtime:
 again from those Hessians (an approximation of sequential, quantized-input calibration).
 One JSON line per run, printed and appended to WORK/results.jsonl. Work files: --work
 (default /tmp/quality).
+
+    python benchmarks/quality_sweep.py synthetic rtn2 gptq2 fq2r1 fq2 "gptq2:guard=False"
+
+`synthetic`: the three small models of issue 14 (fq_tvm.models, random init): an encoder block
+of hidden 320 (5 heads, ffn 1280), a Llama-style block of hidden 576 (9 heads, ffn 1536) and the
+MLP 1000-768-3072-10 (its 3072 -> 10 layer stays fp32: too small). Inputs (SYNTH_INPUTS): a
+low-rank (rank hidden / 4), heavy-tailed (Student-t, 3 degrees of freedom) mixture plus 5% noise,
+with hidden / 64 outlier features scaled 8x; calibration 1,000 tokens (125 x 8, the MLP 1000
+rows), evaluation 320 tokens of the same distribution, another seed. Metric: relative output error
+||y - y_fp32|| / ||y_fp32|| of the float simulation (which the compiled artifacts equal, see
+tests/test_quantized_compile.py). `--seeds N --first-seed S` repeats over input seeds (model seed fixed).
+Per-layer held-out errors of the guard are summarised as `guard` (chosen options counted).
 """
 
 from __future__ import annotations
@@ -74,13 +86,18 @@ def hessians_cached(proto, layers, calib: Path, cache: Path, batch_note: str = "
     if cache.exists():
         with np.load(cache) as data:
             names = json.loads(str(data["__names__"]))
-            return {name: HessianStat(data[f"x{i}"], float(data[f"c{i}"])) for i, name in enumerate(names)}
+            return {name: HessianStat(data[f"x{i}"], float(data[f"c{i}"]),
+                                      data[f"h{i}"] if f"h{i}" in data else None,
+                                      float(data[f"hc{i}"]) if f"hc{i}" in data else 0.0)
+                    for i, name in enumerate(names)}
     t = time.time()
     stats = calibrate_layers(proto, layers, calib, progress=False)
     names = list(stats)
     arrays = {"__names__": np.array(json.dumps(names))}
     for i, name in enumerate(names):
         arrays[f"x{i}"], arrays[f"c{i}"] = stats[name].xtx, np.array(stats[name].count)
+        if getattr(stats[name], "held_xtx", None) is not None:  # the held-out part (numerics.guard)
+            arrays[f"h{i}"], arrays[f"hc{i}"] = stats[name].held_xtx, np.array(stats[name].held_count)
     np.savez(cache, **arrays)
     print(f"# calibrated {calib.name}{batch_note} in {time.time() - t:.0f} s -> {cache.name}",
           file=sys.stderr, flush=True)
@@ -119,17 +136,91 @@ class Evaluator:
                                                "polarity_accuracy", "cos_to_reference")}
 
 
+SYNTH_MODELS = {
+    "encoder320": lambda path: _models().encoder_block(path, hidden=320, heads=5, ffn=1280),
+    "llama576": lambda path: _models().decoder_block(path, hidden=576, heads=9, ffn=1536),
+    "mlp1000": lambda path: _models().mlp_gemm(path, sizes=(1000, 768, 3072, 10)),
+}
+
+
+def _models():
+    from fq_tvm import models
+
+    return models
+
+
+def synth_inputs(hidden: int, shape: tuple, seed: int) -> np.ndarray:
+    """Low-rank heavy-tailed inputs [*shape, hidden] with a few 8x outlier features. The mixing
+    matrix and the outlier features depend on `hidden` only (one distribution per model); the
+    samples on `seed`."""
+    mix_rng = np.random.default_rng(1000 + hidden)
+    rank = max(8, hidden // 4)
+    mix = mix_rng.standard_normal((rank, hidden)) / np.sqrt(rank)
+    outliers = mix_rng.choice(hidden, max(2, hidden // 64), replace=False)
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(shape))
+    x = rng.standard_t(3, (n, rank)) @ mix + 0.05 * rng.standard_normal((n, hidden))
+    x[:, outliers] *= 8.0
+    return x.reshape(*shape, hidden).astype(np.float32)
+
+
+def synthetic_main(args, work: Path):
+    import onnx
+
+    from fq_tvm.numerics import get_scheme
+
+    for model, build in SYNTH_MODELS.items():
+        path = work / f"{model}.onnx"
+        if not path.exists():
+            build(path)
+        proto = onnx.load(str(path))
+        hidden = proto.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
+        two_d = model.startswith("mlp")
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            calib = work / f"{model}.calib.s{seed}.npz"
+            cshape, eshape = ((1000,), (320,)) if two_d else ((125, 8), (40, 8))
+            np.savez(calib, x=synth_inputs(hidden, cshape, 2 * seed))
+            x = synth_inputs(hidden, eshape, 2 * seed + 1)
+            ref = session_runner(proto)({"x": x})
+            (out_name,) = ref
+            plan = plan_layers(proto, None)
+            for spec in args.configs:
+                name, overrides = parse_config(spec)
+                cfg = get_scheme(name, **overrides)
+                t = time.time()
+                hess = calibrate_layers(proto, plan.all_uses(plan.chosen), calib, progress=False) \
+                    if cfg.method != "rtn" else None
+                records = quantize_layers(proto, plan, cfg, hess, progress=False)
+                quant_s = time.time() - t
+                y = session_runner(simulated_model(proto, records))({"x": x})[out_name]
+                err = float(np.linalg.norm(y - ref[out_name]) / np.linalg.norm(ref[out_name]))
+                row = {"model": model, "config": spec, "seed": seed, "tag": args.tag, "rel_err": round(err, 4),
+                       "quant_s": round(quant_s, 1)}
+                guards = [getattr(r, "guard", None) for r in records.values()]
+                if any(guards):
+                    chosen = [g["chosen"] for g in guards if g]
+                    row["guard"] = {c: chosen.count(c) for c in dict.fromkeys(chosen)}
+                line = json.dumps(row)
+                print(line, flush=True)
+                with open(work / "results.jsonl", "a") as f:
+                    f.write(line + "\n")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", choices=("smollm2", "minilm"))
+    ap.add_argument("model", choices=("smollm2", "minilm", "synthetic"))
     ap.add_argument("configs", nargs="+")
     ap.add_argument("--calib", action="append", default=None, help="NxSEQ (repeatable)")
     ap.add_argument("--seq", action="store_true", help="re-calibrate on the quantized model, quantize again")
     ap.add_argument("--work", default="/tmp/quality")
     ap.add_argument("--tag", default="", help="free text stored with each result")
+    ap.add_argument("--seeds", type=int, default=1, help="synthetic: input seeds FIRST..FIRST+N-1")
+    ap.add_argument("--first-seed", type=int, default=0, help="synthetic: the first input seed")
     args = ap.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.model == "synthetic":
+        return synthetic_main(args, work)
     calibs = args.calib or (["16x256"] if args.model == "smollm2" else ["64x128"])
 
     proto = load_model(args.model, work)
@@ -148,11 +239,11 @@ def main(argv=None):
             else:
                 if cfg.method != "rtn" and hess is None:
                     calib = calib_file(args.model, work, n, seq)
-                    hess = hessians_cached(proto, plan.chosen, calib, work / f"{args.model}.hess.{n}x{seq}.npz")
+                    hess = hessians_cached(proto, plan.chosen, calib, work / f"{args.model}.hess-split.{n}x{seq}.npz")
                 records = quantize_layers(proto, plan, cfg, hess if cfg.method != "rtn" else None, progress=False)
                 if args.seq and cfg.method != "rtn":
                     sim = simulated_model(proto, records)
-                    key = f"{args.model}.hess.{n}x{seq}.seq.{_slug(spec)}.npz"
+                    key = f"{args.model}.hess-split.{n}x{seq}.seq.{_slug(spec)}.npz"
                     h2 = hessians_cached(sim, plan.chosen, calib_file(args.model, work, n, seq), work / key)
                     records = quantize_layers(proto, plan, cfg, h2, progress=False)
                 sim = simulated_model(proto, records)

@@ -221,9 +221,12 @@ def _weight_totals(entries, fp32_total: int) -> dict:
 def _layer_entry(name, layer, record) -> dict:
     from .numerics import bits_per_weight, layer_bits
 
-    return {"name": name, "weight": layer.weight, "shape": [layer.out_features, layer.in_features],
-            "scheme": record.scheme, "bits": record.bits, "stored_shape": [record.rows, record.cols],
-            "bits_per_weight": round(bits_per_weight(record), 4), "bytes": layer_bits(record) // 8}
+    entry = {"name": name, "weight": layer.weight, "shape": [layer.out_features, layer.in_features],
+             "scheme": record.scheme, "bits": record.bits, "stored_shape": [record.rows, record.cols],
+             "bits_per_weight": round(bits_per_weight(record), 4), "bytes": layer_bits(record) // 8}
+    if record.guard is not None:  # the held-out guard's choice (numerics/guard.py)
+        entry["guard"] = record.guard
+    return entry
 
 
 def _import_first(proto, input_shapes):

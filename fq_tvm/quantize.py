@@ -211,7 +211,8 @@ def _calibration_key(proto, calib, tensors):
 
 
 def quantize_layers(proto, plan: Plan, cfg, hessians: dict | None, progress: bool = True) -> dict:
-    """{weight initializer name: numerics.QuantizedLinear} for the chosen layers."""
+    """{weight initializer name: numerics.QuantizedLinear} for the chosen layers. Each layer gets
+    the HessianStat of its activations, so the held-out guard (numerics.guard) can choose its option."""
     from .numerics import quantize_layer, seed_for, weight_matrix
 
     records = {}
@@ -227,14 +228,15 @@ def quantize_layers(proto, plan: Plan, cfg, hessians: dict | None, progress: boo
     return records
 
 
-def _summed_hessian(hessians, uses) -> np.ndarray:
-    """H over every use of one weight: the row statistics of all its activations pooled."""
+def _summed_hessian(hessians, uses):
+    """The HessianStat over every use of one weight: the row statistics of all its activations
+    pooled (fit and held-out parts alike)."""
     stats = [hessians[a] for a in dict.fromkeys(use.activation for use in uses)]
     if len(stats) == 1:
-        return stats[0].hessian()
+        return stats[0]
     from .numerics.calibrate import HessianStat
 
-    return HessianStat(sum(s.xtx for s in stats), sum(s.count for s in stats)).hessian()
+    return HessianStat.pooled(stats)
 
 
 def _bar(items, enabled: bool, desc: str):

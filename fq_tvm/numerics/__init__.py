@@ -23,6 +23,7 @@ from .calibrate import (
 from .framequant import framequant, input_transforms, normalized_hessian, quantize_layer
 from .frames import FusionFrame, frame_block, frame_k, tff_exists
 from .gptq import gptq, inverse_hessian_factor
+from .guard import Candidate, auto_damp, candidates, choose, output_error
 from .hadamard import Hadamard, fwht, padded_dim, random_signs, seed_for
 from .packing import pack_codes, packed_width, storage_bits, unpack_codes
 from .quantize import SCHEMES, QuantConfig, get_scheme, grid_params, rtn
@@ -38,6 +39,7 @@ from .record import (
 from .transforms import Chain
 
 __all__ = [
+    "Candidate", "auto_damp", "candidates", "choose", "output_error",
     "ACT_BITS", "ACT_GROUP", "quantize_activations", "SCHEMES", "Chain", "DenseLayer", "FusionFrame", "Hadamard", "HessianStat", "QuantConfig",
     "QuantizedLinear", "apply", "bits_per_weight", "calibrate", "codes", "dequantize",
     "effective_weight", "find_dense_layers", "frame_block", "frame_k", "framequant", "from_state",

@@ -5,6 +5,11 @@ The fp32 model runs in ONNX Runtime on a copy of the ModelProto whose graph outp
 activation tensors. Activations of shape [..., K] are flattened to rows of length K. With
 `mask_input`, rows whose leading shape equals that input's shape (e.g. [batch, seq] for an
 attention mask) are weighted by it (0 drops padding); other activations are not weighted.
+
+Held-out rows: every HOLDOUT_EVERY-th sample (index % 5 == 4, so all tokens of one sequence stay
+together) also goes into a second sum, `held_xtx`; the rest is the fit part. With fewer than
+HOLDOUT_EVERY samples the split is by row instead. The per-layer guard (guard.py) fits candidates
+on the fit part and scores them on the held-out part.
 """
 
 from __future__ import annotations
@@ -34,16 +39,53 @@ class DenseLayer:
     alpha: float = 1.0  # Gemm alpha, folded into weight_matrix
 
 
+HOLDOUT_EVERY = 5  # sample i is held out when i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1 (20%)
+
+
 @dataclass
 class HessianStat:
-    """xtx = sum of x x^T over rows (float64 [K, K]); count = rows (or summed mask weights)."""
+    """xtx = sum of x x^T over all rows (float64 [K, K]); count = rows (or summed mask weights).
+    held_xtx / held_count: the same over the held-out rows only (a part of xtx / count); None / 0
+    when no rows were held out. The fit part is the difference."""
 
     xtx: np.ndarray
     count: float
+    held_xtx: np.ndarray | None = None
+    held_count: float = 0.0
 
     def hessian(self) -> np.ndarray:
-        """H = (2 / S) X X^T, the GPTQ convention."""
-        return self.xtx * (2.0 / self.count) if self.count > 0 else np.zeros_like(self.xtx)
+        """H = (2 / S) X X^T over all rows, the GPTQ convention."""
+        return _scaled(self.xtx, self.count)
+
+    @property
+    def fit_count(self) -> float:
+        return self.count - self.held_count
+
+    @property
+    def has_holdout(self) -> bool:
+        """Both parts hold rows (the guard can run)."""
+        return self.held_xtx is not None and self.held_count > 0 and self.fit_count > 0
+
+    def fit_hessian(self) -> np.ndarray:
+        """H over the fit rows (all rows minus the held-out ones)."""
+        held = 0.0 if self.held_xtx is None else self.held_xtx
+        return _scaled(self.xtx - held, self.fit_count)
+
+    def held_hessian(self) -> np.ndarray:
+        """H over the held-out rows (zeros when none)."""
+        return _scaled(self.held_xtx if self.held_xtx is not None else np.zeros_like(self.xtx), self.held_count)
+
+    @classmethod
+    def pooled(cls, stats) -> HessianStat:
+        """The row statistics of several activations pooled (a weight read by several nodes)."""
+        stats = list(stats)
+        held = [s.held_xtx for s in stats if s.held_xtx is not None]
+        return cls(sum(s.xtx for s in stats), sum(s.count for s in stats),
+                   sum(held) if held else None, sum(s.held_count for s in stats))
+
+
+def _scaled(xtx, count):
+    return xtx * (2.0 / count) if count > 0 else np.zeros_like(xtx)
 
 
 def _load(model):
@@ -195,8 +237,9 @@ def calibrate(model, samples, tensors=None, batch_size: int = 8, mask_input: str
         feed = {name: data[name][start : start + batch_size] for name in feeds}
         values = dict(zip(fetch, session.run(fetch, feed))) if fetch else {}
         mask = None if mask_input is None else np.asarray(data[mask_input][start : start + batch_size])
+        held = held_out_samples(start, min(start + batch_size, total), total)
         for name in tensors:
-            _accumulate(stats, name, values[name] if name in values else feed[name], mask)
+            _accumulate(stats, name, values[name] if name in values else feed[name], mask, held)
         if bar is not None:
             bar.update(len(next(iter(feed.values()))) if feed else 0)
     if bar is not None:
@@ -204,16 +247,42 @@ def calibrate(model, samples, tensors=None, batch_size: int = 8, mask_input: str
     return stats
 
 
-def _accumulate(stats, name, act, mask):
+def held_out_samples(start: int, stop: int, total: int) -> np.ndarray | None:
+    """Which samples start..stop-1 are held out (bool [stop - start]); None when there are fewer
+    than HOLDOUT_EVERY samples (then rows are split instead)."""
+    if total < HOLDOUT_EVERY:
+        return None
+    return np.arange(start, stop) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+
+
+def _held_rows(held_samples, nrows: int) -> np.ndarray:
+    """Held-out flag per flattened row. Rows of a batch of b samples are sample-major when the row
+    count is a multiple of b ([b, seq, K] or [b * seq, K]); otherwise, or without a sample split,
+    every HOLDOUT_EVERY-th row."""
+    if held_samples is not None and len(held_samples) and nrows % len(held_samples) == 0:
+        return np.repeat(held_samples, nrows // len(held_samples))
+    return np.arange(nrows) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+
+
+def _accumulate(stats, name, act, mask, held_samples=None):
     act = np.asarray(act, dtype=np.float64)
     rows = act.reshape(-1, act.shape[-1])
-    weights = None
+    weights = np.ones(len(rows))
     if mask is not None and act.shape[:-1] == mask.shape:
         weights = mask.reshape(-1).astype(np.float64)
-    xtx = rows.T @ rows if weights is None else (rows * weights[:, None]).T @ rows
-    count = float(len(rows) if weights is None else weights.sum())
+    held = _held_rows(held_samples, len(rows))
+    if mask is not None and not weights.all():  # padding adds nothing: skip its rows
+        keep = weights != 0
+        rows, weights, held = rows[keep], weights[keep], held[keep]
+    fit_rows, held_rows = rows[~held], rows[held]
+    held_xtx = (held_rows * weights[held, None]).T @ held_rows  # two products: no more flops than one
+    xtx = (fit_rows * weights[~held, None]).T @ fit_rows + held_xtx
+    count, held_count = float(weights.sum()), float(weights[held].sum())
     if name in stats:
-        stats[name].xtx += xtx
-        stats[name].count += count
+        stat = stats[name]
+        stat.xtx += xtx
+        stat.count += count
+        stat.held_xtx = held_xtx if stat.held_xtx is None else stat.held_xtx + held_xtx
+        stat.held_count += held_count
     else:
-        stats[name] = HessianStat(xtx, count)
+        stats[name] = HessianStat(xtx, count, held_xtx, held_count)

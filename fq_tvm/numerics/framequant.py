@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .calibrate import HessianStat
 from .frames import FusionFrame, frame_k
 from .gptq import gptq
+from .guard import Candidate, auto_damp, choose, output_energy, output_error
 from .hadamard import Hadamard, seed_for
 from .quantize import QuantConfig, get_scheme, rtn
-from .record import QuantizedLinear
+from .record import QuantizedLinear, effective_weight
 from .transforms import Chain
 
 NORM_DAMP = 0.01  # the reference's H <- H K / tr(H) + 0.01 I, before the transform
@@ -51,36 +53,96 @@ def framequant(W: np.ndarray, H: np.ndarray, cfg: QuantConfig, input_seed: int, 
     return codes, scale, zero, had_in, frame, had_out
 
 
+class _Layer:
+    """One layer in the domain where it is quantized: C (the weight there) and Hc(H) (a Hessian
+    carried there), and how codes become a record. gptq: C = W, Hc = H; framequant: C = T_N W T_K^T,
+    Hc = T_K (H K / tr H + 0.01 I) T_K^T."""
+
+    def __init__(self, name, W, cfg, input_seed, output_seed):
+        self.name, self.cfg, self.W = name, cfg, W
+        self.kw = {}
+        if cfg.method == "framequant":
+            N, K = W.shape
+            in_seed = seed_for(name + ":in", cfg.seed) if input_seed is None else int(input_seed)
+            out_seed = seed_for(name + ":out", cfg.seed) if output_seed is None else int(output_seed)
+            had_in, frame = input_transforms(K, cfg, in_seed)
+            had_out = Hadamard.create(N, out_seed)
+            self.t_in = Chain([had_in, frame], K)
+            self.C = Chain([had_out], N).apply_rows(self.t_in.apply(W))  # T_N W T_K^T
+            self.kw = {"input_hadamard": had_in, "input_frame": frame, "output_hadamard": had_out}
+        else:
+            self.C = W
+
+    def hessian(self, H):
+        if self.cfg.method != "framequant":
+            return H
+        return self.t_in.apply(self.t_in.apply(normalized_hessian(H)).T)  # T H T^T
+
+    def solve(self, cand: Candidate, Hc):
+        if cand.solver == "rtn":
+            return rtn(self.C, self.cfg)
+        return gptq(self.C, Hc, self.cfg, percdamp=cand.percdamp, act_order=cand.act_order)
+
+    def record(self, codes, scale, zero, guard=None) -> QuantizedLinear:
+        N, K = self.W.shape
+        cfg = self.cfg
+        return QuantizedLinear.from_codes(self.name, N, K, cfg.bits, codes, scale, zero, group_size=cfg.group_size,
+                                          scheme=cfg.name, guard=guard, **self.kw)
+
+
 def quantize_layer(
     name: str,
     W: np.ndarray,
-    H: np.ndarray | None,
+    H,
     cfg: QuantConfig | str,
     input_seed: int | None = None,
     output_seed: int | None = None,
 ) -> QuantizedLinear:
     """Quantize one dense layer W [N, K] (y = W x) with Hessian H [K, K] (X X^T up to a positive
     factor; unused by RTN). Seeds default to seed_for(name + ':in' / ':out', cfg.seed); pass the
-    same input_seed to layers that read one activation so they can share the input transform."""
+    same input_seed to layers that read one activation so they can share the input transform.
+
+    H may be a calibrate.HessianStat: then its row count raises the damping when rows are few
+    (guard.auto_damp), and with a held-out part and cfg.guard the held-out guard chooses the
+    option (guard.py); the record's `guard` says which, with every candidate's held-out error."""
     cfg = get_scheme(cfg) if isinstance(cfg, str) else cfg
     W = np.asarray(W, dtype=np.float64)
     if W.ndim != 2:
         raise ValueError(f"{name}: weight must be 2-D [N, K], got shape {W.shape}")
     N, K = W.shape
+    stat = H if isinstance(H, HessianStat) else None
+    if stat is not None:
+        H = stat.hessian()
+    if cfg.method not in ("rtn", "gptq", "framequant"):
+        raise ValueError(f"{name}: scheme '{cfg.name}' (method '{cfg.method}') does not quantize")
     if cfg.method != "rtn" and (H is None or np.shape(H) != (K, K)):
         raise ValueError(f"{name}: method '{cfg.method}' needs a Hessian of shape ({K}, {K})")
-    kw = {}
+    layer = _Layer(name, W, cfg, input_seed, output_seed)
     if cfg.method == "rtn":
-        codes, scale, zero = rtn(W, cfg)
-    elif cfg.method == "gptq":
-        codes, scale, zero = gptq(W, H, cfg)
-    elif cfg.method == "framequant":
-        in_seed = seed_for(name + ":in", cfg.seed) if input_seed is None else int(input_seed)
-        out_seed = seed_for(name + ":out", cfg.seed) if output_seed is None else int(output_seed)
-        codes, scale, zero, had_in, frame, had_out = framequant(W, H, cfg, in_seed, out_seed)
-        kw = {"input_hadamard": had_in, "input_frame": frame, "output_hadamard": had_out}
-    else:
-        raise ValueError(f"{name}: scheme '{cfg.name}' (method '{cfg.method}') does not quantize")
-    return QuantizedLinear.from_codes(
-        name, N, K, cfg.bits, codes, scale, zero, group_size=cfg.group_size, scheme=cfg.name, **kw
-    )
+        return layer.record(*rtn(W, cfg))
+    if stat is not None and cfg.guard and stat.has_holdout:
+        return _guarded(layer, stat)
+    rows = None if stat is None else stat.count
+    return layer.record(*layer.solve(Candidate("gptq", auto_damp(cfg.percdamp, rows, K)), layer.hessian(H)))
+
+
+def _guarded(layer: _Layer, stat: HessianStat) -> QuantizedLinear:
+    """Fit every candidate on the fit rows, score it on the held-out rows, keep the best (refitted
+    on all rows with cfg.guard_refit)."""
+    cfg, W = layer.cfg, layer.W
+    H_held = stat.held_hessian()
+    energy = output_energy(W, H_held)
+    H_fit = layer.hessian(stat.fit_hessian())
+    fitted = {}
+
+    def score(cand):
+        fitted[cand] = layer.solve(cand, H_fit)
+        return output_error(W, effective_weight(layer.record(*fitted[cand])), H_held, energy)
+
+    best, errors = choose(cfg, stat.fit_count, W.shape[1], score)
+    refit = cfg.guard_refit and best.solver != "rtn"  # RTN does not read the Hessian
+    codes = layer.solve(best, layer.hessian(stat.hessian())) if refit else fitted[best]
+    guard = {"chosen": best.label, "held_out_err": {c.label: round(e, 6) for c, e in errors.items()},
+             "fit_rows": round(stat.fit_count, 3), "held_rows": round(stat.held_count, 3),
+             "refit": bool(cfg.guard_refit)}
+    return layer.record(*codes, guard=guard)

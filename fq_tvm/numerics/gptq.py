@@ -61,21 +61,33 @@ def _block_ends(ncols: int, block_size: int, group_size: int | None):
         i1 = i2
 
 
-def gptq(W: np.ndarray, H: np.ndarray, cfg: QuantConfig):
+def gptq(W: np.ndarray, H: np.ndarray, cfg: QuantConfig, percdamp: float | None = None,
+         act_order: bool = False):
     """Quantize W [R, C] against the Hessian H [C, C] (any positive scale).
-    Returns codes uint8 [R, C], scale and zero float64 [R, G]."""
+    Returns codes uint8 [R, C], scale and zero float64 [R, G].
+    percdamp: overrides cfg.percdamp. act_order: process columns by decreasing H[j, j] (per-row
+    grids only: the grid comes from the whole row, so the stored codes just go back to column
+    order and records and kernels are unchanged)."""
     W = np.asarray(W, dtype=np.float64)
     H = np.asarray(H, dtype=np.float64)
     R, C = W.shape
     if H.shape != (C, C):
         raise ValueError(f"Hessian shape {H.shape} does not match {C} columns")
+    if act_order:
+        if cfg.group_size is not None and cfg.group_size < C:
+            raise ValueError("act_order needs a per-row grid (group_size None)")
+        perm = np.argsort(-np.diag(H), kind="stable")
+        codes, scale, zero = gptq(W[:, perm], H[np.ix_(perm, perm)], cfg, percdamp)
+        out = np.empty_like(codes)
+        out[:, perm] = codes
+        return out, scale, zero
     dead = np.diag(H) == 0
     Wt = np.array(W.T, order="C")  # column j of W is the row Wt[j]
     if dead.any():
         H = H.copy()
         H[dead, dead] = 1.0
         Wt[dead] = 0.0
-    U = inverse_hessian_factor(H, cfg.percdamp)
+    U = inverse_hessian_factor(H, cfg.percdamp if percdamp is None else percdamp)
     del H, W
     gs = cfg.group_size
     ngroups = 1 if gs is None else -(-C // gs)

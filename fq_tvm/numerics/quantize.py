@@ -40,6 +40,8 @@ class QuantConfig:
     block_size: int = 128  # GPTQ lazy-update block
     percdamp: float = 0.01  # GPTQ damping, fraction of the mean Hessian diagonal
     clip_search: bool = False  # sigma grid: per row/group, the c in CLIP_SEARCH minimising the MSE
+    guard: bool = True  # gptq / framequant: choose per layer by held-out error (guard.py)
+    guard_refit: bool = True  # guard: requantize the chosen option on all rows (else keep the fit-rows result)
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -38,6 +38,7 @@ class QuantizedLinear:
     input_frame: FusionFrame | None = None
     output_hadamard: Hadamard | None = None
     scheme: str = ""
+    guard: dict | None = None  # the held-out guard's choice and errors (numerics.guard), JSON-able
 
     def __post_init__(self):
         self.out_features, self.in_features = int(self.out_features), int(self.in_features)
@@ -142,6 +143,8 @@ def to_state(record: QuantizedLinear, prefix: str = ""):
         "input_frame": _params_meta(record.input_frame),
         "output_hadamard": _params_meta(record.output_hadamard),
     }
+    if record.guard is not None:
+        meta["guard"] = record.guard
     return arrays, meta
 
 
@@ -166,6 +169,7 @@ def from_state(arrays, meta: dict, prefix: str = "") -> QuantizedLinear:
         input_frame=load("input_frame", FusionFrame),
         output_hadamard=load("output_hadamard", Hadamard),
         scheme=meta.get("scheme", ""),
+        guard=meta.get("guard"),
     )
     if (record.rows, record.cols) != (meta.get("rows", record.rows), meta.get("cols", record.cols)):
         raise ValueError(f"{record.name}: stored rows/cols disagree with the transforms")
