@@ -45,10 +45,18 @@ import pytest  # noqa: E402
 from fq_tvm import models  # noqa: E402
 
 
+LONGEST = ("test_real_smollm2.py", "test_real_quantized.py", "test_import_real.py", "test_real_models.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Slow modules first (stable otherwise): xdist hands files out in this order, and the longest
-    ones started last would leave one worker running alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The longest files first, then the other slow ones (stable otherwise): xdist hands files out
+    in this order, and a long one started last leaves one worker running alone at the end (the
+    SmolLM2 file started after the qemu ones did on 2026-11-26)."""
+    def key(item):
+        name = item.path.name
+        return (LONGEST.index(name) if name in LONGEST else len(LONGEST), item.get_closest_marker("slow") is None)
+
+    items.sort(key=key)
 
 
 @pytest.fixture(scope="session")
