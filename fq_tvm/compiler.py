@@ -74,7 +74,7 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
         calib = calib_samples = None
     if act_bits not in ACT_BITS:
         raise FqError(f"--act-bits must be one of {', '.join(map(str, ACT_BITS))}, not {act_bits}")
-    if cfg.method in ("gptq", "framequant") and calib is None:
+    if calibrates(cfg) and calib is None:
         raise FqError(f"scheme '{scheme}' needs calibration data: pass --calib FILE.npz (sample inputs "
                       f"keyed by input name, samples along the first axis)")
     if isinstance(calib, (str, Path)) and not Path(calib).is_file():
@@ -198,7 +198,7 @@ def _quantize(proto, cfg, calib, skip, quiet, calib_samples=None, pad_small=Fals
     for _, text in plan.padded:
         warn(text)
     hessians = None
-    if cfg.method != "rtn" and plan.chosen:  # no layer to quantize (all kept fp32): no calibration run
+    if calibrates(cfg) and plan.chosen:  # no layer to quantize (all kept fp32): no calibration run
         hessians = calibrate_layers(proto, plan.all_uses(plan.chosen), calib, not quiet, calib_samples)
     records = quantize_layers(proto, plan, cfg, hessians, not quiet)
     layers = {param_name(w): to_packed(r) for w, r in records.items()}

@@ -177,7 +177,7 @@ def lowered_module(model, preset, *, scheme="fp32", calib=None, skip=None, act_b
 
     compiler.check_frame_options(scheme, redundancy, l_den)
     cfg = scheme_config(scheme, redundancy=redundancy, l_den=l_den)
-    if cfg.method in ("gptq", "framequant") and calib is None:
+    if compiler.calibrates(cfg) and calib is None:
         raise FqError(f"scheme '{scheme}' needs calibration data: pass --calib FILE.npz")
     proto = onnx_io.load_model(Path(model))
     imported, proto = compiler._import_first(proto, input_shapes)

@@ -44,14 +44,18 @@ def scores(H: int, D: int, lanes: int) -> tvm.tirx.PrimFunc:
                 o[b, h, i0 + r, T.ramp(j0 + v * L, 1, L)] = acc[T.ramp((r * NV + v) * L, 1, L)]
 
     @T.macro
-    def row(i, b, h, q, kt, o, acc, sk):  # one query row against every key
-        for jt in range(sk // C):
-            tile(1, NV, i, jt * C, b, h, q, kt, o, acc, sk)
+    def tail_keys(i, b, h, q, kt, o, acc, sk):  # query row i against the last sk % C keys, one dot each
         for j in range(sk % C):
             acc[0] = T.float32(0)
             for d in range(D):
                 acc[0] = acc[0] + q[b, i, h, d] * kt[d * sk + sk // C * C + j]
             o[b, h, i, sk // C * C + j] = acc[0]
+
+    @T.macro
+    def row(i, b, h, q, kt, o, acc, sk):  # one query row against every key
+        for jt in range(sk // C):
+            tile(1, NV, i, jt * C, b, h, q, kt, o, acc, sk)
+        tail_keys(i, b, h, q, kt, o, acc, sk)
 
     @T.prim_func(private=True)
     def func(q_h: T.handle, k_h: T.handle, o_h: T.handle):
@@ -70,11 +74,7 @@ def scores(H: int, D: int, lanes: int) -> tvm.tirx.PrimFunc:
                 for jt in range(sk // C):
                     tile(MR, NV, it * MR, jt * C, bh // H, bh % H, q, kt, o, acc, sk)
                 for r in range(MR):
-                    for j in range(sk % C):
-                        acc[0] = T.float32(0)
-                        for d in range(D):
-                            acc[0] = acc[0] + q[bh // H, it * MR + r, bh % H, d] * kt[d * sk + sk // C * C + j]
-                        o[bh // H, bh % H, it * MR + r, sk // C * C + j] = acc[0]
+                    tail_keys(it * MR + r, bh // H, bh % H, q, kt, o, acc, sk)
             for i in range(sq % MR):
                 row(sq // MR * MR + i, bh // H, bh % H, q, kt, o, acc, sk)
 
