@@ -3,7 +3,7 @@
 The suite runs under pytest-xdist (`-n auto --dist loadfile`, pyproject.toml): each worker gets
 its share of the physical cores for TVM, BLAS and OpenMP, set here before numpy or TVM load, so
 that workers do not oversubscribe the machine (a TVM or ORT thread pool spinning at a barrier
-while its partner thread waits for a core is many times slower). Slow modules are handed out first.
+while its partner thread waits for a core is many times slower). The longest files are handed out first.
 """
 
 import os
