@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bz2
 import contextlib
+import functools
 import importlib.util
 import io
 import json
@@ -356,7 +357,9 @@ def _smollm2_load(what: str):
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, attn_implementation="eager")
 
 
+@functools.lru_cache(maxsize=1)
 def smollm2_tokenizer():
+    """Read once per process: building it from the GGUF's metadata takes 15-30 s."""
     return _smollm2_load("tokenizer")
 
 

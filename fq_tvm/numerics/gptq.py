@@ -106,14 +106,25 @@ def gptq(W: np.ndarray, H: np.ndarray, cfg: QuantConfig, percdamp: float | None 
     return np.ascontiguousarray(codes.T), scale, zero
 
 
+INNER_BLOCK = 16  # columns quantized with per-column updates; larger spans are split in two
+
+
 def _quantize_block(Wb, Ub, codes, s, z, maxq):
-    """Quantize the rows of Wb (columns of W) in place order; returns the scaled errors."""
+    """Quantize the rows of Wb (columns of W) in order; returns the scaled errors. A span longer
+    than INNER_BLOCK is split: its first half is quantized, the second half gets the first half's
+    feedback in one matmul, then the second half is quantized (the same updates, batched)."""
+    n = len(Wb)
+    if n > INNER_BLOCK:
+        h = n // 2
+        first = _quantize_block(Wb[:h], Ub[:h, :h], codes[:h], s, z, maxq)
+        Wb[h:] -= Ub[:h, h:].T @ first
+        return np.concatenate([first, _quantize_block(Wb[h:], Ub[h:, h:], codes[h:], s, z, maxq)])
     err = np.empty_like(Wb)
-    for i in range(len(Wb)):
+    for i in range(n):
         q = np.clip(np.rint(Wb[i] / s + z), 0, maxq)
         codes[i] = q
         e = (Wb[i] - (q - z) * s) / Ub[i, i]
-        Wb[i + 1 :] -= np.outer(Ub[i, i + 1 :], e)
+        Wb[i + 1 :] -= Ub[i, i + 1 :, None] * e
         err[i] = e
     return err
 
