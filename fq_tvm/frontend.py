@@ -19,7 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import FqError
-from .rnn import unroll_lstms
+from .rnn import unroll_rnns
 
 SIMPLIFY_MAX_BYTES = 1_500_000_000  # onnxsim serialises the model: keep under the 2 GB protobuf limit
 
@@ -151,7 +151,7 @@ def prepare(model: onnx.ModelProto, input_shapes: dict | None = None) -> onnx.Mo
     fold_constants(model)
     model = _keep_tied_transposes(tables, model)
     model = infer_shapes(model)
-    if unroll_lstms(model) | plain_dense_forms(model):
+    if unroll_rnns(model) | plain_dense_forms(model):
         _drop_unused_initializers(model.graph)
         model = infer_shapes(model)
     name_nodes(model)

@@ -12,6 +12,7 @@ from tvm.relax.frontend import onnx as relax_onnx
 
 from .errors import FqError
 from .onnx_io import signature
+from .rnn import RECURRENT, unsupported
 
 
 def supported_ops() -> set[str]:
@@ -28,8 +29,8 @@ def check_ops(model: onnx.ModelProto) -> None:
         if node.domain not in ("", "ai.onnx") or node.op_type not in known:
             name = node.name or f"#{i}"
             domain = f" (domain '{node.domain}')" if node.domain not in ("", "ai.onnx") else ""
-            hint = " (its sequence length must be static to unroll it: pin it with --input-shape)" \
-                if node.op_type == "LSTM" else ""
+            why = unsupported(model, node) if node.op_type in RECURRENT else ""
+            hint = f" ({why})" if why else ""
             raise FqError(f"unsupported ONNX op '{node.op_type}'{domain} at node '{name}'{hint}")
 
 
