@@ -43,7 +43,7 @@ def to_relax(model: onnx.ModelProto) -> tuple[tvm.IRModule, dict]:
     """Import `model` (after frontend.prepare) into Relax with weights kept as named parameters
     of `main`.
 
-    Returns (module, {parameter name: numpy array}); `bind_weights` turns them into constants
+    Returns (module, {parameter name: tvm.runtime.Tensor}); `bind_weights` turns them into constants
     once the graph rewrites that need the names are done. A failure is one FqError line naming
     the ONNX node; FQ_DEBUG=1 also shows TVM's output and traceback.
     """
@@ -74,7 +74,7 @@ def to_relax(model: onnx.ModelProto) -> tuple[tvm.IRModule, dict]:
     func = mod["main"]
     num_inputs = int(func.attrs["num_input"])
     names = [var.name for var in func.params[num_inputs:]]
-    return mod, {name: value.numpy() for name, value in zip(names, params.get("main", []))}
+    return mod, dict(zip(names, params.get("main", [])))  # TVM's tensors: no second copy of the weights
 
 
 def _debug_traceback(err: Exception) -> None:
@@ -90,5 +90,6 @@ def bind_weights(mod: tvm.IRModule, weights: dict) -> tvm.IRModule:
     """Bind the remaining weight parameters of `main` as constants."""
     func = mod["main"]
     present = {var.name for var in func.params}
-    bound = {name: tvm.runtime.tensor(value) for name, value in weights.items() if name in present}
+    bound = {name: value if isinstance(value, tvm.runtime.Tensor) else tvm.runtime.tensor(value)
+             for name, value in weights.items() if name in present}
     return tvm.relax.transform.BindParams("main", bound)(mod) if bound else mod
