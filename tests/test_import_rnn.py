@@ -125,6 +125,7 @@ def _crnn(path):
     return path
 
 
+@pytest.mark.slow
 def test_gru_crnn_first_try(tmp_path):
     path = _crnn(tmp_path / "crnn.onnx")
     assert "GRU" in {n.op_type for n in onnx.load(str(path)).graph.node}
