@@ -34,15 +34,16 @@ def _reference(model, feed):
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, feed)
 
 
-def _cell(kind, direction="forward", layout=0, initial=True, opset=14, seq_lens=False, **attrs):
+def _cell(kind, direction="forward", layout=0, initial=True, opset=14, seq_lens=False, dynamic=False, **attrs):
     """One LSTM / GRU / RNN node with random weights and all outputs; returns (model, feed)."""
     rng = np.random.default_rng(len(kind) + layout + 2 * initial)
     gates, dirs = {"LSTM": 4, "GRU": 3, "RNN": 1}[kind], 2 if direction == "bidirectional" else 1
     inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name) for name, shape in
              [("W", (dirs, gates * HID, IN)), ("R", (dirs, gates * HID, HID)), ("B", (dirs, 2 * gates * HID))]]
-    x_dims = ["n", SEQ, IN] if layout else [SEQ, "n", IN]
+    seq = "time" if dynamic else SEQ
+    x_dims = ["n", seq, IN] if layout else [seq, "n", IN]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_dims)]
-    feed = {"x": rng.standard_normal([BATCH if d == "n" else d for d in x_dims]).astype(np.float32)}
+    feed = {"x": rng.standard_normal([{"n": BATCH, "time": SEQ}.get(d, d) for d in x_dims]).astype(np.float32)}
     names = ["x", "W", "R", "B", "lens" if seq_lens else ""]
     if seq_lens:
         inputs.append(helper.make_tensor_value_info("lens", TensorProto.INT32, ["n"]))
@@ -54,7 +55,7 @@ def _cell(kind, direction="forward", layout=0, initial=True, opset=14, seq_lens=
     outs = ["y", "y_h", "y_c"][:3 if kind == "LSTM" else 2]
     node = helper.make_node(kind, names + states, outs, name="cell", hidden_size=HID, direction=direction,
                             **({"layout": 1} if layout else {}), **attrs)
-    dims = [["n", SEQ, dirs, HID], ["n", dirs, HID]] if layout else [[SEQ, dirs, "n", HID], [dirs, "n", HID]]
+    dims = [["n", seq, dirs, HID], ["n", dirs, HID]] if layout else [[seq, dirs, "n", HID], [dirs, "n", HID]]
     outputs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, dims[min(i, 1)]) for i, o in enumerate(outs)]
     graph = helper.make_graph([node], "g", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
@@ -87,6 +88,8 @@ def test_unrolled_cell_matches_reference(kind, options):
 
 
 @pytest.mark.parametrize("options,message", [
+    ({"dynamic": True}, "unsupported ONNX op 'GRU' at node 'cell' (its sequence length must be static to unroll it: "
+                        "pin it with --input-shape time=N)"),
     ({"seq_lens": True}, "unsupported ONNX op 'GRU' at node 'cell' (not supported by the unroller: sequence_lens)"),
     ({"clip": 3.0}, "(not supported by the unroller: clip)"),
     ({"activations": ["HardSigmoid", "Tanh"]}, "activations other than Sigmoid / Tanh / Relu"),
