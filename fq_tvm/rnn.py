@@ -95,10 +95,7 @@ def unroll_rnns(model: onnx.ModelProto) -> bool:
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     nodes, changed = [], False
     for node in g.node:
-        if node.op_type not in RECURRENT:
-            nodes.append(node)
-            continue
-        if unsupported(model, node):
+        if node.op_type not in RECURRENT or unsupported(model, node):
             nodes.append(node)
             continue
         attrs = _attrs(node)
