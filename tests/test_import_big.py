@@ -31,8 +31,9 @@ def big_vit(tmp_path, monkeypatch):
 
     def spy(what, original):
         def call(model, *args, **kw):
-            if isinstance(model, onnx.ModelProto):
-                seen.setdefault(what, []).append(max([frontend._tensor_bytes(t) for t in model.graph.initializer] + [0]))
+            proto = onnx.ModelProto.FromString(model) if isinstance(model, bytes) else model  # onnxsim's check
+            if isinstance(proto, onnx.ModelProto):
+                seen.setdefault(what, []).append(max([frontend._tensor_bytes(t) for t in proto.graph.initializer] + [0]))
             else:
                 seen.setdefault(what, []).append(str(model))
             return original(model, *args, **kw)
@@ -55,8 +56,9 @@ def test_big_model_fp32_never_serializes_weights(tmp_path, big_vit):
     path, seen = big_vit
     art = fq_tvm.load(fq_tvm.compile(path, "host", tmp_path / "fp32", quiet=True))
     assert max(seen["onnxsim"] + seen["shapes"]) < 1024, seen
-    assert seen["checker"][0] == str(path)  # ours, by path: onnx reads the external data itself
-    # (TVM's importer then checks the model in memory: over 2 GB that raises, and TVM only warns)
+    # ours by path (onnx reads the external data itself), then onnxsim's of the weightless copy;
+    # TVM's own check of the in-memory model (a full serialization) is skipped during import
+    assert seen["checker"][0] == str(path) and max(seen["checker"][1:]) < 1024, seen
     for batch in (1, 3):
         assert max_rel_err(art.run(_image(batch))["out"], ort_run(path, _image(batch))[0]) < 1e-4
 
