@@ -199,18 +199,13 @@ def weightless(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set]:
     lg.value_info.extend(g.value_info)
     listed, moved = {v.name for v in g.input}, set()
     for t in g.initializer:
-        if _tensor_bytes(t) < WEIGHT_TENSOR:
+        if onnx_io.tensor_bytes(t) < WEIGHT_TENSOR:
             lg.initializer.append(t)
             continue
         moved.add(t.name)
         if t.name not in listed:
             lg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return light, moved
-
-
-def _tensor_bytes(t) -> int:
-    size = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize if t.data_type else 1
-    return int(np.prod(t.dims, dtype=np.int64)) * size
 
 
 def _graft(model, out, moved: set) -> None:

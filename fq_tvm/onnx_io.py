@@ -108,8 +108,10 @@ def is_big(model: onnx.ModelProto, limit: int | None = None) -> bool:
 
 def weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of all initializers as stored in the model."""
-    total = 0
-    for init in model.graph.initializer:
-        count = int(np.prod(init.dims)) if init.dims else 1
-        total += count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
-    return total
+    return sum(tensor_bytes(init) for init in model.graph.initializer)
+
+
+def tensor_bytes(init: onnx.TensorProto) -> int:
+    """Bytes of one tensor, from its dims and type (reading its data would copy it)."""
+    count = int(np.prod(init.dims, dtype=np.int64)) if init.dims else 1
+    return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize

@@ -33,7 +33,7 @@ def big_vit(tmp_path, monkeypatch):
         def call(model, *args, **kw):
             proto = onnx.ModelProto.FromString(model) if isinstance(model, bytes) else model  # onnxsim's check
             if isinstance(proto, onnx.ModelProto):
-                seen.setdefault(what, []).append(max([frontend._tensor_bytes(t) for t in proto.graph.initializer] + [0]))
+                seen.setdefault(what, []).append(max([onnx_io.tensor_bytes(t) for t in proto.graph.initializer] + [0]))
             else:
                 seen.setdefault(what, []).append(str(model))
             return original(model, *args, **kw)
