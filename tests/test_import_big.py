@@ -17,13 +17,19 @@ from conftest import max_rel_err, ort_run
 from test_import_fixes import _vit
 
 
-@pytest.fixture
-def big_vit(tmp_path, monkeypatch):
-    """The ViT saved with external data, and per tool (onnxsim, shape inference, the checker) the
-    largest initializer (bytes) of each model it was handed, or the path."""
-    path = _vit(tmp_path / "vit.onnx", dynamic=True)
+@pytest.fixture(scope="module")
+def vit_file(tmp_path_factory):
+    path = _vit(tmp_path_factory.mktemp("big") / "vit.onnx", dynamic=True)
     onnx.save(onnx.load(str(path)), str(path), save_as_external_data=True, location="vit.onnx.data",
               size_threshold=0)
+    return path
+
+
+@pytest.fixture
+def big_vit(vit_file, monkeypatch):
+    """The ViT saved with external data, and per tool (onnxsim, shape inference, the checker) the
+    largest initializer (bytes) of each model it was handed, or the path."""
+    path = vit_file
     monkeypatch.setattr(onnx_io, "PROTOBUF_LIMIT", 10_000)
     monkeypatch.setattr(frontend, "WEIGHTLESS_ABOVE", 10_000)
     monkeypatch.setattr(frontend, "WEIGHT_TENSOR", 1024)  # the Conv (12 KB), position table (4 KB), fc (16 KB)
