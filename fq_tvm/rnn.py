@@ -71,20 +71,20 @@ def unsupported(model, node) -> str:
     if reasons:
         return "not supported by the unroller: " + ", ".join(reasons)
     if not _static_seq(model, node.input[0], attrs.get("layout", 0)):
+        names = sorted({d.dim_param for v in model.graph.input for d in v.type.tensor_type.shape.dim if d.dim_param})
         name = _seq_name(model, node.input[0], attrs.get("layout", 0))
-        how = f"--input-shape {name}=N" if name else "--input-shape"
+        how = f"--input-shape {name}=N" if name in names else "--input-shape"
+        how += f" (the inputs' symbolic dims: {', '.join(names)})" if names and name not in names else ""
         return f"its sequence length must be static to unroll it: pin it with {how}"
     return ""
 
 
 def _seq_name(model, x, layout) -> str:
-    """The symbolic name of x's sequence dim if it is a graph input's dim (pinnable by name)."""
-    names = {d.dim_param for v in model.graph.input for d in v.type.tensor_type.shape.dim if d.dim_param}
+    """The symbolic name of x's sequence dim ('' if none)."""
     for v in list(model.graph.value_info) + list(model.graph.input):
         dims = v.type.tensor_type.shape.dim
         if v.name == x and len(dims) == 3:
-            name = dims[1 if layout else 0].dim_param
-            return name if name in names else ""
+            return dims[1 if layout else 0].dim_param
     return ""
 
 

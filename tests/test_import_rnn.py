@@ -145,3 +145,16 @@ def test_gru_crnn_first_try(tmp_path):
     onnx.save(simulated_model(prepare(onnx.load(str(path))), records), str(sim))
     x = {"image": np.random.default_rng(2).standard_normal((2, 1, 16, 24)).astype(np.float32)}
     assert max_rel_err(fq_tvm.load(art).run(x)["y"], ort_run(sim, x)[0]) < 1e-4
+
+
+def test_dynamic_length_from_an_expression_lists_the_dims(tmp_path, capsys):
+    """The GRU reads x twice along time (length 2*time): pinning is by the inputs' dims."""
+    model, _ = _cell("GRU", dynamic=True, initial=False)
+    g = model.graph
+    g.node[0].input[0] = "xx"
+    g.node.insert(0, helper.make_node("Concat", ["x", "x"], ["xx"], axis=0, name="twice"))
+    g.output[0].type.tensor_type.shape.dim[0].dim_param = "time2"
+    onnx.save(model, str(tmp_path / "g.onnx"))
+    assert compile_main([str(tmp_path / "g.onnx"), "-o", str(tmp_path / "o"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "pin it with --input-shape (the inputs' symbolic dims: n, time)" in err and err.count("\n") == 1, err
