@@ -377,7 +377,7 @@ def _infer(model):
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        with quiet_output():
+        with quiet_output(), _in_temp_dir():  # an incomplete inference saves sym_shape_infer_temp.onnx
             out = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
         if out is not None:
             return out
@@ -387,6 +387,18 @@ def _infer(model):
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # noqa: BLE001
         return None
+
+
+@contextlib.contextmanager
+def _in_temp_dir():
+    """Run in an empty temporary working directory (for tools that write files into it)."""
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="fq-shapes-") as tmp:
+        os.chdir(tmp)
+        try:
+            yield
+        finally:
+            os.chdir(cwd)
 
 
 def name_nodes(model: onnx.ModelProto) -> None:
