@@ -18,10 +18,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import onnx_io
 from .errors import FqError
-from .rnn import unroll_lstms
+from .rnn import unroll_rnns
 
-SIMPLIFY_MAX_BYTES = 1_500_000_000  # onnxsim serialises the model: keep under the 2 GB protobuf limit
+# weights over this: onnxsim and shape inference see a weightless copy (they serialize the model,
+# which fails over 2 GB and would hold a second copy of the weights)
+WEIGHTLESS_ABOVE = 1_000_000_000
+WEIGHT_TENSOR = 1 << 16  # bytes: an initializer this large is a weight, never shape data
 
 
 # ---- input shapes -------------------------------------------------------------------------------
@@ -151,7 +155,7 @@ def prepare(model: onnx.ModelProto, input_shapes: dict | None = None) -> onnx.Mo
     fold_constants(model)
     model = _keep_tied_transposes(tables, model)
     model = infer_shapes(model)
-    if unroll_lstms(model) | plain_dense_forms(model):
+    if unroll_rnns(model) | plain_dense_forms(model):
         _drop_unused_initializers(model.graph)
         model = infer_shapes(model)
     name_nodes(model)
@@ -160,20 +164,69 @@ def prepare(model: onnx.ModelProto, input_shapes: dict | None = None) -> onnx.Mo
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     """Constant folding and graph simplification with onnxsim (if installed); on any failure the
-    model is returned unchanged (the importer's own error then names the node)."""
+    model is returned unchanged (the importer's own error then names the node). A big model is
+    simplified as a weightless copy whose graph is then put back around its weights."""
     try:
         import onnxsim
     except ImportError:
         return model
-    if model.ByteSize() > SIMPLIFY_MAX_BYTES:
-        return model
+    big = onnx_io.is_big(model, WEIGHTLESS_ABOVE)
+    light, moved = weightless(model) if big else (model, set())
     try:
         with quiet_output():
-            out, _ = onnxsim.simplify(model, check_n=0, certify=False, perform_optimization=False)
+            out, _ = onnxsim.simplify(light, check_n=0, certify=False, perform_optimization=False)
     except Exception:  # noqa: BLE001 - best effort; the unsimplified model still gets our fixes
         return model
-    _restore_node_metadata(model, out)
-    return out
+    _restore_node_metadata(light, out)
+    if not big:
+        return out
+    _graft(model, out, moved)
+    return model
+
+
+def weightless(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set]:
+    """A copy of `model` whose large initializers are graph inputs of the same type and shape,
+    without data; and their names. Tools that serialize the model then never copy the weights."""
+    g = model.graph
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    lg = light.graph
+    lg.name = g.name
+    lg.node.extend(g.node)
+    lg.input.extend(g.input)
+    lg.output.extend(g.output)
+    lg.value_info.extend(g.value_info)
+    listed, moved = {v.name for v in g.input}, set()
+    for t in g.initializer:
+        if onnx_io.tensor_bytes(t) < WEIGHT_TENSOR:
+            lg.initializer.append(t)
+            continue
+        moved.add(t.name)
+        if t.name not in listed:
+            lg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return light, moved
+
+
+def _graft(model, out, moved: set) -> None:
+    """Give `model` the graph of `out` (a simplified weightless copy), in place, keeping the
+    weights `moved` where they are: large initializers are never copied."""
+    g, o = model.graph, out.graph
+    listed = {v.name for v in g.input}
+    _remove(g.initializer, lambda t: t.name not in moved)
+    g.initializer.extend(t for t in o.initializer if t.name not in moved)
+    for field, new in [(g.node, o.node), (g.output, o.output), (g.value_info, o.value_info),
+                       (g.input, [v for v in o.input if v.name not in moved or v.name in listed])]:
+        del field[:]
+        field.extend(new)
+
+
+def _remove(field, drop) -> None:
+    """Delete the items of a repeated protobuf field for which drop(item), in place (rebuilding
+    the field would copy every tensor that stays)."""
+    for i in reversed(range(len(field))):
+        if drop(field[i]):
+            del field[i]
 
 
 def _restore_node_metadata(before, after) -> None:
@@ -192,17 +245,17 @@ def _keep_tied_transposes(old: dict, after) -> onnx.ModelProto:
     for t in old.values():
         shapes.setdefault((t.dims[1], t.dims[0]), []).append(t)
     gathered = {n.input[0] for n in after.graph.node if n.op_type == "Gather"}
-    keep = []
+    copies = set()
     for init in after.graph.initializer:
+        if init.name in old or len(init.dims) != 2:
+            continue
         twins = [t for t in shapes.get(tuple(init.dims), []) if t.name in gathered and t.name != init.name]
         match = next((t for t in twins if np.array_equal(numpy_helper.to_array(t).T, numpy_helper.to_array(init))), None)
-        if init.name in old or match is None or len(init.dims) != 2:
-            keep.append(init)
-            continue
-        after.graph.node.insert(0, onnx.helper.make_node("Transpose", [match.name], [init.name], perm=[1, 0],
-                                                         name=f"{init.name}_tied_transpose"))
-    del after.graph.initializer[:]
-    after.graph.initializer.extend(keep)
+        if match is not None:
+            copies.add(init.name)
+            after.graph.node.insert(0, onnx.helper.make_node("Transpose", [match.name], [init.name], perm=[1, 0],
+                                                             name=f"{init.name}_tied_transpose"))
+    _remove(after.graph.initializer, lambda t: t.name in copies)
     return after
 
 
@@ -244,11 +297,8 @@ def _drop_unused_initializers(g) -> None:
     dropped = {t.name for t in g.initializer if t.name not in used}
     if not dropped:
         return
-    keep = [t for t in g.initializer if t.name not in dropped]
-    inputs = [v for v in g.input if v.name not in dropped]
-    del g.initializer[:], g.input[:]
-    g.initializer.extend(keep)
-    g.input.extend(inputs)
+    _remove(g.initializer, lambda t: t.name in dropped)
+    _remove(g.input, lambda v: v.name in dropped)
 
 
 def _evaluate(model, node, feeds):
@@ -312,12 +362,22 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Symbolic shapes for every tensor: ONNX Runtime's symbolic shape inference (sympy; relates
     the dims of legacy exports to the input dims, e.g. 'batch*seq', where onnx's own inference
     invents unrelated 'unk__N'), else onnx's with data propagation. Hints only: never fails."""
-    if model.ByteSize() >= SIMPLIFY_MAX_BYTES:
+    if onnx_io.is_big(model, WEIGHTLESS_ABOVE):  # infer on a weightless copy, keep its shapes
+        inferred = _infer(weightless(model)[0])
+        if inferred is not None:
+            g = model.graph
+            for field, new in [(g.value_info, inferred.graph.value_info), (g.output, inferred.graph.output)]:
+                del field[:]
+                field.extend(new)
         return model
+    return _infer(model) or model
+
+
+def _infer(model):
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        with quiet_output():
+        with quiet_output(), _in_temp_dir():  # an incomplete inference saves sym_shape_infer_temp.onnx
             out = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
         if out is not None:
             return out
@@ -326,7 +386,19 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # noqa: BLE001
-        return model
+        return None
+
+
+@contextlib.contextmanager
+def _in_temp_dir():
+    """Run in an empty temporary working directory (for tools that write files into it)."""
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="fq-shapes-") as tmp:
+        os.chdir(tmp)
+        try:
+            yield
+        finally:
+            os.chdir(cwd)
 
 
 def name_nodes(model: onnx.ModelProto) -> None:

@@ -12,6 +12,7 @@ from tvm.relax.frontend import onnx as relax_onnx
 
 from .errors import FqError
 from .onnx_io import signature
+from .rnn import RECURRENT, unsupported
 
 
 def supported_ops() -> set[str]:
@@ -28,8 +29,8 @@ def check_ops(model: onnx.ModelProto) -> None:
         if node.domain not in ("", "ai.onnx") or node.op_type not in known:
             name = node.name or f"#{i}"
             domain = f" (domain '{node.domain}')" if node.domain not in ("", "ai.onnx") else ""
-            hint = " (its sequence length must be static to unroll it: pin it with --input-shape)" \
-                if node.op_type == "LSTM" else ""
+            why = unsupported(model, node) if node.op_type in RECURRENT else ""
+            hint = f" ({why})" if why else ""
             raise FqError(f"unsupported ONNX op '{node.op_type}'{domain} at node '{name}'{hint}")
 
 
@@ -42,7 +43,7 @@ def to_relax(model: onnx.ModelProto) -> tuple[tvm.IRModule, dict]:
     """Import `model` (after frontend.prepare) into Relax with weights kept as named parameters
     of `main`.
 
-    Returns (module, {parameter name: numpy array}); `bind_weights` turns them into constants
+    Returns (module, {parameter name: tvm.runtime.Tensor}); `bind_weights` turns them into constants
     once the graph rewrites that need the names are done. A failure is one FqError line naming
     the ONNX node; FQ_DEBUG=1 also shows TVM's output and traceback.
     """
@@ -73,7 +74,7 @@ def to_relax(model: onnx.ModelProto) -> tuple[tvm.IRModule, dict]:
     func = mod["main"]
     num_inputs = int(func.attrs["num_input"])
     names = [var.name for var in func.params[num_inputs:]]
-    return mod, {name: value.numpy() for name, value in zip(names, params.get("main", []))}
+    return mod, dict(zip(names, params.get("main", [])))  # TVM's tensors: no second copy of the weights
 
 
 def _debug_traceback(err: Exception) -> None:
@@ -89,5 +90,6 @@ def bind_weights(mod: tvm.IRModule, weights: dict) -> tvm.IRModule:
     """Bind the remaining weight parameters of `main` as constants."""
     func = mod["main"]
     present = {var.name for var in func.params}
-    bound = {name: tvm.runtime.tensor(value) for name, value in weights.items() if name in present}
+    bound = {name: value if isinstance(value, tvm.runtime.Tensor) else tvm.runtime.tensor(value)
+             for name, value in weights.items() if name in present}
     return tvm.relax.transform.BindParams("main", bound)(mod) if bound else mod

@@ -11,6 +11,8 @@ from onnx import numpy_helper
 
 from .errors import FqError
 
+PROTOBUF_LIMIT = 2_000_000_000  # a model over it cannot be serialized (nor ByteSize()d) in one piece
+
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Read `path` as an ONNX model and run the ONNX checker; raise FqError on any problem."""
@@ -46,11 +48,12 @@ def check_model(model: onnx.ModelProto, where: str = "model") -> None:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.FLOAT and not np.isfinite(attr.f):
                 raise FqError(f"{where}: node '{node.name or node.op_type}' ({node.op_type}) has {attr.name} = {attr.f}")
-    big = model.ByteSize() >= 2_000_000_000  # over the protobuf limit: the checker reads the file
-    try:
-        onnx.checker.check_model(where if big and os.path.isfile(where) else model, full_check=not big)
-    except Exception as err:
-        raise FqError(f"{where}: fails the ONNX checker: {_first_line(err)}") from None
+    big = is_big(model)  # near the protobuf limit: the checker reads the file (no shape inference)
+    if not big or os.path.isfile(where):
+        try:
+            onnx.checker.check_model(where if big else model, full_check=not big)
+        except Exception as err:
+            raise FqError(f"{where}: fails the ONNX checker: {_first_line(err)}") from None
     dense = {n.input[1] for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1}
     for init in model.graph.initializer:
         if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
@@ -97,10 +100,18 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0][:300]
 
 
+def is_big(model: onnx.ModelProto, limit: int | None = None) -> bool:
+    """True if the model's weights come near `limit` (PROTOBUF_LIMIT): it must not be serialized.
+    Counted from the initializers' dims (ModelProto.ByteSize() serializes, and raises over 2 GB)."""
+    return weight_bytes(model) >= 0.9 * (limit or PROTOBUF_LIMIT)
+
+
 def weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of all initializers as stored in the model."""
-    total = 0
-    for init in model.graph.initializer:
-        count = int(np.prod(init.dims)) if init.dims else 1
-        total += count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
-    return total
+    return sum(tensor_bytes(init) for init in model.graph.initializer)
+
+
+def tensor_bytes(init: onnx.TensorProto) -> int:
+    """Bytes of one tensor, from its dims and type (reading its data would copy it)."""
+    count = int(np.prod(init.dims, dtype=np.int64)) if init.dims else 1
+    return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize

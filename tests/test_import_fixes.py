@@ -274,6 +274,22 @@ def test_import_failure_names_node_fast_and_quiet(tmp_path, capfd):
     assert "ONNX node 'bad_reshape' (Reshape)" in err and "BlockBuilder" not in err
 
 
+def test_unknown_domain_op_is_one_line_and_leaves_no_files(tmp_path, capsys, monkeypatch):
+    """ORT's symbolic shape inference saves sym_shape_infer_temp.onnx into the working directory
+    when it cannot infer every shape (here: an op of another domain); ours runs in a temp dir."""
+    nodes = [helper.make_node("FusedMatMul", ["x", "W"], ["y"], name="fused", domain="com.microsoft")]
+    path = _model(nodes, [_w((K, K))], tmp_path / "ms.onnx")
+    model = onnx.load(str(path))
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(path))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert compile_main([str(path), "-o", str(tmp_path / "o"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "unsupported ONNX op 'FusedMatMul' (domain 'com.microsoft') at node 'fused'" in err and err.count("\n") == 1
+    assert not list((tmp_path / "cwd").iterdir())
+
+
 # ---- calibration data and invalid models ---------------------------------------------------------
 
 def _linear(tmp_path, batch="n"):
