@@ -206,8 +206,22 @@ def _calibration_key(proto, calib, tensors):
         return None
     from .artifact import sha256_file
 
-    model = hashlib.sha256(proto.SerializeToString()).hexdigest()
-    return model, sha256_file(Path(calib)), tuple(tensors)
+    return _model_digest(proto), sha256_file(Path(calib)), tuple(tensors)
+
+
+def _model_digest(proto) -> str:
+    """sha256 of the model's graph and weights, the large weights tensor by tensor (a model over
+    2 GB cannot be serialized in one piece)."""
+    import hashlib
+
+    from .frontend import weightless
+
+    light, moved = weightless(proto)
+    digest = hashlib.sha256(light.SerializeToString())
+    for init in proto.graph.initializer:
+        if init.name in moved:
+            digest.update(init.SerializeToString())
+    return digest.hexdigest()
 
 
 def quantize_layers(proto, plan: Plan, cfg, hessians: dict | None, progress: bool = True) -> dict:

@@ -159,15 +159,19 @@ def weight_matrix(model, layer: DenseLayer) -> np.ndarray:
 
 
 def _with_outputs(model, names):
-    """Copy of model whose graph also outputs `names` (elem type from shape inference)."""
+    """Copy of model whose graph also outputs `names`. Element types come from the model's
+    value_info (frontend.prepare records them), else from onnx's shape inference; FLOAT if unknown."""
     import onnx
 
+    g = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
+    if any(name not in types for name in names) and not _big(model):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+            types.update({v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info})
+        except Exception:  # noqa: BLE001 - inference is best effort; FLOAT is the default below
+            pass
     model = copy.deepcopy(model)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-        types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
-    except Exception:  # noqa: BLE001 - inference is best effort; FLOAT is the default below
-        types = {}
     present = {o.name for o in model.graph.output}
     for name in names:
         if name not in present:
@@ -176,12 +180,19 @@ def _with_outputs(model, names):
     return model
 
 
+def _big(model) -> bool:
+    """Weights near the 2 GB protobuf limit (counted from their dims: ByteSize() would serialize)."""
+    from ..onnx_io import is_big
+
+    return is_big(model)
+
+
 def _session(model):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if model.ByteSize() < 1_800_000_000:
+    if not _big(model):
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     import onnx
 
