@@ -2,18 +2,26 @@
 Runtime fp32 and dynamic int8 on the same ONNX file and the same inputs.
 
     python benchmarks/bench_model.py [--model minilm|smollm2] [--shapes 1x128 16x128] [--schemes fp32 int8 fq2]
+                                     [--reuse] [--before DIR] [--rounds N] [--threads N]
 
 minilm: all-MiniLM-L6-v2 (exported and calibrated as fq-report does); inputs are Lee documents
 truncated or padded to the sequence length. smollm2: SmolLM2-135M, one forward pass (logits for
 every position, no KV cache) over Pride and Prejudice tokens; calibration 16 x 256 Wikipedia
 tokens, the tied lm_head kept fp32 (as in fq-report). Each runner is timed in its own block of
 calls (bench_layer.median_ms) so that thread pools do not steal each other's cores.
+--reuse times the artifacts already in --work instead of compiling; --before DIR also times the
+artifacts of another work dir (an earlier build) in the same run, as "fq-tvm SCHEME (before)";
+--rounds N repeats the sequence of blocks N times and reports each runner's median block (on a
+shared machine a neighbour's burst then spoils one block, not one runner's figure); --threads N
+runs both runtimes on N threads (default: TVM one per physical core, ORT its default).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,7 +48,8 @@ def _model(name: str, work: Path):
     return onnx_path, calib, {}
 
 
-def runners(work: Path, schemes, model: str = "minilm") -> dict:
+def runners(work: Path, schemes, model: str = "minilm", reuse: bool = False, before: Path | None = None,
+            threads: int = 0) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from fq_tvm.compiler import uses_calibration
@@ -48,15 +57,20 @@ def runners(work: Path, schemes, model: str = "minilm") -> dict:
     onnx_path, calib, options = _model(model, work)
     out = {}
     for scheme in schemes:
-        t0 = time.perf_counter()
-        path = fq_tvm.compile(onnx_path, "host", work / f"bench.{model}.{scheme}", scheme=scheme,
-                              calib=calib if uses_calibration(scheme) else None, force=True, quiet=True, **options)
-        print(f"compiled {scheme} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        path = work / f"bench.{model}.{scheme}"
+        if not reuse:
+            t0 = time.perf_counter()
+            fq_tvm.compile(onnx_path, "host", path, scheme=scheme, calib=calib if uses_calibration(scheme) else None,
+                           force=True, quiet=True, **options)
+            print(f"compiled {scheme} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        if before is not None:
+            out[f"fq-tvm {scheme} (before)"] = evaluate.artifact_runner(before / f"bench.{model}.{scheme}")
         out[f"fq-tvm {scheme}"] = evaluate.artifact_runner(path)
     int8_path = work / f"{model}.ort_int8.onnx"
-    quantize_dynamic(str(onnx_path), str(int8_path), weight_type=QuantType.QInt8, per_channel=True)
-    out["ORT fp32"] = evaluate.ort_runner(onnx_path)
-    out["ORT int8 (dynamic)"] = evaluate.ort_runner(int8_path)
+    if not (reuse and int8_path.exists()):
+        quantize_dynamic(str(onnx_path), str(int8_path), weight_type=QuantType.QInt8, per_channel=True)
+    out["ORT fp32"] = evaluate.ort_runner(onnx_path, threads)
+    out["ORT int8 (dynamic)"] = evaluate.ort_runner(int8_path, threads)
     return out
 
 
@@ -77,20 +91,32 @@ def main(argv=None) -> None:
     p.add_argument("--shapes", nargs="+", default=None, help="batch x tokens (minilm: 1x128 16x128; smollm2: 1x128)")
     p.add_argument("--schemes", nargs="+", default=["fp32", "int8", "fq2"])
     p.add_argument("--work", default=str(Path.home() / ".cache" / "fq-tvm" / "bench_model"))
+    p.add_argument("--reuse", action="store_true", help="time the artifacts already in --work (no compile)")
+    p.add_argument("--before", default=None, help="a work dir of an earlier build, timed in the same run")
+    p.add_argument("--rounds", type=int, default=1, help="blocks per runner and shape, interleaved; the median is shown")
+    p.add_argument("--threads", type=int, default=0, help="threads of both runtimes (0: their defaults)")
     args = p.parse_args(argv)
+    if args.threads:
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's pool starts (first run)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    table = runners(work, args.schemes, args.model)
+    table = runners(work, args.schemes, args.model, args.reuse, Path(args.before) if args.before else None, args.threads)
     shapes = [tuple(int(v) for v in s.lower().split("x"))
               for s in (args.shapes or (["1x128"] if args.model == "smollm2" else ["1x128", "16x128"]))]
     inputs = feeds(args.model, shapes)
     name = "SmolLM2-135M forward" if args.model == "smollm2" else "all-MiniLM-L6-v2"
-    print(f"\n{name}, median ms per call ({cpu_name()})")
-    print(f"{'':22}" + "".join(f"{f'{b}x{s}':>18}" for b, s in shapes))
-    results = {label: [median_ms(lambda: run(feed)) for feed in inputs] for label, run in table.items()}
+    threads = f", {args.threads} thread(s)" if args.threads else ""
+    print(f"\n{name}, median ms per call ({cpu_name()}{threads})")
+    print(f"{'':28}" + "".join(f"{f'{b}x{s}':>18}" for b, s in shapes))
+    blocks = {label: [[] for _ in inputs] for label in table}
+    for _ in range(max(1, args.rounds)):
+        for label, run in table.items():
+            for times, feed in zip(blocks[label], inputs):
+                times.append(median_ms(lambda: run(feed)))
+    results = {label: [statistics.median(times) for times in rows] for label, rows in blocks.items()}
     base = results["ORT fp32"]
     for label, row in results.items():
-        print(f"{label:22}" + "".join(f"{t:9.2f} ({t / b:5.2f}x)" for t, b in zip(row, base)), flush=True)
+        print(f"{label:28}" + "".join(f"{t:9.2f} ({t / b:5.2f}x)" for t, b in zip(row, base)), flush=True)
 
 
 if __name__ == "__main__":

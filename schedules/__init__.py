@@ -34,8 +34,9 @@ def schedule_func(func, target, act_bits: int = 8):
 def relax_pipeline(target, counts: dict | None = None, notes: list | None = None, before_fallback=None):
     """TVM's default Relax pipeline for `target`, with our schedules: on CPU, erf and tanh become
     TVM's vectorisable polynomial forms (`fast_erf_tanh`), matmuls by a constant weight
-    run `cpu_dense` (register-tiled, weights packed at compile time), attention scores on the heads
-    as the projections wrote them run `cpu_attention`, and after legalization and
+    run `cpu_dense` (register-tiled, weights packed at compile time), attention scores and attention
+    outputs on the heads as the projections wrote them run `cpu_attention` and
+    `cpu_attention_values`, and after legalization and
     fusion, every PrimFunc we did not write gets `cpu.fallback` (the stock CPU pipeline applies no
     schedule at all); GPU targets keep TVM's dlight rules. `counts`, if given, receives how many
     PrimFuncs the CPU rules scheduled ("fallback") and left with unscheduled blocks ("unscheduled");
@@ -48,7 +49,7 @@ def relax_pipeline(target, counts: dict | None = None, notes: list | None = None
         return relax.get_default_pipeline(target)
     from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 
-    from . import cpu, cpu_attention, cpu_dense, cpu_ops
+    from . import cpu, cpu_attention, cpu_attention_values, cpu_dense, cpu_ops
 
     @tvm.transform.module_pass(opt_level=0, name="fq.CPUPipeline")
     def _pipeline(mod, _ctx):
@@ -56,7 +57,8 @@ def relax_pipeline(target, counts: dict | None = None, notes: list | None = None
             tally = counts if counts is not None else {}
             mod = tvm.transform.Sequential([fast_erf_tanh(),
                                             cpu_dense.dispatch(cpu.vector_lanes(target), tally),
-                                            cpu_attention.dispatch(cpu.vector_lanes(target), tally)]
+                                            cpu_attention.dispatch(cpu.vector_lanes(target), tally),
+                                            cpu_attention_values.dispatch(cpu.vector_lanes(target), tally)]
                                            + cpu_pipeline.library_dispatch_passes(target)
                                            + [relax.transform.LegalizeOps(cpu_ops.overrides())]
                                            + cpu_pipeline.legalize_passes(target))(mod)

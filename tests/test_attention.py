@@ -1,5 +1,6 @@
-"""The CPU attention-scores kernel (schedules/cpu_attention.py) against numpy on the definition,
-and its Relax dispatch: the transposes it reads through are gone from the graph."""
+"""The CPU attention kernels (schedules/cpu_attention.py: scores, cpu_attention_values.py: P @ V)
+against numpy on the definition, and their Relax dispatch: the transposes and grouped-query copies
+they read through are gone from the graph."""
 
 import numpy as np
 import pytest
@@ -7,8 +8,9 @@ import tvm
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
+from tvm.script import tirx as T
 
-from fq_tvm.schedules import cpu_attention
+from fq_tvm.schedules import cpu_attention, cpu_attention_values
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
 
@@ -67,3 +69,154 @@ def test_dispatch_leaves_other_matmuls():
     after = cpu_attention.dispatch(8, counts)(Other)
     assert counts == {} and "R.matmul" in after["main"].script()
     tvm.ir.assert_structural_equal(after["main"], relax.analysis.remove_all_unused(Other["main"]))
+
+
+def _build(func):
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), HOST)
+
+
+def _heads(rng, batch, seq, heads, dim, seq_major):
+    x = rng.standard_normal((batch, seq, heads, dim)).astype(np.float32)
+    return x, (x if seq_major else np.ascontiguousarray(x.transpose(0, 2, 1, 3)))
+
+
+@pytest.mark.parametrize("q_seq, k_seq, group", [(False, False, 3), (False, True, 1), (True, False, 2)])
+@pytest.mark.parametrize("batch, sq, sk, kv_heads, dim", [(1, 37, 53, 2, 16), (2, 5, 3, 1, 8), (1, 1, 20, 3, 64)])
+def test_scores_heads_major_and_grouped_keys(batch, sq, sk, kv_heads, dim, q_seq, k_seq, group):
+    """q and k either layout; k shared by `group` query heads (head h reads k head h // group)."""
+    heads = kv_heads * group
+    lib = _build(cpu_attention.scores(heads, dim, 8, q_seq, k_seq, group))
+    rng = np.random.default_rng(sq + sk + group)
+    q, q_buf = _heads(rng, batch, sq, heads, dim, q_seq)
+    k, k_buf = _heads(rng, batch, sk, kv_heads, dim, k_seq)
+    out = tvm.runtime.tensor(np.full((batch, heads, sq, sk), np.nan, np.float32))
+    lib.mod["main"](tvm.runtime.tensor(q_buf), tvm.runtime.tensor(k_buf), out)
+    ref = np.einsum("bihd,bjhd->bhij", q.astype(np.float64), np.repeat(k, group, axis=2).astype(np.float64))
+    assert np.abs(out.numpy() - ref).max() / np.abs(ref).max() < 1e-6
+
+
+@pytest.mark.parametrize("lanes", [8, 4])
+@pytest.mark.parametrize("v_seq, group", [(True, 1), (False, 3), (True, 2)])
+@pytest.mark.parametrize("batch, sq, sk, kv_heads, dim", [
+    (1, 128, 128, 4, 32),  # whole tiles
+    (2, 37, 53, 1, 24),  # rows not whole tiles; head_dim 3 vectors of 8 (one-vector tiles)
+    (1, 1, 77, 2, 64),  # one decoding step
+    (3, 6, 2, 1, 8),  # two keys
+])
+def test_values_match_numpy(batch, sq, sk, kv_heads, dim, v_seq, group, lanes):
+    heads = kv_heads * group
+    lib = _build(cpu_attention_values.values(heads, dim, lanes, v_seq, group))
+    rng = np.random.default_rng(sq * sk + group)
+    p = rng.random((batch, heads, sq, sk)).astype(np.float32)
+    v, v_buf = _heads(rng, batch, sk, kv_heads, dim, v_seq)
+    out = tvm.runtime.tensor(np.full((batch, sq, heads, dim), np.nan, np.float32))
+    lib.mod["main"](tvm.runtime.tensor(p), tvm.runtime.tensor(v_buf), out)
+    ref = np.einsum("bhij,bjhd->bihd", p.astype(np.float64), np.repeat(v, group, axis=2).astype(np.float64))
+    assert np.abs(out.numpy() - ref).max() / np.abs(ref).max() < 1e-6
+
+
+@I.ir_module
+class Grouped:
+    """Llama's attention as the dynamo exporter writes it: q and k transposed before RoPE (here a
+    multiply), k and v repeated for 3 query heads each, the output transposed back."""
+
+    @R.function
+    def main(q: R.Tensor(("b", "s", 6, 16), "float32"), k: R.Tensor(("b", "s", 2, 16), "float32"),
+             v: R.Tensor(("b", "s", 2, 16), "float32")):
+        b, s = T.int64(), T.int64()
+        with R.dataflow():
+            qh = R.multiply(R.permute_dims(q, axes=[0, 2, 1, 3]), R.const(0.5, "float32"))
+            kh = R.permute_dims(k, axes=[0, 2, 1, 3])
+            kr = R.reshape(R.broadcast_to(R.expand_dims(kh, axis=[2]), R.shape([b, 2, 3, s, 16])), R.shape([b, 6, s, 16]))
+            p = R.nn.softmax(R.matmul(qh, R.permute_dims(kr, axes=[0, 1, 3, 2])), axis=-1)
+            vh = R.permute_dims(v, axes=[0, 2, 1, 3])
+            vr = R.reshape(R.broadcast_to(R.expand_dims(vh, axis=[2]), R.shape([b, 2, 3, s, 16])), R.shape([b, 6, s, 16]))
+            o = R.permute_dims(R.matmul(p, vr), axes=[0, 2, 1, 3])
+            R.output(o)
+        return o
+
+
+def test_dispatch_reads_through_grouped_query_copies():
+    mod = relax.transform.Normalize()(Grouped)
+    counts = {}
+    after = cpu_attention_values.dispatch(8, counts)(cpu_attention.dispatch(8, counts)(mod))
+    text = after["main"].script()
+    assert counts == {cpu_attention.KIND: 1, cpu_attention_values.KIND: 1}
+    assert "broadcast_to" not in text and "expand_dims" not in text and "R.matmul" not in text
+    assert "fq_attention_scores_6_16_hs_g3" in text and "fq_attention_values_6_16_g3" in text
+    assert text.count("permute_dims") == 1  # q's, feeding the multiply; k and v are read in place
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 7, h, 16)).astype(np.float32) for h in (6, 2, 2))
+    runs = []
+    for m in (mod, after):
+        vm = relax.VirtualMachine(tvm.compile(m, HOST), tvm.cpu())
+        runs.append(vm["main"](*(tvm.runtime.tensor(a) for a in (q, k, v))).numpy())
+    assert np.abs(runs[1] - runs[0]).max() < 1e-5
+
+
+def test_values_dispatch_leaves_a_product_without_the_transpose():
+    @I.ir_module
+    class Plain:
+        @R.function
+        def main(p: R.Tensor((1, 4, 5, 5), "float32"), v: R.Tensor((1, 5, 4, 8), "float32")):
+            with R.dataflow():
+                o = R.matmul(p, R.permute_dims(v, axes=[0, 2, 1, 3]))
+                R.output(o)
+            return o
+
+    counts = {}
+    after = cpu_attention_values.dispatch(8, counts)(Plain)
+    assert counts == {} and "R.matmul" in after["main"].script()
+
+
+def _grouped_decoder(path, hidden=48, heads=6, kv_heads=2):
+    """A Llama-style block with grouped-query attention as transformers writes it (k and v
+    repeated by expand + reshape, heads transposed before the product and back after), RMSNorm
+    and a SiLU-gated MLP, dynamo-exported with dynamic batch and sequence."""
+    import torch
+    from torch import nn
+
+    from fq_tvm import models
+
+    dim, group = hidden // heads, heads // kv_heads
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.o = nn.Linear(hidden, hidden, bias=False), nn.Linear(hidden, hidden, bias=False)
+            self.k, self.v = (nn.Linear(hidden, kv_heads * dim, bias=False) for _ in range(2))
+            self.gate, self.up = nn.Linear(hidden, 64, bias=False), nn.Linear(hidden, 64, bias=False)
+            self.down = nn.Linear(64, hidden, bias=False)
+
+        def forward(self, x):
+            b, s, _ = x.shape
+            h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+            q = self.q(h).view(b, s, heads, dim).transpose(1, 2)
+            k, v = (p(h).view(b, s, kv_heads, dim).transpose(1, 2) for p in (self.k, self.v))
+            k, v = (t[:, :, None].expand(b, kv_heads, group, s, dim).reshape(b, heads, s, dim) for t in (k, v))
+            mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)
+            p = torch.softmax((q @ k.transpose(2, 3) / dim ** 0.5).masked_fill(mask, float("-inf")), dim=-1)
+            x = x + self.o((p @ v).transpose(1, 2).reshape(b, s, hidden))
+            return x + self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+    torch.manual_seed(0)
+    models._export(Block().eval(), torch.randn(2, 8, hidden), path)
+    return path
+
+
+def test_grouped_query_decoder_matches_ort(tmp_path):
+    """The compiled block runs both attention kernels (no fallback product) and matches ORT, at a
+    sequence length that is no whole tile."""
+    import json
+
+    from conftest import max_rel_err, ort_run
+    from fq_tvm import compile, load
+
+    onnx_path = _grouped_decoder(tmp_path / "gqa.onnx")
+    art = compile(onnx_path, "host", tmp_path / "gqa.host", quiet=True)
+    counts = json.loads((art / "manifest.json").read_text())["kernels"]["counts"]
+    assert counts[cpu_attention.KIND] == 1 and counts[cpu_attention_values.KIND] == 1, counts
+    model = load(art)
+    for shape in ((2, 13, 48), (1, 1, 48)):
+        x = np.random.default_rng(shape[1]).standard_normal(shape).astype(np.float32)
+        assert max_rel_err(model.run({"x": x})["y"], ort_run(onnx_path, {"x": x})[0]) < 1e-5

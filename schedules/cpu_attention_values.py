@@ -1,0 +1,131 @@
+"""The CPU attention output: o[b, i, h, d] = sum_j p[b, h, i, j] v[b, j, h // group, d].
+
+Exports compute it as `permute_dims(R.matmul(p, v), [0, 2, 1, 3])` with v a transposed (and, for
+grouped-query attention, repeated) copy of the heads the projection wrote; the fallback
+materialised v's copies and the product before transposing it. Here v is read in place (either
+layout, `cpu_attention.heads_view`) and o is written as [batch, seq, heads, head_dim], ready for
+the output projection: per (batch, head) task a register tile of MR rows of p x NV vectors of
+head_dim takes per key MR broadcasts of p, NV vector loads of v's row and MR x NV fused
+multiply-adds. The last seq % MR rows run as one-row tiles.
+
+`dispatch` is the Relax rewrite (CPU, before legalization) that routes the pattern here.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm_ffi import structural_equal
+from tvm.script import tirx as T
+
+from .common import mutate_relax_functions
+from .cpu_attention import at, heads_view, layout
+from .kernels import OPAQUE
+
+KIND = "attention_values"
+MR = 4  # rows of p per tile
+
+
+def vectors(D: int, lanes: int) -> int:
+    """Vectors of head_dim per tile: 2 where they divide it (8 accumulators), else 1."""
+    return 2 if D % (2 * lanes) == 0 else 1
+
+
+def values(H: int, D: int, lanes: int, v_seq: bool = True, group: int = 1) -> tvm.tirx.PrimFunc:
+    """p [batch, H, sq, sk], v [batch, sk, H // group, D] (v_seq) or [batch, H // group, sk, D]
+    -> o [batch, sq, H, D]; D a multiple of lanes."""
+    L = lanes
+    NV = vectors(D, L)
+    C = NV * L
+    HK = H // group
+
+    @T.macro
+    def tile(R, i0, c0, b, h, p, v, o, acc, sk):  # R rows x NV vectors of columns from c0
+        for r in T.unroll(R):
+            for w in T.unroll(NV):
+                acc[T.ramp((r * NV + w) * L, 1, L)] = T.Broadcast(T.float32(0), L)
+        for j in range(sk):
+            for r in T.unroll(R):
+                for w in T.unroll(NV):
+                    acc[T.ramp((r * NV + w) * L, 1, L)] = acc[T.ramp((r * NV + w) * L, 1, L)] + T.Broadcast(
+                        p[b, h, i0 + r, j], L) * at(v, v_seq, b, j, h // group, T.ramp(c0 + w * L, 1, L))
+        for r in T.unroll(R):
+            for w in T.unroll(NV):
+                o[b, i0 + r, h, T.ramp(c0 + w * L, 1, L)] = acc[T.ramp((r * NV + w) * L, 1, L)]
+
+    @T.prim_func(private=True)
+    def func(p_h: T.handle, v_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        batch, sq, sk = T.int64(), T.int64(), T.int64()
+        p = T.match_buffer(p_h, (batch, H, sq, sk), "float32")
+        v = T.match_buffer(v_h, layout(v_seq, batch, sk, HK, D), "float32")
+        o = T.match_buffer(o_h, (batch, sq, H, D), "float32")
+        for bh in T.parallel(batch * H):
+            acc = T.alloc_buffer((MR * C,), "float32", scope="local")
+            for it in range(sq // MR):
+                for ct in range(D // C):
+                    tile(MR, it * MR, ct * C, bh // H, bh % H, p, v, o, acc, sk)
+            for i in range(sq % MR):
+                for ct in range(D // C):
+                    tile(1, sq // MR * MR + i, ct * C, bh // H, bh % H, p, v, o, acc, sk)
+
+    return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE, "tirx.is_scheduled": True})
+
+
+def dispatch(lanes: int, counts: dict | None = None):
+    """A module pass: `permute_dims(R.matmul(p, v), [0, 2, 1, 3])` with p float32 [batch, heads,
+    sq, sk] and v a heads view (`cpu_attention.heads_view`) whose head_dim is whole vectors becomes
+    a call of `values`; `counts[KIND]` receives how many."""
+
+    @tvm.transform.module_pass(opt_level=0, name="fq.DispatchAttentionValues")
+    def _pass(mod, _ctx):
+        mutator = _Dispatch(mod, lanes)
+        mod = mutate_relax_functions(mod, mutator)
+        if counts is not None and mutator.count:
+            counts[KIND] = counts.get(KIND, 0) + mutator.count
+        return mod
+
+    return _pass
+
+
+@relax.expr_functor.mutator
+class _Dispatch(relax.PyExprMutator):
+    def __init__(self, mod, lanes: int):
+        super().__init__(mod)
+        self.lanes = lanes
+        self.kernels = {}
+        self.count = 0
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not (call.op == tvm.ir.Op.get("relax.permute_dims") and call.attrs.axes is not None
+                and [int(a) for a in call.attrs.axes] == [0, 2, 1, 3] and isinstance(call.args[0], relax.Var)):
+            return call
+        product = self.lookup_binding(call.args[0])
+        if not (isinstance(product, relax.Call) and product.op == tvm.ir.Op.get("relax.matmul")):
+            return call
+        p, v = product.args[0], heads_view(self, product.args[1])
+        if v is None or v.dim % self.lanes or not _probabilities(p, v):
+            return call
+        key = (v.heads, v.dim, v.seq_major, v.group)
+        if key not in self.kernels:
+            self.kernels[key] = self.builder_.add_func(values(v.heads, v.dim, self.lanes, *key[2:]), _name(*key))
+        self.count += 1
+        batch, sq = p.ty.shape[0], p.ty.shape[2]
+        return relax.call_tir(self.kernels[key], [p, v.x], relax.TensorType([batch, sq, v.heads, v.dim], "float32"))
+
+
+def _probabilities(p, v) -> bool:
+    """p is float32 [batch, heads, sq, sk] with v's batch, heads and sk."""
+    ty = p.ty
+    if not (isinstance(ty, relax.TensorType) and ty.dtype == "float32" and ty.shape is not None and len(ty.shape) == 4):
+        return False
+    batch, heads, _, sk = ty.shape
+    v_sk = v.x.ty.shape[1] if v.seq_major else v.x.ty.shape[2]
+    same = structural_equal
+    return (isinstance(heads, tvm.tirx.IntImm) and int(heads) == v.heads and same(batch, v.x.ty.shape[0])
+            and same(sk, v_sk))
+
+
+def _name(heads, dim, seq_major, group) -> str:
+    return f"fq_attention_values_{heads}_{dim}" + ("" if seq_major else "_h") + (f"_g{group}" if group > 1 else "")
