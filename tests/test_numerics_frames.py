@@ -21,7 +21,7 @@ def test_composed_transform_is_parseval(d, r):
     f = FusionFrame.create(h.dp, 8, r, 17)
     T = Chain([h, f], d)
     assert T.out_dim == f.nblk * 2 * f.k + f.tail
-    assert gram_error(T, d) < 1e-10
+    assert gram_error(T, d, columns=1024) < 1e-10  # every column up to 1024; 1024 random ones above
 
 
 @pytest.mark.parametrize("k, l", [(8, 8), (9, 8), (10, 8), (12, 8), (1, 1), (3, 1), (5, 4), (18, 16)])
