@@ -94,16 +94,15 @@ def exported(tmp_path_factory):
     return get
 
 
-CASES = [  # (kind, dynamo, opset, dynamic); the unmarked ones run in the quick loop
+CASES = [  # (kind, dynamo, opset, dynamic); the unmarked ones run in the quick loop. Static shapes:
+    # one export per exporter and model family is enough (legacy 17 and llama static dropped for CI time)
     ("bert", True, 18, "batch+seq"),
     ("bert", False, 17, "batch+seq"),
     pytest.param("bert", True, 18, None, marks=pytest.mark.slow),
     pytest.param("bert", True, 18, "batch", marks=pytest.mark.slow),
     pytest.param("bert", False, 14, None, marks=pytest.mark.slow),
     pytest.param("bert", False, 14, "batch", marks=pytest.mark.slow),
-    pytest.param("bert", False, 17, None, marks=pytest.mark.slow),
     ("llama", True, 18, "batch+seq"),
-    pytest.param("llama", True, 18, None, marks=pytest.mark.slow),
     pytest.param("llama", True, 18, "batch", marks=pytest.mark.slow),
 ]
 

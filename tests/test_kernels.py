@@ -85,7 +85,7 @@ def _sylvester(n):
     return h / np.sqrt(n)
 
 
-@pytest.mark.parametrize("dim, block", [(12, 4), (8, 8), (64, 64), (576, 64), (1024, 1024), (4096, 4096), (1536, 512)])
+@pytest.mark.parametrize("dim, block", [(12, 4), (8, 8), (64, 64), (576, 64), (1024, 1024), (1536, 512)])  # 4096: only more stages
 @pytest.mark.parametrize("inverse", [False, True])
 def test_hadamard_matches_explicit_matrix(dim, block, inverse):
     rng = np.random.default_rng(dim)
