@@ -24,7 +24,8 @@ from .kernels import OPAQUE
 
 KIND = "dense_fp32"
 KC = 256  # reduction columns per cache block
-TASK_COLS = 64  # output columns per parallel task
+TASK_COLS = 64  # output columns per parallel task, at most
+MIN_TASKS = 8  # narrower tasks where a layer would have fewer (192 columns: 3 tasks load 2 threads 2:1)
 TILES = {4: (6, 4), 8: (6, 2), 16: (6, 2)}  # float lanes -> (MR <= 6 rows, NV vectors): 12-24 accumulators
 
 
@@ -34,6 +35,14 @@ def tile(lanes: int) -> tuple[int, int]:
 
 def panel_cols(lanes: int) -> int:
     return tile(lanes)[1] * lanes
+
+
+def panels_per_task(panels: int, cols: int) -> int:
+    """The most panels per parallel task (up to TASK_COLS columns) that still give MIN_TASKS tasks."""
+    per = max(1, TASK_COLS // cols)
+    while per > 1 and -(-panels // per) < MIN_TASKS:
+        per -= 1
+    return per
 
 
 def pack(w: np.ndarray, lanes: int) -> np.ndarray:
@@ -50,7 +59,7 @@ def dense(K: int, N: int, lanes: int, packed: bool = True) -> tvm.tirx.PrimFunc:
     MR, NV = tile(L)
     C = NV * L
     NP = N // C  # column panels
-    PT = max(1, TASK_COLS // C)  # panels per task
+    PT = panels_per_task(NP, C)
     NKC = -(-K // KC)
 
     def row(buf, i, col):

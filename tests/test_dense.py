@@ -19,7 +19,8 @@ LANES = cpu.vector_lanes(HOST)
 
 
 @pytest.mark.parametrize("packed", [True, False])
-@pytest.mark.parametrize("K, N", [(300, 64), (600, 2 * cpu_dense.TASK_COLS + 32)])
+@pytest.mark.parametrize("K, N", [(300, 64), (600, 2 * cpu_dense.TASK_COLS + 32),
+                                  (40, 34 * cpu_dense.panel_cols(LANES))])  # wide tasks, the last one short
 def test_dense_kernel_equals_numpy(K, N, packed):
     """K over one cache block and not a multiple of it; N over one task; rows 1-13 cover every tail
     height of the row tile."""
