@@ -123,18 +123,21 @@ def hadamard(dim: int, block: int, inverse: bool) -> tvm.tirx.PrimFunc:
     if block < 1 or block & (block - 1) or dim % block:
         raise ValueError(f"Hadamard block {block} must be a power of two dividing {dim}")
     m = _rows()
+    x = te.placeholder((m, _i64(dim)), "float32", "x")
+    signs = te.placeholder((_i64(dim),), "float32", "signs")
+    out = _hadamard(x, signs, m, dim, block, inverse)
+    return _finish([x, signs, out], "hadamard", dim=dim, block=block, inverse=int(inverse))
+
+
+def _hadamard(x, signs, m, dim: int, block: int, inverse: bool, prefix: str = "", last: str = "y"):
     D = _i64(dim)
-    x = te.placeholder((m, D), "float32", "x")
-    signs = te.placeholder((D,), "float32", "signs")
-    cur = x if inverse else te.compute((m, D), lambda i, j: x[i, j] * signs[j], name="signed")
+    cur = x if inverse else te.compute((m, D), lambda i, j: x[i, j] * signs[j], name=f"{prefix}signed")
     for stage in range(int(math.log2(block))):
-        cur = _butterfly(cur, m, D, _i64(1 << stage), f"stage{stage}")
+        cur = _butterfly(cur, m, D, _i64(1 << stage), f"{prefix}stage{stage}")
     norm = 1.0 / math.sqrt(block)
     if inverse:
-        out = te.compute((m, D), lambda i, j: cur[i, j] * (signs[j] * norm), name="y")
-    else:
-        out = te.compute((m, D), lambda i, j: cur[i, j] * norm, name="y")
-    return _finish([x, signs, out], "hadamard", dim=dim, block=block, inverse=int(inverse))
+        return te.compute((m, D), lambda i, j: cur[i, j] * (signs[j] * norm), name=last)
+    return te.compute((m, D), lambda i, j: cur[i, j] * norm, name=last)
 
 
 def _butterfly(prev, m, D, h, name):
@@ -151,31 +154,71 @@ def _butterfly(prev, m, D, h, name):
 def frame_analysis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.PrimFunc:
     """y = blockdiag(F, ..., F, I_tail) x on the last axis; F is [two_k, two_l]."""
     m = _rows()
-    body, din = nblk * two_k, nblk * two_l
-    x = te.placeholder((m, _i64(din + tail)), "float32", "x")
+    x = te.placeholder((m, _i64(nblk * two_l + tail)), "float32", "x")
     F = te.placeholder((_i64(two_k), _i64(two_l)), "float32", "F")
+    y = _frame(x, F, m, nblk, two_l, two_k, tail)
+    shape = {"nblk": nblk, "two_l": two_l, "two_k": two_k, "tail": tail, "out": nblk * two_k + tail}
+    return _finish([x, F, y], "frame_analysis", **shape)
+
+
+def _frame(x, F, m, nblk: int, two_l: int, two_k: int, tail: int, prefix: str = "", last: str = "y"):
+    body, din = nblk * two_k, nblk * two_l
     c = te.reduce_axis((0, _i64(two_l)), "c")
     TK, TL = _i64(two_k), _i64(two_l)
     coef = te.compute((m, _i64(body)), lambda i, j: te.sum(F[j % TK, c] * x[i, (j // TK) * TL + c], axis=c),
-                      name="coef")
-    shape = {"nblk": nblk, "two_l": two_l, "two_k": two_k, "tail": tail, "out": body + tail}
+                      name=f"{prefix}coef" if tail else (last if prefix else "coef"))
     if tail == 0:
-        return _finish([x, F, coef], "frame_analysis", **shape)
-    y = te.compute((m, _i64(body + tail)), lambda i, j: tirx.if_then_else(
-        j < _i64(body), coef[i, te.min(j, _i64(body - 1))], x[i, te.max(j - _i64(body - din), _i64(din))]), name="y")
-    return _finish([x, F, y], "frame_analysis", **shape)
+        return coef
+    return te.compute((m, _i64(body + tail)), lambda i, j: tirx.if_then_else(
+        j < _i64(body), coef[i, te.min(j, _i64(body - 1))], x[i, te.max(j - _i64(body - din), _i64(din))]), name=last)
 
 
 def pad_last(dim: int, padded: int) -> tvm.tirx.PrimFunc:
     m = _rows()
     x = te.placeholder((m, _i64(dim)), "float32", "x")
-    y = te.compute((m, _i64(padded)), lambda i, j: tirx.if_then_else(
-        j < _i64(dim), x[i, te.min(j, _i64(dim - 1))], _zero()), name="y")
-    return _finish([x, y], "resize")
+    return _finish([x, _pad(x, m, dim, padded)], "resize")
+
+
+def _pad(x, m, dim: int, padded: int, name: str = "y"):
+    return te.compute((m, _i64(padded)), lambda i, j: tirx.if_then_else(
+        j < _i64(dim), x[i, te.min(j, _i64(dim - 1))], _zero()), name=name)
 
 
 def take_last(dim: int, keep: int) -> tvm.tirx.PrimFunc:
     m = _rows()
     x = te.placeholder((m, _i64(dim)), "float32", "x")
-    y = te.compute((m, _i64(keep)), lambda i, j: x[i, j], name="y")
-    return _finish([x, y], "resize")
+    return _finish([x, _take(x, m, keep)], "resize")
+
+
+def _take(x, m, keep: int, name: str = "y"):
+    return te.compute((m, _i64(keep)), lambda i, j: x[i, j], name=name)
+
+
+def transform(steps: list[tuple]) -> tvm.tirx.PrimFunc:
+    """Several of the row transforms above as one kernel: x [m, d0] -> y [m, dn]. Steps are
+    ("pad", dim, new), ("take", dim, keep), ("hadamard", dim, block, inverse) and
+    ("frame", nblk, two_l, two_k, tail); each Hadamard takes a signs [dim] and each frame an
+    F [two_k, two_l] parameter, in step order, after x."""
+    m = _rows()
+    first = steps[0]
+    width = first[1] if first[0] != "frame" else first[1] * first[2] + first[4]
+    x = te.placeholder((m, _i64(width)), "float32", "x")
+    cur, params, widths = x, [x], [width]
+    for n, step in enumerate(steps):
+        kind, last = step[0], ("y" if n == len(steps) - 1 else f"s{n}")
+        if kind == "pad":
+            cur = _pad(cur, m, step[1], step[2], last if last == "y" else f"copy{n}")
+        elif kind == "take":
+            cur = _take(cur, m, step[2], last if last == "y" else f"copy{n}")
+        elif kind == "hadamard":
+            signs = te.placeholder((_i64(step[1]),), "float32", f"signs{n}")
+            params.append(signs)
+            cur = _hadamard(cur, signs, m, step[1], step[2], bool(step[3]), f"h{n}_", last)
+        elif kind == "frame":
+            F = te.placeholder((_i64(step[3]), _i64(step[2])), "float32", f"F{n}")
+            params.append(F)
+            cur = _frame(cur, F, m, step[1], step[2], step[3], step[4], f"f{n}_", last)
+        else:
+            raise ValueError(f"unknown transform step {kind!r}")
+        widths.append(int(cur.shape[1]))
+    return _finish(params + [cur], "transform", dim=max(widths), steps=len(steps))
