@@ -1,13 +1,16 @@
 """CUDA artifacts checked and timed on a real GPU, built on a machine without one.
 
-    python benchmarks/cuda_check.py prepare DIR [--arch sm_90]   # here: compile + references
-    python benchmarks/cuda_check.py run DIR                        # on the GPU machine
+    python benchmarks/cuda_check.py prepare DIR [--arch sm_90] [--minilm]   # here
+    python benchmarks/cuda_check.py run DIR                                  # on the GPU machine
 
-`prepare` compiles small models for CUDA and for the host, runs the host artifact (and ONNX Runtime
-for fp32) on fixed inputs and stores inputs and expected outputs beside the CUDA artifacts. `run`
-needs only TVM's runtime, numpy and (for the cuBLAS baselines) torch: it loads every CUDA artifact,
-compares its outputs with the stored ones (relative L2 error) and times it with TVM's evaluator,
-next to torch fp32 / fp16 matmuls of the same layer shape measured in the same run.
+`prepare` compiles the layer cases (out x in: 4096x4096, 11008x4096, 1536x384) for CUDA and for
+the host, runs the host artifact on fixed inputs (M = 1, 16, 128 rows) and stores inputs and
+expected outputs beside the CUDA artifacts (rows 0-7 and the last 8 of M = 128, to fit the
+transfer limit); `--minilm` does all-MiniLM-L6-v2 fq2 on 1 and 16 Lee documents instead. `run`
+needs only TVM's runtime, numpy and torch: it loads every CUDA artifact, compares its outputs with
+the stored ones (relative L2 error) and times it with TVM's evaluator, next to cuBLAS fp32 / fp16
+and torch int8 (`torch._int_mm`, rows padded to a multiple of 8 and at least 32) matmuls of the
+same layer shape in the same run, and prints one table.
 """
 
 from __future__ import annotations
@@ -19,14 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
+ROWS = (1, 16, 128)
 CASES = [  # name, model builder kwargs, schemes, input row counts
-    ("linear4096", {"kind": "linear", "size": 4096}, ("fq2", "int8"), (1, 16, 128)),
-    ("linear1024", {"kind": "linear", "size": 1024}, ("fp32", "fq2"), (1, 16)),
-    ("encoder384", {"kind": "encoder", "hidden": 384, "heads": 6, "ffn": 1536}, ("fp32", "fq2"), (8, 64)),
-    ("decoder576", {"kind": "decoder", "hidden": 576, "heads": 9, "ffn": 1536}, ("fp32", "fq2"), (8, 64)),
+    ("4096x4096", {"kind": "linear", "in": 4096, "out": 4096}, ("fq2", "int8"), ROWS),
+    ("11008x4096", {"kind": "linear", "in": 4096, "out": 11008}, ("fq2",), ROWS),
+    ("1536x384", {"kind": "linear", "in": 384, "out": 1536}, ("fq2", "int8", "fp32"), ROWS),
 ]
 # all-MiniLM-L6-v2 (real weights): rows = number of Lee documents per batch
 MINILM = ("minilm", {"kind": "minilm"}, ("fq2",), (1, 16))
+KEEP = 8  # rows kept from each end of a large expected output
 
 
 def _build_onnx(work: Path, name: str, spec: dict) -> Path:
@@ -37,16 +41,12 @@ def _build_onnx(work: Path, name: str, spec: dict) -> Path:
 
         return realmodels.export_minilm(work)
     path = work / f"{name}.onnx"
-    if spec["kind"] == "linear":
-        return models.linear(path, spec["size"], spec["size"], bias=False)
-    if spec["kind"] == "encoder":
-        return models.encoder_block(path, spec["hidden"], spec["heads"], spec["ffn"])
-    return models.decoder_block(path, spec["hidden"], spec["heads"], spec["ffn"])
+    return models.linear(path, spec["in"], spec["out"], bias=False)
 
 
 def _width(spec: dict) -> int:
-    """Feature width of a synthetic case (0 for MiniLM, whose inputs are token ids)."""
-    return spec.get("size") or spec.get("hidden", 0)
+    """Input width of a layer case (0 for MiniLM, whose inputs are token ids)."""
+    return spec.get("in", 0)
 
 
 def _calib(work: Path, spec: dict) -> Path:
@@ -84,19 +84,28 @@ def prepare(out: Path, arch: str, minilm: bool = False) -> None:
         calib = _calib(work, spec)
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         for scheme in schemes:
-            opts = dict(scheme=scheme, calib=calib, quiet=True, force=True)
+            opts = dict(scheme=scheme, calib=calib, quiet=True, force=True, act_bits=32)  # as the GPU kernels
             gpu = fq_tvm.compile(onnx_path, "cuda", out / f"{name}.{scheme}", cuda_arch=arch, **opts)
             host = fq_tvm.load(fq_tvm.compile(onnx_path, "host", work / f"{name}.{scheme}.host", **opts))
             for m in rows:
                 feed = _inputs(spec, m, seed=m)
                 expected = next(iter(host.run(feed).values()))
-                extra = {"ort": session.run(None, feed)[0]} if scheme == "fp32" else {}
+                extra = {"ort": _ends(session.run(None, feed)[0])} if scheme == "fp32" else {}
                 inputs = {f"in_{k}": v for k, v in feed.items()}
-                np.savez(out / f"{name}.{scheme}.m{m}.npz", **inputs, expected=expected, **extra)
+                if not (out / f"{name}.m{m}.npz").exists():
+                    np.savez(out / f"{name}.m{m}.npz", **inputs)
+                np.savez(out / f"{name}.{scheme}.m{m}.npz", expected=_ends(expected), **extra)
             index.append({"case": name, "scheme": scheme, "artifact": gpu.name, "rows": list(rows),
-                          "width": _width(spec), "kind": spec["kind"]})
+                          "in": _width(spec), "out": spec.get("out", 0), "kind": spec["kind"]})
             print(f"prepared {name} {scheme}", file=sys.stderr)
     (out / "index.json").write_text(json.dumps(index, indent=1))
+
+
+def _ends(y: np.ndarray) -> np.ndarray:
+    """The first and last KEEP rows (axis -2) of a large output, all of a small one."""
+    if y.shape[-2] <= 2 * KEEP:
+        return y
+    return np.concatenate([y[..., :KEEP, :], y[..., -KEEP:, :]], axis=-2)
 
 
 def _rel(a, b) -> float:
@@ -113,56 +122,89 @@ def _time_artifact(model, feed: dict) -> float:
     return 1e3 * float(np.median(timer(*args).results))
 
 
-def _torch_ms(width: int, rows: int, dtype) -> float:
+def _cuda_ms(fn, reps: int = 50) -> float:
     import torch
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    a = torch.randn(rows, width, device="cuda", dtype=dtype)
-    w = torch.randn(width, width, device="cuda", dtype=dtype)
     for _ in range(5):
-        a @ w
+        fn()
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(7):
         start.record()
-        for _ in range(50):
-            a @ w
+        for _ in range(reps):
+            fn()
         stop.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop) / 50)
+        times.append(start.elapsed_time(stop) / reps)
     return float(np.median(times))
+
+
+def _baselines(k: int, n: int, rows: int) -> list[float]:
+    """cuBLAS fp32 (TF32 off) and fp16, and torch int8 (`_int_mm` wants more than 16 rows, a
+    multiple of 8: padded), for x [rows, k] @ w [k, n]."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    times = []
+    for dtype in (torch.float32, torch.float16):
+        a = torch.randn(rows, k, device="cuda", dtype=dtype)
+        w = torch.randn(k, n, device="cuda", dtype=dtype)
+        times.append(_cuda_ms(lambda: a @ w))
+    padded = max(32, -(-rows // 8) * 8)
+    a = torch.randint(-127, 128, (padded, k), device="cuda", dtype=torch.int8)
+    w = torch.randint(-127, 128, (k, n), device="cuda", dtype=torch.int8)
+    try:
+        times.append(_cuda_ms(lambda: torch._int_mm(a, w)))
+    except RuntimeError:
+        times.append(float("nan"))
+    return times
+
+
+def _check(entry: dict, m: int, model, directory: Path):
+    """(inputs, rel. error vs the host artifact, vs ORT or nan) for one row count, or None."""
+    inputs = directory / f"{entry['case']}.m{m}.npz"
+    expected = directory / f"{entry['case']}.{entry['scheme']}.m{m}.npz"
+    if not (inputs.exists() and expected.exists()):  # left out to fit a transfer limit
+        return None
+    feed = {k[3:]: v for k, v in np.load(inputs).items()}
+    data = dict(np.load(expected))
+    got = next(iter(model.run(feed).values()))
+    if not np.isfinite(got).all():
+        return feed, float("inf"), float("inf")
+    got = _ends(got)
+    return feed, _rel(got, data["expected"]), _rel(got, data["ort"]) if "ort" in data else float("nan")
 
 
 def run(directory: Path) -> int:
     import fq_tvm
 
     index = json.loads((directory / "index.json").read_text())
-    failures, lines = 0, []
+    failures, lines, base = 0, [], {}
     for entry in index:
         if not (directory / entry["artifact"]).is_dir():  # left out to fit a transfer limit
             continue
         model = fq_tvm.load(directory / entry["artifact"])
         for m in entry["rows"]:
-            path = directory / f"{entry['case']}.{entry['scheme']}.m{m}.npz"
-            if not path.exists():  # left out to fit a transfer limit
+            checked = _check(entry, m, model, directory)
+            if checked is None:
                 continue
-            data = dict(np.load(path))
-            feed = {k[3:]: v for k, v in data.items() if k.startswith("in_")}
-            got = next(iter(model.run(feed).values()))
-            err = _rel(got, data["expected"])
-            err_ort = _rel(got, data["ort"]) if "ort" in data else float("nan")
-            ok = np.isfinite(got).all() and err < 1e-4 and (not np.isfinite(err_ort) or err_ort < 1e-4)
+            feed, err, err_ort = checked
+            ok = err < 1e-4 and (not np.isfinite(err_ort) or err_ort < 1e-4)
             failures += not ok
             ms = _time_artifact(model, feed)
-            row = f"{entry['case']:12}{entry['scheme']:6}M={m:<5}{err:10.2e}{err_ort:10.2e}{ms:10.4f}"
+            row = f"{entry['case']:12}{entry['scheme']:6}{m:>5}{err:10.1e}{err_ort:10.1e}{ms:10.4f}"
             if entry["kind"] == "linear":
-                import torch
-
-                row += f"{_torch_ms(entry['width'], m, torch.float32):10.4f}{_torch_ms(entry['width'], m, torch.float16):10.4f}"
+                key = (entry["in"], entry["out"], m)
+                if key not in base:
+                    base[key] = _baselines(*key)
+                f32, f16, i8 = base[key]
+                row += f"{f32:10.4f}{f16:10.4f}{i8:10.4f}{ms / f16:9.2f}"
             lines.append(row + ("" if ok else "  MISMATCH"))
-    print(f"\n{'case':12}{'scheme':6}{'rows':7}{'rel.err':>10}{'vs ORT':>10}{'ours ms':>10}{'cuBLAS32':>10}{'cuBLAS16':>10}")
+            print(lines[-1], file=sys.stderr, flush=True)
+    print(f"\n{'case':12}{'scheme':6}{'M':>5}{'rel.err':>10}{'vs ORT':>10}{'ours ms':>10}{'cuBLAS32':>10}"
+          f"{'cuBLAS16':>10}{'torch i8':>10}{'/fp16':>9}")
     print("\n".join(lines))
-    print(f"\n{len(lines) - failures}/{len(lines)} outputs match (rel. L2 error < 1e-4)")
+    print(f"\n{len(lines) - failures}/{len(lines)} outputs match the host artifact (rel. L2 error < 1e-4)")
     return 1 if failures else 0
 
 

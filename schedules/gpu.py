@@ -117,7 +117,7 @@ def variant(func, target=None, act_bits: int = 32):
     from . import kernels
 
     attrs = func.attrs
-    if str(attrs["fq_kernel"]) != "dequant_matmul" or int(attrs.get("fq_group", 0)) or "fq_form" in attrs:
+    if str(attrs["fq_kernel"]) != "dequant_matmul" or int(attrs.get("fq_group", 0)):
         return func
     tiled = kernels.dequant_matmul_tiled(int(attrs["fq_rows"]), int(attrs["fq_cols"]), int(attrs["fq_bits"]),
                                          TILE_ROWS)
@@ -125,9 +125,10 @@ def variant(func, target=None, act_bits: int = 32):
 
 
 def dequant_matmul_tiled(sch: s_tir.Schedule, target) -> None:
-    """acc = xpad @ w^T as a tiled matmul: per block a 32 x 64 output tile, per thread 4 x 4 in
-    registers; per step of 32 codes, the activation tile and the decoded code tile (decoded once,
-    straight from the packed bytes) are staged in shared memory."""
+    """acc = xpad @ w^T as a tiled matmul in one kernel: per block a 32 x 64 output tile, per
+    thread 4 x 4 in registers, written straight to y; per step of 32 codes, the activation tile
+    and the dequantized code tile (decoded once, straight from the packed bytes) are staged in
+    shared memory."""
     acc = sch.get_sblock("acc")
     i, n, c = sch.get_loops(acc)
     bi, ti, ii = sch.split(i, [None, THREAD_ROWS, TILE_ROWS // THREAD_ROWS])
@@ -138,8 +139,8 @@ def dequant_matmul_tiled(sch: s_tir.Schedule, target) -> None:
     sch.bind(bn, "blockIdx.x")
     sch.bind(ti, "threadIdx.y")
     sch.bind(tn, "threadIdx.x")
-    local = sch.cache_write(acc, 0, "local")
-    sch.reverse_compute_at(local, tn)
+    sch.set_scope(acc, 0, "local")
+    sch.reverse_compute_at(sch.get_sblock("y"), tn)
     for name in ("xpad", "w"):
         stage = sch.get_sblock(name)
         sch.set_scope(stage, 0, "shared")  # before compute_at: the region then covers the whole block
@@ -151,9 +152,21 @@ def dequant_matmul_tiled(sch: s_tir.Schedule, target) -> None:
         sch.bind(tx, "threadIdx.x")
     sch.unroll(ki)
     sch.decompose_reduction(acc, ko)
-    for block in blocks(sch):
-        if sch.get(block).name_hint in ("xs", "y"):
-            _generic(sch, block)
+
+
+GEMV_THREADS = 128
+
+
+def dequant_gemv(sch: s_tir.Schedule, target) -> None:
+    """One thread block per weight row n, looping over the activation rows; its threads split the
+    packed bytes (each decodes all codes of its byte) and meet in a warp-shuffle reduction."""
+    y = sch.get_sblock("y")
+    i, n, b, t = sch.get_loops(y)
+    bo, bt = sch.split(b, [None, GEMV_THREADS])
+    sch.reorder(n, i, bt, bo, t)
+    sch.bind(n, "blockIdx.x")
+    sch.bind(bt, "threadIdx.x")
+    sch.unroll(t)
 
 
 TRANSFORM_THREADS = 512
@@ -194,7 +207,7 @@ def _is_copy(sch, block) -> bool:
 
 
 RULES: dict = {"hadamard": hadamard, "dequant_matmul": dequant_matmul,
-               "dequant_matmul_tiled": dequant_matmul_tiled, "transform": transform}
+               "dequant_matmul_tiled": dequant_matmul_tiled, "dequant_gemv": dequant_gemv, "transform": transform}
 DEFAULT = elementwise
 
 
@@ -246,7 +259,8 @@ def rewrite(mod: tvm.IRModule) -> tvm.IRModule:
         def _by_rows(self, func, weights):
             a = func.attrs
             base = str(a["global_symbol"])
-            gemv = self._add(f"{base}_gemv", lambda: func.with_attr("fq_form", "gemv"))
+            gemv = self._add(f"{base}_gemv", lambda: _kernels().dequant_gemv(
+                int(a["fq_rows"]), int(a["fq_cols"]), int(a["fq_bits"])))
             tiled = self._add(f"{base}_tiled", lambda: _kernels().dequant_matmul_tiled(
                 int(a["fq_rows"]), int(a["fq_cols"]), int(a["fq_bits"]), TILE_ROWS))
             return _row_switch(func, gemv, tiled, weights)

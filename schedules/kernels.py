@@ -93,9 +93,10 @@ def dequant_matmul(rows: int, cols: int, bits: int, group_size: int) -> tvm.tirx
 
 
 def dequant_matmul_tiled(rows: int, cols: int, bits: int, row_tile: int) -> tvm.tirx.PrimFunc:
-    """The one-group-per-row dequant_matmul (same buffers) with the activation rows padded to a
-    multiple of `row_tile` and the codes decoded by a separate stage `w[n, c]`, so that a GPU can
-    tile the product like a plain matmul (a tile of decoded codes in shared memory)."""
+    """The one-group-per-row dequant_matmul (same buffers) as one plain matmul acc = x @ w^T over
+    the activation rows padded to a multiple of `row_tile`, with w[n, c] = (q - zero) * scale
+    decoded by its own stage and x read through a zero-padded stage `xpad`, so that a GPU can tile
+    it like a dense matmul (tiles of both staged in shared memory); y is acc's first m rows."""
     per = 8 // bits
     width = -(-cols // per)
     kp = width * per
@@ -108,13 +109,35 @@ def dequant_matmul_tiled(rows: int, cols: int, bits: int, row_tile: int) -> tvm.
     zero = te.placeholder((N, _i64(1)), "float32", "zero")
     xpad = te.compute((mp, _i64(kp)), lambda i, c: tirx.if_then_else(
         tirx.all(i < m, c < K), x[te.min(i, m - _i64(1)), te.min(c, K - _i64(1))], _zero()), name="xpad")
-    w = te.compute((N, _i64(kp)), lambda n, c: _decode(packed[n, c // P], c % P, bits), name="w")
+    w = te.compute((N, _i64(kp)), lambda n, c: (_decode(packed[n, c // P], c % P, bits) - zero[n, 0]) * scale[n, 0],
+                   name="w")
     c = te.reduce_axis((0, _i64(kp)), "c")
     acc = te.compute((mp, N), lambda i, n: te.sum(xpad[i, c] * w[n, c], axis=c), name="acc")
-    k = te.reduce_axis((0, K), "k")
-    xs = te.compute((m,), lambda i: te.sum(x[i, k], axis=k), name="xs")
-    y = te.compute((m, N), lambda i, n: scale[n, 0] * (acc[i, n] - zero[n, 0] * xs[i]), name="y")
+    y = te.compute((m, N), lambda i, n: acc[i, n], name="y")
     return _finish([x, packed, scale, zero, y], "dequant_matmul_tiled", rows=rows, cols=cols, bits=bits)
+
+
+def dequant_gemv(rows: int, cols: int, bits: int) -> tvm.tirx.PrimFunc:
+    """The one-group-per-row dequant_matmul (same buffers) as one reduction for few activation
+    rows: y[i, n] = sum over bytes b and codes t of (q - zero) * scale * x[i, b * per + t]."""
+    per = 8 // bits
+    width = -(-cols // per)
+    m = _rows()
+    N, K, B, P = (_i64(v) for v in (rows, cols, width, per))
+    x = te.placeholder((m, K), "float32", "x")
+    packed = te.placeholder((N, B), "uint8", "packed")
+    scale = te.placeholder((N, _i64(1)), "float32", "scale")
+    zero = te.placeholder((N, _i64(1)), "float32", "zero")
+    b = te.reduce_axis((0, B), "b")
+    t = te.reduce_axis((0, P), "t")
+
+    def term(i, n):
+        col = b * P + t
+        xv = tirx.if_then_else(col < K, x[i, te.min(col, K - _i64(1))], _zero())
+        return (_decode(packed[n, b], t, bits) - zero[n, 0]) * scale[n, 0] * xv
+
+    y = te.compute((m, N), lambda i, n: te.sum(term(i, n), axis=[b, t]), name="y")
+    return _finish([x, packed, scale, zero, y], "dequant_gemv", rows=rows, cols=cols, bits=bits)
 
 
 def hadamard(dim: int, block: int, inverse: bool) -> tvm.tirx.PrimFunc:

@@ -69,6 +69,24 @@ def test_transform_tail_and_unknown_step():
         kernels.transform([("scale", 4, 4)])
 
 
+@pytest.mark.parametrize("rows, cols, bits", [(40, 1001, 2), (96, 576, 4), (33, 130, 8)])
+def test_gemv_and_tiled_forms_match_numpy(rows, cols, bits):
+    """Both buckets' kernels built for the host: (q - zero) * scale decoded in the reduction."""
+    from conftest import pack_reference
+
+    rng = np.random.default_rng(rows + bits)
+    codes = rng.integers(0, 2**bits, (rows, cols))
+    scale = rng.uniform(0.01, 0.1, (rows, 1)).astype(np.float32)
+    zero = rng.uniform(0, 2**bits - 1, (rows, 1)).astype(np.float32)
+    w = (codes - zero.astype(np.float64)) * scale
+    for func in (kernels.dequant_gemv(rows, cols, bits), kernels.dequant_matmul_tiled(rows, cols, bits, 32)):
+        for m in (1, 37):
+            x = rng.standard_normal((m, cols)).astype(np.float32)
+            ours = _run(func, x, pack_reference(codes, bits), scale, zero, out_shape=(m, rows))
+            ref = x.astype(np.float64) @ w.T
+            assert np.abs(ours - ref).max() < 1e-4 * np.abs(ref).max()
+
+
 @pytest.fixture(scope="module")
 def layer(tmp_path_factory):
     """A 200 -> 300 fq2 layer: the input side pads and the output side takes."""
@@ -106,6 +124,7 @@ def test_cuda_build_holds_both_buckets_and_one_kernel_per_side(layer):
                          quiet=True, force=True)
     names = _kernels((out / "device.cu").read_text())
     assert any(n.endswith("_gemv_kernel") for n in names) and any(n.endswith("_tiled_kernel") for n in names)
+    assert not [n for n in names if re.search(r"_(gemv|tiled)_kernel_\d", n)], names  # one kernel each
     sides = [n for n in names if n.startswith("fq_pad") or n.startswith("fq_hadamard")]
     assert len(sides) == 2, names  # input side and output side, no per-stage kernels
     assert any("frame" in n for n in sides) and any("take" in n for n in sides)
