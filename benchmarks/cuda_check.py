@@ -84,6 +84,11 @@ def prepare(out: Path, arch: str, minilm: bool = False) -> None:
         calib = _calib(work, spec)
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         for scheme in schemes:
+            entry = {"case": name, "scheme": scheme, "artifact": f"{name}.{scheme}", "rows": list(rows),
+                     "in": _width(spec), "out": spec.get("out", 0), "kind": spec["kind"]}
+            index.append(entry)
+            if all((out / f"{name}.{scheme}.m{m}.npz").exists() for m in rows):
+                continue  # prepared by an earlier call: delete its files to redo it
             opts = dict(scheme=scheme, calib=calib, quiet=True, force=True, act_bits=32)  # as the GPU kernels
             gpu = fq_tvm.compile(onnx_path, "cuda", out / f"{name}.{scheme}", cuda_arch=arch, **opts)
             host = fq_tvm.load(fq_tvm.compile(onnx_path, "host", work / f"{name}.{scheme}.host", **opts))
@@ -95,8 +100,6 @@ def prepare(out: Path, arch: str, minilm: bool = False) -> None:
                 if not (out / f"{name}.m{m}.npz").exists():
                     np.savez(out / f"{name}.m{m}.npz", **inputs)
                 np.savez(out / f"{name}.{scheme}.m{m}.npz", expected=_ends(expected), **extra)
-            index.append({"case": name, "scheme": scheme, "artifact": gpu.name, "rows": list(rows),
-                          "in": _width(spec), "out": spec.get("out", 0), "kind": spec["kind"]})
             print(f"prepared {name} {scheme}", file=sys.stderr)
     (out / "index.json").write_text(json.dumps(index, indent=1))
 
@@ -175,17 +178,76 @@ def _check(entry: dict, m: int, model, directory: Path):
     return feed, _rel(got, data["expected"]), _rel(got, data["ort"]) if "ort" in data else float("nan")
 
 
+def _kernel_lib(model):
+    """The loaded library module holding the artifact's compiled PrimFuncs."""
+    import tvm
+
+    stack = [tvm.runtime.load_module(str(Path(model.directory) / model.manifest["library"]))]
+    while stack:
+        mod = stack.pop()
+        if any(mod.implements_function(f"{n}_gemv") for n in _bucket_names(model)):
+            return mod
+        stack.extend(mod.imports)
+    return None
+
+
+def _bucket_names(model) -> list[str]:
+    import re
+
+    source = (Path(model.directory) / "device.cu")
+    text = source.read_text() if source.exists() else ""
+    return sorted(set(re.findall(r"(fq_dequant_matmul_\d+_\d+_b\d+_g\d+)_gemv_kernel\b", text)))
+
+
+def _bucket_times(model, rows) -> list[str]:
+    """Each per-row layer's two bucket kernels (GEMV and tiled) timed alone at each row count on
+    random codes: where the row-count threshold should sit."""
+    import re
+
+    import tvm
+
+    names = _bucket_names(model)
+    lib = _kernel_lib(model) if names else None
+    if lib is None:
+        return []
+    dev, lines = model._device, []
+    rng = np.random.default_rng(0)
+    for base in names:
+        n, k, bits = (int(v) for v in re.match(r"fq_dequant_matmul_(\d+)_(\d+)_b(\d+)", base).groups())
+        consts = [rng.integers(0, 256, (n, -(-k * bits // 8)), dtype=np.uint8),
+                  rng.uniform(0.01, 0.1, (n, 1)).astype(np.float32), np.ones((n, 1), np.float32)]
+        for m in rows:
+            args = [tvm.runtime.tensor(a, dev) for a in
+                    [rng.standard_normal((m, k)).astype(np.float32), *consts, np.zeros((m, n), np.float32)]]
+            ms = []
+            for form in ("gemv", "tiled"):
+                timer = lib.time_evaluator(f"{base}_{form}", dev, number=20, repeat=5, min_repeat_ms=20)
+                ms.append(1e3 * float(np.median(timer(*args).results)))
+            lines.append(f"{base:38}{m:>5}{ms[0]:10.4f}{ms[1]:10.4f}")
+    return lines
+
+
 def run(directory: Path) -> int:
     import fq_tvm
 
     index = json.loads((directory / "index.json").read_text())
-    failures, lines, base = 0, [], {}
+    failures, lines, base, buckets = 0, [], {}, []
     for entry in index:
         if not (directory / entry["artifact"]).is_dir():  # left out to fit a transfer limit
             continue
-        model = fq_tvm.load(directory / entry["artifact"])
+        try:
+            model = fq_tvm.load(directory / entry["artifact"])
+        except Exception as err:  # noqa: BLE001 - report it in the table, go on with the others
+            failures += 1
+            lines.append(f"{entry['case']:12}{entry['scheme']:6}  load failed: {str(err).splitlines()[-1]}")
+            continue
         for m in entry["rows"]:
-            checked = _check(entry, m, model, directory)
+            try:
+                checked = _check(entry, m, model, directory)
+            except Exception as err:  # noqa: BLE001
+                failures += 1
+                lines.append(f"{entry['case']:12}{entry['scheme']:6}{m:>5}  failed: {str(err).splitlines()[-1]}")
+                continue
             if checked is None:
                 continue
             feed, err, err_ort = checked
@@ -201,9 +263,17 @@ def run(directory: Path) -> int:
                 row += f"{f32:10.4f}{f16:10.4f}{i8:10.4f}{ms / f16:9.2f}"
             lines.append(row + ("" if ok else "  MISMATCH"))
             print(lines[-1], file=sys.stderr, flush=True)
+        if entry["kind"] == "linear":
+            try:
+                buckets += _bucket_times(model, entry["rows"])
+            except Exception as err:  # noqa: BLE001
+                buckets.append(f"{entry['artifact']}: bucket timing failed: {str(err).splitlines()[-1]}")
     print(f"\n{'case':12}{'scheme':6}{'M':>5}{'rel.err':>10}{'vs ORT':>10}{'ours ms':>10}{'cuBLAS32':>10}"
           f"{'cuBLAS16':>10}{'torch i8':>10}{'/fp16':>9}")
     print("\n".join(lines))
+    if buckets:
+        print(f"\n{'layer kernel alone':38}{'M':>5}{'GEMV ms':>10}{'tiled ms':>10}")
+        print("\n".join(buckets))
     print(f"\n{len(lines) - failures}/{len(lines)} outputs match the host artifact (rel. L2 error < 1e-4)")
     return 1 if failures else 0
 

@@ -63,25 +63,6 @@ def elementwise(sch: s_tir.Schedule, target) -> None:
 SHARED_BYTES = 48 * 1024  # static shared memory per block without opting in
 
 
-def hadamard(sch: s_tir.Schedule, target) -> None:
-    """One thread block per row: the sign flip and every butterfly stage live in shared memory, so
-    the whole transform is one kernel instead of one per stage. Rows too long for two shared
-    buffers keep the per-stage kernels."""
-    dim = int(sch.mod["main"].attrs["fq_dim"])
-    if 2 * 4 * dim > SHARED_BYTES:
-        elementwise(sch, target)
-        return
-    threads = min(THREADS, dim)
-    out = sch.get_sblock("y")
-    row, col = sch.get_loops(out)
-    sch.bind(row, "blockIdx.x")
-    sch.bind(sch.split(col, [None, threads])[1], "threadIdx.x")
-    for block in reversed(blocks(sch)[:-1]):  # producers, last stage first
-        sch.compute_at(block, row)
-        sch.set_scope(block, 0, "shared")
-        sch.bind(sch.split(sch.get_loops(block)[-1], [None, threads])[1], "threadIdx.x")
-
-
 def dequant_matmul(sch: s_tir.Schedule, target) -> None:
     """The code reduction yq[i, n, g] gets one thread block per weight row and group (n, g) that
     loops over the activation rows i, so a row's packed codes are fetched from device memory once
@@ -174,7 +155,7 @@ DYN_SHARED_BYTES = 200 * 1024  # dynamic shared memory a block may opt in to (H1
 
 
 def transform(sch: s_tir.Schedule, target) -> None:
-    """A chain of row transforms (`kernels.transform`) as one kernel: one thread block per row,
+    """A chain of row transforms (`kernels.transform`, or one Hadamard) as one kernel: one thread block per row,
     every intermediate in shared memory (dynamic shared memory past 48 KB); the pad / take copies
     are inlined into their neighbours. Rows too long even for that keep one kernel per stage."""
     need = 2 * 4 * int(sch.mod["main"].attrs["fq_dim"])
@@ -206,7 +187,7 @@ def _is_copy(sch, block) -> bool:
     return isinstance(body, tvm.tirx.BufferStore) and type(body.value).__name__ == "BufferLoad"
 
 
-RULES: dict = {"hadamard": hadamard, "dequant_matmul": dequant_matmul,
+RULES: dict = {"hadamard": transform, "dequant_matmul": dequant_matmul,
                "dequant_matmul_tiled": dequant_matmul_tiled, "dequant_gemv": dequant_gemv, "transform": transform}
 DEFAULT = elementwise
 
