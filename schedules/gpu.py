@@ -192,7 +192,7 @@ RULES: dict = {"hadamard": transform, "dequant_matmul": dequant_matmul,
 DEFAULT = elementwise
 
 
-GEMV_ROWS = 16  # up to this many activation rows a per-row layer runs the GEMV form
+GEMV_ROWS = 8  # up to this many activation rows a per-row layer runs the GEMV form (H100: crossover 7-18 rows)
 CHAIN = ("resize", "hadamard", "frame_analysis")
 
 
