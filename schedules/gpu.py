@@ -1,6 +1,7 @@
-"""CUDA schedules: every block thread-bound. Large reductions (the dequant-matmul over packed
-codes) use one thread block per output and a cross-thread (warp shuffle) reduction; elementwise
-stages and small reductions use one thread per output."""
+"""CUDA schedules: every block thread-bound. `rewrite` first fuses each layer side's row
+transforms into one kernel and lets the row count choose the code reduction at run time (GEMV
+or tiled). Other large reductions use one thread block per output and a cross-thread (warp
+shuffle) reduction; elementwise stages and small reductions use one thread per output."""
 
 from __future__ import annotations
 
@@ -92,9 +93,8 @@ WRITTEN_SCHEDULED = ()
 
 
 def variant(func, target=None, act_bits: int = 32):
-    """A lone per-row quantized layer runs the tiled form of the kernel on GPUs (same buffers);
-    the GEMV form kept by `dispatch` for few rows is left alone. Float activations whatever
-    act_bits asks (no int8 GPU kernel yet)."""
+    """A per-row quantized layer scheduled alone (not through `rewrite`) runs the tiled form of
+    the kernel (same buffers). Float activations whatever act_bits asks (no int8 GPU kernel yet)."""
     from . import kernels
 
     attrs = func.attrs
@@ -155,9 +155,9 @@ DYN_SHARED_BYTES = 200 * 1024  # dynamic shared memory a block may opt in to (H1
 
 
 def transform(sch: s_tir.Schedule, target) -> None:
-    """A chain of row transforms (`kernels.transform`, or one Hadamard) as one kernel: one thread block per row,
-    every intermediate in shared memory (dynamic shared memory past 48 KB); the pad / take copies
-    are inlined into their neighbours. Rows too long even for that keep one kernel per stage."""
+    """A chain of row transforms (`kernels.transform`, or one Hadamard) as one kernel: one thread
+    block per row, every intermediate in shared memory (dynamic shared memory past 48 KB); the
+    pad / take copies are inlined into their neighbours. Longer rows keep one kernel per stage."""
     need = 2 * 4 * int(sch.mod["main"].attrs["fq_dim"])
     if need > DYN_SHARED_BYTES:
         elementwise(sch, target)
@@ -193,7 +193,6 @@ DEFAULT = elementwise
 
 
 GEMV_ROWS = 8  # up to this many activation rows a per-row layer runs the GEMV form (H100: crossover 7-18 rows)
-CHAIN = ("resize", "hadamard", "frame_analysis")
 
 
 def rewrite(mod: tvm.IRModule) -> tvm.IRModule:
@@ -330,7 +329,7 @@ def _chains(mod, func) -> dict:
             calls.insert(0, info[source][0])
             source = calls[0].args[1].fields[0]
         if len(calls) > 1:
-            steps = [info_step for c in calls for info_step in [_step(_callee(mod, c), c)]]
+            steps = [_step(_callee(mod, c), c) for c in calls]
             consts = [arg for c in calls for arg in list(c.args[1].fields)[1:]]
             plans[call] = (source, steps, consts)
     return plans
