@@ -227,11 +227,63 @@ def _bucket_times(model, rows) -> list[str]:
     return lines
 
 
+def _transform_steps(name: str) -> list[tuple] | None:
+    """The steps of a fused transform kernel from its name (`gpu._transform_name`), a lone
+    Hadamard (fq_hadamard[_inv]_DIM_BLOCK) as one step; None for other kernels."""
+    import re
+
+    lone = re.fullmatch(r"fq_hadamard(_inv)?_(\d+)_(\d+)", name)
+    if lone:
+        return [("hadamard", int(lone.group(2)), int(lone.group(3)), int(bool(lone.group(1))))]
+    words = re.findall(r"(pad|take|frame|hadamard_inv|hadamard)_(\d+(?:x\d+)+)", name)
+    if not words or "_".join(f"{k}_{v}" for k, v in words) != name[3:]:
+        return None
+    return [("hadamard", *map(int, v.split("x"))) if k.startswith("hadamard") else (k, *map(int, v.split("x")))
+            for k, v in words]
+
+
+def _transform_args(steps: list[tuple], m: int, rng) -> list[np.ndarray]:
+    """Random x, each step's signs / F, and a zero output, shaped as `kernels.transform` wants."""
+    first = steps[0]
+    width = first[1] * first[2] + first[4] if first[0] == "frame" else first[1]
+    args = [rng.standard_normal((m, width)).astype(np.float32)]
+    for step in steps:
+        if step[0] == "hadamard":
+            args.append(rng.choice([-1.0, 1.0], step[1]).astype(np.float32))
+        elif step[0] == "frame":
+            args.append(rng.standard_normal((step[3], step[2])).astype(np.float32))
+            width = step[1] * step[3] + step[4]
+        if step[0] in ("pad", "take"):
+            width = step[2]
+    return args + [np.zeros((m, width), np.float32)]
+
+
+def _transform_times(model, rows) -> list[str]:
+    """Each fused row-transform kernel (one per layer side) timed alone at each row count."""
+    import re
+
+    import tvm
+
+    source = Path(model.directory) / "device.cu"
+    names = sorted(set(re.findall(r"\b(fq_(?:pad|take|frame|hadamard)\w*?)_kernel\b", source.read_text())))
+    lib = _kernel_lib(model)
+    lines, rng = [], np.random.default_rng(0)
+    for name in names:
+        steps = _transform_steps(name)
+        if steps is None or lib is None or not lib.implements_function(name):
+            continue
+        for m in rows:
+            args = [tvm.runtime.tensor(a, model._device) for a in _transform_args(steps, m, rng)]
+            timer = lib.time_evaluator(name, model._device, number=20, repeat=5, min_repeat_ms=20)
+            lines.append(f"{name[:44]:46}{m:>5}{1e3 * float(np.median(timer(*args).results)):10.4f}")
+    return lines
+
+
 def run(directory: Path) -> int:
     import fq_tvm
 
     index = json.loads((directory / "index.json").read_text())
-    failures, lines, base, buckets = 0, [], {}, []
+    failures, lines, base, buckets, transforms = 0, [], {}, [], []
     for entry in index:
         if not (directory / entry["artifact"]).is_dir():  # left out to fit a transfer limit
             continue
@@ -268,12 +320,19 @@ def run(directory: Path) -> int:
                 buckets += _bucket_times(model, entry["rows"])
             except Exception as err:  # noqa: BLE001
                 buckets.append(f"{entry['artifact']}: bucket timing failed: {str(err).splitlines()[-1]}")
+            try:
+                transforms += _transform_times(model, entry["rows"])
+            except Exception as err:  # noqa: BLE001
+                transforms.append(f"{entry['artifact']}: transform timing failed: {str(err).splitlines()[-1]}")
     print(f"\n{'case':12}{'scheme':6}{'M':>5}{'rel.err':>10}{'vs ORT':>10}{'ours ms':>10}{'cuBLAS32':>10}"
           f"{'cuBLAS16':>10}{'torch i8':>10}{'/fp16':>9}")
     print("\n".join(lines))
     if buckets:
         print(f"\n{'layer kernel alone':38}{'M':>5}{'GEMV ms':>10}{'tiled ms':>10}")
         print("\n".join(buckets))
+    if transforms:
+        print(f"\n{'transform kernel alone':46}{'M':>5}{'ms':>10}")
+        print("\n".join(transforms))
     print(f"\n{len(lines) - failures}/{len(lines)} outputs match the host artifact (rel. L2 error < 1e-4)")
     return 1 if failures else 0
 

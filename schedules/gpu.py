@@ -136,21 +136,55 @@ def dequant_matmul_tiled(sch: s_tir.Schedule, target) -> None:
 
 
 GEMV_THREADS = 128
+GEMV_WEIGHT_ROWS = 8  # weight rows per block: each activation load serves this many rows
 
 
 def dequant_gemv(sch: s_tir.Schedule, target) -> None:
-    """One thread block per weight row n, looping over the activation rows; its threads split the
-    packed bytes (each decodes all codes of its byte) and meet in a warp-shuffle reduction."""
+    """GEMV_WEIGHT_ROWS weight rows per thread block, looping over the activation rows; its threads
+    split the packed bytes (thread t takes bytes t, t + 128, ...), each loading the 4 activations
+    of a byte once (one 128-bit load for 2-bit codes when the row needs no padding) for all the
+    block's weight rows, decoding every code of its bytes; per output, a warp-shuffle reduction."""
     y = sch.get_sblock("y")
     i, n, b, t = sch.get_loops(y)
+    if _extent(sch, b) % GEMV_THREADS:  # compute_at below would drop an uneven split's guard
+        raise ValueError(f"dequant_gemv on a GPU wants its bytes padded to a multiple of {GEMV_THREADS} "
+                         "(kernels.dequant_gemv byte_tile)")
+    nb, nr = sch.split(n, [None, GEMV_WEIGHT_ROWS])
     bo, bt = sch.split(b, [None, GEMV_THREADS])
-    sch.reorder(n, i, bt, bo, t)
-    sch.bind(n, "blockIdx.x")
+    sch.reorder(nb, i, nr, bt, bo, t)
+    part = sch.rfactor(bt, 0)  # part[bt, i, n]: each thread's share of every output
+    sch.bind(nb, "blockIdx.x")
     sch.bind(bt, "threadIdx.x")
-    sch.unroll(t)
+    sch.compute_at(part, i)
+    sch.set_scope(part, 0, "local")
+    inner = sch.get_loops(part)[2:]  # threads, weight rows, [byte steps: gone if one], codes
+    pbt, pnr, pt = inner[0], inner[1], inner[-1]
+    step = inner[2] if len(inner) == 4 else pbt
+    sch.reorder(*inner[2:], pnr)
+    sch.bind(pbt, "threadIdx.x")
+    if _codes_per_byte(sch) > 1 and not _padded_row(sch):  # a byte's activations: one vector load
+        reads = [r.source.name for r in sch.get(part).reads]
+        xs = sch.cache_read(part, reads.index("x"), "local")
+        sch.compute_at(xs, step)
+        sch.vectorize(sch.get_loops(xs)[-1])
+    sch.unroll(pt)
+    sch.unroll(pnr)
+    sch.decompose_reduction(part, inner[2])
 
 
-TRANSFORM_THREADS = 512
+def _codes_per_byte(sch) -> int:
+    return 8 // int(sch.mod["main"].attrs["fq_bits"])
+
+
+def _padded_row(sch) -> bool:
+    """Whether the kernel reads through a guard: codes or bytes padded past the activation row."""
+    a = sch.mod["main"].attrs
+    per = _codes_per_byte(sch)
+    width = -(-int(a["fq_cols"]) // per)
+    return width * per != int(a["fq_cols"]) or width % GEMV_THREADS != 0
+
+
+TRANSFORM_THREADS = 1024  # one block per row: at M = 1 the whole transform is this block's work
 DYN_SHARED_BYTES = 200 * 1024  # dynamic shared memory a block may opt in to (H100: 227 KB)
 
 
@@ -240,7 +274,7 @@ def rewrite(mod: tvm.IRModule) -> tvm.IRModule:
             a = func.attrs
             base = str(a["global_symbol"])
             gemv = self._add(f"{base}_gemv", lambda: _kernels().dequant_gemv(
-                int(a["fq_rows"]), int(a["fq_cols"]), int(a["fq_bits"])))
+                int(a["fq_rows"]), int(a["fq_cols"]), int(a["fq_bits"]), GEMV_THREADS))
             tiled = self._add(f"{base}_tiled", lambda: _kernels().dequant_matmul_tiled(
                 int(a["fq_rows"]), int(a["fq_cols"]), int(a["fq_bits"]), TILE_ROWS))
             return _row_switch(func, gemv, tiled, weights)

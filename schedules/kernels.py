@@ -117,24 +117,28 @@ def dequant_matmul_tiled(rows: int, cols: int, bits: int, row_tile: int) -> tvm.
     return _finish([x, packed, scale, zero, y], "dequant_matmul_tiled", rows=rows, cols=cols, bits=bits)
 
 
-def dequant_gemv(rows: int, cols: int, bits: int) -> tvm.tirx.PrimFunc:
+def dequant_gemv(rows: int, cols: int, bits: int, byte_tile: int = 1) -> tvm.tirx.PrimFunc:
     """The one-group-per-row dequant_matmul (same buffers) as one reduction for few activation
-    rows: y[i, n] = sum over bytes b and codes t of (q - zero) * scale * x[i, b * per + t]."""
+    rows: y[i, n] = sum over bytes b and codes t of (q - zero) * scale * x[i, b * per + t], the
+    bytes padded with zero terms to a multiple of `byte_tile` (a GPU splits them evenly)."""
     per = 8 // bits
     width = -(-cols // per)
+    padded = -(-width // byte_tile) * byte_tile
     m = _rows()
     N, K, B, P = (_i64(v) for v in (rows, cols, width, per))
     x = te.placeholder((m, K), "float32", "x")
     packed = te.placeholder((N, B), "uint8", "packed")
     scale = te.placeholder((N, _i64(1)), "float32", "scale")
     zero = te.placeholder((N, _i64(1)), "float32", "zero")
-    b = te.reduce_axis((0, B), "b")
+    b = te.reduce_axis((0, _i64(padded)), "b")
     t = te.reduce_axis((0, P), "t")
 
     def term(i, n):
-        col = b * P + t
-        xv = tirx.if_then_else(col < K, x[i, te.min(col, K - _i64(1))], _zero())
-        return (_decode(packed[n, b], t, bits) - zero[n, 0]) * scale[n, 0] * xv
+        if padded == width and width * per == cols:
+            return (_decode(packed[n, b], t, bits) - zero[n, 0]) * scale[n, 0] * x[i, b * P + t]
+        col = te.min(b, B - _i64(1)) * P + t
+        value = (_decode(packed[n, te.min(b, B - _i64(1))], t, bits) - zero[n, 0]) * scale[n, 0]
+        return tirx.if_then_else(tirx.all(b < B, col < K), value * x[i, te.min(col, K - _i64(1))], _zero())
 
     y = te.compute((m, N), lambda i, n: te.sum(term(i, n), axis=[b, t]), name="y")
     return _finish([x, packed, scale, zero, y], "dequant_gemv", rows=rows, cols=cols, bits=bits)
@@ -155,8 +159,11 @@ def hadamard(dim: int, block: int, inverse: bool) -> tvm.tirx.PrimFunc:
 def _hadamard(x, signs, m, dim: int, block: int, inverse: bool, prefix: str = "", last: str = "y"):
     D = _i64(dim)
     cur = x if inverse else te.compute((m, D), lambda i, j: x[i, j] * signs[j], name=f"{prefix}signed")
-    for stage in range(int(math.log2(block))):
-        cur = _butterfly(cur, m, D, _i64(1 << stage), f"{prefix}stage{stage}")
+    stages = int(math.log2(block))
+    for stage in range(0, stages - 1, 2):  # two stages per pass: half the passes (GPU: barriers)
+        cur = _butterfly4(cur, m, D, 1 << stage, f"{prefix}stage{stage}")
+    if stages % 2:
+        cur = _butterfly(cur, m, D, _i64(1 << (stages - 1)), f"{prefix}stage{stages - 1}")
     norm = 1.0 / math.sqrt(block)
     if inverse:
         return te.compute((m, D), lambda i, j: cur[i, j] * (signs[j] * norm), name=last)
@@ -170,6 +177,24 @@ def _butterfly(prev, m, D, h, name):
         low = prev[i, j] + prev[i, te.min(j + h, D - 1)]
         high = prev[i, te.max(j - h, _i64(0))] - prev[i, j]
         return tirx.if_then_else((j & h) == _i64(0), low, high)
+
+    return te.compute((m, D), body, name=name)
+
+
+def _butterfly4(prev, m, D, h: int, name):
+    """Stages h and 2h at once: each output combines the 4 values whose indices differ only in
+    bits h and 2h, signs from its own two bits (a 4-point Hadamard on those bits)."""
+    H = _i64(h)
+
+    def at(i, j0, k):
+        return prev[i, te.min(j0 + _i64(k * h), D - 1)]
+
+    def body(i, j):
+        j0 = j - (j & _i64(3 * h))
+        odd, high = (j & H) != _i64(0), (j & _i64(2 * h)) != _i64(0)
+        low = tirx.if_then_else(odd, at(i, j0, 0) - at(i, j0, 1), at(i, j0, 0) + at(i, j0, 1))
+        top = tirx.if_then_else(odd, at(i, j0, 2) - at(i, j0, 3), at(i, j0, 2) + at(i, j0, 3))
+        return tirx.if_then_else(high, low - top, low + top)
 
     return te.compute((m, D), body, name=name)
 

@@ -79,7 +79,9 @@ def test_gemv_and_tiled_forms_match_numpy(rows, cols, bits):
     scale = rng.uniform(0.01, 0.1, (rows, 1)).astype(np.float32)
     zero = rng.uniform(0, 2**bits - 1, (rows, 1)).astype(np.float32)
     w = (codes - zero.astype(np.float64)) * scale
-    for func in (kernels.dequant_gemv(rows, cols, bits), kernels.dequant_matmul_tiled(rows, cols, bits, 32)):
+    forms = (kernels.dequant_gemv(rows, cols, bits), kernels.dequant_gemv(rows, cols, bits, gpu.GEMV_THREADS),
+             kernels.dequant_matmul_tiled(rows, cols, bits, 32))
+    for func in forms:
         for m in (1, 37):
             x = rng.standard_normal((m, cols)).astype(np.float32)
             ours = _run(func, x, pack_reference(codes, bits), scale, zero, out_shape=(m, rows))
@@ -131,3 +133,35 @@ def test_cuda_build_holds_both_buckets_and_one_kernel_per_side(layer):
     assert not [n for n in names if re.search(r"fq_(pad|hadamard|frame|take)\w*_kernel_\d", n)], names
     ptx = (out / "device.ptx").read_text()
     assert ".target sm_90" in ptx
+
+
+def test_cuda_check_rebuilds_transform_arguments():
+    """cuda_check times each fused side alone from its kernel name: the steps read back from the
+    name, and arguments of the shapes the kernel checks (host build, output against numpy)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cuda_check
+
+    steps = [("hadamard", 320, 64, 1), ("take", 320, 300)]
+    assert cuda_check._transform_steps(gpu._transform_name(steps)) == steps
+    assert cuda_check._transform_steps("fq_hadamard_inv_11008_256") == [("hadamard", 11008, 256, 1)]
+    assert cuda_check._transform_steps("fq_dequant_matmul_40_1004_b2_g1004") is None
+    x, signs, out = cuda_check._transform_args(steps, 3, np.random.default_rng(4))
+    assert out.shape == (3, 300)
+    ours = _run(kernels.transform(steps), x, signs, out_shape=out.shape)
+    ref = (fwht(x.astype(np.float64), 64) * signs)[:, :300]
+    assert np.abs(ours - ref).max() < 1e-5 * np.abs(ref).max()
+
+
+def test_gemv_schedule_wants_padded_bytes():
+    """Without byte_tile (432 codes: 108 bytes, not a multiple of 128) the GPU schedule refuses."""
+    import tvm.s_tir as s_tir
+
+    sch = s_tir.Schedule(tvm.IRModule({"main": kernels.dequant_gemv(64, 432, 2)}))
+    with pytest.raises(ValueError, match="multiple of 128"):
+        gpu.dequant_gemv(sch, None)
+    padded = s_tir.Schedule(tvm.IRModule({"main": kernels.dequant_gemv(64, 432, 2, gpu.GEMV_THREADS)}))
+    gpu.dequant_gemv(padded, None)
+    assert "threadIdx.x" in padded.mod.script()
