@@ -1,13 +1,16 @@
 """CUDA artifacts checked and timed on a real GPU, built on a machine without one.
 
-    python benchmarks/cuda_check.py prepare DIR [--arch sm_90]   # here: compile + references
-    python benchmarks/cuda_check.py run DIR                        # on the GPU machine
+    python benchmarks/cuda_check.py prepare DIR [--arch sm_90] [--minilm]   # here
+    python benchmarks/cuda_check.py run DIR                                  # on the GPU machine
 
-`prepare` compiles small models for CUDA and for the host, runs the host artifact (and ONNX Runtime
-for fp32) on fixed inputs and stores inputs and expected outputs beside the CUDA artifacts. `run`
-needs only TVM's runtime, numpy and (for the cuBLAS baselines) torch: it loads every CUDA artifact,
-compares its outputs with the stored ones (relative L2 error) and times it with TVM's evaluator,
-next to torch fp32 / fp16 matmuls of the same layer shape measured in the same run.
+`prepare` compiles the layer cases (out x in: 4096x4096, 11008x4096, 1536x384) for CUDA and for
+the host, runs the host artifact on fixed inputs (M = 1, 16, 128 rows) and stores inputs and
+expected outputs beside the CUDA artifacts (rows 0-7 and the last 8 of M = 128, to fit the
+transfer limit); `--minilm` does all-MiniLM-L6-v2 fq2 on 1 and 16 Lee documents instead. `run`
+needs only TVM's runtime, numpy and torch: it loads every CUDA artifact, compares its outputs with
+the stored ones (relative L2 error) and times it with TVM's evaluator, next to cuBLAS fp32 / fp16
+and torch int8 (`torch._int_mm`, rows padded to a multiple of 8 and at least 32) matmuls of the
+same layer shape in the same run, and prints one table.
 """
 
 from __future__ import annotations
@@ -19,14 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
+ROWS = (1, 16, 128)
 CASES = [  # name, model builder kwargs, schemes, input row counts
-    ("linear4096", {"kind": "linear", "size": 4096}, ("fq2", "int8"), (1, 16, 128)),
-    ("linear1024", {"kind": "linear", "size": 1024}, ("fp32", "fq2"), (1, 16)),
-    ("encoder384", {"kind": "encoder", "hidden": 384, "heads": 6, "ffn": 1536}, ("fp32", "fq2"), (8, 64)),
-    ("decoder576", {"kind": "decoder", "hidden": 576, "heads": 9, "ffn": 1536}, ("fp32", "fq2"), (8, 64)),
+    ("4096x4096", {"kind": "linear", "in": 4096, "out": 4096}, ("fq2", "int8"), ROWS),
+    ("11008x4096", {"kind": "linear", "in": 4096, "out": 11008}, ("fq2",), ROWS),
+    ("1536x384", {"kind": "linear", "in": 384, "out": 1536}, ("fq2", "int8", "fp32"), ROWS),
 ]
 # all-MiniLM-L6-v2 (real weights): rows = number of Lee documents per batch
 MINILM = ("minilm", {"kind": "minilm"}, ("fq2",), (1, 16))
+KEEP = 8  # rows kept from each end of a large expected output
 
 
 def _build_onnx(work: Path, name: str, spec: dict) -> Path:
@@ -37,16 +41,12 @@ def _build_onnx(work: Path, name: str, spec: dict) -> Path:
 
         return realmodels.export_minilm(work)
     path = work / f"{name}.onnx"
-    if spec["kind"] == "linear":
-        return models.linear(path, spec["size"], spec["size"], bias=False)
-    if spec["kind"] == "encoder":
-        return models.encoder_block(path, spec["hidden"], spec["heads"], spec["ffn"])
-    return models.decoder_block(path, spec["hidden"], spec["heads"], spec["ffn"])
+    return models.linear(path, spec["in"], spec["out"], bias=False)
 
 
 def _width(spec: dict) -> int:
-    """Feature width of a synthetic case (0 for MiniLM, whose inputs are token ids)."""
-    return spec.get("size") or spec.get("hidden", 0)
+    """Input width of a layer case (0 for MiniLM, whose inputs are token ids)."""
+    return spec.get("in", 0)
 
 
 def _calib(work: Path, spec: dict) -> Path:
@@ -84,19 +84,31 @@ def prepare(out: Path, arch: str, minilm: bool = False) -> None:
         calib = _calib(work, spec)
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         for scheme in schemes:
-            opts = dict(scheme=scheme, calib=calib, quiet=True, force=True)
+            entry = {"case": name, "scheme": scheme, "artifact": f"{name}.{scheme}", "rows": list(rows),
+                     "in": _width(spec), "out": spec.get("out", 0), "kind": spec["kind"]}
+            index.append(entry)
+            if all((out / f"{name}.{scheme}.m{m}.npz").exists() for m in rows):
+                continue  # prepared by an earlier call: delete its files to redo it
+            opts = dict(scheme=scheme, calib=calib, quiet=True, force=True, act_bits=32)  # as the GPU kernels
             gpu = fq_tvm.compile(onnx_path, "cuda", out / f"{name}.{scheme}", cuda_arch=arch, **opts)
             host = fq_tvm.load(fq_tvm.compile(onnx_path, "host", work / f"{name}.{scheme}.host", **opts))
             for m in rows:
                 feed = _inputs(spec, m, seed=m)
                 expected = next(iter(host.run(feed).values()))
-                extra = {"ort": session.run(None, feed)[0]} if scheme == "fp32" else {}
+                extra = {"ort": _ends(session.run(None, feed)[0])} if scheme == "fp32" else {}
                 inputs = {f"in_{k}": v for k, v in feed.items()}
-                np.savez(out / f"{name}.{scheme}.m{m}.npz", **inputs, expected=expected, **extra)
-            index.append({"case": name, "scheme": scheme, "artifact": gpu.name, "rows": list(rows),
-                          "width": _width(spec), "kind": spec["kind"]})
+                if not (out / f"{name}.m{m}.npz").exists():
+                    np.savez(out / f"{name}.m{m}.npz", **inputs)
+                np.savez(out / f"{name}.{scheme}.m{m}.npz", expected=_ends(expected), **extra)
             print(f"prepared {name} {scheme}", file=sys.stderr)
     (out / "index.json").write_text(json.dumps(index, indent=1))
+
+
+def _ends(y: np.ndarray) -> np.ndarray:
+    """The first and last KEEP rows (axis -2) of a large output, all of a small one."""
+    if y.shape[-2] <= 2 * KEEP:
+        return y
+    return np.concatenate([y[..., :KEEP, :], y[..., -KEEP:, :]], axis=-2)
 
 
 def _rel(a, b) -> float:
@@ -113,56 +125,215 @@ def _time_artifact(model, feed: dict) -> float:
     return 1e3 * float(np.median(timer(*args).results))
 
 
-def _torch_ms(width: int, rows: int, dtype) -> float:
+def _cuda_ms(fn, reps: int = 50) -> float:
     import torch
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    a = torch.randn(rows, width, device="cuda", dtype=dtype)
-    w = torch.randn(width, width, device="cuda", dtype=dtype)
     for _ in range(5):
-        a @ w
+        fn()
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(7):
         start.record()
-        for _ in range(50):
-            a @ w
+        for _ in range(reps):
+            fn()
         stop.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop) / 50)
+        times.append(start.elapsed_time(stop) / reps)
     return float(np.median(times))
+
+
+def _baselines(k: int, n: int, rows: int) -> list[float]:
+    """cuBLAS fp32 (TF32 off) and fp16, and torch int8 (`_int_mm` wants more than 16 rows, a
+    multiple of 8: padded), for x [rows, k] @ w [k, n]."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    times = []
+    for dtype in (torch.float32, torch.float16):
+        a = torch.randn(rows, k, device="cuda", dtype=dtype)
+        w = torch.randn(k, n, device="cuda", dtype=dtype)
+        times.append(_cuda_ms(lambda: a @ w))
+    padded = max(32, -(-rows // 8) * 8)
+    a = torch.randint(-127, 128, (padded, k), device="cuda", dtype=torch.int8)
+    w = torch.randint(-127, 128, (k, n), device="cuda", dtype=torch.int8)
+    try:
+        times.append(_cuda_ms(lambda: torch._int_mm(a, w)))
+    except RuntimeError:
+        times.append(float("nan"))
+    return times
+
+
+def _check(entry: dict, m: int, model, directory: Path):
+    """(inputs, rel. error vs the host artifact, vs ORT or nan) for one row count, or None."""
+    inputs = directory / f"{entry['case']}.m{m}.npz"
+    expected = directory / f"{entry['case']}.{entry['scheme']}.m{m}.npz"
+    if not (inputs.exists() and expected.exists()):  # left out to fit a transfer limit
+        return None
+    feed = {k[3:]: v for k, v in np.load(inputs).items()}
+    data = dict(np.load(expected))
+    got = next(iter(model.run(feed).values()))
+    if not np.isfinite(got).all():
+        return feed, float("inf"), float("inf")
+    got = _ends(got)
+    return feed, _rel(got, data["expected"]), _rel(got, data["ort"]) if "ort" in data else float("nan")
+
+
+def _kernel_lib(model):
+    """The loaded library module holding the artifact's compiled PrimFuncs."""
+    import tvm
+
+    stack = [tvm.runtime.load_module(str(Path(model.directory) / model.manifest["library"]))]
+    while stack:
+        mod = stack.pop()
+        if any(mod.implements_function(f"{n}_gemv") for n in _bucket_names(model)):
+            return mod
+        stack.extend(mod.imports)
+    return None
+
+
+def _bucket_names(model) -> list[str]:
+    import re
+
+    source = (Path(model.directory) / "device.cu")
+    text = source.read_text() if source.exists() else ""
+    return sorted(set(re.findall(r"(fq_dequant_matmul_\d+_\d+_b\d+_g\d+)_gemv_kernel\b", text)))
+
+
+def _bucket_times(model, rows) -> list[str]:
+    """Each per-row layer's two bucket kernels (GEMV and tiled) timed alone at each row count on
+    random codes: where the row-count threshold should sit."""
+    import re
+
+    import tvm
+
+    names = _bucket_names(model)
+    lib = _kernel_lib(model) if names else None
+    if lib is None:
+        return []
+    dev, lines = model._device, []
+    rng = np.random.default_rng(0)
+    for base in names:
+        n, k, bits = (int(v) for v in re.match(r"fq_dequant_matmul_(\d+)_(\d+)_b(\d+)", base).groups())
+        consts = [rng.integers(0, 256, (n, -(-k * bits // 8)), dtype=np.uint8),
+                  rng.uniform(0.01, 0.1, (n, 1)).astype(np.float32), np.ones((n, 1), np.float32)]
+        for m in rows:
+            args = [tvm.runtime.tensor(a, dev) for a in
+                    [rng.standard_normal((m, k)).astype(np.float32), *consts, np.zeros((m, n), np.float32)]]
+            ms = []
+            for form in ("gemv", "tiled"):
+                timer = lib.time_evaluator(f"{base}_{form}", dev, number=20, repeat=5, min_repeat_ms=20)
+                ms.append(1e3 * float(np.median(timer(*args).results)))
+            lines.append(f"{base:38}{m:>5}{ms[0]:10.4f}{ms[1]:10.4f}")
+    return lines
+
+
+def _transform_steps(name: str) -> list[tuple] | None:
+    """The steps of a fused transform kernel from its name (`gpu._transform_name`), a lone
+    Hadamard (fq_hadamard[_inv]_DIM_BLOCK) as one step; None for other kernels."""
+    import re
+
+    lone = re.fullmatch(r"fq_hadamard(_inv)?_(\d+)_(\d+)", name)
+    if lone:
+        return [("hadamard", int(lone.group(2)), int(lone.group(3)), int(bool(lone.group(1))))]
+    words = re.findall(r"(pad|take|frame|hadamard_inv|hadamard)_(\d+(?:x\d+)+)", name)
+    if not words or "_".join(f"{k}_{v}" for k, v in words) != name[3:]:
+        return None
+    return [("hadamard", *map(int, v.split("x"))) if k.startswith("hadamard") else (k, *map(int, v.split("x")))
+            for k, v in words]
+
+
+def _transform_args(steps: list[tuple], m: int, rng) -> list[np.ndarray]:
+    """Random x, each step's signs / F, and a zero output, shaped as `kernels.transform` wants."""
+    first = steps[0]
+    width = first[1] * first[2] + first[4] if first[0] == "frame" else first[1]
+    args = [rng.standard_normal((m, width)).astype(np.float32)]
+    for step in steps:
+        if step[0] == "hadamard":
+            args.append(rng.choice([-1.0, 1.0], step[1]).astype(np.float32))
+        elif step[0] == "frame":
+            args.append(rng.standard_normal((step[3], step[2])).astype(np.float32))
+            width = step[1] * step[3] + step[4]
+        if step[0] in ("pad", "take"):
+            width = step[2]
+    return args + [np.zeros((m, width), np.float32)]
+
+
+def _transform_times(model, rows) -> list[str]:
+    """Each fused row-transform kernel (one per layer side) timed alone at each row count."""
+    import re
+
+    import tvm
+
+    source = Path(model.directory) / "device.cu"
+    names = sorted(set(re.findall(r"\b(fq_(?:pad|take|frame|hadamard)\w*?)_kernel\b", source.read_text())))
+    lib = _kernel_lib(model)
+    lines, rng = [], np.random.default_rng(0)
+    for name in names:
+        steps = _transform_steps(name)
+        if steps is None or lib is None or not lib.implements_function(name):
+            continue
+        for m in rows:
+            args = [tvm.runtime.tensor(a, model._device) for a in _transform_args(steps, m, rng)]
+            timer = lib.time_evaluator(name, model._device, number=20, repeat=5, min_repeat_ms=20)
+            lines.append(f"{name[:44]:46}{m:>5}{1e3 * float(np.median(timer(*args).results)):10.4f}")
+    return lines
 
 
 def run(directory: Path) -> int:
     import fq_tvm
 
     index = json.loads((directory / "index.json").read_text())
-    failures, lines = 0, []
+    failures, lines, base, buckets, transforms = 0, [], {}, [], []
     for entry in index:
         if not (directory / entry["artifact"]).is_dir():  # left out to fit a transfer limit
             continue
-        model = fq_tvm.load(directory / entry["artifact"])
+        try:
+            model = fq_tvm.load(directory / entry["artifact"])
+        except Exception as err:  # noqa: BLE001 - report it in the table, go on with the others
+            failures += 1
+            lines.append(f"{entry['case']:12}{entry['scheme']:6}  load failed: {str(err).splitlines()[-1]}")
+            continue
         for m in entry["rows"]:
-            path = directory / f"{entry['case']}.{entry['scheme']}.m{m}.npz"
-            if not path.exists():  # left out to fit a transfer limit
+            try:
+                checked = _check(entry, m, model, directory)
+            except Exception as err:  # noqa: BLE001
+                failures += 1
+                lines.append(f"{entry['case']:12}{entry['scheme']:6}{m:>5}  failed: {str(err).splitlines()[-1]}")
                 continue
-            data = dict(np.load(path))
-            feed = {k[3:]: v for k, v in data.items() if k.startswith("in_")}
-            got = next(iter(model.run(feed).values()))
-            err = _rel(got, data["expected"])
-            err_ort = _rel(got, data["ort"]) if "ort" in data else float("nan")
-            ok = np.isfinite(got).all() and err < 1e-4 and (not np.isfinite(err_ort) or err_ort < 1e-4)
+            if checked is None:
+                continue
+            feed, err, err_ort = checked
+            ok = err < 1e-4 and (not np.isfinite(err_ort) or err_ort < 1e-4)
             failures += not ok
             ms = _time_artifact(model, feed)
-            row = f"{entry['case']:12}{entry['scheme']:6}M={m:<5}{err:10.2e}{err_ort:10.2e}{ms:10.4f}"
+            row = f"{entry['case']:12}{entry['scheme']:6}{m:>5}{err:10.1e}{err_ort:10.1e}{ms:10.4f}"
             if entry["kind"] == "linear":
-                import torch
-
-                row += f"{_torch_ms(entry['width'], m, torch.float32):10.4f}{_torch_ms(entry['width'], m, torch.float16):10.4f}"
+                key = (entry["in"], entry["out"], m)
+                if key not in base:
+                    base[key] = _baselines(*key)
+                f32, f16, i8 = base[key]
+                row += f"{f32:10.4f}{f16:10.4f}{i8:10.4f}{ms / f16:9.2f}"
             lines.append(row + ("" if ok else "  MISMATCH"))
-    print(f"\n{'case':12}{'scheme':6}{'rows':7}{'rel.err':>10}{'vs ORT':>10}{'ours ms':>10}{'cuBLAS32':>10}{'cuBLAS16':>10}")
+            print(lines[-1], file=sys.stderr, flush=True)
+        if entry["kind"] == "linear":
+            try:
+                buckets += _bucket_times(model, entry["rows"])
+            except Exception as err:  # noqa: BLE001
+                buckets.append(f"{entry['artifact']}: bucket timing failed: {str(err).splitlines()[-1]}")
+            try:
+                transforms += _transform_times(model, entry["rows"])
+            except Exception as err:  # noqa: BLE001
+                transforms.append(f"{entry['artifact']}: transform timing failed: {str(err).splitlines()[-1]}")
+    print(f"\n{'case':12}{'scheme':6}{'M':>5}{'rel.err':>10}{'vs ORT':>10}{'ours ms':>10}{'cuBLAS32':>10}"
+          f"{'cuBLAS16':>10}{'torch i8':>10}{'/fp16':>9}")
     print("\n".join(lines))
-    print(f"\n{len(lines) - failures}/{len(lines)} outputs match (rel. L2 error < 1e-4)")
+    if buckets:
+        print(f"\n{'layer kernel alone':38}{'M':>5}{'GEMV ms':>10}{'tiled ms':>10}")
+        print("\n".join(buckets))
+    if transforms:
+        print(f"\n{'transform kernel alone':46}{'M':>5}{'ms':>10}")
+        print("\n".join(transforms))
+    print(f"\n{len(lines) - failures}/{len(lines)} outputs match the host artifact (rel. L2 error < 1e-4)")
     return 1 if failures else 0
 
 

@@ -125,6 +125,9 @@ def _scheduled(func) -> bool:
 def apply(mod: tvm.IRModule, target, act_bits: int = 8, counts: dict | None = None) -> tvm.IRModule:
     """Schedule our kernels in `mod` for `target`; other functions are left untouched. `counts`, if
     given, receives how many functions of each kernel kind the build runs (after variants)."""
+    rewrite = getattr(family(target), "rewrite", None)
+    if rewrite is not None:  # GPU: fused row transforms, GEMV / tiled chosen by the row count
+        mod = rewrite(mod)
     updates = {}
     for gvar, func in mod.functions_items():
         if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and "fq_kernel" in func.attrs:

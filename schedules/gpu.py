@@ -1,9 +1,11 @@
-"""CUDA schedules: every block thread-bound. Large reductions (the dequant-matmul over packed
-codes) use one thread block per output and a cross-thread (warp shuffle) reduction; elementwise
-stages and small reductions use one thread per output."""
+"""CUDA schedules: every block thread-bound. `rewrite` first fuses each layer side's row
+transforms into one kernel and lets the row count choose the code reduction at run time (GEMV
+or tiled). Other large reductions use one thread block per output and a cross-thread (warp
+shuffle) reduction; elementwise stages and small reductions use one thread per output."""
 
 from __future__ import annotations
 
+import tvm
 import tvm.s_tir as s_tir
 
 from .common import blocks, is_reduction
@@ -62,25 +64,6 @@ def elementwise(sch: s_tir.Schedule, target) -> None:
 SHARED_BYTES = 48 * 1024  # static shared memory per block without opting in
 
 
-def hadamard(sch: s_tir.Schedule, target) -> None:
-    """One thread block per row: the sign flip and every butterfly stage live in shared memory, so
-    the whole transform is one kernel instead of one per stage. Rows too long for two shared
-    buffers keep the per-stage kernels."""
-    dim = int(sch.mod["main"].attrs["fq_dim"])
-    if 2 * 4 * dim > SHARED_BYTES:
-        elementwise(sch, target)
-        return
-    threads = min(THREADS, dim)
-    out = sch.get_sblock("y")
-    row, col = sch.get_loops(out)
-    sch.bind(row, "blockIdx.x")
-    sch.bind(sch.split(col, [None, threads])[1], "threadIdx.x")
-    for block in reversed(blocks(sch)[:-1]):  # producers, last stage first
-        sch.compute_at(block, row)
-        sch.set_scope(block, 0, "shared")
-        sch.bind(sch.split(sch.get_loops(block)[-1], [None, threads])[1], "threadIdx.x")
-
-
 def dequant_matmul(sch: s_tir.Schedule, target) -> None:
     """The code reduction yq[i, n, g] gets one thread block per weight row and group (n, g) that
     loops over the activation rows i, so a row's packed codes are fetched from device memory once
@@ -110,8 +93,8 @@ WRITTEN_SCHEDULED = ()
 
 
 def variant(func, target=None, act_bits: int = 32):
-    """Per-row quantized layers run the tiled form of the kernel on GPUs (same buffers); float
-    activations whatever act_bits asks (no int8 GPU kernel yet)."""
+    """A per-row quantized layer scheduled alone (not through `rewrite`) runs the tiled form of
+    the kernel (same buffers). Float activations whatever act_bits asks (no int8 GPU kernel yet)."""
     from . import kernels
 
     attrs = func.attrs
@@ -123,9 +106,10 @@ def variant(func, target=None, act_bits: int = 32):
 
 
 def dequant_matmul_tiled(sch: s_tir.Schedule, target) -> None:
-    """acc = xpad @ w^T as a tiled matmul: per block a 32 x 64 output tile, per thread 4 x 4 in
-    registers; per step of 32 codes, the activation tile and the decoded code tile (decoded once,
-    straight from the packed bytes) are staged in shared memory."""
+    """acc = xpad @ w^T as a tiled matmul in one kernel: per block a 32 x 64 output tile, per
+    thread 4 x 4 in registers, written straight to y; per step of 32 codes, the activation tile
+    and the dequantized code tile (decoded once, straight from the packed bytes) are staged in
+    shared memory."""
     acc = sch.get_sblock("acc")
     i, n, c = sch.get_loops(acc)
     bi, ti, ii = sch.split(i, [None, THREAD_ROWS, TILE_ROWS // THREAD_ROWS])
@@ -136,8 +120,8 @@ def dequant_matmul_tiled(sch: s_tir.Schedule, target) -> None:
     sch.bind(bn, "blockIdx.x")
     sch.bind(ti, "threadIdx.y")
     sch.bind(tn, "threadIdx.x")
-    local = sch.cache_write(acc, 0, "local")
-    sch.reverse_compute_at(local, tn)
+    sch.set_scope(acc, 0, "local")
+    sch.reverse_compute_at(sch.get_sblock("y"), tn)
     for name in ("xpad", "w"):
         stage = sch.get_sblock(name)
         sch.set_scope(stage, 0, "shared")  # before compute_at: the region then covers the whole block
@@ -149,11 +133,264 @@ def dequant_matmul_tiled(sch: s_tir.Schedule, target) -> None:
         sch.bind(tx, "threadIdx.x")
     sch.unroll(ki)
     sch.decompose_reduction(acc, ko)
+
+
+GEMV_THREADS = 128
+GEMV_WEIGHT_ROWS = 8  # weight rows per block: each activation load serves this many rows
+
+
+def dequant_gemv(sch: s_tir.Schedule, target) -> None:
+    """GEMV_WEIGHT_ROWS weight rows per thread block, looping over the activation rows; its threads
+    split the packed bytes (thread t takes bytes t, t + 128, ...), each loading the 4 activations
+    of a byte once (one 128-bit load for 2-bit codes when the row needs no padding) for all the
+    block's weight rows, decoding every code of its bytes; per output, a warp-shuffle reduction."""
+    y = sch.get_sblock("y")
+    i, n, b, t = sch.get_loops(y)
+    if _extent(sch, b) % GEMV_THREADS:  # compute_at below would drop an uneven split's guard
+        raise ValueError(f"dequant_gemv on a GPU wants its bytes padded to a multiple of {GEMV_THREADS} "
+                         "(kernels.dequant_gemv byte_tile)")
+    nb, nr = sch.split(n, [None, GEMV_WEIGHT_ROWS])
+    bo, bt = sch.split(b, [None, GEMV_THREADS])
+    sch.reorder(nb, i, nr, bt, bo, t)
+    part = sch.rfactor(bt, 0)  # part[bt, i, n]: each thread's share of every output
+    sch.bind(nb, "blockIdx.x")
+    sch.bind(bt, "threadIdx.x")
+    sch.compute_at(part, i)
+    sch.set_scope(part, 0, "local")
+    inner = sch.get_loops(part)[2:]  # threads, weight rows, [byte steps: gone if one], codes
+    pbt, pnr, pt = inner[0], inner[1], inner[-1]
+    step = inner[2] if len(inner) == 4 else pbt
+    sch.reorder(*inner[2:], pnr)
+    sch.bind(pbt, "threadIdx.x")
+    if _codes_per_byte(sch) > 1 and not _padded_row(sch):  # a byte's activations: one vector load
+        reads = [r.source.name for r in sch.get(part).reads]
+        xs = sch.cache_read(part, reads.index("x"), "local")
+        sch.compute_at(xs, step)
+        sch.vectorize(sch.get_loops(xs)[-1])
+    sch.unroll(pt)
+    sch.unroll(pnr)
+    sch.decompose_reduction(part, inner[2])
+
+
+def _codes_per_byte(sch) -> int:
+    return 8 // int(sch.mod["main"].attrs["fq_bits"])
+
+
+def _padded_row(sch) -> bool:
+    """Whether the kernel reads through a guard: codes or bytes padded past the activation row."""
+    a = sch.mod["main"].attrs
+    per = _codes_per_byte(sch)
+    width = -(-int(a["fq_cols"]) // per)
+    return width * per != int(a["fq_cols"]) or width % GEMV_THREADS != 0
+
+
+TRANSFORM_THREADS = 1024  # one block per row: at M = 1 the whole transform is this block's work
+DYN_SHARED_BYTES = 200 * 1024  # dynamic shared memory a block may opt in to (H100: 227 KB)
+
+
+def transform(sch: s_tir.Schedule, target) -> None:
+    """A chain of row transforms (`kernels.transform`, or one Hadamard) as one kernel: one thread
+    block per row, every intermediate in shared memory (dynamic shared memory past 48 KB); the
+    pad / take copies are inlined into their neighbours. Longer rows keep one kernel per stage."""
+    need = 2 * 4 * int(sch.mod["main"].attrs["fq_dim"])
+    if need > DYN_SHARED_BYTES:
+        elementwise(sch, target)
+        return
+    scope = "shared" if need <= SHARED_BYTES else "shared.dyn"
     for block in blocks(sch):
-        if sch.get(block).name_hint in ("xs", "y"):
-            _generic(sch, block)
+        if sch.get(block).name_hint.startswith("copy"):
+            sch.compute_inline(block)
+    out = blocks(sch)[-1]
+    if len(blocks(sch)) > 1 and _is_copy(sch, out):
+        try:
+            sch.reverse_compute_inline(out)
+            out = blocks(sch)[-1]
+        except Exception:  # noqa: BLE001 - not inlinable: it stays a last shared-memory pass
+            pass
+    row, col = sch.get_loops(out)[:2]  # a frame's reduction loop stays inside the thread
+    sch.bind(row, "blockIdx.x")
+    sch.bind(sch.split(col, [None, TRANSFORM_THREADS])[1], "threadIdx.x")
+    for block in reversed(blocks(sch)[:-1]):  # producers, last stage first
+        sch.compute_at(block, row)
+        sch.set_scope(block, 0, scope)
+        sch.bind(sch.split(sch.get_loops(block)[1], [None, TRANSFORM_THREADS])[1], "threadIdx.x")
 
 
-RULES: dict = {"hadamard": hadamard, "dequant_matmul": dequant_matmul,
-               "dequant_matmul_tiled": dequant_matmul_tiled}
+def _is_copy(sch, block) -> bool:
+    body = sch.get(block).body
+    return isinstance(body, tvm.tirx.BufferStore) and type(body.value).__name__ == "BufferLoad"
+
+
+RULES: dict = {"hadamard": transform, "dequant_matmul": dequant_matmul,
+               "dequant_matmul_tiled": dequant_matmul_tiled, "dequant_gemv": dequant_gemv, "transform": transform}
 DEFAULT = elementwise
+
+
+GEMV_ROWS = 8  # up to this many activation rows a per-row layer runs the GEMV form (H100: crossover 7-18 rows)
+
+
+def rewrite(mod: tvm.IRModule) -> tvm.IRModule:
+    """Relax rewrites for GPUs: each run of row transforms (pad, Hadamard, frame, take) becomes one
+    `transform` kernel, and each per-row quantized matmul a call to a small Relax function choosing
+    by the row count at run time: the GEMV form up to GEMV_ROWS rows, the tiled form above."""
+    from tvm import relax
+
+    from .common import mutate_relax_functions
+
+    plans = {}
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            plans.update(_chains(mod, func))
+
+    @relax.expr_functor.mutator
+    class _Rewrite(relax.PyExprMutator):
+        def __init__(self, mod):
+            super().__init__(mod)
+            self.added = {}
+
+        def visit_call_(self, call):
+            if call in plans:
+                source, steps, consts = plans[call]
+                gvar = self._add(_transform_name(steps), lambda: _kernels().transform(steps))
+                return relax.call_tir(gvar, [self.visit_expr(source), *consts], call.ty)
+            call = super().visit_call_(call)
+            func = _callee(mod, call)
+            if func is not None and str(func.attrs["fq_kernel"]) == "dequant_matmul" \
+                    and not int(func.attrs.get("fq_group", 0)):
+                weights = [arg.ty for arg in list(call.args[1].fields)[1:4]]
+                gvar = self._add(f"{func.attrs['global_symbol']}_rows", lambda: self._by_rows(func, weights))
+                return relax.Call(gvar, list(call.args[1].fields))
+            return call
+
+        def _add(self, name, make):
+            if name not in self.added:
+                func = make()
+                if isinstance(func, tvm.tirx.PrimFunc):
+                    func = func.with_attr("global_symbol", name)
+                self.added[name] = self.builder_.add_func(func, name)
+            return self.added[name]
+
+        def _by_rows(self, func, weights):
+            a = func.attrs
+            base = str(a["global_symbol"])
+            gemv = self._add(f"{base}_gemv", lambda: _kernels().dequant_gemv(
+                int(a["fq_rows"]), int(a["fq_cols"]), int(a["fq_bits"]), GEMV_THREADS))
+            tiled = self._add(f"{base}_tiled", lambda: _kernels().dequant_matmul_tiled(
+                int(a["fq_rows"]), int(a["fq_cols"]), int(a["fq_bits"]), TILE_ROWS))
+            return _row_switch(func, gemv, tiled, weights)
+
+    return _drop_unused(mutate_relax_functions(mod, _Rewrite(mod)))
+
+
+def _drop_unused(mod):
+    """The module without our kernels that no Relax function calls any more."""
+    from tvm import relax
+
+    used = set()
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            used.update(relax.analysis.all_global_vars(func))
+    for gvar, func in list(mod.functions_items()):
+        if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and "fq_kernel" in func.attrs \
+                and gvar not in used:
+            del mod[gvar]
+    return mod
+
+
+def _kernels():
+    from . import kernels
+
+    return kernels
+
+
+def _callee(mod, call):
+    """Our kernel a `call_tir` calls, or None."""
+    from tvm import relax
+
+    if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir"):
+        return None
+    gvar = call.args[0]
+    if not isinstance(gvar, relax.GlobalVar) or gvar not in mod.functions:
+        return None
+    func = mod[gvar]
+    if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and "fq_kernel" in func.attrs:
+        return func
+    return None
+
+
+def _step(func, call) -> tuple | None:
+    """A chain call as a `kernels.transform` step, or None."""
+    a = func.attrs
+    kind = str(a["fq_kernel"])
+    if kind == "hadamard":
+        return ("hadamard", int(a["fq_dim"]), int(a["fq_block"]), int(a["fq_inverse"]))
+    if kind == "frame_analysis":
+        return ("frame", int(a["fq_nblk"]), int(a["fq_two_l"]), int(a["fq_two_k"]), int(a["fq_tail"]))
+    if kind == "resize":
+        dim = int(call.args[1].fields[0].ty.shape[1])
+        new = int(call.ty.shape[1])
+        return ("pad", dim, new) if new > dim else ("take", dim, new)
+    return None
+
+
+def _chains(mod, func) -> dict:
+    """{last call of a chain: (its input, steps, constant args)} for every run of two or more row
+    transforms where each intermediate feeds only the next."""
+    from tvm import relax
+
+    info, uses = {}, {}
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            for var in relax.analysis.free_vars(value):
+                uses[var] = uses.get(var, 0) + 1
+            if not isinstance(binding, relax.VarBinding) or not isinstance(value, relax.Call):
+                continue
+            kernel = _callee(mod, value)
+            step = _step(kernel, value) if kernel is not None else None
+            if step is not None:
+                info[binding.var] = (value, step)
+    for var in relax.analysis.free_vars(func.body.body):
+        uses[var] = uses.get(var, 0) + 1
+    fed = {info[v][0].args[1].fields[0] for v in info}
+    plans = {}
+    for var, (call, step) in info.items():
+        if var in fed and uses.get(var, 0) == 1:
+            continue  # not the end of its chain
+        calls = [call]
+        source = call.args[1].fields[0]
+        while source in info and uses.get(source, 0) == 1:
+            calls.insert(0, info[source][0])
+            source = calls[0].args[1].fields[0]
+        if len(calls) > 1:
+            steps = [_step(_callee(mod, c), c) for c in calls]
+            consts = [arg for c in calls for arg in list(c.args[1].fields)[1:]]
+            plans[call] = (source, steps, consts)
+    return plans
+
+
+def _transform_name(steps) -> str:
+    words = []
+    for step in steps:
+        words.append({"pad": "pad", "take": "take", "frame": "frame"}.get(step[0], "hadamard_inv" if step[0] == "hadamard"
+                                                                        and step[3] else "hadamard"))
+        words.append("x".join(str(v) for v in step[1:]))
+    return "fq_" + "_".join(words)
+
+
+def _row_switch(func, gemv, tiled, weights):
+    """A Relax function (x, packed, scale, zero) -> y that calls `gemv` for few rows, else `tiled`."""
+    from tvm import relax, tirx
+
+    a = func.attrs
+    m = tirx.Var("m", "int64")
+    params = [relax.Var("x", relax.TensorType([m, int(a["fq_cols"])], "float32"))]
+    params += [relax.Var(name, ty) for name, ty in zip(("packed", "scale", "zero"), weights)]
+    out = relax.TensorType([m, int(a["fq_rows"])], "float32")
+    bb = relax.BlockBuilder()
+    with bb.function("by_rows", params, private=True):
+        branch = relax.If(relax.prim_value(m <= tirx.IntImm("int64", GEMV_ROWS)),
+                          relax.SeqExpr([], relax.call_tir(gemv, params, out)),
+                          relax.SeqExpr([], relax.call_tir(tiled, params, out)))
+        bb.emit_func_output(bb.emit(branch))
+    return bb.get()["by_rows"]

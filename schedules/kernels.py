@@ -93,9 +93,10 @@ def dequant_matmul(rows: int, cols: int, bits: int, group_size: int) -> tvm.tirx
 
 
 def dequant_matmul_tiled(rows: int, cols: int, bits: int, row_tile: int) -> tvm.tirx.PrimFunc:
-    """The one-group-per-row dequant_matmul (same buffers) with the activation rows padded to a
-    multiple of `row_tile` and the codes decoded by a separate stage `w[n, c]`, so that a GPU can
-    tile the product like a plain matmul (a tile of decoded codes in shared memory)."""
+    """The one-group-per-row dequant_matmul (same buffers) as one plain matmul acc = x @ w^T over
+    the activation rows padded to a multiple of `row_tile`, with w[n, c] = (q - zero) * scale
+    decoded by its own stage and x read through a zero-padded stage `xpad`, so that a GPU can tile
+    it like a dense matmul (tiles of both staged in shared memory); y is acc's first m rows."""
     per = 8 // bits
     width = -(-cols // per)
     kp = width * per
@@ -108,13 +109,39 @@ def dequant_matmul_tiled(rows: int, cols: int, bits: int, row_tile: int) -> tvm.
     zero = te.placeholder((N, _i64(1)), "float32", "zero")
     xpad = te.compute((mp, _i64(kp)), lambda i, c: tirx.if_then_else(
         tirx.all(i < m, c < K), x[te.min(i, m - _i64(1)), te.min(c, K - _i64(1))], _zero()), name="xpad")
-    w = te.compute((N, _i64(kp)), lambda n, c: _decode(packed[n, c // P], c % P, bits), name="w")
+    w = te.compute((N, _i64(kp)), lambda n, c: (_decode(packed[n, c // P], c % P, bits) - zero[n, 0]) * scale[n, 0],
+                   name="w")
     c = te.reduce_axis((0, _i64(kp)), "c")
     acc = te.compute((mp, N), lambda i, n: te.sum(xpad[i, c] * w[n, c], axis=c), name="acc")
-    k = te.reduce_axis((0, K), "k")
-    xs = te.compute((m,), lambda i: te.sum(x[i, k], axis=k), name="xs")
-    y = te.compute((m, N), lambda i, n: scale[n, 0] * (acc[i, n] - zero[n, 0] * xs[i]), name="y")
+    y = te.compute((m, N), lambda i, n: acc[i, n], name="y")
     return _finish([x, packed, scale, zero, y], "dequant_matmul_tiled", rows=rows, cols=cols, bits=bits)
+
+
+def dequant_gemv(rows: int, cols: int, bits: int, byte_tile: int = 1) -> tvm.tirx.PrimFunc:
+    """The one-group-per-row dequant_matmul (same buffers) as one reduction for few activation
+    rows: y[i, n] = sum over bytes b and codes t of (q - zero) * scale * x[i, b * per + t], the
+    bytes padded with zero terms to a multiple of `byte_tile` (a GPU splits them evenly)."""
+    per = 8 // bits
+    width = -(-cols // per)
+    padded = -(-width // byte_tile) * byte_tile
+    m = _rows()
+    N, K, B, P = (_i64(v) for v in (rows, cols, width, per))
+    x = te.placeholder((m, K), "float32", "x")
+    packed = te.placeholder((N, B), "uint8", "packed")
+    scale = te.placeholder((N, _i64(1)), "float32", "scale")
+    zero = te.placeholder((N, _i64(1)), "float32", "zero")
+    b = te.reduce_axis((0, _i64(padded)), "b")
+    t = te.reduce_axis((0, P), "t")
+
+    def term(i, n):
+        if padded == width and width * per == cols:
+            return (_decode(packed[n, b], t, bits) - zero[n, 0]) * scale[n, 0] * x[i, b * P + t]
+        col = te.min(b, B - _i64(1)) * P + t
+        value = (_decode(packed[n, te.min(b, B - _i64(1))], t, bits) - zero[n, 0]) * scale[n, 0]
+        return tirx.if_then_else(tirx.all(b < B, col < K), value * x[i, te.min(col, K - _i64(1))], _zero())
+
+    y = te.compute((m, N), lambda i, n: te.sum(term(i, n), axis=[b, t]), name="y")
+    return _finish([x, packed, scale, zero, y], "dequant_gemv", rows=rows, cols=cols, bits=bits)
 
 
 def hadamard(dim: int, block: int, inverse: bool) -> tvm.tirx.PrimFunc:
@@ -123,18 +150,24 @@ def hadamard(dim: int, block: int, inverse: bool) -> tvm.tirx.PrimFunc:
     if block < 1 or block & (block - 1) or dim % block:
         raise ValueError(f"Hadamard block {block} must be a power of two dividing {dim}")
     m = _rows()
+    x = te.placeholder((m, _i64(dim)), "float32", "x")
+    signs = te.placeholder((_i64(dim),), "float32", "signs")
+    out = _hadamard(x, signs, m, dim, block, inverse)
+    return _finish([x, signs, out], "hadamard", dim=dim, block=block, inverse=int(inverse))
+
+
+def _hadamard(x, signs, m, dim: int, block: int, inverse: bool, prefix: str = "", last: str = "y"):
     D = _i64(dim)
-    x = te.placeholder((m, D), "float32", "x")
-    signs = te.placeholder((D,), "float32", "signs")
-    cur = x if inverse else te.compute((m, D), lambda i, j: x[i, j] * signs[j], name="signed")
-    for stage in range(int(math.log2(block))):
-        cur = _butterfly(cur, m, D, _i64(1 << stage), f"stage{stage}")
+    cur = x if inverse else te.compute((m, D), lambda i, j: x[i, j] * signs[j], name=f"{prefix}signed")
+    stages = int(math.log2(block))
+    for stage in range(0, stages - 1, 2):  # two stages per pass: half the passes (GPU: barriers)
+        cur = _butterfly4(cur, m, D, 1 << stage, f"{prefix}stage{stage}")
+    if stages % 2:
+        cur = _butterfly(cur, m, D, _i64(1 << (stages - 1)), f"{prefix}stage{stages - 1}")
     norm = 1.0 / math.sqrt(block)
     if inverse:
-        out = te.compute((m, D), lambda i, j: cur[i, j] * (signs[j] * norm), name="y")
-    else:
-        out = te.compute((m, D), lambda i, j: cur[i, j] * norm, name="y")
-    return _finish([x, signs, out], "hadamard", dim=dim, block=block, inverse=int(inverse))
+        return te.compute((m, D), lambda i, j: cur[i, j] * (signs[j] * norm), name=last)
+    return te.compute((m, D), lambda i, j: cur[i, j] * norm, name=last)
 
 
 def _butterfly(prev, m, D, h, name):
@@ -148,34 +181,92 @@ def _butterfly(prev, m, D, h, name):
     return te.compute((m, D), body, name=name)
 
 
+def _butterfly4(prev, m, D, h: int, name):
+    """Stages h and 2h at once: each output combines the 4 values whose indices differ only in
+    bits h and 2h, signs from its own two bits (a 4-point Hadamard on those bits)."""
+    H = _i64(h)
+
+    def at(i, j0, k):
+        return prev[i, te.min(j0 + _i64(k * h), D - 1)]
+
+    def body(i, j):
+        j0 = j - (j & _i64(3 * h))
+        odd, high = (j & H) != _i64(0), (j & _i64(2 * h)) != _i64(0)
+        low = tirx.if_then_else(odd, at(i, j0, 0) - at(i, j0, 1), at(i, j0, 0) + at(i, j0, 1))
+        top = tirx.if_then_else(odd, at(i, j0, 2) - at(i, j0, 3), at(i, j0, 2) + at(i, j0, 3))
+        return tirx.if_then_else(high, low - top, low + top)
+
+    return te.compute((m, D), body, name=name)
+
+
 def frame_analysis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.PrimFunc:
     """y = blockdiag(F, ..., F, I_tail) x on the last axis; F is [two_k, two_l]."""
     m = _rows()
-    body, din = nblk * two_k, nblk * two_l
-    x = te.placeholder((m, _i64(din + tail)), "float32", "x")
+    x = te.placeholder((m, _i64(nblk * two_l + tail)), "float32", "x")
     F = te.placeholder((_i64(two_k), _i64(two_l)), "float32", "F")
+    y = _frame(x, F, m, nblk, two_l, two_k, tail)
+    shape = {"nblk": nblk, "two_l": two_l, "two_k": two_k, "tail": tail, "out": nblk * two_k + tail}
+    return _finish([x, F, y], "frame_analysis", **shape)
+
+
+def _frame(x, F, m, nblk: int, two_l: int, two_k: int, tail: int, prefix: str = "", last: str = "y"):
+    body, din = nblk * two_k, nblk * two_l
     c = te.reduce_axis((0, _i64(two_l)), "c")
     TK, TL = _i64(two_k), _i64(two_l)
     coef = te.compute((m, _i64(body)), lambda i, j: te.sum(F[j % TK, c] * x[i, (j // TK) * TL + c], axis=c),
-                      name="coef")
-    shape = {"nblk": nblk, "two_l": two_l, "two_k": two_k, "tail": tail, "out": body + tail}
+                      name=f"{prefix}coef" if tail else (last if prefix else "coef"))
     if tail == 0:
-        return _finish([x, F, coef], "frame_analysis", **shape)
-    y = te.compute((m, _i64(body + tail)), lambda i, j: tirx.if_then_else(
-        j < _i64(body), coef[i, te.min(j, _i64(body - 1))], x[i, te.max(j - _i64(body - din), _i64(din))]), name="y")
-    return _finish([x, F, y], "frame_analysis", **shape)
+        return coef
+    return te.compute((m, _i64(body + tail)), lambda i, j: tirx.if_then_else(
+        j < _i64(body), coef[i, te.min(j, _i64(body - 1))], x[i, te.max(j - _i64(body - din), _i64(din))]), name=last)
 
 
 def pad_last(dim: int, padded: int) -> tvm.tirx.PrimFunc:
     m = _rows()
     x = te.placeholder((m, _i64(dim)), "float32", "x")
-    y = te.compute((m, _i64(padded)), lambda i, j: tirx.if_then_else(
-        j < _i64(dim), x[i, te.min(j, _i64(dim - 1))], _zero()), name="y")
-    return _finish([x, y], "resize")
+    return _finish([x, _pad(x, m, dim, padded)], "resize")
+
+
+def _pad(x, m, dim: int, padded: int, name: str = "y"):
+    return te.compute((m, _i64(padded)), lambda i, j: tirx.if_then_else(
+        j < _i64(dim), x[i, te.min(j, _i64(dim - 1))], _zero()), name=name)
 
 
 def take_last(dim: int, keep: int) -> tvm.tirx.PrimFunc:
     m = _rows()
     x = te.placeholder((m, _i64(dim)), "float32", "x")
-    y = te.compute((m, _i64(keep)), lambda i, j: x[i, j], name="y")
-    return _finish([x, y], "resize")
+    return _finish([x, _take(x, m, keep)], "resize")
+
+
+def _take(x, m, keep: int, name: str = "y"):
+    return te.compute((m, _i64(keep)), lambda i, j: x[i, j], name=name)
+
+
+def transform(steps: list[tuple]) -> tvm.tirx.PrimFunc:
+    """Several of the row transforms above as one kernel: x [m, d0] -> y [m, dn]. Steps are
+    ("pad", dim, new), ("take", dim, keep), ("hadamard", dim, block, inverse) and
+    ("frame", nblk, two_l, two_k, tail); each Hadamard takes a signs [dim] and each frame an
+    F [two_k, two_l] parameter, in step order, after x."""
+    m = _rows()
+    first = steps[0]
+    width = first[1] if first[0] != "frame" else first[1] * first[2] + first[4]
+    x = te.placeholder((m, _i64(width)), "float32", "x")
+    cur, params, widths = x, [x], [width]
+    for n, step in enumerate(steps):
+        kind, last = step[0], ("y" if n == len(steps) - 1 else f"s{n}")
+        if kind == "pad":
+            cur = _pad(cur, m, step[1], step[2], last if last == "y" else f"copy{n}")
+        elif kind == "take":
+            cur = _take(cur, m, step[2], last if last == "y" else f"copy{n}")
+        elif kind == "hadamard":
+            signs = te.placeholder((_i64(step[1]),), "float32", f"signs{n}")
+            params.append(signs)
+            cur = _hadamard(cur, signs, m, step[1], step[2], bool(step[3]), f"h{n}_", last)
+        elif kind == "frame":
+            F = te.placeholder((_i64(step[3]), _i64(step[2])), "float32", f"F{n}")
+            params.append(F)
+            cur = _frame(cur, F, m, step[1], step[2], step[3], step[4], f"f{n}_", last)
+        else:
+            raise ValueError(f"unknown transform step {kind!r}")
+        widths.append(int(cur.shape[1]))
+    return _finish(params + [cur], "transform", dim=max(widths), steps=len(steps))

@@ -1,0 +1,167 @@
+"""CUDA code generation without a GPU: the fused row transforms against numpy, the GEMV / tiled
+choice by row count run on the host, and what a CUDA build holds (both buckets, one kernel per
+layer side)."""
+
+import re
+
+import numpy as np
+import pytest
+import tvm
+
+import fq_tvm
+from fq_tvm import models
+from fq_tvm.numerics.frames import frame_block
+from fq_tvm.numerics.hadamard import fwht
+from fq_tvm.schedules import gpu, kernels
+from fq_tvm.targets.cuda import nvcc_path
+
+HOST = tvm.target.Target("llvm")
+
+
+def _run(func, *arrays, out_shape):
+    lib = tvm.compile(tvm.IRModule({"main": func}), HOST)
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
+    out = tvm.runtime.tensor(np.zeros(out_shape, np.float32))
+    lib.mod["main"](*args, out)
+    return out.numpy().astype(np.float64)
+
+
+def _frame(x, F, nblk, tail):
+    two_k, two_l = F.shape
+    body = x[:, :nblk * two_l].reshape(len(x), nblk, two_l) @ F.T.astype(np.float64)
+    return np.concatenate([body.reshape(len(x), -1), x[:, nblk * two_l:nblk * two_l + tail]], axis=1)
+
+
+def test_input_side_matches_numpy():
+    """pad 200 -> 256, Hadamard (block 128) with signs, frame 16 x (16 -> 18) with no tail, pad to
+    the coded width 296: one kernel, the numpy fwht and frame block as reference."""
+    rng = np.random.default_rng(0)
+    signs = rng.choice([-1.0, 1.0], 256).astype(np.float32)
+    F = frame_block(9, 8).astype(np.float32)
+    steps = [("pad", 200, 256), ("hadamard", 256, 128, 0), ("frame", 16, 16, 18, 0), ("pad", 288, 296)]
+    func = kernels.transform(steps)
+    for m in (1, 7):
+        x = rng.standard_normal((m, 200)).astype(np.float32)
+        ours = _run(func, x, signs, F, out_shape=(m, 296))
+        h = fwht(np.pad(x.astype(np.float64), ((0, 0), (0, 56))) * signs, 128)
+        ref = np.pad(_frame(h, F, 16, 0), ((0, 0), (0, 8)))
+        assert np.abs(ours - ref).max() < 1e-5 * np.abs(ref).max()
+
+
+def test_output_side_matches_numpy():
+    """Inverse Hadamard (block 64, signs after) then take 300 of 320: one kernel."""
+    rng = np.random.default_rng(1)
+    signs = rng.choice([-1.0, 1.0], 320).astype(np.float32)
+    func = kernels.transform([("hadamard", 320, 64, 1), ("take", 320, 300)])
+    x = rng.standard_normal((5, 320)).astype(np.float32)
+    ours = _run(func, x, signs, out_shape=(5, 300))
+    ref = (fwht(x.astype(np.float64), 64) * signs)[:, :300]
+    assert np.abs(ours - ref).max() < 1e-5 * np.abs(ref).max()
+
+
+def test_transform_tail_and_unknown_step():
+    rng = np.random.default_rng(2)
+    F = frame_block(9, 8).astype(np.float32)
+    x = rng.standard_normal((3, 4 * 16 + 5)).astype(np.float32)
+    ours = _run(kernels.transform([("frame", 4, 16, 18, 5), ("take", 77, 70)]), x, F, out_shape=(3, 70))
+    assert np.abs(ours - _frame(x.astype(np.float64), F, 4, 5)[:, :70]).max() < 1e-5
+    with pytest.raises(ValueError, match="unknown transform step 'scale'"):
+        kernels.transform([("scale", 4, 4)])
+
+
+@pytest.mark.parametrize("rows, cols, bits", [(40, 1001, 2), (96, 576, 4), (33, 130, 8)])
+def test_gemv_and_tiled_forms_match_numpy(rows, cols, bits):
+    """Both buckets' kernels built for the host: (q - zero) * scale decoded in the reduction."""
+    from conftest import pack_reference
+
+    rng = np.random.default_rng(rows + bits)
+    codes = rng.integers(0, 2**bits, (rows, cols))
+    scale = rng.uniform(0.01, 0.1, (rows, 1)).astype(np.float32)
+    zero = rng.uniform(0, 2**bits - 1, (rows, 1)).astype(np.float32)
+    w = (codes - zero.astype(np.float64)) * scale
+    forms = (kernels.dequant_gemv(rows, cols, bits), kernels.dequant_gemv(rows, cols, bits, gpu.GEMV_THREADS),
+             kernels.dequant_matmul_tiled(rows, cols, bits, 32))
+    for func in forms:
+        for m in (1, 37):
+            x = rng.standard_normal((m, cols)).astype(np.float32)
+            ours = _run(func, x, pack_reference(codes, bits), scale, zero, out_shape=(m, rows))
+            ref = x.astype(np.float64) @ w.T
+            assert np.abs(ours - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+@pytest.fixture(scope="module")
+def layer(tmp_path_factory):
+    """A 200 -> 300 fq2 layer: the input side pads and the output side takes."""
+    work = tmp_path_factory.mktemp("cuda_layer")
+    onnx = models.linear(work / "lin.onnx", 200, 300, bias=False)
+    np.savez(work / "calib.npz", x=np.random.default_rng(0).standard_normal((16, 4, 200)).astype(np.float32))
+    return work, onnx
+
+
+def test_row_dispatch_runs_on_the_host(layer, monkeypatch):
+    """The GPU Relax rewrite (fused sides, GEMV below GEMV_ROWS rows, tiled above) built for the
+    host: same outputs as the plain host build on both sides of the threshold."""
+    from fq_tvm.schedules import cpu
+
+    work, onnx = layer
+    opts = dict(scheme="fq2", calib=work / "calib.npz", quiet=True, force=True, act_bits=32)
+    plain = fq_tvm.load(fq_tvm.compile(onnx, "host", work / "plain", **opts))
+    monkeypatch.setattr(cpu, "rewrite", gpu.rewrite, raising=False)
+    fused = fq_tvm.load(fq_tvm.compile(onnx, "host", work / "fused", **opts))
+    rng = np.random.default_rng(3)
+    for rows in (1, gpu.GEMV_ROWS, gpu.GEMV_ROWS + 1, 40):
+        x = rng.standard_normal((1, rows, 200)).astype(np.float32)
+        want, got = plain.run({"x": x})["y"], fused.run({"x": x})["y"]
+        assert np.linalg.norm(got - want) < 1e-5 * np.linalg.norm(want), rows
+
+
+def _kernels(source: str) -> list[str]:
+    return sorted(set(re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)\(", source)))
+
+
+@pytest.mark.skipif(nvcc_path() is None, reason="nvcc not installed: CUDA device code cannot be built")
+def test_cuda_build_holds_both_buckets_and_one_kernel_per_side(layer):
+    work, onnx = layer
+    out = fq_tvm.compile(onnx, "cuda-sm90", work / "cuda", scheme="fq2", calib=work / "calib.npz",
+                         quiet=True, force=True)
+    names = _kernels((out / "device.cu").read_text())
+    assert any(n.endswith("_gemv_kernel") for n in names) and any(n.endswith("_tiled_kernel") for n in names)
+    assert not [n for n in names if re.search(r"_(gemv|tiled)_kernel_\d", n)], names  # one kernel each
+    sides = [n for n in names if n.startswith("fq_pad") or n.startswith("fq_hadamard")]
+    assert len(sides) == 2, names  # input side and output side, no per-stage kernels
+    assert any("frame" in n for n in sides) and any("take" in n for n in sides)
+    assert not [n for n in names if re.search(r"fq_(pad|hadamard|frame|take)\w*_kernel_\d", n)], names
+    ptx = (out / "device.ptx").read_text()
+    assert ".target sm_90" in ptx
+
+
+def test_cuda_check_rebuilds_transform_arguments():
+    """cuda_check times each fused side alone from its kernel name: the steps read back from the
+    name, and arguments of the shapes the kernel checks (host build, output against numpy)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cuda_check
+
+    steps = [("hadamard", 320, 64, 1), ("take", 320, 300)]
+    assert cuda_check._transform_steps(gpu._transform_name(steps)) == steps
+    assert cuda_check._transform_steps("fq_hadamard_inv_11008_256") == [("hadamard", 11008, 256, 1)]
+    assert cuda_check._transform_steps("fq_dequant_matmul_40_1004_b2_g1004") is None
+    x, signs, out = cuda_check._transform_args(steps, 3, np.random.default_rng(4))
+    assert out.shape == (3, 300)
+    ours = _run(kernels.transform(steps), x, signs, out_shape=out.shape)
+    ref = (fwht(x.astype(np.float64), 64) * signs)[:, :300]
+    assert np.abs(ours - ref).max() < 1e-5 * np.abs(ref).max()
+
+
+def test_gemv_schedule_wants_padded_bytes():
+    """Without byte_tile (432 codes: 108 bytes, not a multiple of 128) the GPU schedule refuses."""
+    import tvm.s_tir as s_tir
+
+    sch = s_tir.Schedule(tvm.IRModule({"main": kernels.dequant_gemv(64, 432, 2)}))
+    with pytest.raises(ValueError, match="multiple of 128"):
+        gpu.dequant_gemv(sch, None)
+    padded = s_tir.Schedule(tvm.IRModule({"main": kernels.dequant_gemv(64, 432, 2, gpu.GEMV_THREADS)}))
+    gpu.dequant_gemv(padded, None)
+    assert "threadIdx.x" in padded.mod.script()
