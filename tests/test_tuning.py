@@ -48,7 +48,7 @@ def _run(art, x):
     return fq_tvm.load(art).run({"x": x})["y"]
 
 
-@pytest.mark.slow  # three more tuning runs: about 40 s on a quiet 2-core machine
+@pytest.mark.slow  # two more tuning runs
 def test_tune_writes_a_seeded_database_and_a_second_run_continues_it(tuned, encoder_onnx, tmp_path):
     meta = _meta(tuned)
     assert meta["target"]["preset"] == "host" and meta["dynamic_functions"] == []
@@ -65,10 +65,8 @@ def test_tune_writes_a_seeded_database_and_a_second_run_continues_it(tuned, enco
     workloads = (tuned / "database_workload.json").read_text().splitlines()
     assert len(workloads) == 7
 
-    again = tmp_path / "again"  # the same seed measures the same candidates
-    fq_tvm.tune(encoder_onnx, "host", again, trials=2, input_shapes=PINS, quick=True, quiet=True)
-    assert sorted(t for _, t in _records(again)) == sorted(t for _, t in first)
-
+    again = tmp_path / "again"  # a copy goes on from 2 to 3 trials per task (CI time: seeded reruns
+    shutil.copytree(tuned, again)  # measuring the same candidates is not re-checked here)
     fq_tvm.tune(encoder_onnx, "host", again, trials=3, input_shapes=PINS, quick=True, quiet=True)
     resumed = _records(again)
     assert len(resumed) == 21 and sorted(t for _, t in resumed[:14]) == sorted(t for _, t in first)
