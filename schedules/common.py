@@ -25,3 +25,19 @@ def mutate_relax_functions(mod, mutator, prune: bool = True):
             new = mutator.visit_expr(func)
             mutator.builder_.update_func(gvar, relax.analysis.remove_all_unused(new) if prune else new)
     return mutator.builder_.get()
+
+
+def dispatch_pass(name: str, kind: str, make_mutator, counts: dict | None = None):
+    """A module pass running `make_mutator(mod)` over every Relax function (mutate_relax_functions);
+    `counts[kind]` receives the mutator's `count` of rewritten calls."""
+    import tvm
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def _pass(mod, _ctx):
+        mutator = make_mutator(mod)
+        mod = mutate_relax_functions(mod, mutator)
+        if counts is not None and mutator.count:
+            counts[kind] = counts.get(kind, 0) + mutator.count
+        return mod
+
+    return _pass

@@ -26,7 +26,7 @@ from tvm import relax
 from tvm_ffi import structural_equal
 from tvm.script import tirx as T
 
-from .common import mutate_relax_functions
+from .common import dispatch_pass
 from .kernels import OPAQUE
 
 KIND = "attention_scores"
@@ -105,16 +105,7 @@ def dispatch(lanes: int, counts: dict | None = None):
     becomes a call of `scores`; q is [batch, heads, seq, head_dim] as `heads_view` reads it, k is
     `permute_dims(x, [0, 2, 3, 1])` of [batch, seq, heads, head_dim] or `permute_dims(y, [0, 1, 3,
     2])` of a heads view; `counts[KIND]` receives how many."""
-
-    @tvm.transform.module_pass(opt_level=0, name="fq.DispatchAttentionScores")
-    def _pass(mod, _ctx):
-        mutator = _Dispatch(mod, lanes)
-        mod = mutate_relax_functions(mod, mutator)
-        if counts is not None and mutator.count:
-            counts[KIND] = counts.get(KIND, 0) + mutator.count
-        return mod
-
-    return _pass
+    return dispatch_pass("fq.DispatchAttentionScores", KIND, lambda mod: _Dispatch(mod, lanes), counts)
 
 
 class View(NamedTuple):

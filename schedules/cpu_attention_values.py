@@ -18,7 +18,7 @@ from tvm import relax
 from tvm_ffi import structural_equal
 from tvm.script import tirx as T
 
-from .common import mutate_relax_functions
+from .common import dispatch_pass
 from .cpu_attention import at, heads_view, layout
 from .kernels import OPAQUE
 
@@ -76,16 +76,7 @@ def dispatch(lanes: int, counts: dict | None = None):
     """A module pass: `permute_dims(R.matmul(p, v), [0, 2, 1, 3])` with p float32 [batch, heads,
     sq, sk] and v a heads view (`cpu_attention.heads_view`) whose head_dim is whole vectors becomes
     a call of `values`; `counts[KIND]` receives how many."""
-
-    @tvm.transform.module_pass(opt_level=0, name="fq.DispatchAttentionValues")
-    def _pass(mod, _ctx):
-        mutator = _Dispatch(mod, lanes)
-        mod = mutate_relax_functions(mod, mutator)
-        if counts is not None and mutator.count:
-            counts[KIND] = counts.get(KIND, 0) + mutator.count
-        return mod
-
-    return _pass
+    return dispatch_pass("fq.DispatchAttentionValues", KIND, lambda mod: _Dispatch(mod, lanes), counts)
 
 
 @relax.expr_functor.mutator

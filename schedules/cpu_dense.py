@@ -19,7 +19,7 @@ from tvm import relax
 from tvm.ir.expr import GenericConst  # a Relax tensor constant
 from tvm.script import tirx as T
 
-from .common import mutate_relax_functions
+from .common import dispatch_pass
 from .kernels import OPAQUE
 
 KIND = "dense_fp32"
@@ -215,17 +215,12 @@ class _Dispatch(relax.PyExprMutator):
 def dispatch(lanes: int, counts: dict | None = None):
     """A module pass: every `R.matmul(x, W)` with a constant float32 W whose columns are whole
     panels becomes a call of `dense`; `counts[KIND]` receives how many."""
+    return dispatch_pass("fq.DispatchDense", KIND, lambda mod: _Dispatch(mod, lanes, _use_counts(mod)), counts)
 
-    @tvm.transform.module_pass(opt_level=0, name="fq.DispatchDense")
-    def _pass(mod, _ctx):
-        uses = _Uses()
-        for func in mod.functions.values():
-            if isinstance(func, relax.Function):
-                uses.visit_expr(func)
-        mutator = _Dispatch(mod, lanes, uses.count)
-        mod = mutate_relax_functions(mod, mutator)
-        if counts is not None and mutator.count:
-            counts[KIND] = counts.get(KIND, 0) + mutator.count
-        return mod
 
-    return _pass
+def _use_counts(mod) -> dict:
+    uses = _Uses()
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            uses.visit_expr(func)
+    return uses.count
