@@ -10,6 +10,10 @@ from __future__ import annotations
 import tvm
 import tvm.s_tir as s_tir
 
+from .common import quick_macros
+
+quick_macros()
+
 
 def family(target):
     from . import cpu, gpu
