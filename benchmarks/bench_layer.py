@@ -12,6 +12,7 @@ Timings on a shared 2-core machine are noisy: compare ratios within one run, not
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -42,14 +43,14 @@ def median_ms(fn, warmup: int = 3, seconds: float = 2.0, max_runs: int = 200) ->
     return 1e3 * statistics.median(times)
 
 
-def ort_runner(path: Path):
+def ort_runner(path: Path, threads: int = 0):
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 0
+    opts.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     return lambda x: session.run(None, {"x": x})[0]
 
 
-def build(work: Path, n: int, k: int, target: str, schemes) -> dict:
+def build(work: Path, n: int, k: int, target: str, schemes, threads: int = 0) -> dict:
     """{label: callable(x [M, K]) -> y} for ours and ORT's."""
     from fq_tvm.compiler import uses_calibration
 
@@ -66,11 +67,11 @@ def build(work: Path, n: int, k: int, target: str, schemes) -> dict:
         model = fq_tvm.load(out)
         runners[f"fq-tvm {scheme}"] = lambda x, m=model: m.run({"x": x[None]})["y"]
     fp32 = ort_baselines.fp32_matmul(work / "ort_fp32.onnx", w)
-    runners["ORT fp32"] = ort_runner(fp32)
-    runners["ORT int8 (dynamic)"] = ort_runner(ort_baselines.dynamic_int8(work / "ort_int8.onnx", fp32))
+    runners["ORT fp32"] = ort_runner(fp32, threads)
+    runners["ORT int8 (dynamic)"] = ort_runner(ort_baselines.dynamic_int8(work / "ort_int8.onnx", fp32), threads)
     for bits in (2, 4):
         path = ort_baselines.matmul_nbits(work / f"ort_nbits{bits}.onnx", w, bits)
-        runners[f"ORT MatMulNBits {bits}-bit"] = ort_runner(path)
+        runners[f"ORT MatMulNBits {bits}-bit"] = ort_runner(path, threads)
     return runners
 
 
@@ -81,11 +82,14 @@ def main(argv=None) -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[1, 16, 128], help="M values (default 1 16 128)")
     p.add_argument("--target", default="host")
     p.add_argument("--schemes", nargs="+", default=["fq2", "int8", "fp32"])
+    p.add_argument("--threads", type=int, default=0, help="threads of both runtimes (0: their defaults)")
     args = p.parse_args(argv)
+    if args.threads:
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's pool starts (first run)
     for shape in args.shapes:
         n, k = (int(v) for v in shape.lower().split("x"))
         with tempfile.TemporaryDirectory() as tmp:
-            runners = build(Path(tmp), n, k, args.target, args.schemes)
+            runners = build(Path(tmp), n, k, args.target, args.schemes, args.threads)
             rng = np.random.default_rng(1)
             print(f"\n{n}x{k} layer (N x K), median ms per call ({args.target}, {cpu_name()})")
             print(f"{'':24}" + "".join(f"{'M=' + str(m):>18}" for m in args.rows))
