@@ -48,7 +48,7 @@ def scheme_config(name: str, **options):
 
 def display_name(proto_node) -> str:
     """A readable layer name: the torch module path when the exporter recorded it (e.g.
-    'layers.0.self_attn.q_proj'), else the node name."""
+    'model.layers.0.self_attn.q_proj'), else the node name."""
     for prop in proto_node.metadata_props:
         if prop.key == "pkg.torch.onnx.name_scopes":
             try:
@@ -56,8 +56,17 @@ def display_name(proto_node) -> str:
             except (ValueError, SyntaxError):
                 break
             if len(scopes) > 1:
-                return ".".join(scopes[:-1])
+                return module_path(scopes[:-1])  # the last scope is the op ('linear')
     return proto_node.name
+
+
+def module_path(scopes: list[str]) -> str:
+    """The module path of nested name scopes, whether each scope is the full path so far (torch
+    2.13: 'lm', 'lm.model', 'lm.model.layers.0') or only its own part ('lm', 'model', 'layers.0')."""
+    path = ""
+    for scope in scopes:
+        path = scope if not path or scope.startswith(path + ".") else f"{path}.{scope}"
+    return path
 
 
 def stored_bits_per_weight(cfg, out_features: int, in_features: int) -> tuple[int, int, float]:
