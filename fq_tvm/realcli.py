@@ -31,6 +31,8 @@ def export_main(argv=None):
     out = Path(args.out)
     if args.kv_cache or args.hf:
         return _export_kv(args, out)
+    if not args.model:
+        raise FqError(f"no model given: one of {', '.join(MODELS)}, or --hf MODEL_DIR --kv-cache")
     export = realmodels.export_minilm if args.model == "minilm" else realmodels.export_smollm2
     calib = realmodels.minilm_calib if args.model == "minilm" else realmodels.smollm2_calib
     print(export(out, force=args.force))

@@ -1,0 +1,161 @@
+"""Decode benchmark of a KV-cache causal LM: prefill P tokens, then decode D tokens one at a time
+(greedy, no stop at end-of-sequence), median tokens/s over repeats, at each thread count.
+
+Engines: our artifacts (any scheme: fp32, int8, fq2, ...) through fq_tvm's generate loop, and ONNX
+Runtime fp32 / dynamic int8 (quantize_dynamic, per-channel QInt8 weights) on the same KV-cache ONNX
+graph with the same loop written over numpy. Each (engine, threads) runs in its own process, since
+TVM's thread pool size is fixed when it starts. The prompt is the start of Pride and Prejudice
+(if the Austen data is installed, else a fixed English text), tokenized with the artifact's tokenizer.
+
+  python benchmarks/bench_generate.py --onnx smol/smollm2_kv.onnx \\
+      --artifact fp32=smol.fp32 --artifact fq2=smol.fq2 --ort fp32 --ort int8 --threads 1 2
+
+llama.cpp is not covered yet (llama-cpp-python builds from source, 10+ minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def prompt_ids(tokenizer_json: Path, n: int) -> np.ndarray:
+    from tokenizers import Tokenizer
+
+    try:
+        from fq_tvm.realmodels import austen_text
+
+        text = austen_text("prideprejudice")
+    except Exception:  # no Austen data here: a fixed text, repeated
+        from fq_tvm.realmodels import CHECK_TEXTS
+
+        text = " ".join(CHECK_TEXTS) * 40
+    ids = Tokenizer.from_file(str(tokenizer_json)).encode(text).ids
+    if len(ids) < n:
+        raise SystemExit(f"the prompt text has {len(ids)} tokens, fewer than {n}")
+    return np.asarray(ids[:n], dtype=np.int64)
+
+
+def ours(artifact: Path, ids: np.ndarray, decode: int):
+    import fq_tvm
+
+    model = fq_tvm.load(artifact)
+
+    def run(prefill_ids, steps):
+        out = model.generate(prefill_ids, max_new_tokens=steps + 1, stop_at_eos=False)
+        return out.prefill_seconds, out.decode_seconds
+
+    return run
+
+
+def ort(onnx_path: Path, threads: int):
+    import onnxruntime
+
+    from fq_tvm.kvcache import empty_past, kv_names, read_generation
+
+    import onnx
+
+    info = read_generation(onnx.load(str(onnx_path), load_external_data=False))
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    past_names, _ = kv_names(info["layers"])
+
+    def step(ids, start, cache):
+        out = session.run(None, {"input_ids": ids[None], "position_ids": np.arange(start, start + len(ids))[None],
+                                 **cache})
+        return out[0][0, -1], dict(zip(past_names, out[1:]))
+
+    def run(prefill_ids, steps):
+        t = time.perf_counter()
+        logits, cache = step(prefill_ids, 0, empty_past(info))
+        prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        for i in range(steps):
+            token = np.asarray([int(np.argmax(logits))], np.int64)
+            logits, cache = step(token, len(prefill_ids) + i, cache)
+        return prefill, time.perf_counter() - t
+
+    return run
+
+
+def ort_int8(onnx_path: Path) -> Path:
+    """The graph with dynamic int8 MatMul weights (cached beside it)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = onnx_path.with_name(onnx_path.stem + ".ort_int8.onnx")
+    if not path.is_file():
+        quantize_dynamic(str(onnx_path), str(path), weight_type=QuantType.QInt8, per_channel=True)
+    return path
+
+
+def measure(kind: str, path: Path, onnx_path: Path, threads: int, prefill: int, decode: int, repeat: int) -> dict:
+    tokenizer = (path / "tokenizer.json") if kind == "ours" else onnx_path.parent / "tokenizer.json"
+    ids = prompt_ids(tokenizer, prefill)
+    run = ours(path, ids, decode) if kind == "ours" else ort(path, threads)
+    run(ids[:16], 4)  # warm-up
+    prefills, decodes = [], []
+    for _ in range(repeat):
+        p, d = run(ids, decode)
+        prefills.append(prefill / p)
+        decodes.append(decode / d)
+    return {"prefill_tokens_per_s": round(statistics.median(prefills), 2),
+            "decode_tokens_per_s": round(statistics.median(decodes), 2),
+            "prefill_runs": [round(x, 2) for x in prefills], "decode_runs": [round(x, 2) for x in decodes]}
+
+
+def child(args) -> None:
+    kind, path, threads = args.one
+    print(json.dumps(measure(kind, Path(path), Path(args.onnx), int(threads), args.prefill, args.decode,
+                             args.repeat)))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--onnx", required=True, help="the KV-cache ONNX graph (fq-export ... --kv-cache)")
+    p.add_argument("--artifact", action="append", default=[], metavar="NAME=DIR", help="our artifact (repeatable)")
+    p.add_argument("--ort", action="append", default=[], choices=("fp32", "int8"), help="ONNX Runtime on the graph")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--prefill", type=int, default=128)
+    p.add_argument("--decode", type=int, default=128)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--json", metavar="FILE", help="also write the results here")
+    p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        child(args)
+        return 0
+    onnx_path = Path(args.onnx)
+    engines = [(f"ours {name}", "ours", Path(d)) for name, _, d in (a.partition("=") for a in args.artifact)]
+    engines += [(f"ORT {kind}", "ort", onnx_path if kind == "fp32" else ort_int8(onnx_path)) for kind in args.ort]
+    results = []
+    for label, kind, path in engines:
+        for threads in args.threads:
+            env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+            cmd = [sys.executable, __file__, "--onnx", str(onnx_path), "--prefill", str(args.prefill), "--decode",
+                   str(args.decode), "--repeat", str(args.repeat), "--one", kind, str(path), str(threads)]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{label} x{threads}: failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                continue
+            row = {"engine": label, "threads": threads, **json.loads(done.stdout.strip().splitlines()[-1])}
+            results.append(row)
+            print(f"{label:14} {threads} thread(s): prefill {row['prefill_tokens_per_s']:8.1f} tokens/s, "
+                  f"decode {row['decode_tokens_per_s']:7.1f} tokens/s", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"prefill": args.prefill, "decode": args.decode, "repeat": args.repeat,
+                                               "results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
