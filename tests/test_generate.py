@@ -202,3 +202,16 @@ def test_fq2_build_runs_the_quantized_weights(tiny, tmp_path):
     assert np.abs(ours - ref).max() < 1e-3 * np.abs(ref).max()
     out = fq_tvm.load(fq2).generate(PROMPT, max_new_tokens=8, stop_at_eos=False)
     assert len(out.tokens) == 8 and out.text is not None
+
+
+def test_fq_export_kv_options_one_line_errors(tmp_path, capsys):
+    from fq_tvm.realcli import export_main
+
+    for argv, expected in ((["minilm", "--kv-cache"], "--kv-cache applies to causal LMs"),
+                           (["--hf", str(tmp_path)], "--hf exports causal LMs with a KV cache only"),
+                           (["--hf", str(tmp_path), "--kv-cache"], "not a Hugging Face model directory"),
+                           (["smollm2", "--hf", str(tmp_path), "--kv-cache"], "not both"),
+                           ([], "no model given")):
+        assert export_main([*argv, "-o", str(tmp_path / "out")]) == 1
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1, err
