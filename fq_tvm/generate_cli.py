@@ -62,3 +62,7 @@ def main(argv=None):
 def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
