@@ -6,6 +6,7 @@ Runtime fp32 / dynamic int8 (quantize_dynamic, per-channel QInt8 weights) on the
 graph with the same loop written over numpy. Each (engine, threads) runs in its own process, since
 TVM's thread pool size is fixed when it starts. The prompt is the start of Pride and Prejudice
 (if the Austen data is installed, else a fixed English text), tokenized with the artifact's tokenizer.
+--ppl-windows N adds each engine's perplexity on N windows of 512 tokens of the same book.
 
   python benchmarks/bench_generate.py --onnx smol/smollm2_kv.onnx \\
       --artifact fp32=smol.fp32 --artifact fq2=smol.fq2 --ort fp32 --ort int8 --threads 1 2
@@ -44,7 +45,7 @@ def prompt_ids(tokenizer_json: Path, n: int) -> np.ndarray:
     return np.asarray(ids[:n], dtype=np.int64)
 
 
-def ours(artifact: Path, ids: np.ndarray, decode: int):
+def ours(artifact: Path):
     import fq_tvm
 
     model = fq_tvm.load(artifact)
@@ -98,17 +99,49 @@ def ort_int8(onnx_path: Path) -> Path:
     return path
 
 
-def measure(kind: str, path: Path, onnx_path: Path, threads: int, prefill: int, decode: int, repeat: int) -> dict:
+def perplexity(kind: str, path: Path, onnx_path: Path, tokenizer_json: Path, windows: int, threads: int) -> float:
+    """Perplexity on the first `windows` x 512 tokens of Pride and Prejudice (fq-eval's windows),
+    each window one prefill with an empty cache."""
+    import onnx
+    from tokenizers import Tokenizer
+
+    from fq_tvm.evaluate import austen_windows, ort_runner, perplexity as ppl
+    from fq_tvm.kvcache import empty_past, read_generation
+
+    info = read_generation(onnx.load(str(onnx_path), load_external_data=False))
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    ids = austen_windows(lambda text: {"input_ids": tok.encode(text).ids}, windows, 512)
+    if kind == "ours":
+        import fq_tvm
+
+        inner = fq_tvm.load(path).run
+    else:
+        inner = ort_runner(path, threads)
+
+    def run(feed):
+        n = feed["input_ids"].shape[1]
+        return inner({**feed, "position_ids": np.arange(n, dtype=np.int64)[None], **empty_past(info)})
+
+    return ppl(run, ids)
+
+
+def measure(kind: str, path: Path, onnx_path: Path, threads: int, prefill: int, decode: int, repeat: int,
+            ppl_windows: int = 0) -> dict:
     tokenizer = (path / "tokenizer.json") if kind == "ours" else onnx_path.parent / "tokenizer.json"
+    result = {}
+    if ppl_windows:
+        result["perplexity"] = round(perplexity(kind, path, onnx_path, tokenizer, ppl_windows, threads), 3)
+    if repeat < 1:
+        return result
     ids = prompt_ids(tokenizer, prefill)
-    run = ours(path, ids, decode) if kind == "ours" else ort(path, threads)
+    run = ours(path) if kind == "ours" else ort(path, threads)
     run(ids[:16], 4)  # warm-up
     prefills, decodes = [], []
     for _ in range(repeat):
         p, d = run(ids, decode)
         prefills.append(prefill / p)
         decodes.append(decode / d)
-    return {"prefill_tokens_per_s": round(statistics.median(prefills), 2),
+    return {**result, "prefill_tokens_per_s": round(statistics.median(prefills), 2),
             "decode_tokens_per_s": round(statistics.median(decodes), 2),
             "prefill_runs": [round(x, 2) for x in prefills], "decode_runs": [round(x, 2) for x in decodes]}
 
@@ -116,7 +149,7 @@ def measure(kind: str, path: Path, onnx_path: Path, threads: int, prefill: int, 
 def child(args) -> None:
     kind, path, threads = args.one
     print(json.dumps(measure(kind, Path(path), Path(args.onnx), int(threads), args.prefill, args.decode,
-                             args.repeat)))
+                             args.repeat, args.ppl_windows)))
 
 
 def main(argv=None) -> int:
@@ -127,7 +160,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--prefill", type=int, default=128)
     p.add_argument("--decode", type=int, default=128)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=3, help="timed runs per engine and thread count (0: no timing)")
+    p.add_argument("--ppl-windows", type=int, default=0, metavar="N",
+                   help="also the perplexity on N x 512 tokens of Pride and Prejudice (at the first thread count)")
     p.add_argument("--json", metavar="FILE", help="also write the results here")
     p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -142,15 +177,18 @@ def main(argv=None) -> int:
         for threads in args.threads:
             env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
             cmd = [sys.executable, __file__, "--onnx", str(onnx_path), "--prefill", str(args.prefill), "--decode",
-                   str(args.decode), "--repeat", str(args.repeat), "--one", kind, str(path), str(threads)]
+                   str(args.decode), "--repeat", str(args.repeat), "--one", kind, str(path), str(threads),
+                   "--ppl-windows", str(args.ppl_windows if threads == args.threads[0] else 0)]
             done = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if done.returncode != 0:
                 print(f"{label} x{threads}: failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
                 continue
             row = {"engine": label, "threads": threads, **json.loads(done.stdout.strip().splitlines()[-1])}
             results.append(row)
-            print(f"{label:14} {threads} thread(s): prefill {row['prefill_tokens_per_s']:8.1f} tokens/s, "
-                  f"decode {row['decode_tokens_per_s']:7.1f} tokens/s", flush=True)
+            speed = (f"prefill {row['prefill_tokens_per_s']:8.1f} tokens/s, decode {row['decode_tokens_per_s']:7.1f} "
+                     f"tokens/s" if "decode_tokens_per_s" in row else "")
+            ppl = f" perplexity {row['perplexity']:.3f}" if "perplexity" in row else ""
+            print(f"{label:14} {threads} thread(s): {speed}{ppl}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"prefill": args.prefill, "decode": args.decode, "repeat": args.repeat,
                                                "results": results}, indent=2) + "\n")

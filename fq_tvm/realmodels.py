@@ -485,9 +485,11 @@ def _llama_layout(lm) -> bool:
     if inner is None or not layers or not hasattr(inner, "rotary_emb") or not hasattr(lm, "lm_head"):
         return False
     attn = getattr(layers[0], "self_attn", None)
+    # Mistral / Qwen2 share the layout; a sliding window would need another mask (the export's check
+    # against transformers would fail), so only without one
+    sliding = getattr(lm.config, "use_sliding_window", True) and getattr(lm.config, "sliding_window", None)
     return all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")) and hasattr(layers[0], "mlp") \
-        and getattr(lm.config, "sliding_window", None) in (None, 0) \
-        and lm.config.model_type in ("llama", "mistral", "qwen2", "smollm3")
+        and not sliding and lm.config.model_type in ("llama", "mistral", "qwen2")
 
 
 def _export_kv(lm, tok, path: Path, opset: int) -> Path:

@@ -215,3 +215,17 @@ def test_fq_export_kv_options_one_line_errors(tmp_path, capsys):
         assert export_main([*argv, "-o", str(tmp_path / "out")]) == 1
         err = capsys.readouterr().err
         assert expected in err and err.count("\n") == 1, err
+
+
+def test_compile_without_the_tokenizer_beside_the_model_warns(tiny, tmp_path):
+    import onnx
+
+    from fq_tvm.compiler import _generation
+    from fq_tvm.errors import FqWarning
+
+    _, onnx_path, _, _ = tiny
+    lonely = tmp_path / "lonely.onnx"
+    shutil.copyfile(onnx_path, lonely)
+    with pytest.warns(FqWarning, match="tokenizer.json is missing: the artifact gets no tokenizer"):
+        section = _generation(onnx.load(str(lonely)), lonely)
+    assert "tokenizer" not in section and section["layers"] == 2
