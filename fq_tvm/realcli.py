@@ -78,7 +78,8 @@ def _hf_calib(path: Path, calib: Path):
               file=sys.stderr)
         return "(no calibration file)"
     info = read_generation(onnx.load(str(path), load_external_data=False))
-    return realmodels.kv_calib(calib, realmodels.text_calib_ids(path.parent / "tokenizer.json"), info)
+    seq = min(512, info["context"])  # positions past the context have no rotary row
+    return realmodels.kv_calib(calib, realmodels.text_calib_ids(path.parent / "tokenizer.json", seq=seq), info)
 
 
 @_cli("fq-eval")
