@@ -8,7 +8,8 @@ One ONNX graph serves the prefill (many tokens, past length 0) and the decode st
            [batch, kv_heads, past + seq, head_dim] (the past with the new keys/values appended)
 
 The module below runs the Hugging Face model's own weights (RMSNorm, MLP and projection modules)
-but writes attention out plainly: rotary cos/sin are rows of a table gathered by position_ids,
+but writes attention out plainly: rotary cos/sin are rows of a table gathered by position_ids
+(a Gather, so the artifact's manifest bounds position_ids to the table's rows),
 past and new keys are joined with torch.cat, and the attention mask is derived inside the graph
 from position_ids and a slice of a positions table as long as the keys (a key at a position after
 the query's is masked). That keeps every shape expressible for TVM's importer (no arange, no cumsum,
@@ -64,7 +65,10 @@ def llama_kv_torch(lm, context: int | None = None):
 
         def forward(self, input_ids, position_ids, *past):
             x = self.model.embed_tokens(input_ids)
-            cos, sin = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]
+            # embedding() exports to Gather: TVM's fast take, whose index input the manifest bounds to
+            # [0, context) (indexing exports to GatherND, which nothing bounds)
+            cos = torch.nn.functional.embedding(position_ids, self.rope_cos)[:, None]
+            sin = torch.nn.functional.embedding(position_ids, self.rope_sin)[:, None]
             presents = []
             for i, layer in enumerate(self.model.layers):
                 h, key, value = _attention(layer.self_attn, layer.input_layernorm(x), cos, sin,

@@ -98,6 +98,16 @@ def test_manifest_generation_section(tiny):
     g = manifest["generation"]
     assert g["kind"] == "causal_lm" and g["layers"] == 2 and g["eos_ids"] == [2]
     assert manifest["files"][g["tokenizer"]["file"]] == g["tokenizer"]["sha256"]
+    ranges = {spec["name"]: spec.get("range") for spec in manifest["inputs"]}
+    assert ranges["position_ids"] == [0, 128]  # the rotary table's rows: fq-run refuses positions past it
+
+
+def test_positions_past_the_context_are_refused_by_run(tiny):
+    _, onnx_path, artifact, _ = tiny
+    feed = {"input_ids": np.ones((1, 1), np.int64), "position_ids": np.full((1, 1), 128, np.int64),
+            **kvcache.empty_past(_info(onnx_path))}
+    with pytest.raises(FqError, match="input 'position_ids' has values from 128 to 128"):
+        fq_tvm.load(artifact).run(feed)
 
 
 def test_greedy_32_tokens_equal_transformers(tiny):
