@@ -251,7 +251,40 @@ def _manifest_problem(m: dict) -> str | None:
         return f"a CUDA artifact must list {', '.join(CUDA_FILES)} in 'files'"
     if not isinstance(target.get("tvm"), dict):
         return "'target.tvm' must be an object"
-    return _signature_problem(m, "inputs") or _signature_problem(m, "outputs")
+    bad = _signature_problem(m, "inputs") or _signature_problem(m, "outputs")
+    if bad or "generation" not in m:
+        return bad
+    return generation_problem(m["generation"], files, [s["name"] for s in m["inputs"]],
+                              [s["name"] for s in m["outputs"]])
+
+
+GENERATION_INTS = ("layers", "kv_heads", "heads", "head_dim", "context", "vocab")
+
+
+def generation_problem(g, files: dict, inputs: list, outputs: list) -> str | None:
+    """What is wrong with a manifest's `generation` section (a causal LM with a KV cache), or None."""
+    if not isinstance(g, dict) or g.get("kind") != "causal_lm" or g.get("kv_cache") is not True:
+        return "'generation' must be an object with kind 'causal_lm' and kv_cache true"
+    for key in GENERATION_INTS:
+        if not isinstance(g.get(key), int) or isinstance(g[key], bool) or g[key] < 1:
+            return f"'generation.{key}' must be a positive integer"
+    eos = g.get("eos_ids")
+    if not isinstance(eos, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < g["vocab"]
+                                            for i in eos):
+        return "'generation.eos_ids' must be a list of token ids below the vocabulary size"
+    bos = g.get("bos_id")
+    if bos is not None and not (isinstance(bos, int) and not isinstance(bos, bool) and 0 <= bos < g["vocab"]):
+        return "'generation.bos_id' must be a token id or null"
+    tokenizer = g.get("tokenizer")
+    if tokenizer is not None and not (isinstance(tokenizer, dict) and tokenizer.get("file") in files
+                                      and tokenizer.get("sha256") == files[tokenizer["file"]]):
+        return "'generation.tokenizer' must name a file listed in 'files' with its sha256"
+    past = [f"past_{kind}.{i}" for i in range(g["layers"]) for kind in ("key", "value")]
+    if inputs[:2] != ["input_ids", "position_ids"] or inputs[2:] != past:
+        return "a causal LM's inputs must be input_ids, position_ids, past_key.0, past_value.0, ..."
+    if outputs != ["logits"] + [name.replace("past_", "present_") for name in past]:
+        return "a causal LM's outputs must be logits, present_key.0, present_value.0, ..."
+    return None
 
 
 def _plain_name(name: str) -> bool:
@@ -300,6 +333,13 @@ class Model:
         self._device = device
         self.inputs = manifest["inputs"]
         self.outputs = manifest["outputs"]
+
+    def generate(self, prompt, **options):
+        """Generate text (or token ids) from a causal LM artifact with a KV cache; see
+        `fq_tvm.generate.generate` (`fq-generate`)."""
+        from .generate import generate
+
+        return generate(self, prompt, **options)
 
     def run(self, inputs: dict) -> dict:
         import tvm

@@ -87,6 +87,7 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     step = Steps(5 if cfg.method != "none" else 4, quiet)
     step(f"loading and importing {model_path}")
     proto = onnx_io.load_model(model_path)
+    generation = _generation(proto, model_path)
     imported, proto = _import_first(proto, input_shapes)
     layers, layer_report, quantized = {}, {}, {}
     if cfg.method != "none":
@@ -106,7 +107,11 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     with staging_dir(out_dir, force, keep) as tmp:
         step(f"writing {out_dir}")
         files = hooks.export(executable, tmp, preset)
+        if generation is not None:
+            files.extend(_copy_tokenizer(generation, model_path, tmp))
         manifest = _manifest(proto, model_path, preset, cfg, files)
+        if generation is not None:
+            manifest["generation"] = generation
         add_ranges(manifest["inputs"], bounds)
         manifest.update(layer_report)
         manifest["kernels"] = kernels
@@ -115,6 +120,41 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
         write_manifest(tmp, manifest, files)
     step.show(f"done: {out_dir}")
     return out_dir
+
+
+def _generation(proto, model_path: Path) -> dict | None:
+    """The manifest's `generation` section of a causal LM exported with a KV cache (the ONNX
+    metadata fq-export --kv-cache writes; kvcache.py), or None. A tokenizer named there but missing
+    beside the model is left out with a warning (fq-generate then needs --tokenizer)."""
+    from .artifact import generation_problem, sha256_file
+    from .kvcache import read_generation
+
+    meta = read_generation(proto)
+    if meta is None:
+        return None
+    meta = {k: v for k, v in meta.items() if k != "max_abs_diff_vs_transformers"}
+    tokenizer = meta.get("tokenizer")
+    if tokenizer is not None:
+        path = model_path.parent / str(tokenizer.get("file"))
+        if not path.is_file() or sha256_file(path) != tokenizer.get("sha256"):
+            why = "missing" if not path.is_file() else "not the one exported with the model (checksum differs)"
+            warn(f"{path} is {why}: the artifact gets no tokenizer (fq-generate will need --tokenizer)")
+            meta.pop("tokenizer")
+    files = {meta["tokenizer"]["file"]: meta["tokenizer"]["sha256"]} if "tokenizer" in meta else {}
+    bad = generation_problem(meta, files, [i.name for i in proto.graph.input], [o.name for o in proto.graph.output])
+    if bad:
+        raise FqError(f"{model_path}: its generation metadata is invalid: {bad}")
+    return meta
+
+
+def _copy_tokenizer(generation: dict, model_path: Path, out: Path) -> list[str]:
+    import shutil
+
+    if "tokenizer" not in generation:
+        return []
+    name = generation["tokenizer"]["file"]
+    shutil.copyfile(model_path.parent / name, out / name)
+    return [name]
 
 
 def calibrates(cfg) -> bool:

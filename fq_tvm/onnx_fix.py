@@ -67,6 +67,15 @@ def _prim_to_tensor(data):
     return relax.op.shape_to_tensor(relax.ShapeExpr([data]))
 
 
+def _shape_values(data):
+    """The int64 dims a ShapeExpr or a scalar int64 PrimExpr (a computed dim) holds, else None."""
+    if isinstance(data, relax.ShapeExpr):
+        return list(data.values)
+    if isinstance(getattr(data, "ty", None), tvm.ir.PrimType) and str(data.ty.dtype) == "int64":
+        return [data]
+    return None
+
+
 FIXES = {"ConstantOfShape": _constant_of_shape}
 SHAPED = ("Reshape", "Expand")  # ops whose output shape is taken from ONNX shape inference when known
 
@@ -157,6 +166,12 @@ class Hooks:
                 return None
             shape = [d if d is not None else c for d, c in zip(shape, computed)]
         data = inputs[0]
+        if op_name == "Reshape" and len(shape) == 1:
+            values = _shape_values(data)
+            if values is not None and isinstance(shape[0], tirx.IntImm) and len(values) == int(shape[0]):
+                # a shape computation (a KV cache's past + seq) stays a shape, so the Concat that
+                # builds an Expand target from it folds to a ShapeExpr
+                return relax.ShapeExpr(values)
         if isinstance(data, relax.ShapeExpr):
             data = relax.op.shape_to_tensor(data)
         elif isinstance(data.ty, tvm.ir.PrimType):

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from .cli import _cli
+from .errors import FqError
 
 MODELS = ("minilm", "smollm2")
 
@@ -17,18 +18,68 @@ def export_main(argv=None):
     p = argparse.ArgumentParser(
         prog="fq-export", description="Export a packaged pretrained model to ONNX, offline, plus a "
         "calibration .npz made from Wikipedia text (never the evaluation text).")
-    p.add_argument("model", choices=MODELS)
+    p.add_argument("model", nargs="?", choices=MODELS)
+    p.add_argument("--hf", metavar="MODEL_DIR", help="a Llama-architecture Hugging Face model directory instead of a "
+                                                     "packaged model (needs --kv-cache)")
+    p.add_argument("--kv-cache", action="store_true", help="causal LMs: export with past/present keys and values "
+                   "for fq-generate (MODEL_kv.onnx, tokenizer.json, MODEL_kv_calib.npz)")
     p.add_argument("-o", "--out", default=".", help="directory for MODEL.onnx and MODEL_calib.npz")
     p.add_argument("--force", action="store_true", help="export again even if the file exists")
     args = p.parse_args(argv)
     from . import realmodels
 
     out = Path(args.out)
+    if args.kv_cache or args.hf:
+        return _export_kv(args, out)
+    if not args.model:
+        raise FqError(f"no model given: one of {', '.join(MODELS)}, or --hf MODEL_DIR --kv-cache")
     export = realmodels.export_minilm if args.model == "minilm" else realmodels.export_smollm2
     calib = realmodels.minilm_calib if args.model == "minilm" else realmodels.smollm2_calib
     print(export(out, force=args.force))
     print(calib(out / f"{args.model}_calib.npz"))
     return 0
+
+
+def _export_kv(args, out: Path) -> int:
+    from . import realmodels
+
+    if args.hf and args.model:
+        raise FqError("give a packaged model or --hf MODEL_DIR, not both")
+    if not args.kv_cache:
+        raise FqError("--hf exports causal LMs with a KV cache only: add --kv-cache")
+    if args.model == "minilm":
+        raise FqError("--kv-cache applies to causal LMs (smollm2, --hf DIR), not minilm")
+    if args.hf:
+        path = realmodels.export_hf_kv(args.hf, out, force=args.force)
+        calib = out / f"{path.stem}_calib.npz"
+        print(path)
+        print(_hf_calib(path, calib))
+        return 0
+    if not args.model:
+        raise FqError("no model given: smollm2, or --hf MODEL_DIR")
+    path = realmodels.export_smollm2_kv(out, force=args.force)
+    print(path)
+    print(realmodels.smollm2_kv_calib(out / "smollm2_kv_calib.npz", path))
+    return 0
+
+
+def _hf_calib(path: Path, calib: Path):
+    """Wikipedia windows tokenized with the model's tokenizer; skipped (with a note) without gensim."""
+    import importlib.util
+    import sys
+
+    import onnx
+
+    from . import realmodels
+    from .kvcache import read_generation
+
+    if importlib.util.find_spec("gensim") is None:
+        print("fq-export: note: no calibration file (the Wikipedia sample needs `pip install gensim`)",
+              file=sys.stderr)
+        return "(no calibration file)"
+    info = read_generation(onnx.load(str(path), load_external_data=False))
+    seq = min(512, info["context"])  # positions past the context have no rotary row
+    return realmodels.kv_calib(calib, realmodels.text_calib_ids(path.parent / "tokenizer.json", seq=seq), info)
 
 
 @_cli("fq-eval")

@@ -425,3 +425,129 @@ def smollm2_calib(path, n: int = 64, seq: int = 512) -> Path:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, input_ids=np.stack([ids[s:s + seq] for s in starts]))
     return Path(path)
+
+
+# ---- causal LMs with a KV cache (fq_tvm/kvcache.py) ----------------------------------------------
+
+def export_smollm2_kv(out_dir, force: bool = False, opset: int = 18) -> Path:
+    """Export SmolLM2-135M with a KV cache to out_dir/smollm2_kv.onnx (cached; force re-exports),
+    with tokenizer.json beside it. Checked against transformers (kvcache.export_llama_kv)."""
+    from . import kvcache
+
+    out_dir = Path(out_dir)
+    path = out_dir / "smollm2_kv.onnx"
+    if not force and path.is_file() and (out_dir / "tokenizer.json").is_file():
+        return path
+    tok = smollm2_tokenizer()
+    lm = _smollm2_load("model").eval()
+    return _export_kv(lm, tok, path, opset)
+
+
+def export_hf_kv(model_dir, out_dir, force: bool = False, opset: int = 18) -> Path:
+    """Export a Llama-architecture Hugging Face model directory (config.json, weights, tokenizer)
+    with a KV cache to out_dir/NAME_kv.onnx, NAME the directory's name, tokenizer.json beside it."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FqError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
+    path = out_dir / f"{model_dir.resolve().name}_kv.onnx"
+    if not force and path.is_file() and (out_dir / "tokenizer.json").is_file():
+        return path
+    lm, tok = hf_causal_lm(model_dir)
+    return _export_kv(lm, tok, path, opset)
+
+
+def hf_causal_lm(model_dir):
+    """(fp32 eager transformers causal LM, tokenizer) of a model directory; FqError unless it has
+    the Llama module layout the KV export runs."""
+    _require("transformers", "pip install transformers (torch==2.13.0 stays)")
+    import torch
+    import transformers
+
+    with _offline(), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            lm = transformers.AutoModelForCausalLM.from_pretrained(
+                str(model_dir), dtype=torch.float32, attn_implementation="eager")
+        except (OSError, ValueError) as err:
+            raise FqError(f"{model_dir}: cannot load the model ({str(err).splitlines()[0]})") from None
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+        except (OSError, ValueError, TypeError):
+            raise FqError(f"{model_dir}: no tokenizer found (tokenizer.json or tokenizer files)") from None
+    if not _llama_layout(lm):
+        raise FqError(f"{model_dir}: model type '{lm.config.model_type}' is not a Llama-architecture causal LM "
+                      "(expected model.layers[i].self_attn.q_proj ... and mlp, rotary positions)")
+    return lm.eval(), tok
+
+
+def _llama_layout(lm) -> bool:
+    inner = getattr(lm, "model", None)
+    layers = getattr(inner, "layers", None)
+    if inner is None or not layers or not hasattr(inner, "rotary_emb") or not hasattr(lm, "lm_head"):
+        return False
+    attn = getattr(layers[0], "self_attn", None)
+    # Mistral / Qwen2 share the layout; a sliding window would need another mask (the export's check
+    # against transformers would fail), so only without one
+    sliding = getattr(lm.config, "use_sliding_window", True) and getattr(lm.config, "sliding_window", None)
+    return all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")) and hasattr(layers[0], "mlp") \
+        and not sliding and lm.config.model_type in ("llama", "mistral", "qwen2")
+
+
+def _export_kv(lm, tok, path: Path, opset: int) -> Path:
+    import tempfile
+
+    from . import kvcache
+
+    if getattr(tok, "backend_tokenizer", None) is None:
+        raise FqError("the model's tokenizer has no fast (tokenizers) form to save as tokenizer.json")
+    ids = np.asarray(tok(" ".join(CHECK_TEXTS))["input_ids"], dtype=np.int64)[:24]
+    eos = _eos_ids(lm, tok)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_file = Path(tmp) / "tokenizer.json"
+        tok.backend_tokenizer.save(str(tok_file))
+        return kvcache.export_llama_kv(lm, path, tokenizer_json=tok_file, eos_ids=eos, bos_id=tok.bos_token_id,
+                                       opset=opset, check_ids=ids)
+
+
+def _eos_ids(lm, tok) -> list[int]:
+    ids = set()
+    for value in (getattr(lm.generation_config, "eos_token_id", None), lm.config.eos_token_id, tok.eos_token_id):
+        ids.update(v for v in (value if isinstance(value, (list, tuple)) else [value]) if v is not None)
+    return sorted(int(i) for i in ids)
+
+
+def kv_calib(path, input_ids: np.ndarray, info: dict) -> Path:
+    """Calibration .npz for a KV-cache graph: the windows `input_ids` [n, seq] as prefills (past
+    length 0, positions 0..seq-1), so the dense layers see the activations of a prefill."""
+    from .kvcache import empty_past
+
+    n, seq = input_ids.shape
+    feed = {"input_ids": input_ids.astype(np.int64),
+            "position_ids": np.broadcast_to(np.arange(seq, dtype=np.int64), (n, seq)).copy(),
+            **empty_past(info, n)}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **feed)
+    return Path(path)
+
+
+def smollm2_kv_calib(path, onnx_path, n: int = 64, seq: int = 512) -> Path:
+    """smollm2_calib's Wikipedia windows, laid out for the KV-cache graph (kv_calib)."""
+    import onnx
+
+    from .kvcache import read_generation
+
+    info = read_generation(onnx.load(str(onnx_path), load_external_data=False))
+    ids = np.load(smollm2_calib(Path(path).with_suffix(".windows.npz"), n, seq))["input_ids"]
+    Path(path).with_suffix(".windows.npz").unlink()
+    return kv_calib(path, ids, info)
+
+
+def text_calib_ids(tokenizer_json, n: int = 64, seq: int = 512) -> np.ndarray:
+    """smollm2_calib's Wikipedia windows, tokenized with any tokenizer.json (for --hf models)."""
+    from tokenizers import Tokenizer
+
+    text = "\n\n".join(x for _, x in wiki_articles())
+    ids = np.asarray(Tokenizer.from_file(str(tokenizer_json)).encode(text).ids, dtype=np.int64)
+    if len(ids) < seq:
+        raise FqError(f"the calibration text has {len(ids)} tokens, fewer than one window of {seq}")
+    starts = np.linspace(0, len(ids) - seq, n).round().astype(int)
+    return np.stack([ids[s:s + seq] for s in starts])

@@ -1,0 +1,202 @@
+"""Decode benchmark of a KV-cache causal LM: prefill P tokens, then decode D tokens one at a time
+(greedy, no stop at end-of-sequence), median tokens/s over repeats, at each thread count.
+
+Engines: our artifacts (any scheme: fp32, int8, fq2, ...) through fq_tvm's generate loop, and ONNX
+Runtime fp32 / dynamic int8 (quantize_dynamic: QInt8 MatMul weights, per tensor) on the same KV-cache ONNX
+graph with the same loop written over numpy. Each (engine, threads) runs in its own process, since
+TVM's thread pool size is fixed when it starts. The prompt is the start of Pride and Prejudice
+(if the Austen data is installed, else a fixed English text), tokenized with the artifact's tokenizer.
+--ppl-windows N adds each engine's perplexity on N windows of 512 tokens of the same book.
+
+  python benchmarks/bench_generate.py --onnx smol/smollm2_kv.onnx \\
+      --artifact fp32=smol.fp32 --artifact fq2=smol.fq2 --ort fp32 --ort int8 --threads 1 2
+
+llama.cpp is not covered yet (llama-cpp-python builds from source, 10+ minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def prompt_ids(tokenizer_json: Path, n: int) -> np.ndarray:
+    from tokenizers import Tokenizer
+
+    try:
+        from fq_tvm.realmodels import austen_text
+
+        text = austen_text("prideprejudice")
+    except Exception:  # no Austen data here: a fixed text, repeated
+        from fq_tvm.realmodels import CHECK_TEXTS
+
+        text = " ".join(CHECK_TEXTS) * 40
+    ids = Tokenizer.from_file(str(tokenizer_json)).encode(text).ids
+    if len(ids) < n:
+        raise SystemExit(f"the prompt text has {len(ids)} tokens, fewer than {n}")
+    return np.asarray(ids[:n], dtype=np.int64)
+
+
+def ours(artifact: Path):
+    import fq_tvm
+
+    model = fq_tvm.load(artifact)
+
+    def run(prefill_ids, steps):
+        out = model.generate(prefill_ids, max_new_tokens=steps + 1, stop_at_eos=False)
+        return out.prefill_seconds, out.decode_seconds
+
+    return run
+
+
+def ort(onnx_path: Path, threads: int):
+    import onnxruntime
+
+    from fq_tvm.kvcache import empty_past, kv_names, read_generation
+
+    import onnx
+
+    info = read_generation(onnx.load(str(onnx_path), load_external_data=False))
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    past_names, _ = kv_names(info["layers"])
+
+    def step(ids, start, cache):
+        out = session.run(None, {"input_ids": ids[None], "position_ids": np.arange(start, start + len(ids))[None],
+                                 **cache})
+        return out[0][0, -1], dict(zip(past_names, out[1:]))
+
+    def run(prefill_ids, steps):
+        t = time.perf_counter()
+        logits, cache = step(prefill_ids, 0, empty_past(info))
+        prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        for i in range(steps):
+            token = np.asarray([int(np.argmax(logits))], np.int64)
+            logits, cache = step(token, len(prefill_ids) + i, cache)
+        return prefill, time.perf_counter() - t
+
+    return run
+
+
+def ort_int8(onnx_path: Path) -> Path:
+    """The graph with dynamic int8 MatMul weights, one scale per tensor (cached beside it). With
+    per_channel=True, ORT 1.32's quantize_dynamic gave SmolLM2's KV graph a perplexity of 3e6
+    (2.8e6 with MatMul alone), per tensor 29.9 against fp32's 19.3 (2 Austen windows)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = onnx_path.with_name(onnx_path.stem + ".ort_int8_per_tensor.onnx")
+    if not path.is_file():
+        quantize_dynamic(str(onnx_path), str(path), weight_type=QuantType.QInt8, per_channel=False,
+                         op_types_to_quantize=["MatMul"])
+    return path
+
+
+def perplexity(kind: str, path: Path, onnx_path: Path, tokenizer_json: Path, windows: int, threads: int) -> float:
+    """Perplexity on the first `windows` x 512 tokens of Pride and Prejudice (fq-eval's windows),
+    each window one prefill with an empty cache."""
+    import onnx
+    from tokenizers import Tokenizer
+
+    from fq_tvm.evaluate import austen_windows, ort_runner, perplexity as ppl
+    from fq_tvm.kvcache import empty_past, read_generation
+
+    info = read_generation(onnx.load(str(onnx_path), load_external_data=False))
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    ids = austen_windows(lambda text: {"input_ids": tok.encode(text).ids}, windows, 512)
+    if kind == "ours":
+        import fq_tvm
+
+        inner = fq_tvm.load(path).run
+    else:
+        inner = ort_runner(path, threads)
+
+    def run(feed):
+        n = feed["input_ids"].shape[1]
+        return inner({**feed, "position_ids": np.arange(n, dtype=np.int64)[None], **empty_past(info)})
+
+    return ppl(run, ids)
+
+
+def measure(kind: str, path: Path, onnx_path: Path, threads: int, prefill: int, decode: int, repeat: int,
+            ppl_windows: int = 0) -> dict:
+    tokenizer = (path / "tokenizer.json") if kind == "ours" else onnx_path.parent / "tokenizer.json"
+    result = {}
+    if ppl_windows:
+        result["perplexity"] = round(perplexity(kind, path, onnx_path, tokenizer, ppl_windows, threads), 3)
+    if repeat < 1:
+        return result
+    ids = prompt_ids(tokenizer, prefill)
+    run = ours(path) if kind == "ours" else ort(path, threads)
+    run(ids[:16], 4)  # warm-up
+    prefills, decodes = [], []
+    for _ in range(repeat):
+        p, d = run(ids, decode)
+        prefills.append(prefill / p)
+        decodes.append(decode / d)
+    return {**result, "prefill_tokens_per_s": round(statistics.median(prefills), 2),
+            "decode_tokens_per_s": round(statistics.median(decodes), 2),
+            "prefill_runs": [round(x, 2) for x in prefills], "decode_runs": [round(x, 2) for x in decodes]}
+
+
+def child(args) -> None:
+    kind, path, threads = args.one
+    print(json.dumps(measure(kind, Path(path), Path(args.onnx), int(threads), args.prefill, args.decode,
+                             args.repeat, args.ppl_windows)))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--onnx", required=True, help="the KV-cache ONNX graph (fq-export ... --kv-cache)")
+    p.add_argument("--artifact", action="append", default=[], metavar="NAME=DIR", help="our artifact (repeatable)")
+    p.add_argument("--ort", action="append", default=[], choices=("fp32", "int8"), help="ONNX Runtime on the graph")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--prefill", type=int, default=128)
+    p.add_argument("--decode", type=int, default=128)
+    p.add_argument("--repeat", type=int, default=3, help="timed runs per engine and thread count (0: no timing)")
+    p.add_argument("--ppl-windows", type=int, default=0, metavar="N",
+                   help="also the perplexity on N x 512 tokens of Pride and Prejudice (at the first thread count)")
+    p.add_argument("--json", metavar="FILE", help="also write the results here")
+    p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        child(args)
+        return 0
+    onnx_path = Path(args.onnx)
+    engines = [(f"ours {name}", "ours", Path(d)) for name, _, d in (a.partition("=") for a in args.artifact)]
+    engines += [(f"ORT {kind}", "ort", onnx_path if kind == "fp32" else ort_int8(onnx_path)) for kind in args.ort]
+    results = []
+    for label, kind, path in engines:
+        for threads in args.threads:
+            env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+            cmd = [sys.executable, __file__, "--onnx", str(onnx_path), "--prefill", str(args.prefill), "--decode",
+                   str(args.decode), "--repeat", str(args.repeat), "--one", kind, str(path), str(threads),
+                   "--ppl-windows", str(args.ppl_windows if threads == args.threads[0] else 0)]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{label} x{threads}: failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                continue
+            row = {"engine": label, "threads": threads, **json.loads(done.stdout.strip().splitlines()[-1])}
+            results.append(row)
+            speed = (f"prefill {row['prefill_tokens_per_s']:8.1f} tokens/s, decode {row['decode_tokens_per_s']:7.1f} "
+                     f"tokens/s" if "decode_tokens_per_s" in row else "")
+            ppl = f" perplexity {row['perplexity']:.3f}" if "perplexity" in row else ""
+            print(f"{label:14} {threads} thread(s): {speed}{ppl}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"prefill": args.prefill, "decode": args.decode, "repeat": args.repeat,
+                                               "results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
