@@ -140,7 +140,8 @@ def uses_calibration(scheme: str) -> bool:
 
 def ignored_options(cfg, given: dict) -> list[str]:
     """One warning line for the options in `given` ({flag or parameter name: value}) that the
-    scheme does not use: calibration data for a scheme that does not calibrate, pad_small for fp32."""
+    scheme does not use: calibration data for a scheme that does not calibrate, pad_small and
+    quantize_head for fp32."""
     lines = []
     unused = [name for name, value in given.items() if value is not None and value is not False
               and (not calibrates(cfg) if "calib" in name else cfg.method == "none")]
@@ -148,8 +149,10 @@ def ignored_options(cfg, given: dict) -> list[str]:
     if calib:
         lines.append(f"{' and '.join(calib)} {'is' if len(calib) == 1 else 'are'} ignored: scheme {cfg.name} "
                      f"does not calibrate")
-    if len(unused) > len(calib):
-        lines.append(f"{unused[-1]} is ignored: scheme {cfg.name} does not quantize")
+    other = [name for name in unused if "calib" not in name]
+    if other:
+        lines.append(f"{' and '.join(other)} {'is' if len(other) == 1 else 'are'} ignored: scheme {cfg.name} "
+                     f"does not quantize")
     return lines
 
 

@@ -20,11 +20,12 @@ from tvm.script import tirx as T
 
 import fq_tvm
 from fq_tvm import FqError
+from fq_tvm.cli import compile_main, summary_text
 from fq_tvm.compiler import ignored_options
 from fq_tvm.frontend import prepare
 from fq_tvm.numerics import apply, effective_weight, gather_rows, get_scheme, quantize_layer, seed_for
 from fq_tvm.passes.tied_head import QuantizeTiedHead
-from fq_tvm.quantize import find_tied_head, plan_layers, scheme_config, to_packed
+from fq_tvm.quantize import find_tied_head, plan_layers, quantize_layers, scheme_config, to_packed
 from fq_tvm.schedules import kernels
 
 VOCAB, HIDDEN = 4096, 128  # 2-bit rows of 128 codes fill one AVX2 vector (the int8 kernel's minimum)
@@ -193,6 +194,8 @@ def test_no_tied_head_is_one_clear_error(tied):
 def test_fp32_ignores_quantize_head_with_a_warning():
     assert ignored_options(scheme_config("fp32"), {"--quantize-head": True}) == \
         ["--quantize-head is ignored: scheme fp32 does not quantize"]
+    assert ignored_options(scheme_config("fp32"), {"--pad-small": True, "--quantize-head": True}) == \
+        ["--pad-small and --quantize-head are ignored: scheme fp32 does not quantize"]
     assert ignored_options(scheme_config("int8"), {"--quantize-head": True}) == []
 
 
@@ -212,12 +215,10 @@ def _reference(proto, records: dict, ids, act_bits: int) -> np.ndarray:
     return apply(table, h, act_bits)
 
 
-@pytest.mark.parametrize("scheme,act_bits", [("fq2", 32), ("int8", 32), ("rtn2", 8)])
-def test_compiled_quantized_head_matches_numpy_and_stores_no_fp32_table(tied, scheme, act_bits):
-    work, path = tied
-    records = {}
-    out = fq_tvm.compile(path, "host", work / scheme, scheme=scheme, quiet=True, records=records, act_bits=act_bits,
-                         calib=work / "calib.npz" if scheme == "fq2" else None, quantize_head=True)
+def _check(out, path, records: dict, scheme: str, act_bits: int) -> None:
+    """The artifact's head is quantized at the scheme's bits, computes the numpy reference of its
+    codes, gathers with code_gather (the head: the int8 kernel under act_bits 8) and holds no fp32
+    table."""
     manifest = json.loads((out / "manifest.json").read_text())
     bits = get_scheme(scheme).bits
     assert manifest["head"]["quantized"] and manifest["head"]["bits"] == bits
@@ -230,3 +231,27 @@ def test_compiled_quantized_head_matches_numpy_and_stores_no_fp32_table(tied, sc
     assert counts["code_gather"] == 1 and ("dequant_matmul_int8" in counts) == (act_bits == 8)
     table = 4 * VOCAB * HIDDEN
     assert (out / "model.so").stat().st_size < table * (bits + 1) / 32 + 400_000  # codes, no fp32 table
+
+
+@pytest.mark.parametrize("scheme,act_bits", [("fq2", 32), ("rtn2", 8)])
+def test_compiled_quantized_head_matches_numpy_and_stores_no_fp32_table(tied, scheme, act_bits):
+    work, path = tied
+    records = {}
+    out = fq_tvm.compile(path, "host", work / scheme, scheme=scheme, quiet=True, records=records, act_bits=act_bits,
+                         calib=work / "calib.npz" if scheme == "fq2" else None, quantize_head=True)
+    _check(out, path, records, scheme, act_bits)
+
+
+def test_cli_quantize_head_int8(tied, capsys):
+    """fq-compile --quantize-head: the JSON summary names the head quantized; int8 (RTN) codes are
+    the plan's own, so the reference quantizes them again."""
+    work, path = tied
+    out = work / "cli-int8"
+    argv = [str(path), "--scheme", "int8", "--act-bits", "32", "--quantize-head", "-o", str(out), "--json"]
+    assert compile_main(argv) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["head"]["quantized"] and info["head"]["scheme"] == "int8" and info["layers_quantized"] == 2
+    assert "tied head quantized (int8, 8.50 bits per weight" in summary_text(info)
+    proto = prepare(onnx.load(str(path)))
+    plan = plan_layers(proto, cfg=scheme_config("int8"), quantize_head=True)
+    _check(out, path, quantize_layers(proto, plan, scheme_config("int8"), None, progress=False), "int8", 32)
