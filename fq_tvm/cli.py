@@ -21,6 +21,7 @@ examples:
   fq-compile model.onnx --target cuda --cuda-arch sm_86 -o model.cuda
   fq-compile model.onnx --target '{"kind": "llvm", "mcpu": "znver4"}' -o model.zen4
   fq-compile model.onnx --scheme fq2 --redundancy 1.1 --calib calib.npz --skip lm_head -o model.fq2
+  fq-compile smollm2.onnx --scheme fq2 --calib calib.npz --quantize-head -o smollm2.fq2
   fq-compile --list-targets
 
 The output is a directory: model.so (+ device code for CUDA) and manifest.json with versions,
