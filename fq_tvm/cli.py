@@ -342,20 +342,22 @@ def summary_text(info: dict) -> str:
                   f"{info['dense_bits_per_weight']:.2f} bits per weight), {info['layers_kept_fp32']} kept fp32")
     ratio = info["fp32_weight_bytes"] / info["weight_bytes"] if info["weight_bytes"] else 1.0
     smaller = f"{ratio:.1f}x smaller" if ratio > 1.005 else "the same"
-    layers += _head_text(info.get("head"))
+    layers += _head_text(info.get("head"), info["layers_kept_fp32"] is not None)
     return (f"compiled in {info['compile_seconds']:.1f} s: {layers}; weights {info['bits_per_weight']:.2f} bits "
             f"each on average, {info['weight_bytes'] / mb:.3f} MB against {info['fp32_weight_bytes'] / mb:.3f} MB "
             f"in fp32 ({smaller}); artifact {info['artifact_bytes'] / mb:.3f} MB on disk")
 
 
-def _head_text(head: dict | None) -> str:
-    """', tied head ...' for a model with a tied embedding / LM head, else ''."""
+def _head_text(head: dict | None, quantized: bool) -> str:
+    """', tied head ...' for a model with a tied embedding / LM head, else ''. quantized: the
+    scheme quantizes (fp32 gets no hint to --quantize-head)."""
     if not head:
         return ""
     if head["quantized"]:
         return (f", tied head quantized ({head['scheme']}, {head['bits_per_weight']:.2f} bits per weight, "
                 f"{head['bytes'] / 1e6:.3f} MB)")
-    return f", tied head fp32 ({head['bytes'] / 1e6:.3f} MB; --quantize-head quantizes it)"
+    hint = "; --quantize-head quantizes it" if quantized else ""
+    return f", tied head fp32 ({head['bytes'] / 1e6:.3f} MB{hint})"
 
 
 def _count(n: int, noun: str) -> str:

@@ -116,7 +116,9 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
         manifest = _manifest(proto, model_path, preset, cfg, files)
         add_ranges(manifest["inputs"], bounds)
         manifest.update(layer_report)
-        manifest["head"] = _head_entry(proto, layer_report)
+        head = _head_entry(proto, layer_report)
+        if head is not None:  # a tied embedding / LM head: quantized or fp32, its bits and bytes
+            manifest["head"] = head
         manifest["kernels"] = kernels
         if layer_report.get("layers"):
             manifest["weights"].update(_weight_totals(layer_report["layers"], manifest["weights"]["bytes"]))
