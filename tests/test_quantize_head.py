@@ -4,7 +4,8 @@ embedding gathers the same code rows, dequantizes them and applies the inverse i
 
 Checked: the numpy reference (numerics.gather_rows) against the record's effective weight; the
 pass in TVM's Before / Expected style; the plan and the bad inputs; and compiled toy tied models
-(fq2, int8, rtn2) against a numpy evaluation of the same codes, with no fp32 table in the artifact.
+(fq2, int8, rtn2) against a numpy evaluation of the same codes, with no fp32 table in the artifact;
+the two new kernels (code_gather, frame_synthesis and its CPU variant) against numpy.
 """
 
 import json
@@ -255,3 +256,54 @@ def test_cli_quantize_head_int8(tied, capsys):
     proto = prepare(onnx.load(str(path)))
     plan = plan_layers(proto, cfg=scheme_config("int8"), quantize_head=True)
     _check(out, path, quantize_layers(proto, plan, scheme_config("int8"), None, progress=False), "int8", 32)
+
+
+# ---- kernels ---------------------------------------------------------------------------------------
+
+HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+
+
+def _run(func, *arrays, out_shape, variant=True):
+    from fq_tvm.schedules import schedule_func
+
+    func = schedule_func(func, HOST, act_bits=32) if variant else func.with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": func}), HOST)
+    out = tvm.runtime.tensor(np.zeros(out_shape, np.float32))
+    lib.mod["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays], out)
+    return out.numpy()
+
+
+@pytest.mark.parametrize("variant", [True, False])  # the CPU's written kernel, the te form
+@pytest.mark.parametrize("nblk, two_l, two_k, tail", [(36, 16, 18, 0), (4, 16, 18, 5)])
+def test_frame_synthesis_is_the_transposed_frame(nblk, two_l, two_k, tail, variant):
+    from fq_tvm.schedules import schedule_func
+
+    rng = np.random.default_rng(nblk)
+    F = rng.standard_normal((two_k, two_l)).astype(np.float32)
+    dense = np.zeros((nblk * two_k + tail, nblk * two_l + tail))
+    for b in range(nblk):
+        dense[b * two_k:(b + 1) * two_k, b * two_l:(b + 1) * two_l] = F
+    dense[nblk * two_k:, nblk * two_l:] = np.eye(tail)
+    func = kernels.frame_synthesis(nblk, two_l, two_k, tail)
+    assert str(schedule_func(func, HOST).attrs["fq_kernel"]) == "frame_synthesis_rows"
+    x = rng.standard_normal((5, dense.shape[0])).astype(np.float32)
+    ours = _run(func, x, F, out_shape=(5, dense.shape[1]), variant=variant)
+    assert np.abs(ours - x.astype(np.float64) @ dense).max() < 1e-4 * np.abs(x @ dense).max()
+
+
+@pytest.mark.parametrize("bits, group", [(2, 72), (4, 24), (8, 72)])
+def test_code_gather_decodes_rows_and_clamps_ids(bits, group):
+    from fq_tvm.numerics import pack_codes
+
+    rng = np.random.default_rng(bits)
+    rows, cols = 50, 72
+    codes = rng.integers(0, 2 ** bits, (rows, cols)).astype(np.uint8)
+    scale = rng.random((rows, cols // group)).astype(np.float32)
+    zero = rng.random((rows, cols // group)).astype(np.float32)
+    ids = np.array([3, 0, 49, 7, 60, -2], np.int64)  # the last two out of range: clamped
+    ours = _run(kernels.code_gather(rows, cols, bits, group), ids, pack_codes(codes, bits), scale, zero,
+                out_shape=(len(ids), cols))
+    rows_read = np.clip(ids, 0, rows - 1)
+    g = np.arange(cols) // group
+    ref = (codes[rows_read] - zero[rows_read][:, g]) * scale[rows_read][:, g]
+    assert np.abs(ours - ref).max() < 1e-5
