@@ -21,6 +21,7 @@ examples:
   fq-compile model.onnx --target cuda --cuda-arch sm_86 -o model.cuda
   fq-compile model.onnx --target '{"kind": "llvm", "mcpu": "znver4"}' -o model.zen4
   fq-compile model.onnx --scheme fq2 --redundancy 1.1 --calib calib.npz --skip lm_head -o model.fq2
+  fq-compile smollm2.onnx --scheme fq2 --calib calib.npz --quantize-head -o smollm2.fq2
   fq-compile --list-targets
 
 The output is a directory: model.so (+ device code for CUDA) and manifest.json with versions,
@@ -111,6 +112,10 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--pad-small", action="store_true",
                    help="quantize layers whose sizes padding would make store over 1.5x the scheme's nominal bits "
                         "per weight (fq2 on 100 -> 37: 6.1 bits); by default they stay fp32, listed with the reason")
+    p.add_argument("--quantize-head", action="store_true",
+                   help="quantize the tied embedding / LM head too (SmolLM2's 49152x576 table): stored once at "
+                        "the scheme's bits, the embedding gathers the same codes; an error for a model "
+                        "without a tied head, ignored (with a warning) under fp32")
     p.add_argument("--act-bits", type=int, choices=(8, 32), default=8,
                    help="activations of quantized layers: 8 (default) quantizes them per row and group of 256 "
                         "and multiplies in int8 (AVX-512 VNNI, AVX2, Arm dotprod, NEON); 32 keeps them float")
@@ -167,7 +172,7 @@ def compile_main(argv=None):
         if args.calib_text or args.tokenizer:
             _check_text_calibration(args)
         given = {"--calib": args.calib, "--calib-text": args.calib_text, "--calib-samples": args.calib_samples,
-                 "--pad-small": args.pad_small}
+                 "--pad-small": args.pad_small, "--quantize-head": args.quantize_head}
         for text in ignored_options(cfg, given):
             warn(text)
         if not calibrates(cfg):
@@ -179,7 +184,7 @@ def compile_main(argv=None):
                             force=args.force, quiet=args.quiet, act_bits=args.act_bits,
                             input_shapes=args.input_shape, calib_samples=samples,
                             pad_small=args.pad_small and cfg.method != "none",
-                            tuning_db=args.tuning_db)
+                            tuning_db=args.tuning_db, quantize_head=args.quantize_head and cfg.method != "none")
     info = summary(out, time.monotonic() - start)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -323,7 +328,7 @@ def summary(out_dir, seconds: float) -> dict:
                           for entry in manifest.get("skipped", [])] if quantized else None,
             "dense_bits_per_weight": weights.get("quantized_dense_bits_per_weight", 32.0),
             "bits_per_weight": round(32 * weights["bytes"] / fp32_bytes, 4) if fp32_bytes else 32.0,
-            "weight_bytes": weights["bytes"], "fp32_weight_bytes": fp32_bytes,
+            "weight_bytes": weights["bytes"], "fp32_weight_bytes": fp32_bytes, "head": manifest.get("head"),
             "artifact_bytes": sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file()),
             "compile_seconds": round(seconds, 2)}
 
@@ -337,9 +342,22 @@ def summary_text(info: dict) -> str:
                   f"{info['dense_bits_per_weight']:.2f} bits per weight), {info['layers_kept_fp32']} kept fp32")
     ratio = info["fp32_weight_bytes"] / info["weight_bytes"] if info["weight_bytes"] else 1.0
     smaller = f"{ratio:.1f}x smaller" if ratio > 1.005 else "the same"
+    layers += _head_text(info.get("head"), info["layers_kept_fp32"] is not None)
     return (f"compiled in {info['compile_seconds']:.1f} s: {layers}; weights {info['bits_per_weight']:.2f} bits "
             f"each on average, {info['weight_bytes'] / mb:.3f} MB against {info['fp32_weight_bytes'] / mb:.3f} MB "
             f"in fp32 ({smaller}); artifact {info['artifact_bytes'] / mb:.3f} MB on disk")
+
+
+def _head_text(head: dict | None, quantized: bool) -> str:
+    """', tied head ...' for a model with a tied embedding / LM head, else ''. quantized: the
+    scheme quantizes (fp32 gets no hint to --quantize-head)."""
+    if not head:
+        return ""
+    if head["quantized"]:
+        return (f", tied head quantized ({head['scheme']}, {head['bits_per_weight']:.2f} bits per weight, "
+                f"{head['bytes'] / 1e6:.3f} MB)")
+    hint = "; --quantize-head quantizes it" if quantized else ""
+    return f", tied head fp32 ({head['bytes'] / 1e6:.3f} MB{hint})"
 
 
 def _count(n: int, noun: str) -> str:

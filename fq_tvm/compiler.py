@@ -39,7 +39,7 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
             l_den: int | None = None, calib=None, skip: str | None = None, cuda_arch: str | None = None,
             force: bool = False, quiet: bool = False, records: dict | None = None, act_bits: int = 8,
             input_shapes=None, calib_samples: int | None = None, pad_small: bool = False,
-            tuning_db=None) -> Path:
+            tuning_db=None, quantize_head: bool = False) -> Path:
     """Compile an ONNX model for `target` into an artifact directory; return its path.
 
     model: path to an .onnx file. target: a preset name (`fq-compile --list-targets`) or a TVM
@@ -54,7 +54,10 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     calib_samples with an FqWarning. pad_small: quantize layers that padding makes store over 1.5x
     the scheme's nominal bits per weight (with an FqWarning each) instead of keeping them fp32
     (`--pad-small`). tuning_db: a directory written by fq-tune (`--tuning-db`): its
-    tuned schedules replace the CPU fallback where they were faster. records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
+    tuned schedules replace the CPU fallback where they were faster. quantize_head: quantize the
+    tied embedding / LM head too (`--quantize-head`), stored once at the scheme's bits without an
+    output rotation, the embedding gathering the same codes (passes/tied_head.py); a model without
+    a tied head is an FqError, fp32 ignores it with an FqWarning. records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
     layers the artifact runs quantized (to check it against a numpy evaluation). A failed compile
     leaves nothing at `out_dir`.
     """
@@ -68,7 +71,8 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     hooks.check_tools(preset)
     check_frame_options(scheme, redundancy, l_den)
     cfg = scheme_config(scheme, redundancy=redundancy, l_den=l_den)
-    for text in ignored_options(cfg, {"calib=": calib, "calib_samples=": calib_samples, "pad_small=": pad_small}):
+    given = {"calib=": calib, "calib_samples=": calib_samples, "pad_small=": pad_small, "quantize_head=": quantize_head}
+    for text in ignored_options(cfg, given):
         warn(text)
     if not calibrates(cfg):
         calib = calib_samples = None
@@ -92,8 +96,10 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     layers, layer_report, quantized = {}, {}, {}
     if cfg.method != "none":
         step(f"quantizing dense layers ({cfg.name})")
-        layers, layer_report, quantized = _quantize(proto, cfg, calib, skip, quiet, calib_samples, pad_small)
+        layers, layer_report, quantized = _quantize(proto, cfg, calib, skip, quiet, calib_samples, pad_small,
+                                                    quantize_head)
     step("importing into Relax" + (" and rewriting dense layers" if layers else ""))
+    pre_bounds = fast_take_bounds(imported[0]["main"])[0]  # a quantized head's gather is no take
     mod = _import(proto, layers, layer_report, quiet, imported)
     if records is not None:  # only what the artifact really runs quantized
         kept = {entry["weight"] for entry in layer_report.get("layers", [])}
@@ -103,6 +109,7 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     if tuned is not None:
         kernels["tuning"] = tuning_report
     bounds, all_bounded = fast_take_bounds(mod["main"])
+    bounds = {**pre_bounds, **bounds}
     executable = _build(mod, preset, act_bits, kernels["counts"], log_filter(all_bounded, quiet), quiet, tuned)
     with staging_dir(out_dir, force, keep) as tmp:
         step(f"writing {out_dir}")
@@ -114,6 +121,9 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
             manifest["generation"] = generation
         add_ranges(manifest["inputs"], bounds)
         manifest.update(layer_report)
+        head = _head_entry(proto, layer_report)
+        if head is not None:  # a tied embedding / LM head: quantized or fp32, its bits and bytes
+            manifest["head"] = head
         manifest["kernels"] = kernels
         if layer_report.get("layers"):
             manifest["weights"].update(_weight_totals(layer_report["layers"], manifest["weights"]["bytes"]))
@@ -172,7 +182,8 @@ def uses_calibration(scheme: str) -> bool:
 
 def ignored_options(cfg, given: dict) -> list[str]:
     """One warning line for the options in `given` ({flag or parameter name: value}) that the
-    scheme does not use: calibration data for a scheme that does not calibrate, pad_small for fp32."""
+    scheme does not use: calibration data for a scheme that does not calibrate, pad_small and
+    quantize_head for fp32."""
     lines = []
     unused = [name for name, value in given.items() if value is not None and value is not False
               and (not calibrates(cfg) if "calib" in name else cfg.method == "none")]
@@ -180,8 +191,10 @@ def ignored_options(cfg, given: dict) -> list[str]:
     if calib:
         lines.append(f"{' and '.join(calib)} {'is' if len(calib) == 1 else 'are'} ignored: scheme {cfg.name} "
                      f"does not calibrate")
-    if len(unused) > len(calib):
-        lines.append(f"{unused[-1]} is ignored: scheme {cfg.name} does not quantize")
+    other = [name for name in unused if "calib" not in name]
+    if other:
+        lines.append(f"{' and '.join(other)} {'is' if len(other) == 1 else 'are'} ignored: scheme {cfg.name} "
+                     f"does not quantize")
     return lines
 
 
@@ -230,11 +243,11 @@ def check_cpu(target) -> None:
                       f"{len(known)} CPUs, e.g. {', '.join(near)} (--target host picks this machine's)")
 
 
-def _quantize(proto, cfg, calib, skip, quiet, calib_samples=None, pad_small=False):
+def _quantize(proto, cfg, calib, skip, quiet, calib_samples=None, pad_small=False, quantize_head=False):
     from .importer import param_name
     from .quantize import calibrate_layers, plan_layers, quantize_layers, to_packed
 
-    plan = plan_layers(proto, skip, cfg=cfg, pad_small=pad_small)
+    plan = plan_layers(proto, skip, cfg=cfg, pad_small=pad_small, quantize_head=quantize_head)
     for _, text in plan.padded:
         warn(text)
     hessians = None
@@ -242,7 +255,7 @@ def _quantize(proto, cfg, calib, skip, quiet, calib_samples=None, pad_small=Fals
         hessians = calibrate_layers(proto, plan.all_uses(plan.chosen), calib, not quiet, calib_samples)
     records = quantize_layers(proto, plan, cfg, hessians, not quiet)
     layers = {param_name(w): to_packed(r) for w, r in records.items()}
-    report = {"layers": [_layer_entry(plan.names[layer.node], layer, records[layer.weight])
+    report = {"layers": [_layer_entry(plan.names[layer.node], layer, records[layer.weight], layer.weight in plan.tied)
                          for layer in plan.chosen],
               "skipped": [{"name": plan.names[layer.node], "weight": layer.weight, "reason": reason,
                            "shape": [layer.out_features, layer.in_features]}
@@ -258,15 +271,33 @@ def _weight_totals(entries, fp32_total: int) -> dict:
             "quantized_dense_bits_per_weight": round(8 * dense_bytes / (dense_fp32 / 4), 4)}
 
 
-def _layer_entry(name, layer, record) -> dict:
+def _layer_entry(name, layer, record, tied: bool = False) -> dict:
     from .numerics import bits_per_weight, layer_bits
 
     entry = {"name": name, "weight": layer.weight, "shape": [layer.out_features, layer.in_features],
              "scheme": record.scheme, "bits": record.bits, "stored_shape": [record.rows, record.cols],
              "bits_per_weight": round(bits_per_weight(record), 4), "bytes": layer_bits(record) // 8}
+    if tied:  # the tied embedding / LM head: one table, no output rotation, the embedding gathers its codes
+        entry["tied"] = True
     if record.guard is not None:  # the held-out guard's choice (numerics/guard.py)
         entry["guard"] = record.guard
     return entry
+
+
+def _head_entry(proto, report: dict) -> dict | None:
+    """The manifest's `head`: the tied embedding / LM head, quantized (scheme, bits, bytes) or
+    kept fp32 (bytes); None for a model without one."""
+    from .quantize import find_tied_head
+
+    head = find_tied_head(proto)
+    if head is None:
+        return None
+    entry = next((e for e in report.get("layers", []) if e.get("tied")), None)
+    shape = [head.out_features, head.in_features]
+    if entry is None:
+        return {"weight": head.weight, "shape": shape, "quantized": False, "bits": 32, "bytes": 4 * shape[0] * shape[1]}
+    return {"weight": head.weight, "shape": shape, "quantized": True, "scheme": entry["scheme"], "bits": entry["bits"],
+            "bits_per_weight": entry["bits_per_weight"], "bytes": entry["bytes"]}
 
 
 def _import_first(proto, input_shapes):
@@ -279,15 +310,19 @@ def _import_first(proto, input_shapes):
 
 
 def _import(proto, layers=None, report=None, quiet=True, imported=None):
-    from .importer import bind_weights, to_relax
+    from .importer import bind_weights, param_name, to_relax
 
     mod, weights = imported or to_relax(proto)
     if layers:
         from .passes.quantize_dense import QuantizeDense
+        from .passes.tied_head import QuantizeTiedHead
 
-        rewrite = QuantizeDense(layers)
+        tied = {param_name(e["weight"]) for e in report["layers"] if e.get("tied")}
+        rewrite = QuantizeDense({name: layer for name, layer in layers.items() if name not in tied})
         mod = rewrite(mod)
-        missed = set(layers) - set(rewrite.rewritten_params)
+        heads = QuantizeTiedHead({name: layers[name] for name in tied})
+        mod = heads(mod)
+        missed = set(layers) - set(rewrite.rewritten_params) - set(heads.rewritten)
         if missed:
             _unmatched(report, missed)
     if report and not quiet:

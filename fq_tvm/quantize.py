@@ -29,6 +29,7 @@ class Plan:
     padded: list = field(default_factory=list)  # (DenseLayer, warning): chosen although padding bloats it
     names: dict = field(default_factory=dict)  # node name -> readable layer name
     uses: dict = field(default_factory=dict)  # weight name -> every DenseLayer (node) reading it
+    tied: set = field(default_factory=set)  # weight names of tied embedding tables chosen as heads (--quantize-head)
 
     def all_uses(self, layers) -> list:
         """Every node reading the weights of `layers` (a shared weight calibrates over all uses)."""
@@ -105,10 +106,11 @@ def padding_check(cfg, layer) -> str | None:
 
 
 def plan_layers(proto, skip: str | None = None, min_features: int = MIN_FEATURES, cfg=None,
-                pad_small: bool = False) -> Plan:
+                pad_small: bool = False, quantize_head: bool = False) -> Plan:
     """Choose the dense layers to quantize. With `cfg`, a layer that padding would make store over
     PAD_LIMIT x the scheme's nominal bits stays fp32 (a skipped reason), unless `pad_small`: then
-    it is chosen and listed in `plan.padded` with a warning."""
+    it is chosen and listed in `plan.padded` with a warning. quantize_head: the tied embedding /
+    LM head (find_tied_head) is chosen too (`--skip` does not apply to it); FqError without one."""
     from .numerics import find_dense_layers
 
     try:
@@ -141,7 +143,58 @@ def plan_layers(proto, skip: str | None = None, min_features: int = MIN_FEATURES
     for layer, reason in unsupported_dense(proto, set(plan.uses)):
         plan.names[layer.node] = display_name(nodes[layer.node]) if layer.node in nodes else layer.node
         plan.skipped.append((layer, reason))
+    if quantize_head:
+        _choose_head(proto, plan, nodes)
     return plan
+
+
+def _choose_head(proto, plan: Plan, nodes: dict) -> None:
+    head = find_tied_head(proto)
+    if head is None:
+        raise FqError("--quantize-head: the model has no tied embedding / LM head (a 2-D table both "
+                      "gathered and multiplied transposed); nothing to quantize")
+    plan.skipped = [(layer, reason) for layer, reason in plan.skipped if layer.node != head.node]
+    plan.names[head.node] = display_name(nodes[head.node]) if head.node in nodes else head.node
+    plan.uses[head.weight] = [head]
+    plan.chosen.append(head)
+    plan.tied.add(head.weight)
+
+
+def find_tied_head(proto):
+    """The tied LM head as a numerics.DenseLayer (weight: the table E [V, K], transposed), or None.
+    After frontend.prepare a tied table E is read by Gather(E, ids, axis 0) and by a MatMul(h,
+    Transpose(E)); the table must be used no other way. The first such MatMul is the head."""
+    from .numerics.calibrate import DenseLayer
+
+    inits = {t.name: list(t.dims) for t in proto.graph.initializer}
+    users: dict = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    for i, node in enumerate(proto.graph.node):
+        table = _transposed_table(node, inits, users)
+        if table is None:
+            continue
+        matmuls = [n for n in users.get(node.output[0], []) if n.op_type == "MatMul" and n.input[1] == node.output[0]]
+        if matmuls and len(matmuls) == len(users[node.output[0]]):
+            head = matmuls[0]
+            V, K = inits[table]
+            return DenseLayer(head.name or f"MatMul_{i}", "MatMul", head.input[0], table, True, K, V, head.output[0])
+    return None
+
+
+def _transposed_table(node, inits: dict, users: dict) -> str | None:
+    """E when `node` is Transpose(E, perm [1, 0]) of a 2-D initializer that is otherwise only
+    gathered along axis 0."""
+    if node.op_type != "Transpose" or node.input[0] not in inits or len(inits[node.input[0]]) != 2:
+        return None
+    perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
+    if perm != [1, 0]:
+        return None
+    others = [n for n in users[node.input[0]] if n is not node]
+    gathers = [n for n in others if n.op_type == "Gather" and n.input[0] == node.input[0]
+               and next((a.i for a in n.attribute if a.name == "axis"), 0) == 0]
+    return node.input[0] if gathers and len(gathers) == len(others) else None
 
 
 def unsupported_dense(proto, found: set) -> list:
@@ -247,7 +300,8 @@ def quantize_layers(proto, plan: Plan, cfg, hessians: dict | None, progress: boo
         records[layer.weight] = quantize_layer(
             plan.names[layer.node], w, h, cfg,
             input_seed=seed_for(layer.activation + ":in", cfg.seed),
-            output_seed=seed_for(layer.weight + ":out", cfg.seed))
+            output_seed=seed_for(layer.weight + ":out", cfg.seed),
+            output_rotation=layer.weight not in plan.tied)  # a tied table gathers its rows
     return records
 
 
@@ -303,6 +357,6 @@ def simulated_model(proto, records: dict):
     for init in sim.graph.initializer:
         if init.name in records:
             w = effective_weight(records[init.name]).astype(np.float32)  # [N, K]
-            w = w if layers[init.name].transposed else w.T
+            w = w if init.name not in layers or layers[init.name].transposed else w.T  # not a layer: a tied table
             init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w), init.name))
     return sim

@@ -54,6 +54,53 @@ def input_transform(bb, x2, layer: PackedLinear):
     return _resize(bb, x2, dim, layer.cols)
 
 
+def _weights(layer: PackedLinear, shared: dict) -> list:
+    """The packed codes, scales and zeros as constants, one set per layer (a weight read by
+    several nodes, or gathered and multiplied as a tied table, is stored once)."""
+    key = ("weights", id(layer))
+    if key not in shared:
+        shared[key] = [relax.const(layer.packed), relax.const(layer.scale), relax.const(layer.zero)]
+    return shared[key]
+
+
+def inverse_input_transform(bb, e, layer: PackedLinear):
+    """e [M, cols] -> [M, K]: T_K^T e, the transpose of input_transform (frame synthesis P^T, then
+    the inverse randomized Hadamard, then the padding dropped)."""
+    dim = layer.cols
+    if layer.frame is not None:
+        frame = layer.frame
+        two_k, two_l = frame.block.shape
+        e = _resize(bb, e, dim, frame.out_dim)
+        func = _kernels().frame_synthesis(frame.nblk, two_l, two_k, frame.tail)
+        name = f"fq_frame_synthesis_{frame.nblk}x{two_k}x{two_l}_{frame.tail}"
+        e = _call(bb, func, name, [e, relax.const(frame.block.astype(np.float32))], [e.ty.shape[0], frame.in_dim])
+        dim = frame.in_dim
+    if layer.in_rot is not None:
+        e = _resize(bb, e, dim, layer.in_rot.padded)
+        e = _rotate(bb, e, layer.in_rot, inverse=True)
+        dim = layer.in_rot.padded
+    return _resize(bb, e, dim, layer.in_features)
+
+
+def code_gather(bb, ids, layer: PackedLinear, shared: dict):
+    """Bindings computing W_hat[ids] for integer ids [...] of a layer stored without an output
+    rotation (a quantized tied embedding): gather and decode the code rows, then T_K^T. Returns
+    the output expr [..., K]."""
+    if layer.out_rot is not None:
+        raise ValueError(f"{layer.name}: rows cannot be gathered under an output rotation")
+    shape = list(ids.ty.shape)
+    flat = bb.emit(relax.op.reshape(ids, [-1])) if len(shape) != 1 else ids
+    if flat.ty.dtype != "int64":
+        flat = bb.emit(relax.op.astype(flat, "int64"))
+    func = _kernels().code_gather(layer.rows, layer.cols, layer.bits, layer.group_size)
+    name = f"fq_code_gather_{layer.rows}_{layer.cols}_b{layer.bits}_g{layer.group_size}"
+    e = _call(bb, func, name, [flat, *_weights(layer, shared)], [flat.ty.shape[0], layer.cols])
+    e = inverse_input_transform(bb, e, layer)
+    if len(shape) == 1:
+        return e
+    return relax.op.reshape(e, shape + [layer.in_features])
+
+
 def packed_linear(bb, x, layer: PackedLinear, shared: dict):
     """Bindings computing x @ W_hat^T for x [..., K]; returns the output expr [..., N]."""
     shape = list(x.ty.shape)
@@ -65,11 +112,7 @@ def packed_linear(bb, x, layer: PackedLinear, shared: dict):
     rows = xf.ty.shape[0]
     func = _kernels().dequant_matmul(layer.rows, layer.cols, layer.bits, layer.group_size)
     name = f"fq_dequant_matmul_{layer.rows}_{layer.cols}_b{layer.bits}_g{layer.group_size}"
-    consts = ("weights", id(layer))  # a weight shared by several nodes is stored once
-    if consts not in shared:
-        shared[consts] = [relax.const(layer.packed), relax.const(layer.scale), relax.const(layer.zero)]
-    args = [xf, *shared[consts]]
-    u = _call(bb, func, name, args, [rows, layer.rows])
+    u = _call(bb, func, name, [xf, *_weights(layer, shared)], [rows, layer.rows])
     dim = layer.rows
     if layer.out_rot is not None:
         u = _rotate(bb, u, layer.out_rot, inverse=True)

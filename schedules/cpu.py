@@ -65,12 +65,12 @@ def elementwise(sch: s_tir.Schedule, target) -> None:
 
 RULES = {"dequant_matmul": dequant_matmul}
 DEFAULT = elementwise
-WRITTEN_SCHEDULED = (cpu_int8.KIND, cpu_hadamard.KIND, cpu_frame.KIND)
+WRITTEN_SCHEDULED = (cpu_int8.KIND, cpu_hadamard.KIND, cpu_frame.KIND, cpu_frame.SYNTHESIS_KIND)
 
 
 def variant(func, target, act_bits: int):
-    """Kernels written for CPUs with the same buffers: the Hadamard and the frame one row at a time
-    (`cpu_hadamard`, `cpu_frame`); with int8 activations, a dequant-matmul runs `cpu_int8` where
+    """Kernels written for CPUs with the same buffers: the Hadamard and the frame (and its
+    transpose) one row at a time (`cpu_hadamard`, `cpu_frame`); with int8 activations, a dequant-matmul runs `cpu_int8` where
     the target has an ISA for it and the layer fits its blocks, else the float kernel above."""
     written = _written(func.attrs, target, act_bits)
     return func if written is None else written.with_attr("global_symbol", func.attrs["global_symbol"])
@@ -82,6 +82,8 @@ def _written(attrs, target, act_bits: int):
         return cpu_hadamard.hadamard(int(attrs["fq_dim"]), int(attrs["fq_block"]), bool(int(attrs["fq_inverse"])))
     if kind == "frame_analysis":
         return cpu_frame.frame_analysis(*(int(attrs[f"fq_{k}"]) for k in ("nblk", "two_l", "two_k", "tail")))
+    if kind == "frame_synthesis":
+        return cpu_frame.frame_synthesis(*(int(attrs[f"fq_{k}"]) for k in ("nblk", "two_l", "two_k", "tail")))
     if kind == "dequant_matmul" and act_bits == 8:
         plan = cpu_int8.plan(int(attrs["fq_rows"]), int(attrs["fq_cols"]), int(attrs["fq_bits"]),
                              int(attrs.get("fq_group", 0)), target)

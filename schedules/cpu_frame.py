@@ -40,3 +40,34 @@ def frame_analysis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.Pri
                 y[i, body + j] = x[i, din + j]
 
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
+
+
+SYNTHESIS_KIND = "frame_synthesis_rows"
+
+
+def frame_synthesis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.PrimFunc:
+    """The transposed frame (a quantized tied embedding's P^T): per row, each group of 2k inputs
+    times F (2k x 2l), broadcast-multiply-adds into a vector of the 2l outputs (F's rows are
+    contiguous, so no transposed copy). Same buffers as `kernels.frame_synthesis`."""
+    body, din = nblk * two_k, nblk * two_l
+
+    @T.prim_func(private=True)
+    def func(x_h: T.handle, F: T.Buffer((two_k, two_l), "float32"), y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, body + tail), "float32")
+        y = T.match_buffer(y_h, (m, din + tail), "float32")
+        for i in T.parallel(m):
+            acc = T.alloc_buffer((two_l,), "float32", scope="local")
+            for b in range(nblk):
+                for c in T.vectorized(two_l):
+                    acc[c] = T.float32(0)
+                for r in T.unroll(two_k):
+                    for c in T.vectorized(two_l):
+                        acc[c] = acc[c] + x[i, b * two_k + r] * F[r, c]
+                for c in T.vectorized(two_l):
+                    y[i, b * two_l + c] = acc[c]
+            for j in range(tail):
+                y[i, din + j] = x[i, body + j]
+
+    return func.with_attrs({"fq_kernel": SYNTHESIS_KIND, "op_pattern": OPAQUE})

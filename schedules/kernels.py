@@ -221,6 +221,46 @@ def _frame(x, F, m, nblk: int, two_l: int, two_k: int, tail: int, prefix: str = 
         j < _i64(body), coef[i, te.min(j, _i64(body - 1))], x[i, te.max(j - _i64(body - din), _i64(din))]), name=last)
 
 
+def frame_synthesis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.PrimFunc:
+    """y = blockdiag(F, ..., F, I_tail)^T x on the last axis (frame_analysis transposed, P^T);
+    F is [two_k, two_l]: x [m, nblk * two_k + tail] -> y [m, nblk * two_l + tail]."""
+    m = _rows()
+    body, din = nblk * two_k, nblk * two_l
+    TK, TL = _i64(two_k), _i64(two_l)
+    x = te.placeholder((m, _i64(body + tail)), "float32", "x")
+    F = te.placeholder((TK, TL), "float32", "F")
+    r = te.reduce_axis((0, TK), "r")
+    coef = te.compute((m, _i64(din)), lambda i, j: te.sum(F[r, j % TL] * x[i, (j // TL) * TK + r], axis=r),
+                      name="coef" if tail else "y")
+    y = coef if tail == 0 else te.compute((m, _i64(din + tail)), lambda i, j: tirx.if_then_else(
+        j < _i64(din), coef[i, te.min(j, _i64(din - 1))], x[i, te.max(j - _i64(din - body), _i64(body))]), name="y")
+    shape = {"nblk": nblk, "two_l": two_l, "two_k": two_k, "tail": tail, "out": din + tail}
+    return _finish([x, F, y], "frame_synthesis", **shape)
+
+
+def code_gather(rows: int, cols: int, bits: int, group_size: int) -> tvm.tirx.PrimFunc:
+    """y[m, cols] = dequant(packed)[ids]: the stored rows `ids` of a packed matrix (the same
+    buffers as dequant_matmul's weight), decoded, (q - zero) * scale per group. Ids are clamped
+    to [0, rows) so that no read leaves the table."""
+    per = 8 // bits
+    width = -(-cols // per)
+    ngroups = -(-cols // group_size)
+    m = _rows()
+    N, K, B, G, GS, P = (_i64(v) for v in (rows, cols, width, ngroups, group_size, per))
+    ids = te.placeholder((m,), "int64", "ids")
+    packed = te.placeholder((N, B), "uint8", "packed")
+    scale = te.placeholder((N, G), "float32", "scale")
+    zero = te.placeholder((N, G), "float32", "zero")
+
+    def body(i, c):
+        row = te.max(te.min(ids[i], N - _i64(1)), _i64(0))
+        g = c // GS
+        return (_decode(packed[row, c // P], c % P, bits) - zero[row, g]) * scale[row, g]
+
+    y = te.compute((m, K), body, name="y")
+    return _finish([ids, packed, scale, zero, y], "code_gather", rows=rows, cols=cols, bits=bits, group=group_size)
+
+
 def pad_last(dim: int, padded: int) -> tvm.tirx.PrimFunc:
     m = _rows()
     x = te.placeholder((m, _i64(dim)), "float32", "x")

@@ -34,6 +34,7 @@ from .record import (
     dequantize,
     effective_weight,
     from_state,
+    gather_rows,
     to_state,
 )
 from .transforms import Chain
@@ -43,7 +44,7 @@ __all__ = [
     "ACT_BITS", "ACT_GROUP", "quantize_activations", "SCHEMES", "Chain", "DenseLayer", "FusionFrame", "Hadamard", "HessianStat", "QuantConfig",
     "QuantizedLinear", "apply", "bits_per_weight", "calibrate", "codes", "dequantize",
     "effective_weight", "find_dense_layers", "frame_block", "frame_k", "framequant", "from_state",
-    "fwht", "get_scheme", "gptq", "grid_params", "input_transforms", "inverse_hessian_factor",
+    "fwht", "gather_rows", "get_scheme", "gptq", "grid_params", "input_transforms", "inverse_hessian_factor",
     "layer_bits", "model_bits_per_weight", "nominal_bits_per_weight", "normalized_hessian",
     "pack_codes", "packed_width", "padded_dim", "quantize_layer", "random_signs", "rtn",
     "seed_for", "storage_bits", "tff_exists", "to_state", "unpack_codes", "weight_matrix",

@@ -58,7 +58,7 @@ class _Layer:
     carried there), and how codes become a record. gptq: C = W, Hc = H; framequant: C = T_N W T_K^T,
     Hc = T_K (H K / tr H + 0.01 I) T_K^T."""
 
-    def __init__(self, name, W, cfg, input_seed, output_seed):
+    def __init__(self, name, W, cfg, input_seed, output_seed, output_rotation=True):
         self.name, self.cfg, self.W = name, cfg, W
         self.kw = {}
         if cfg.method == "framequant":
@@ -66,7 +66,7 @@ class _Layer:
             in_seed = seed_for(name + ":in", cfg.seed) if input_seed is None else int(input_seed)
             out_seed = seed_for(name + ":out", cfg.seed) if output_seed is None else int(output_seed)
             had_in, frame = input_transforms(K, cfg, in_seed)
-            had_out = Hadamard.create(N, out_seed)
+            had_out = Hadamard.create(N, out_seed) if output_rotation else None  # None: T_N = I
             self.t_in = Chain([had_in, frame], K)
             self.C = Chain([had_out], N).apply_rows(self.t_in.apply(W))  # T_N W T_K^T
             self.kw = {"input_hadamard": had_in, "input_frame": frame, "output_hadamard": had_out}
@@ -97,6 +97,7 @@ def quantize_layer(
     cfg: QuantConfig | str,
     input_seed: int | None = None,
     output_seed: int | None = None,
+    output_rotation: bool = True,
 ) -> QuantizedLinear:
     """Quantize one dense layer W [N, K] (y = W x) with Hessian H [K, K] (X X^T up to a positive
     factor; unused by RTN). Seeds default to seed_for(name + ':in' / ':out', cfg.seed); pass the
@@ -104,7 +105,10 @@ def quantize_layer(
 
     H may be a calibrate.HessianStat: then its row count raises the damping when rows are few
     (guard.auto_damp), and with a held-out part and cfg.guard the held-out guard chooses the
-    option (guard.py); the record's `guard` says which, with every candidate's held-out error."""
+    option (guard.py); the record's `guard` says which, with every candidate's held-out error.
+
+    output_rotation False keeps T_N = I (FrameQuant): each stored row is one output row, so a
+    tied embedding can gather its rows (record.gather_rows); per-row scales and zeros adapt."""
     cfg = get_scheme(cfg) if isinstance(cfg, str) else cfg
     W = np.asarray(W, dtype=np.float64)
     if W.ndim != 2:
@@ -117,7 +121,7 @@ def quantize_layer(
         raise ValueError(f"{name}: scheme '{cfg.name}' (method '{cfg.method}') does not quantize")
     if cfg.method != "rtn" and (H is None or np.shape(H) != (K, K)):
         raise ValueError(f"{name}: method '{cfg.method}' needs a Hessian of shape ({K}, {K})")
-    layer = _Layer(name, W, cfg, input_seed, output_seed)
+    layer = _Layer(name, W, cfg, input_seed, output_seed, output_rotation)
     if cfg.method == "rtn":
         return layer.record(*rtn(W, cfg))
     if stat is not None and cfg.guard and stat.has_holdout:

@@ -110,6 +110,20 @@ def effective_weight(record: QuantizedLinear) -> np.ndarray:
     return record.output_transform().adjoint_rows(m)
 
 
+def gather_rows(record: QuantizedLinear, ids) -> np.ndarray:
+    """float64 [..., K]: rows `ids` of W_hat read from the codes alone, T_K^T dequant(C[ids]) (a
+    quantized tied embedding). Needs T_N = I (quantize_layer(..., output_rotation=False)): an
+    output rotation mixes the rows of C."""
+    if record.output_hadamard is not None:
+        raise ValueError(f"{record.name}: rows cannot be gathered under an output rotation")
+    ids = np.asarray(ids)
+    rows = unpack_codes(record.packed[ids.reshape(-1)], record.bits, record.cols).astype(np.float32)
+    g = np.arange(record.cols) // record.group_size
+    flat = ids.reshape(-1)
+    deq = (rows - record.zero[flat][:, g]) * record.scale[flat][:, g]
+    return record.input_transform().adjoint(deq.astype(np.float64)).reshape(*ids.shape, record.in_features)
+
+
 def apply(record: QuantizedLinear, x: np.ndarray, act_bits: int = 32) -> np.ndarray:
     """x [..., K] -> y [..., N] (float64), by the inference math; act_bits 8 quantizes the coded
     input as the int8 CPU kernels do (numerics.activations)."""
