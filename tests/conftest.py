@@ -48,10 +48,23 @@ from fq_tvm import models  # noqa: E402
 LONGEST = ("test_real_smollm2.py", "test_real_quantized.py", "test_import_real.py", "test_real_models.py")
 
 
+# Files whose tests build whole models with TVM (5-20 s each): marked `build`, so that the quick loop
+# (`-m "not slow and not build"`: numerics, passes, manifests, CLI checks) runs in about a minute.
+BUILDS = {f"test_{name}.py" for name in (
+    "quantized_compile", "compile_cpu", "cross_targets", "import_fixes", "attention", "import_real",
+    "tuning", "kernels", "rpc", "int8_activations", "bench", "force", "cuda_codegen", "quantize_head",
+    "tied_weights", "bundle", "dense", "generate")}
+
+
 def pytest_collection_modifyitems(config, items):
-    """The longest files first, then the other slow ones (stable otherwise): xdist hands files out
-    in this order, and a long one started last leaves one worker running alone at the end (the
-    SmolLM2 file started after the qemu ones did on 2026-11-26)."""
+    """Marks the BUILDS files' tests `build`. Orders the longest files first, then the other slow
+    ones (stable otherwise): xdist hands files out in this order, and a long one started last
+    leaves one worker running alone at the end (the SmolLM2 file started after the qemu ones did
+    on 2026-11-26)."""
+    for item in items:
+        if item.path.name in BUILDS:
+            item.add_marker(pytest.mark.build)
+
     def key(item):
         name = item.path.name
         return (LONGEST.index(name) if name in LONGEST else len(LONGEST), item.get_closest_marker("slow") is None)
