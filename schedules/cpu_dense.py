@@ -139,25 +139,18 @@ def dense(K: int, N: int, lanes: int, packed: bool = True) -> tvm.tirx.PrimFunc:
                                 i, T.ramp((task * PG + pt) * C + v * L, 1, L)] + T.Broadcast(
                                 x[i, k], L) * w[k, T.ramp((task * PG + pt) * C + v * L, 1, L)]
 
-    if packed:
-        @T.prim_func(private=True)
-        def func(x_h: T.handle, wp: T.Buffer((NP, K, C), "float32"), y_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            m = T.int64()
-            x = T.match_buffer(x_h, (m, K), "float32")
-            y = T.match_buffer(y_h, (m, N), "float32")
+    @T.prim_func(private=True)
+    def func(x_h: T.handle, wp: T.Buffer(((NP, K, C) if packed else (K, N)), "float32"), y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, K), "float32")
+        y = T.match_buffer(y_h, (m, N), "float32")
+        if packed:  # resolved when the kernel is written
             blocked(m, x, wp, y)
-    else:
-        @T.prim_func(private=True)
-        def func(x_h: T.handle, wp: T.Buffer((K, N), "float32"), y_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            m = T.int64()
-            x = T.match_buffer(x_h, (m, K), "float32")
-            y = T.match_buffer(y_h, (m, N), "float32")
-            if m < MR:
-                few_rows(m, x, wp, y)
-            else:
-                blocked(m, x, wp, y)
+        elif m < MR:
+            few_rows(m, x, wp, y)
+        else:
+            blocked(m, x, wp, y)
 
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE, "tirx.is_scheduled": True})
 
