@@ -419,12 +419,22 @@ def smollm2_calib(path, n: int = 64, seq: int = 512) -> Path:
     """Calibration .npz for SmolLM2: n windows of seq tokens, evenly spaced over the tokenised
     Wikipedia sample (articles joined by blank lines). Key input_ids, int64 [n, seq]. The default
     64 x 512 tokens (was 16 x 256) halved fq2's Austen perplexity (docs/numerics.md, "Measured")."""
-    text = "\n\n".join(x for _, x in wiki_articles())
-    ids = np.asarray(smollm2_tokenizer()(text)["input_ids"], dtype=np.int64)
-    starts = np.linspace(0, len(ids) - seq, n).round().astype(int)
+    ids = np.asarray(smollm2_tokenizer()(_calib_text())["input_ids"], dtype=np.int64)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, input_ids=np.stack([ids[s:s + seq] for s in starts]))
+    np.savez(path, input_ids=_windows(ids, n, seq))
     return Path(path)
+
+
+def _calib_text() -> str:
+    return "\n\n".join(x for _, x in wiki_articles())
+
+
+def _windows(ids: np.ndarray, n: int, seq: int) -> np.ndarray:
+    """n windows of seq tokens evenly spaced over ids: int64 [n, seq]."""
+    if len(ids) < seq:
+        raise FqError(f"the calibration text has {len(ids)} tokens, fewer than one window of {seq}")
+    starts = np.linspace(0, len(ids) - seq, n).round().astype(int)
+    return np.stack([ids[s:s + seq] for s in starts])
 
 
 # ---- causal LMs with a KV cache (fq_tvm/kvcache.py) ----------------------------------------------
@@ -536,18 +546,13 @@ def smollm2_kv_calib(path, onnx_path, n: int = 64, seq: int = 512) -> Path:
     from .kvcache import read_generation
 
     info = read_generation(onnx.load(str(onnx_path), load_external_data=False))
-    ids = np.load(smollm2_calib(Path(path).with_suffix(".windows.npz"), n, seq))["input_ids"]
-    Path(path).with_suffix(".windows.npz").unlink()
-    return kv_calib(path, ids, info)
+    ids = np.asarray(smollm2_tokenizer()(_calib_text())["input_ids"], dtype=np.int64)
+    return kv_calib(path, _windows(ids, n, seq), info)
 
 
 def text_calib_ids(tokenizer_json, n: int = 64, seq: int = 512) -> np.ndarray:
     """smollm2_calib's Wikipedia windows, tokenized with any tokenizer.json (for --hf models)."""
     from tokenizers import Tokenizer
 
-    text = "\n\n".join(x for _, x in wiki_articles())
-    ids = np.asarray(Tokenizer.from_file(str(tokenizer_json)).encode(text).ids, dtype=np.int64)
-    if len(ids) < seq:
-        raise FqError(f"the calibration text has {len(ids)} tokens, fewer than one window of {seq}")
-    starts = np.linspace(0, len(ids) - seq, n).round().astype(int)
-    return np.stack([ids[s:s + seq] for s in starts])
+    ids = np.asarray(Tokenizer.from_file(str(tokenizer_json)).encode(_calib_text()).ids, dtype=np.int64)
+    return _windows(ids, n, seq)
