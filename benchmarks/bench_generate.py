@@ -11,7 +11,16 @@ TVM's thread pool size is fixed when it starts. The prompt is the start of Pride
   python benchmarks/bench_generate.py --onnx smol/smollm2_kv.onnx \\
       --artifact fp32=smol.fp32 --artifact fq2=smol.fq2 --ort fp32 --ort int8 --threads 1 2
 
-llama.cpp is not covered yet (llama-cpp-python builds from source, 10+ minutes).
+Optional peer: llama.cpp through llama-cpp-python (`pip install llama-cpp-python`; it builds
+llama.cpp from source, 10-15 minutes on 2 cores; not a dependency of fq-tvm). --llama-cpp NAME=GGUF
+times a GGUF file with the same prompt token ids (our tokenizer), the same prefill (one eval of P
+tokens) and the same decode loop (D one-token evals, greedy argmax over the last logits in numpy),
+in its own process with n_threads = n_threads_batch = the thread count; its perplexity uses
+logits_all=True on the same windows. Q4_0 / F16 files from the packaged Q4_1 one:
+
+  llama_cpp.llama_model_quantize(b"in.gguf", b"out.gguf", ctypes.byref(params)) with
+  params = llama_cpp.llama_model_quantize_default_params(), params.ftype =
+  llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0 (or _F16) and params.allow_requantize = True
 """
 
 from __future__ import annotations
@@ -102,6 +111,39 @@ def ort_int8(onnx_path: Path) -> Path:
     return path
 
 
+def llama_cpp_engine(gguf: Path, threads: int, n_ctx: int, logits_all: bool = False):
+    """A llama-cpp-python Llama on the GGUF file (the optional peer)."""
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, n_threads_batch=threads,
+                 logits_all=logits_all, verbose=False)
+
+
+def llama_cpp(gguf: Path, threads: int, n_ctx: int):
+    import llama_cpp as lc
+
+    llm = llama_cpp_engine(gguf, threads, n_ctx)
+    vocab = llm.n_vocab()
+    ctx = llm._ctx.ctx
+
+    def last_logits():  # only the last token of each eval has logits (logits_all=False): row 0
+        return np.ctypeslib.as_array(lc.llama_get_logits(ctx), shape=(vocab,))
+
+    def run(prefill_ids, steps):
+        llm.reset()  # n_tokens = 0: the next eval drops the whole KV cache
+        t = time.perf_counter()
+        llm.eval([int(i) for i in prefill_ids])
+        logits = last_logits()
+        prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        for _ in range(steps):
+            llm.eval([int(np.argmax(logits))])
+            logits = last_logits()
+        return prefill, time.perf_counter() - t
+
+    return run
+
+
 def perplexity(kind: str, path: Path, onnx_path: Path, tokenizer_json: Path, windows: int, threads: int) -> float:
     """Perplexity on the first `windows` x 512 tokens of Pride and Prejudice (fq-eval's windows),
     each window one prefill with an empty cache."""
@@ -114,6 +156,15 @@ def perplexity(kind: str, path: Path, onnx_path: Path, tokenizer_json: Path, win
     info = read_generation(onnx.load(str(onnx_path), load_external_data=False))
     tok = Tokenizer.from_file(str(tokenizer_json))
     ids = austen_windows(lambda text: {"input_ids": tok.encode(text).ids}, windows, 512)
+    if kind == "llama":
+        llm = llama_cpp_engine(path, threads, ids.shape[1], logits_all=True)
+
+        def run_llama(feed):
+            llm.reset()
+            llm.eval([int(i) for i in feed["input_ids"][0]])
+            return {"logits": np.array(llm.scores[: feed["input_ids"].shape[1]])[None]}
+
+        return ppl(run_llama, ids)
     if kind == "ours":
         import fq_tvm
 
@@ -137,7 +188,10 @@ def measure(kind: str, path: Path, onnx_path: Path, threads: int, prefill: int, 
     if repeat < 1:
         return result
     ids = prompt_ids(tokenizer, prefill)
-    run = ours(path) if kind == "ours" else ort(path, threads)
+    if kind == "llama":
+        run = llama_cpp(path, threads, max(512, prefill + decode + 16))
+    else:
+        run = ours(path) if kind == "ours" else ort(path, threads)
     run(ids[:16], 4)  # warm-up
     prefills, decodes = [], []
     for _ in range(repeat):
@@ -160,6 +214,8 @@ def main(argv=None) -> int:
     p.add_argument("--onnx", required=True, help="the KV-cache ONNX graph (fq-export ... --kv-cache)")
     p.add_argument("--artifact", action="append", default=[], metavar="NAME=DIR", help="our artifact (repeatable)")
     p.add_argument("--ort", action="append", default=[], choices=("fp32", "int8"), help="ONNX Runtime on the graph")
+    p.add_argument("--llama-cpp", nargs="+", default=[], metavar="[NAME=]GGUF",
+                   help="llama.cpp (optional peer: pip install llama-cpp-python) on these GGUF files")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--prefill", type=int, default=128)
     p.add_argument("--decode", type=int, default=128)
@@ -175,6 +231,9 @@ def main(argv=None) -> int:
     onnx_path = Path(args.onnx)
     engines = [(f"ours {name}", "ours", Path(d)) for name, _, d in (a.partition("=") for a in args.artifact)]
     engines += [(f"ORT {kind}", "ort", onnx_path if kind == "fp32" else ort_int8(onnx_path)) for kind in args.ort]
+    for spec in args.llama_cpp:
+        name, _, gguf = spec.rpartition("=")
+        engines.append((f"llama.cpp {name or Path(gguf).stem}", "llama", Path(gguf)))
     results = []
     for label, kind, path in engines:
         for threads in args.threads:
@@ -191,7 +250,7 @@ def main(argv=None) -> int:
             speed = (f"prefill {row['prefill_tokens_per_s']:8.1f} tokens/s, decode {row['decode_tokens_per_s']:7.1f} "
                      f"tokens/s" if "decode_tokens_per_s" in row else "")
             ppl = f" perplexity {row['perplexity']:.3f}" if "perplexity" in row else ""
-            print(f"{label:14} {threads} thread(s): {speed}{ppl}", flush=True)
+            print(f"{label:18} {threads} thread(s): {speed}{ppl}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"prefill": args.prefill, "decode": args.decode, "repeat": args.repeat,
                                                "results": results}, indent=2) + "\n")
