@@ -39,7 +39,7 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
             l_den: int | None = None, calib=None, skip: str | None = None, cuda_arch: str | None = None,
             force: bool = False, quiet: bool = False, records: dict | None = None, act_bits: int = 8,
             input_shapes=None, calib_samples: int | None = None, pad_small: bool = False,
-            tuning_db=None, quantize_head: bool = False) -> Path:
+            tuning_db=None, quantize_head: bool = False, head_scheme: str | None = None) -> Path:
     """Compile an ONNX model for `target` into an artifact directory; return its path.
 
     model: path to an .onnx file. target: a preset name (`fq-compile --list-targets`) or a TVM
@@ -57,7 +57,9 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     tuned schedules replace the CPU fallback where they were faster. quantize_head: quantize the
     tied embedding / LM head too (`--quantize-head`), stored once at the scheme's bits without an
     output rotation, the embedding gathering the same codes (passes/tied_head.py); a model without
-    a tied head is an FqError, fp32 ignores it with an FqWarning. records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
+    a tied head is an FqError, fp32 ignores it with an FqWarning. head_scheme: quantize the head
+    with this scheme instead of `scheme` (`--head-scheme`, e.g. int8 under fq2: the head that
+    every decode step reads at 8 bits, the body at 2); implies quantize_head. records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
     layers the artifact runs quantized (to check it against a numpy evaluation). A failed compile
     leaves nothing at `out_dir`.
     """
@@ -71,9 +73,11 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     hooks.check_tools(preset)
     check_frame_options(scheme, redundancy, l_den)
     cfg = scheme_config(scheme, redundancy=redundancy, l_den=l_den)
+    quantize_head = quantize_head or head_scheme is not None
     given = {"calib=": calib, "calib_samples=": calib_samples, "pad_small=": pad_small, "quantize_head=": quantize_head}
     for text in ignored_options(cfg, given):
         warn(text)
+    head_cfg = _head_config(cfg, head_scheme) if quantize_head and cfg.method != "none" else None
     if not calibrates(cfg):
         calib = calib_samples = None
     if act_bits not in ACT_BITS:
@@ -97,7 +101,7 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     if cfg.method != "none":
         step(f"quantizing dense layers ({cfg.name})")
         layers, layer_report, quantized = _quantize(proto, cfg, calib, skip, quiet, calib_samples, pad_small,
-                                                    quantize_head)
+                                                    head_cfg)
     step("importing into Relax" + (" and rewriting dense layers" if layers else ""))
     pre_bounds = fast_take_bounds(imported[0]["main"])[0]  # a quantized head's gather is no take
     mod = _import(proto, layers, layer_report, quiet, imported)
@@ -243,17 +247,34 @@ def check_cpu(target) -> None:
                       f"{len(known)} CPUs, e.g. {', '.join(near)} (--target host picks this machine's)")
 
 
-def _quantize(proto, cfg, calib, skip, quiet, calib_samples=None, pad_small=False, quantize_head=False):
+def _head_config(cfg, head_scheme: str | None):
+    """The QuantConfig of a quantized tied head: the body's, or `head_scheme`'s (FqError for one
+    that does not quantize, or that calibrates under a body scheme that does not)."""
+    from .quantize import scheme_config
+
+    if head_scheme is None:
+        return cfg
+    head = scheme_config(head_scheme)
+    if head.method == "none":
+        raise FqError(f"--head-scheme {head_scheme}: that scheme does not quantize (leave out --quantize-head "
+                      f"and --head-scheme to keep the head fp32)")
+    if calibrates(head) and not calibrates(cfg):
+        raise FqError(f"--head-scheme {head_scheme} calibrates, scheme {cfg.name} does not: choose a head scheme "
+                      f"that does not calibrate (int8, rtn4, rtn2), or a calibrating body scheme")
+    return head
+
+
+def _quantize(proto, cfg, calib, skip, quiet, calib_samples=None, pad_small=False, head_cfg=None):
     from .importer import param_name
     from .quantize import calibrate_layers, plan_layers, quantize_layers, to_packed
 
-    plan = plan_layers(proto, skip, cfg=cfg, pad_small=pad_small, quantize_head=quantize_head)
+    plan = plan_layers(proto, skip, cfg=cfg, pad_small=pad_small, quantize_head=head_cfg is not None)
     for _, text in plan.padded:
         warn(text)
     hessians = None
     if calibrates(cfg) and plan.chosen:  # no layer to quantize (all kept fp32): no calibration run
         hessians = calibrate_layers(proto, plan.all_uses(plan.chosen), calib, not quiet, calib_samples)
-    records = quantize_layers(proto, plan, cfg, hessians, not quiet)
+    records = quantize_layers(proto, plan, cfg, hessians, not quiet, head_cfg)
     layers = {param_name(w): to_packed(r) for w, r in records.items()}
     report = {"layers": [_layer_entry(plan.names[layer.node], layer, records[layer.weight], layer.weight in plan.tied)
                          for layer in plan.chosen],

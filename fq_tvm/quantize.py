@@ -286,9 +286,10 @@ def _model_digest(proto) -> str:
     return digest.hexdigest()
 
 
-def quantize_layers(proto, plan: Plan, cfg, hessians: dict | None, progress: bool = True) -> dict:
+def quantize_layers(proto, plan: Plan, cfg, hessians: dict | None, progress: bool = True, head_cfg=None) -> dict:
     """{weight initializer name: numerics.QuantizedLinear} for the chosen layers. Each layer gets
-    the HessianStat of its activations, so the held-out guard (numerics.guard) can choose its option."""
+    the HessianStat of its activations, so the held-out guard (numerics.guard) can choose its option.
+    A tied head (plan.tied) is quantized with head_cfg where given, else with cfg."""
     from .numerics import quantize_layer, seed_for, weight_matrix
 
     records = {}
@@ -298,7 +299,7 @@ def quantize_layers(proto, plan: Plan, cfg, hessians: dict | None, progress: boo
             w = w / np.float32(layer.alpha)
         h = _summed_hessian(hessians, plan.all_uses([layer])) if hessians else None
         records[layer.weight] = quantize_layer(
-            plan.names[layer.node], w, h, cfg,
+            plan.names[layer.node], w, h, head_cfg if head_cfg is not None and layer.weight in plan.tied else cfg,
             input_seed=seed_for(layer.activation + ":in", cfg.seed),
             output_seed=seed_for(layer.weight + ":out", cfg.seed),
             output_rotation=layer.weight not in plan.tied)  # a tied table gathers its rows

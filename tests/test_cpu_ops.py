@@ -31,3 +31,63 @@ def test_sigmoid_matches_numpy_and_keeps_nan():
     assert np.isnan(ours[0, 0]) and np.array_equal(np.isnan(ours), np.isnan(ref))
     finite = ~np.isnan(ref)
     assert np.abs(ours[finite] - ref[finite]).max() < 1e-7  # values in [0, 1]: about 2 ulp at 1
+
+
+def _build(mod):
+    from fq_tvm.schedules import relax_pipeline
+
+    return relax.VirtualMachine(tvm.compile(mod, HOST, relax_pipeline=relax_pipeline(HOST)), tvm.cpu())
+
+
+def test_kv_concat_copies_rows_with_symbolic_lengths():
+    @I.ir_module
+    class Cache:
+        @R.function
+        def main(past: R.Tensor((1, 3, "p", 64), "float32"), new: R.Tensor((1, 3, "n", 64), "float32")):
+            with R.dataflow():
+                y = R.concat((past, new), axis=2)
+                R.output(y)
+            return y
+
+    mod = relax.transform.LegalizeOps(cpu_ops.overrides())(Cache)
+    assert "concat_rows" in [g.name_hint for g in mod.get_global_vars()]
+    vm = _build(Cache)
+    rng = np.random.default_rng(0)
+    for p, n in [(0, 5), (7, 1), (130, 1), (3, 0)]:
+        a = rng.standard_normal((1, 3, p, 64)).astype(np.float32)
+        b = rng.standard_normal((1, 3, n, 64)).astype(np.float32)
+        out = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b)).numpy()
+        assert np.array_equal(out, np.concatenate([a, b], axis=2))
+
+
+def test_concat_of_three_on_a_leading_axis_with_an_odd_row():
+    @I.ir_module
+    class Three:
+        @R.function
+        def main(a: R.Tensor((2, 5, 3), "float32"), b: R.Tensor((1, 5, 3), "float32"), c: R.Tensor((4, 5, 3), "float32")):
+            with R.dataflow():
+                y = R.concat((a, b, c), axis=0)
+                R.output(y)
+            return y
+
+    rng = np.random.default_rng(1)
+    xs = [rng.standard_normal(s).astype(np.float32) for s in [(2, 5, 3), (1, 5, 3), (4, 5, 3)]]
+    out = _build(Three)["main"](*[tvm.runtime.tensor(x) for x in xs]).numpy()
+    assert np.array_equal(out, np.concatenate(xs, axis=0))
+
+
+def test_last_axis_concat_keeps_topi_so_it_can_fuse():
+    @I.ir_module
+    class Halves:
+        @R.function
+        def main(a: R.Tensor((4, 32), "float32"), b: R.Tensor((4, 32), "float32")):
+            with R.dataflow():
+                y = R.concat((a, b), axis=-1)
+                R.output(y)
+            return y
+
+    mod = relax.transform.LegalizeOps(cpu_ops.overrides())(Halves)
+    assert "concat_rows" not in [g.name_hint for g in mod.get_global_vars()]
+    a, b = np.ones((4, 32), np.float32), np.zeros((4, 32), np.float32)
+    out = _build(Halves)["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b)).numpy()
+    assert np.array_equal(out, np.concatenate([a, b], axis=-1))

@@ -258,6 +258,29 @@ def test_cli_quantize_head_int8(tied, capsys):
     _check(out, path, quantize_layers(proto, plan, scheme_config("int8"), None, progress=False), "int8", 32)
 
 
+
+def test_head_scheme_int8_under_fq2(tied):
+    """--head-scheme int8: the head at 8 bits (RTN), the body at fq2; both match numpy in int8."""
+    work, path = tied
+    records = {}
+    out = fq_tvm.compile(path, "host", work / "fq2-head-int8", scheme="fq2", quiet=True, records=records,
+                         calib=work / "calib.npz", head_scheme="int8")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["head"]["scheme"] == "int8"
+    assert [e["scheme"] for e in manifest["layers"] if not e.get("tied")] == ["fq2"]
+    _check(out, path, records, "int8", 8)
+
+
+@pytest.mark.parametrize("scheme,head,says", [("fq2", "fp32", "does not quantize"),
+                                              ("int8", "fq2", "calibrates, scheme int8 does not"),
+                                              ("fq2", "fq3", "unknown scheme 'fq3'")])
+def test_bad_head_scheme_is_one_clear_error(tied, scheme, head, says):
+    work, path = tied
+    with pytest.raises(FqError, match=says):
+        fq_tvm.compile(path, "host", work / f"bad-{head}", scheme=scheme, quiet=True, head_scheme=head,
+                       calib=work / "calib.npz" if scheme == "fq2" else None)
+    assert not (work / f"bad-{head}").exists()
+
 # ---- kernels ---------------------------------------------------------------------------------------
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
