@@ -334,16 +334,28 @@ def summary(out_dir, seconds: float) -> dict:
             "kept_fp32": [{key: entry[key] for key in ("name", "shape", "reason")}
                           for entry in manifest.get("skipped", [])] if quantized else None,
             "dense_bits_per_weight": weights.get("quantized_dense_bits_per_weight", 32.0),
+            "body_bits_per_weight": _body_bits(manifest.get("layers", [])),
             "bits_per_weight": round(32 * weights["bytes"] / fp32_bytes, 4) if fp32_bytes else 32.0,
             "weight_bytes": weights["bytes"], "fp32_weight_bytes": fp32_bytes, "head": manifest.get("head"),
             "artifact_bytes": sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file()),
             "compile_seconds": round(seconds, 2)}
 
 
+def _body_bits(entries: list) -> float | None:
+    """Bits per weight of the quantized layers other than a tied head; None without any."""
+    body = [e for e in entries if not e.get("tied")]
+    weights = sum(e["shape"][0] * e["shape"][1] for e in body)
+    return round(8 * sum(e["bytes"] for e in body) / weights, 4) if weights else None
+
+
 def summary_text(info: dict) -> str:
     mb = 1e6
+    head = info.get("head") or {}
     if info["layers_kept_fp32"] is None:
         layers = f"no layers quantized (scheme {info['scheme']})"
+    elif head.get("quantized") and head.get("scheme") != info["scheme"]:  # --head-scheme: the body alone here
+        layers = (f"{_count(info['layers_quantized'] - 1, 'layer')} quantized ({info['scheme']}, "
+                  f"{info['body_bits_per_weight'] or 0:.2f} bits per weight), {info['layers_kept_fp32']} kept fp32")
     else:
         layers = (f"{_count(info['layers_quantized'], 'layer')} quantized ({info['scheme']}, "
                   f"{info['dense_bits_per_weight']:.2f} bits per weight), {info['layers_kept_fp32']} kept fp32")

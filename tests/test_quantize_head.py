@@ -21,7 +21,7 @@ from tvm.script import tirx as T
 
 import fq_tvm
 from fq_tvm import FqError
-from fq_tvm.cli import compile_main, summary_text
+from fq_tvm.cli import compile_main, summary, summary_text
 from fq_tvm.compiler import ignored_options
 from fq_tvm.frontend import prepare
 from fq_tvm.numerics import apply, effective_weight, gather_rows, get_scheme, quantize_layer, seed_for
@@ -268,6 +268,8 @@ def test_head_scheme_int8_under_fq2(tied):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["head"]["scheme"] == "int8"
     assert [e["scheme"] for e in manifest["layers"] if not e.get("tied")] == ["fq2"]
+    text = summary_text(summary(out, 1.0))
+    assert "1 layer quantized (fq2, " in text and "tied head quantized (int8, " in text
     _check(out, path, records, "int8", 8)
 
 
