@@ -172,6 +172,10 @@ class _Stepper:
         import tvm
 
         self.tvm, self.device, self.main = tvm, model._device, model._vm["main"]
+        # The VM's pooled allocator keeps every freed buffer for reuse by size, and the cache grows
+        # one token a step: without a release, 1000 decode steps of SmolLM2 grew the process from
+        # 0.6 to 11.5 GB and slowed steps 3x. Releasing the idle buffers after each call keeps it flat.
+        self.release = tvm.get_global_func("vm.builtin.memory_manager.clear", allow_missing=True)
         shape = (1, g["kv_heads"], 0, g["head_dim"])
         self.cache = [tvm.runtime.tensor(np.zeros(shape, np.float32), self.device) for _ in range(2 * g["layers"])]
         self.position = 0
@@ -184,6 +188,9 @@ class _Stepper:
         result = self.main(tensor(np.asarray([ids], np.int64), self.device), tensor(positions, self.device),
                            *self.cache)
         logits, *self.cache = list(result)
+        del result
+        if self.release is not None:
+            self.release()
         self.position += n
         return logits.numpy()[0, -1]
 
