@@ -20,6 +20,8 @@ HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_sy
     (1, 128, 128, 12, 32),  # MiniLM: whole tiles
     (2, 37, 53, 3, 16),  # query rows and keys not whole tiles
     (1, 1, 77, 9, 64),  # one decoding step against a cache of 77 keys
+    (2, 3, 9, 2, 16),  # under 4 query rows: keys read in place, 4 at a time, and a tail of 1
+    (1, 2, 7, 3, 12),  # under 4 query rows, head_dim not whole vectors: the k^T tiles
     (3, 6, 5, 2, 8),  # fewer keys than one vector
 ])
 def test_scores_match_numpy(batch, sq, sk, heads, dim, lanes):
