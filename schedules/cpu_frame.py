@@ -17,27 +17,35 @@ KIND = "frame_rows"
 def frame_analysis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.PrimFunc:
     body, din = nblk * two_k, nblk * two_l
 
+    @T.macro
+    def row(i, x, F, y):
+        ft = T.alloc_buffer((two_l * two_k,), "float32", scope="local")
+        acc = T.alloc_buffer((two_k,), "float32", scope="local")
+        for c, r in T.grid(two_l, two_k):
+            ft[c * two_k + r] = F[r, c]
+        for b in range(nblk):
+            for r in T.vectorized(two_k):
+                acc[r] = T.float32(0)
+            for c in T.unroll(two_l):
+                for r in T.vectorized(two_k):
+                    acc[r] = acc[r] + x[i, b * two_l + c] * ft[c * two_k + r]
+            for r in T.vectorized(two_k):
+                y[i, b * two_k + r] = acc[r]
+        for j in range(tail):
+            y[i, body + j] = x[i, din + j]
+
     @T.prim_func(private=True)
     def func(x_h: T.handle, F: T.Buffer((two_k, two_l), "float32"), y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         m = T.int64()
         x = T.match_buffer(x_h, (m, din + tail), "float32")
         y = T.match_buffer(y_h, (m, body + tail), "float32")
-        for i in T.parallel(m):
-            ft = T.alloc_buffer((two_l * two_k,), "float32", scope="local")
-            acc = T.alloc_buffer((two_k,), "float32", scope="local")
-            for c, r in T.grid(two_l, two_k):
-                ft[c * two_k + r] = F[r, c]
-            for b in range(nblk):
-                for r in T.vectorized(two_k):
-                    acc[r] = T.float32(0)
-                for c in T.unroll(two_l):
-                    for r in T.vectorized(two_k):
-                        acc[r] = acc[r] + x[i, b * two_l + c] * ft[c * two_k + r]
-                for r in T.vectorized(two_k):
-                    y[i, b * two_k + r] = acc[r]
-            for j in range(tail):
-                y[i, body + j] = x[i, din + j]
+        if m < 2:  # one row (a decode step): no parallel launch, which costs more than the row
+            for i in range(m):
+                row(i, x, F, y)
+        else:
+            for i in T.parallel(m):
+                row(i, x, F, y)
 
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
 
@@ -51,23 +59,31 @@ def frame_synthesis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.Pr
     contiguous, so no transposed copy). Same buffers as `kernels.frame_synthesis`."""
     body, din = nblk * two_k, nblk * two_l
 
+    @T.macro
+    def row(i, x, F, y):
+        acc = T.alloc_buffer((two_l,), "float32", scope="local")
+        for b in range(nblk):
+            for c in T.vectorized(two_l):
+                acc[c] = T.float32(0)
+            for r in T.unroll(two_k):
+                for c in T.vectorized(two_l):
+                    acc[c] = acc[c] + x[i, b * two_k + r] * F[r, c]
+            for c in T.vectorized(two_l):
+                y[i, b * two_l + c] = acc[c]
+        for j in range(tail):
+            y[i, din + j] = x[i, body + j]
+
     @T.prim_func(private=True)
     def func(x_h: T.handle, F: T.Buffer((two_k, two_l), "float32"), y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         m = T.int64()
         x = T.match_buffer(x_h, (m, body + tail), "float32")
         y = T.match_buffer(y_h, (m, din + tail), "float32")
-        for i in T.parallel(m):
-            acc = T.alloc_buffer((two_l,), "float32", scope="local")
-            for b in range(nblk):
-                for c in T.vectorized(two_l):
-                    acc[c] = T.float32(0)
-                for r in T.unroll(two_k):
-                    for c in T.vectorized(two_l):
-                        acc[c] = acc[c] + x[i, b * two_k + r] * F[r, c]
-                for c in T.vectorized(two_l):
-                    y[i, b * two_l + c] = acc[c]
-            for j in range(tail):
-                y[i, din + j] = x[i, body + j]
+        if m < 2:
+            for i in range(m):
+                row(i, x, F, y)
+        else:
+            for i in T.parallel(m):
+                row(i, x, F, y)
 
     return func.with_attrs({"fq_kernel": SYNTHESIS_KIND, "op_pattern": OPAQUE})

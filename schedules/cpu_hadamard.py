@@ -27,37 +27,45 @@ def hadamard(dim: int, block: int, inverse: bool) -> tvm.tirx.PrimFunc:
     stages = int(math.log2(block))
     norm = 1.0 / math.sqrt(block)
 
+    @T.macro
+    def row(i, x, signs, y):
+        acc = T.alloc_buffer((FIRST,), "float32", scope="local")
+        for c in range(dim // FIRST):
+            for k in T.vectorized(FIRST):
+                acc[k] = T.float32(0)
+            for j in T.unroll(FIRST):
+                for k in T.vectorized(FIRST):
+                    acc[k] = acc[k] + _h8(j, k) * (
+                        x[i, c * FIRST + j] * T.float32(norm) if inverse
+                        else x[i, c * FIRST + j] * (signs[c * FIRST + j] * T.float32(norm)))
+            for k in T.vectorized(FIRST):
+                y[i, c * FIRST + k] = acc[k] * signs[c * FIRST + k] if inverse and stages == 3 else acc[k]
+        for s in T.unroll(3, stages):
+            for b in range(dim >> (s + 1)):
+                for j in range(1 << s):
+                    lo = b * (2 << s) + j
+                    hi = lo + (1 << s)
+                    a = y[i, lo]
+                    c2 = y[i, hi]
+                    if inverse and s == stages - 1:
+                        y[i, lo] = (a + c2) * signs[lo]
+                        y[i, hi] = (a - c2) * signs[hi]
+                    else:
+                        y[i, lo] = a + c2
+                        y[i, hi] = a - c2
+
     @T.prim_func(private=True)
     def func(x_h: T.handle, signs: T.Buffer((dim,), "float32"), y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         m = T.int64()
         x = T.match_buffer(x_h, (m, dim), "float32")
         y = T.match_buffer(y_h, (m, dim), "float32")
-        for i in T.parallel(m):
-            acc = T.alloc_buffer((FIRST,), "float32", scope="local")
-            for c in range(dim // FIRST):
-                for k in T.vectorized(FIRST):
-                    acc[k] = T.float32(0)
-                for j in T.unroll(FIRST):
-                    for k in T.vectorized(FIRST):
-                        acc[k] = acc[k] + _h8(j, k) * (
-                            x[i, c * FIRST + j] * T.float32(norm) if inverse
-                            else x[i, c * FIRST + j] * (signs[c * FIRST + j] * T.float32(norm)))
-                for k in T.vectorized(FIRST):
-                    y[i, c * FIRST + k] = acc[k] * signs[c * FIRST + k] if inverse and stages == 3 else acc[k]
-            for s in T.unroll(3, stages):
-                for b in range(dim >> (s + 1)):
-                    for j in range(1 << s):
-                        lo = b * (2 << s) + j
-                        hi = lo + (1 << s)
-                        a = y[i, lo]
-                        c2 = y[i, hi]
-                        if inverse and s == stages - 1:
-                            y[i, lo] = (a + c2) * signs[lo]
-                            y[i, hi] = (a - c2) * signs[hi]
-                        else:
-                            y[i, lo] = a + c2
-                            y[i, hi] = a - c2
+        if m < 2:  # one row (a decode step): no parallel launch, which costs more than the row
+            for i in range(m):
+                row(i, x, signs, y)
+        else:
+            for i in T.parallel(m):
+                row(i, x, signs, y)
 
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
 
@@ -72,24 +80,32 @@ def _radix2(dim: int, block: int, inverse: bool) -> tvm.tirx.PrimFunc:
     stages = int(math.log2(block))
     norm = 1.0 / math.sqrt(block)
 
+    @T.macro
+    def row(i, x, signs, y):
+        for j in range(dim):
+            y[i, j] = x[i, j] if inverse else x[i, j] * signs[j]
+        for s in T.unroll(stages):
+            for b in range(dim >> (s + 1)):
+                for j in range(1 << s):
+                    lo = b * (2 << s) + j
+                    a = y[i, lo]
+                    c = y[i, lo + (1 << s)]
+                    y[i, lo] = a + c
+                    y[i, lo + (1 << s)] = a - c
+        for j in range(dim):
+            y[i, j] = y[i, j] * (signs[j] * T.float32(norm) if inverse else T.float32(norm))
+
     @T.prim_func(private=True)
     def func(x_h: T.handle, signs: T.Buffer((dim,), "float32"), y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         m = T.int64()
         x = T.match_buffer(x_h, (m, dim), "float32")
         y = T.match_buffer(y_h, (m, dim), "float32")
-        for i in T.parallel(m):
-            for j in range(dim):
-                y[i, j] = x[i, j] if inverse else x[i, j] * signs[j]
-            for s in T.unroll(stages):
-                for b in range(dim >> (s + 1)):
-                    for j in range(1 << s):
-                        lo = b * (2 << s) + j
-                        a = y[i, lo]
-                        c = y[i, lo + (1 << s)]
-                        y[i, lo] = a + c
-                        y[i, lo + (1 << s)] = a - c
-            for j in range(dim):
-                y[i, j] = y[i, j] * (signs[j] * T.float32(norm) if inverse else T.float32(norm))
+        if m < 2:
+            for i in range(m):
+                row(i, x, signs, y)
+        else:
+            for i in T.parallel(m):
+                row(i, x, signs, y)
 
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})

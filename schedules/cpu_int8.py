@@ -382,6 +382,38 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
                 else:
                     y[i0 + mi, n0 + r] = y[i0 + mi, n0 + r] + total
 
+    @T.macro
+    def quantize_row(i, x, xq, xn, ax, axs, m):  # stage 1 for activation row i
+        qrow = T.alloc_buffer((K,), "int8", scope="local")
+        amax = T.alloc_buffer((1,), "int32", scope="local")
+        qsum = T.alloc_buffer((1,), "int32", scope="local")
+        for a in range(NA):
+            # max |x| as the int32 bits of |x| (monotonic for floats >= 0): an integer
+            # reduction LLVM vectorises; then the group rounded in column order
+            amax[0] = 0
+            for c in range(T.min(KPA * step, K - a * KPA * step)):
+                amax[0] = T.max(amax[0], T.reinterpret("int32", T.fabs(x[i, a * KPA * step + c])))
+            top = T.reinterpret("float32", amax[0])
+            ax[i * NA + a] = top / T.float32(127)
+            inv = T.if_then_else(top > T.float32(0), T.float32(127) / top, T.float32(0))
+            qsum[0] = 0
+            for c in range(T.min(KPA * step, K - a * KPA * step)):
+                q = T.Cast("int32", T.nearbyint(x[i, a * KPA * step + c] * inv))
+                qrow[a * KPA * step + c] = T.Cast("int8", q)
+                qsum[0] = qsum[0] + q
+            axs[i * NA + a] = ax[i * NA + a] * T.Cast("float32", qsum[0])
+        if m >= many:  # natural column order, zeros to the padded end
+            for c in range(K4P * 4):
+                xn[i * K4P * 4 + c] = T.if_then_else(c < K, qrow[T.min(c, K - 1)], T.int8(0))
+        else:
+            for kb in range(NB):  # into the code order of the packed bytes
+                for t in range(P):
+                    for v in range(V):
+                        col = (start(kb) + v) * P + t
+                        xq[(i * NB + kb) * step + t * V + v] = T.if_then_else(
+                            tvm.tirx.all(start(kb) + v >= kb * V, col < K), qrow[T.min(col, K - 1)],
+                            T.int8(0))
+
     @T.prim_func(private=True)
     def func(x_h: T.handle, packed: T.Buffer((N, Bw), "uint8"), scale: T.Buffer((N, G), "float32"),
              zero: T.Buffer((N, G), "float32"), y_h: T.handle):
@@ -393,36 +425,12 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
         xn = T.alloc_buffer((T.if_then_else(m < many, T.int64(0), m) * K4P * 4,), "int8")
         ax = T.alloc_buffer((m * NA,), "float32")
         axs = T.alloc_buffer((m * NA,), "float32")
-        for i in T.parallel(m):
-            qrow = T.alloc_buffer((K,), "int8", scope="local")
-            amax = T.alloc_buffer((1,), "int32", scope="local")
-            qsum = T.alloc_buffer((1,), "int32", scope="local")
-            for a in range(NA):
-                # max |x| as the int32 bits of |x| (monotonic for floats >= 0): an integer
-                # reduction LLVM vectorises; then the group rounded in column order
-                amax[0] = 0
-                for c in range(T.min(KPA * step, K - a * KPA * step)):
-                    amax[0] = T.max(amax[0], T.reinterpret("int32", T.fabs(x[i, a * KPA * step + c])))
-                top = T.reinterpret("float32", amax[0])
-                ax[i * NA + a] = top / T.float32(127)
-                inv = T.if_then_else(top > T.float32(0), T.float32(127) / top, T.float32(0))
-                qsum[0] = 0
-                for c in range(T.min(KPA * step, K - a * KPA * step)):
-                    q = T.Cast("int32", T.nearbyint(x[i, a * KPA * step + c] * inv))
-                    qrow[a * KPA * step + c] = T.Cast("int8", q)
-                    qsum[0] = qsum[0] + q
-                axs[i * NA + a] = ax[i * NA + a] * T.Cast("float32", qsum[0])
-            if m >= many:  # natural column order, zeros to the padded end
-                for c in range(K4P * 4):
-                    xn[i * K4P * 4 + c] = T.if_then_else(c < K, qrow[T.min(c, K - 1)], T.int8(0))
-            else:
-                for kb in range(NB):  # into the code order of the packed bytes
-                    for t in range(P):
-                        for v in range(V):
-                            col = (start(kb) + v) * P + t
-                            xq[(i * NB + kb) * step + t * V + v] = T.if_then_else(
-                                tvm.tirx.all(start(kb) + v >= kb * V, col < K), qrow[T.min(col, K - 1)],
-                                T.int8(0))
+        if m < 2:  # one row (a decode step): no parallel launch, which costs more than the row
+            for i in range(m):
+                quantize_row(i, x, xq, xn, ax, axs, m)
+        else:
+            for i in T.parallel(m):
+                quantize_row(i, x, xq, xn, ax, axs, m)
         if m >= many:
             gemm(xn, packed, scale, zero, y, ax, axs, m)
         else:
