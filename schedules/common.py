@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import tvm.s_tir as s_tir
+from tvm.script import tirx as T
 from tvm.script.parser.core.parser import ScriptMacro
 
 
@@ -63,3 +64,24 @@ def quick_macros() -> None:
     """Use `_find_parser_def` for every `T.macro` call (our kernels call several per kernel)."""
     if hasattr(ScriptMacro, "_find_parser_def") and hasattr(ScriptMacro, "parser_object_name"):
         ScriptMacro._find_parser_def = _find_parser_def
+
+
+def row_kernel(din, dout, param_shape: tuple, row):
+    """A PrimFunc (x [m, din], p [param_shape] -> y [m, dout], float32) that runs the macro
+    row(i, x, p, y) for every row: rows in parallel, but one row (a decode step) without a
+    parallel launch, which costs more than the row at two threads."""
+
+    @T.prim_func(private=True)
+    def func(x_h: T.handle, p: T.Buffer(param_shape, "float32"), y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, din), "float32")
+        y = T.match_buffer(y_h, (m, dout), "float32")
+        if m < 2:
+            for i in range(m):
+                row(i, x, p, y)
+        else:
+            for i in T.parallel(m):
+                row(i, x, p, y)
+
+    return func

@@ -9,6 +9,7 @@ from __future__ import annotations
 import tvm
 from tvm.script import tirx as T
 
+from .common import row_kernel
 from .kernels import OPAQUE
 
 KIND = "frame_rows"
@@ -34,19 +35,7 @@ def frame_analysis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.Pri
         for j in range(tail):
             y[i, body + j] = x[i, din + j]
 
-    @T.prim_func(private=True)
-    def func(x_h: T.handle, F: T.Buffer((two_k, two_l), "float32"), y_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        m = T.int64()
-        x = T.match_buffer(x_h, (m, din + tail), "float32")
-        y = T.match_buffer(y_h, (m, body + tail), "float32")
-        if m < 2:  # one row (a decode step): no parallel launch, which costs more than the row
-            for i in range(m):
-                row(i, x, F, y)
-        else:
-            for i in T.parallel(m):
-                row(i, x, F, y)
-
+    func = row_kernel(din + tail, body + tail, (two_k, two_l), row)
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
 
 
@@ -73,17 +62,5 @@ def frame_synthesis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.Pr
         for j in range(tail):
             y[i, din + j] = x[i, body + j]
 
-    @T.prim_func(private=True)
-    def func(x_h: T.handle, F: T.Buffer((two_k, two_l), "float32"), y_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        m = T.int64()
-        x = T.match_buffer(x_h, (m, body + tail), "float32")
-        y = T.match_buffer(y_h, (m, din + tail), "float32")
-        if m < 2:
-            for i in range(m):
-                row(i, x, F, y)
-        else:
-            for i in T.parallel(m):
-                row(i, x, F, y)
-
+    func = row_kernel(body + tail, din + tail, (two_k, two_l), row)
     return func.with_attrs({"fq_kernel": SYNTHESIS_KIND, "op_pattern": OPAQUE})

@@ -15,6 +15,7 @@ import math
 import tvm
 from tvm.script import tirx as T
 
+from .common import row_kernel
 from .kernels import OPAQUE
 
 KIND = "hadamard_rows"
@@ -54,19 +55,7 @@ def hadamard(dim: int, block: int, inverse: bool) -> tvm.tirx.PrimFunc:
                         y[i, lo] = a + c2
                         y[i, hi] = a - c2
 
-    @T.prim_func(private=True)
-    def func(x_h: T.handle, signs: T.Buffer((dim,), "float32"), y_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        m = T.int64()
-        x = T.match_buffer(x_h, (m, dim), "float32")
-        y = T.match_buffer(y_h, (m, dim), "float32")
-        if m < 2:  # one row (a decode step): no parallel launch, which costs more than the row
-            for i in range(m):
-                row(i, x, signs, y)
-        else:
-            for i in T.parallel(m):
-                row(i, x, signs, y)
-
+    func = row_kernel(dim, dim, (dim,), row)
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
 
 
@@ -95,17 +84,5 @@ def _radix2(dim: int, block: int, inverse: bool) -> tvm.tirx.PrimFunc:
         for j in range(dim):
             y[i, j] = y[i, j] * (signs[j] * T.float32(norm) if inverse else T.float32(norm))
 
-    @T.prim_func(private=True)
-    def func(x_h: T.handle, signs: T.Buffer((dim,), "float32"), y_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        m = T.int64()
-        x = T.match_buffer(x_h, (m, dim), "float32")
-        y = T.match_buffer(y_h, (m, dim), "float32")
-        if m < 2:
-            for i in range(m):
-                row(i, x, signs, y)
-        else:
-            for i in T.parallel(m):
-                row(i, x, signs, y)
-
+    func = row_kernel(dim, dim, (dim,), row)
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})

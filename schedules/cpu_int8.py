@@ -86,7 +86,7 @@ class Isa:
     vbytes: int
     lanes: int
     tile: tuple[int, int]
-    lone_rows: int  # NR when a single activation row remains
+    lone_rows: dict  # bits -> NR when a single activation row remains
     dot: Callable
     offsets: dict  # bits -> offset
     signed_dot: Callable | None = None  # used where offsets[bits] != 0, if given
@@ -95,16 +95,18 @@ class Isa:
 
 
 ISAS = [
-    Isa("avx512-vnni", ("avx512bw", "avx512vnni"), 64, 16, (4, 2), 4, _dot_vnni512, {2: 0, 4: 0, 8: 0},
+    Isa("avx512-vnni", ("avx512bw", "avx512vnni"), 64, 16, (4, 2), {2: 4, 4: 4, 8: 4}, _dot_vnni512, {2: 0, 4: 0, 8: 0},
         gemm=(4, 2), words={2: 4, 4: 4, 8: 4}),
     # words: vpmaddubsw pairs summed in int16 (2-bit: 4 * 2 * 3 * 128, 4-bit: 4 * 2 * 15 * 128)
-    # lone rows 1: four interleaved weight-row streams halved the bandwidth of a one-row product
-    # reading 4- and 8-bit codes from memory (AMD EPYC Zen 3: SmolLM2's int8 head 6.6 -> 2.9 ms)
-    Isa("avx2", ("avx2",), 32, 8, (4, 1), 1, _dot_avx2, {2: 0, 4: 0, 8: 128}, _dot_avx2_signed,
+    # lone rows: one for 4- and 8-bit codes, whose 4 interleaved weight-row streams halved a
+    # one-row product's bandwidth (Zen 3: SmolLM2's int8 head 6.6 -> 2.9 ms from memory, a
+    # 4096^2 int8 layer 1.72 -> 0.93 ms from cache); four for 2-bit, whose activation loads the
+    # 4 rows share (1536 x 648 from cache: 26 us with 4, 62 with 1)
+    Isa("avx2", ("avx2",), 32, 8, (4, 1), {2: 4, 4: 1, 8: 1}, _dot_avx2, {2: 0, 4: 0, 8: 128}, _dot_avx2_signed,
         gemm=(4, 1), words={2: 4, 4: 4, 8: 1}),
-    Isa("neon-dotprod", ("neon", "dotprod"), 16, 4, (4, 2), 4, _dot_sdot, {2: 2, 4: 8, 8: 128},
+    Isa("neon-dotprod", ("neon", "dotprod"), 16, 4, (4, 2), {2: 4, 4: 4, 8: 4}, _dot_sdot, {2: 2, 4: 8, 8: 128},
         gemm=(4, 2), words={2: 4, 4: 4, 8: 4}),
-    Isa("neon", ("neon",), 16, 16, (2, 1), 2, _dot_widen, {2: 0, 4: 0, 8: 0}),
+    Isa("neon", ("neon",), 16, 16, (2, 1), {2: 2, 4: 2, 8: 2}, _dot_widen, {2: 0, 4: 0, 8: 0}),
 ]
 
 CHUNK_COLS = 4096  # columns of one cache block of the reduction (4096 measured faster than 1024, 2048)
@@ -184,7 +186,7 @@ class Plan:
 
     def row_tiles(self) -> tuple[int, int]:
         """NR for full tiles and for a lone row: the ISA's, or 1 where it does not divide rows."""
-        return tuple(n if self.rows % n == 0 else 1 for n in (self.isa.tile[1], self.isa.lone_rows))
+        return tuple(n if self.rows % n == 0 else 1 for n in (self.isa.tile[1], self.isa.lone_rows[self.bits]))
 
 
 def plan(rows: int, cols: int, bits: int, group_cols: int, target, many_rows: int = GEMM_ROWS) -> Plan | None:
