@@ -86,20 +86,21 @@ def scores(H: int, D: int, lanes: int, q_seq: bool = True, k_seq: bool = True, g
         return T.call_llvm_pure_intrin("float32", "llvm.vector.reduce.fadd", T.float32(0), acc[T.ramp(a * L, 1, L)])
 
     @T.macro
-    def dots(i, b, h, q, k, o, acc, sk):  # few query rows: DK keys at a time, each a dot over D
+    def keys(n, j0, i, b, h, q, k, o, acc):  # query row i against keys j0 .. j0 + n, each a dot over D
+        for a in T.unroll(n):
+            acc[T.ramp(a * L, 1, L)] = qk(q, k, b, i, j0 + a, h, 0)
+        for d in range(1, D // L):
+            for a in T.unroll(n):
+                acc[T.ramp(a * L, 1, L)] = acc[T.ramp(a * L, 1, L)] + qk(q, k, b, i, j0 + a, h, d * L)
+        for a in T.unroll(n):
+            o[b, h, i, j0 + a] = total(acc, a)
+
+    @T.macro
+    def dots(i, b, h, q, k, o, acc, sk):  # few query rows: DK independent dots at a time
         for jb in range(sk // DK):
-            for a in T.unroll(DK):
-                acc[T.ramp(a * L, 1, L)] = qk(q, k, b, i, jb * DK + a, h, 0)
-            for d in range(1, D // L):
-                for a in T.unroll(DK):
-                    acc[T.ramp(a * L, 1, L)] = acc[T.ramp(a * L, 1, L)] + qk(q, k, b, i, jb * DK + a, h, d * L)
-            for a in T.unroll(DK):
-                o[b, h, i, jb * DK + a] = total(acc, a)
+            keys(DK, jb * DK, i, b, h, q, k, o, acc)
         for j in range(sk % DK):
-            acc[T.ramp(0, 1, L)] = qk(q, k, b, i, sk // DK * DK + j, h, 0)
-            for d in range(1, D // L):
-                acc[T.ramp(0, 1, L)] = acc[T.ramp(0, 1, L)] + qk(q, k, b, i, sk // DK * DK + j, h, d * L)
-            o[b, h, i, sk // DK * DK + j] = total(acc, 0)
+            keys(1, sk // DK * DK + j, i, b, h, q, k, o, acc)
 
     @T.prim_func(private=True)
     def func(q_h: T.handle, k_h: T.handle, o_h: T.handle):
