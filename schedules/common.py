@@ -66,6 +66,9 @@ def quick_macros() -> None:
         ScriptMacro._find_parser_def = _find_parser_def
 
 
+SERIAL_ROWS = 2  # under this many rows a row loop runs without a parallel launch
+
+
 def row_kernel(din, dout, param_shape: tuple, row):
     """A PrimFunc (x [m, din], p [param_shape] -> y [m, dout], float32) that runs the macro
     row(i, x, p, y) for every row: rows in parallel, but one row (a decode step) without a
@@ -77,7 +80,7 @@ def row_kernel(din, dout, param_shape: tuple, row):
         m = T.int64()
         x = T.match_buffer(x_h, (m, din), "float32")
         y = T.match_buffer(y_h, (m, dout), "float32")
-        if m < 2:
+        if m < SERIAL_ROWS:
             for i in range(m):
                 row(i, x, p, y)
         else:

@@ -26,6 +26,7 @@ from tvm.script import tirx as T
 
 from ..numerics.activations import ACT_GROUP
 from ..numerics.packing import packed_width
+from .common import SERIAL_ROWS
 from .kernels import OPAQUE
 
 KIND = "dequant_matmul_int8"
@@ -427,7 +428,7 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
         xn = T.alloc_buffer((T.if_then_else(m < many, T.int64(0), m) * K4P * 4,), "int8")
         ax = T.alloc_buffer((m * NA,), "float32")
         axs = T.alloc_buffer((m * NA,), "float32")
-        if m < 2:  # one row (a decode step): no parallel launch, which costs more than the row
+        if m < SERIAL_ROWS:  # one row (a decode step): no parallel launch, which costs more than the row
             for i in range(m):
                 quantize_row(i, x, xq, xn, ax, axs, m)
         else:
