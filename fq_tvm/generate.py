@@ -197,7 +197,7 @@ class _Stepper:
         self.release = tvm.get_global_func("vm.builtin.memory_manager.clear", allow_missing=True)
         cpu = self.device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
         self.release_every = 1 if cpu else 64  # a GPU pays cudaMalloc for each re-allocation
-        self.calls = 0
+        self.cpu, self.calls = cpu, 0
         if cpu:
             _keep_freed_memory()
         shape = (1, g["kv_heads"], 0, g["head_dim"])
@@ -206,17 +206,20 @@ class _Stepper:
 
     def __call__(self, ids: list[int]) -> np.ndarray:
         """Logits of the last of `ids` after appending them to the cache."""
-        tensor = self.tvm.runtime.tensor
+        from .artifact import _on_cpu
+
         n = len(ids)
-        positions = np.arange(self.position, self.position + n, dtype=np.int64)[None]
-        result = self.main(tensor(np.asarray([ids], np.int64), self.device), tensor(positions, self.device),
-                           *self.cache)
+        inputs = (np.asarray([ids], np.int64), np.arange(self.position, self.position + n, dtype=np.int64)[None])
+        args = [_on_cpu(a) if self.cpu else self.tvm.runtime.tensor(a, self.device) for a in inputs]
+        result = self.main(*args, *self.cache)
         logits, *self.cache = list(result)
         del result
         self.calls += 1
         if self.release is not None and self.calls % self.release_every == 0:
             self.release()
         self.position += n
+        if self.cpu:  # the last row only, without copying the prompt's logits out first
+            return np.array(np.from_dlpack(logits)[0, -1])
         return logits.numpy()[0, -1]
 
 

@@ -209,3 +209,45 @@ def test_ops_left_unscheduled_are_named(tmp_path, capsys):
     assert json.loads((out / "manifest.json").read_text())["kernels"]["counts"] == {"unscheduled": 1}
     feed = {"x": np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)}
     assert np.array_equal(load(out).run(feed)["y"], ort_run(tmp_path / "scatter.onnx", feed)[0])
+
+
+def _passthrough_onnx(path):
+    """y = x (the graph input passed through) and z = x @ W."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"]), helper.make_node("MatMul", ["x", "w"], ["z"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 8])],
+        [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path, w
+
+
+def test_run_takes_any_array_and_returns_arrays_of_its_own(tmp_path):
+    """Model.run hands aligned inputs to TVM without a copy and returns outputs without one:
+    misaligned, read-only and strided inputs give the same results, and no output is the caller's
+    input (an output that passes an input through is copied)."""
+    onnx_path, w = _passthrough_onnx(tmp_path / "pass.onnx")
+    model = load(_compile(onnx_path, tmp_path / "pass.fq"))
+    x = np.random.default_rng(1).standard_normal((3, 32)).astype(np.float32)
+    raw = np.zeros(3 * 32 + 1, np.float32)
+    misaligned = raw[1:].reshape(3, 32)
+    misaligned[...] = x
+    readonly = x.copy()
+    readonly.flags.writeable = False
+    strided = np.repeat(x, 2, axis=1)[:, ::2]
+    assert misaligned.ctypes.data % artifact.ALIGN != 0
+    for given in (x, misaligned, readonly, strided):
+        out = model.run({"x": given})
+        np.testing.assert_array_equal(out["y"], x)
+        np.testing.assert_allclose(out["z"], x @ w, rtol=1e-5, atol=1e-5)
+        assert not np.may_share_memory(out["y"], given)
+        assert out["y"].flags.writeable and out["z"].flags.writeable
+    first = model.run({"x": x})["z"]
+    second = model.run({"x": 2 * x})["z"]  # a later call does not overwrite an earlier result
+    np.testing.assert_allclose(first, x @ w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(second, 2 * x @ w, rtol=1e-5, atol=1e-5)
