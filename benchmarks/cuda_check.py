@@ -228,7 +228,7 @@ def _bucket_times(model, rows) -> list[str]:
 
 
 def _transform_steps(name: str) -> list[tuple] | None:
-    """The steps of a fused transform kernel from its name (`gpu._transform_name`), a lone
+    """The steps of a fused transform kernel from its name (`schedules.chains.transform_name`), a lone
     Hadamard (fq_hadamard[_inv]_DIM_BLOCK) as one step; None for other kernels."""
     import re
 

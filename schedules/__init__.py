@@ -130,7 +130,7 @@ def apply(mod: tvm.IRModule, target, act_bits: int = 8, counts: dict | None = No
     """Schedule our kernels in `mod` for `target`; other functions are left untouched. `counts`, if
     given, receives how many functions of each kernel kind the build runs (after variants)."""
     rewrite = getattr(family(target), "rewrite", None)
-    if rewrite is not None:  # GPU: fused row transforms, GEMV / tiled chosen by the row count
+    if rewrite is not None:  # fused row transforms (both); GPU: GEMV / tiled chosen by the row count
         mod = rewrite(mod)
     updates = {}
     for gvar, func in mod.functions_items():

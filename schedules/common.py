@@ -69,6 +69,16 @@ def quick_macros() -> None:
 SERIAL_ROWS = 2  # under this many rows a row loop runs without a parallel launch
 
 
+def same_row(row):
+    """A macro row(i, x, p, y) from a macro row(xi, x, p, yi, y) that reads and writes row i."""
+
+    @T.macro
+    def macro(i, x, p, y):
+        row(i, x, p, i, y)
+
+    return macro
+
+
 def row_kernel(din, dout, param_shape: tuple, row):
     """A PrimFunc (x [m, din], p [param_shape] -> y [m, dout], float32) that runs the macro
     row(i, x, p, y) for every row: rows in parallel, but one row (a decode step) without a

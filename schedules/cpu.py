@@ -8,7 +8,7 @@ import itertools
 import tvm
 import tvm.s_tir as s_tir
 
-from . import cpu_frame, cpu_hadamard, cpu_int8
+from . import cpu_frame, cpu_hadamard, cpu_int8, cpu_transform
 from .common import blocks, is_reduction
 
 
@@ -65,7 +65,38 @@ def elementwise(sch: s_tir.Schedule, target) -> None:
 
 RULES = {"dequant_matmul": dequant_matmul}
 DEFAULT = elementwise
-WRITTEN_SCHEDULED = (cpu_int8.KIND, cpu_hadamard.KIND, cpu_frame.KIND, cpu_frame.SYNTHESIS_KIND)
+WRITTEN_SCHEDULED = (cpu_int8.KIND, cpu_hadamard.KIND, cpu_frame.KIND, cpu_frame.SYNTHESIS_KIND, cpu_transform.KIND)
+
+
+def rewrite(mod: tvm.IRModule) -> tvm.IRModule:
+    """Each run of row transforms that `cpu_transform` covers (one side of a layer) becomes one
+    kernel: one launch and no intermediate tensors instead of one per step."""
+    from tvm import relax
+
+    from .chains import drop_unused, transform_name, transform_plans
+    from .common import mutate_relax_functions
+
+    plans = {call: plan for call, plan in transform_plans(mod).items() if cpu_transform.parts(plan[1]) is not None}
+    if not plans:
+        return mod
+
+    @relax.expr_functor.mutator
+    class _Fuse(relax.PyExprMutator):
+        def __init__(self, mod):
+            super().__init__(mod)
+            self.added = {}
+
+        def visit_call_(self, call):
+            if call not in plans:
+                return super().visit_call_(call)
+            source, steps, consts = plans[call]
+            name = transform_name(steps)
+            if name not in self.added:
+                func = cpu_transform.transform(steps).with_attr("global_symbol", name)
+                self.added[name] = self.builder_.add_func(func, name)
+            return relax.call_tir(self.added[name], [self.visit_expr(source), *consts], call.ty)
+
+    return drop_unused(mutate_relax_functions(mod, _Fuse(mod)))
 
 
 def variant(func, target, act_bits: int):

@@ -9,17 +9,24 @@ from __future__ import annotations
 import tvm
 from tvm.script import tirx as T
 
-from .common import row_kernel
+from .common import row_kernel, same_row
 from .kernels import OPAQUE
 
 KIND = "frame_rows"
 
 
 def frame_analysis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.PrimFunc:
+    row = analysis_row(nblk, two_l, two_k, tail)
+    func = row_kernel(nblk * two_l + tail, nblk * two_k + tail, (two_k, two_l), same_row(row))
+    return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
+
+
+def analysis_row(nblk: int, two_l: int, two_k: int, tail: int):
+    """The macro row(xi, x, F, yi, y): row xi of x analysed into row yi of y."""
     body, din = nblk * two_k, nblk * two_l
 
     @T.macro
-    def row(i, x, F, y):
+    def row(xi, x, F, yi, y):
         ft = T.alloc_buffer((two_l * two_k,), "float32", scope="local")
         acc = T.alloc_buffer((two_k,), "float32", scope="local")
         for c, r in T.grid(two_l, two_k):
@@ -29,14 +36,13 @@ def frame_analysis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.Pri
                 acc[r] = T.float32(0)
             for c in T.unroll(two_l):
                 for r in T.vectorized(two_k):
-                    acc[r] = acc[r] + x[i, b * two_l + c] * ft[c * two_k + r]
+                    acc[r] = acc[r] + x[xi, b * two_l + c] * ft[c * two_k + r]
             for r in T.vectorized(two_k):
-                y[i, b * two_k + r] = acc[r]
+                y[yi, b * two_k + r] = acc[r]
         for j in range(tail):
-            y[i, body + j] = x[i, din + j]
+            y[yi, body + j] = x[xi, din + j]
 
-    func = row_kernel(din + tail, body + tail, (two_k, two_l), row)
-    return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
+    return row
 
 
 SYNTHESIS_KIND = "frame_synthesis_rows"

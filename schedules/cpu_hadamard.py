@@ -15,7 +15,7 @@ import math
 import tvm
 from tvm.script import tirx as T
 
-from .common import row_kernel
+from .common import row_kernel, same_row
 from .kernels import OPAQUE
 
 KIND = "hadamard_rows"
@@ -23,13 +23,20 @@ FIRST = 8  # columns of the fused first stages
 
 
 def hadamard(dim: int, block: int, inverse: bool) -> tvm.tirx.PrimFunc:
+    row = row_macro(dim, block, inverse)
+    func = row_kernel(dim, dim, (dim,), same_row(row))
+    return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
+
+
+def row_macro(dim: int, block: int, inverse: bool):
+    """The macro row(xi, x, signs, yi, y): row xi of x transformed into row yi of y."""
     if block < FIRST:
         return _radix2(dim, block, inverse)
     stages = int(math.log2(block))
     norm = 1.0 / math.sqrt(block)
 
     @T.macro
-    def row(i, x, signs, y):
+    def row(xi, x, signs, yi, y):
         acc = T.alloc_buffer((FIRST,), "float32", scope="local")
         for c in range(dim // FIRST):
             for k in T.vectorized(FIRST):
@@ -37,26 +44,25 @@ def hadamard(dim: int, block: int, inverse: bool) -> tvm.tirx.PrimFunc:
             for j in T.unroll(FIRST):
                 for k in T.vectorized(FIRST):
                     acc[k] = acc[k] + _h8(j, k) * (
-                        x[i, c * FIRST + j] * T.float32(norm) if inverse
-                        else x[i, c * FIRST + j] * (signs[c * FIRST + j] * T.float32(norm)))
+                        x[xi, c * FIRST + j] * T.float32(norm) if inverse
+                        else x[xi, c * FIRST + j] * (signs[c * FIRST + j] * T.float32(norm)))
             for k in T.vectorized(FIRST):
-                y[i, c * FIRST + k] = acc[k] * signs[c * FIRST + k] if inverse and stages == 3 else acc[k]
+                y[yi, c * FIRST + k] = acc[k] * signs[c * FIRST + k] if inverse and stages == 3 else acc[k]
         for s in T.unroll(3, stages):
             for b in range(dim >> (s + 1)):
                 for j in range(1 << s):
                     lo = b * (2 << s) + j
                     hi = lo + (1 << s)
-                    a = y[i, lo]
-                    c2 = y[i, hi]
+                    a = y[yi, lo]
+                    c2 = y[yi, hi]
                     if inverse and s == stages - 1:
-                        y[i, lo] = (a + c2) * signs[lo]
-                        y[i, hi] = (a - c2) * signs[hi]
+                        y[yi, lo] = (a + c2) * signs[lo]
+                        y[yi, hi] = (a - c2) * signs[hi]
                     else:
-                        y[i, lo] = a + c2
-                        y[i, hi] = a - c2
+                        y[yi, lo] = a + c2
+                        y[yi, hi] = a - c2
 
-    func = row_kernel(dim, dim, (dim,), row)
-    return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
+    return row
 
 
 def _h8(j, k):
@@ -65,24 +71,23 @@ def _h8(j, k):
     return T.Cast("float32", 1 - 2 * ((both ^ (both >> 1) ^ (both >> 2)) & 1))
 
 
-def _radix2(dim: int, block: int, inverse: bool) -> tvm.tirx.PrimFunc:
+def _radix2(dim: int, block: int, inverse: bool):
     stages = int(math.log2(block))
     norm = 1.0 / math.sqrt(block)
 
     @T.macro
-    def row(i, x, signs, y):
+    def row(xi, x, signs, yi, y):
         for j in range(dim):
-            y[i, j] = x[i, j] if inverse else x[i, j] * signs[j]
+            y[yi, j] = x[xi, j] if inverse else x[xi, j] * signs[j]
         for s in T.unroll(stages):
             for b in range(dim >> (s + 1)):
                 for j in range(1 << s):
                     lo = b * (2 << s) + j
-                    a = y[i, lo]
-                    c = y[i, lo + (1 << s)]
-                    y[i, lo] = a + c
-                    y[i, lo + (1 << s)] = a - c
+                    a = y[yi, lo]
+                    c = y[yi, lo + (1 << s)]
+                    y[yi, lo] = a + c
+                    y[yi, lo + (1 << s)] = a - c
         for j in range(dim):
-            y[i, j] = y[i, j] * (signs[j] * T.float32(norm) if inverse else T.float32(norm))
+            y[yi, j] = y[yi, j] * (signs[j] * T.float32(norm) if inverse else T.float32(norm))
 
-    func = row_kernel(dim, dim, (dim,), row)
-    return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
+    return row

@@ -235,12 +235,10 @@ def rewrite(mod: tvm.IRModule) -> tvm.IRModule:
     by the row count at run time: the GEMV form up to GEMV_ROWS rows, the tiled form above."""
     from tvm import relax
 
+    from .chains import callee, drop_unused, transform_name, transform_plans
     from .common import mutate_relax_functions
 
-    plans = {}
-    for func in mod.functions.values():
-        if isinstance(func, relax.Function):
-            plans.update(_chains(mod, func))
+    plans = transform_plans(mod)
 
     @relax.expr_functor.mutator
     class _Rewrite(relax.PyExprMutator):
@@ -251,10 +249,10 @@ def rewrite(mod: tvm.IRModule) -> tvm.IRModule:
         def visit_call_(self, call):
             if call in plans:
                 source, steps, consts = plans[call]
-                gvar = self._add(_transform_name(steps), lambda: _kernels().transform(steps))
+                gvar = self._add(transform_name(steps), lambda: _kernels().transform(steps))
                 return relax.call_tir(gvar, [self.visit_expr(source), *consts], call.ty)
             call = super().visit_call_(call)
-            func = _callee(mod, call)
+            func = callee(mod, call)
             if func is not None and str(func.attrs["fq_kernel"]) == "dequant_matmul" \
                     and not int(func.attrs.get("fq_group", 0)):
                 weights = [arg.ty for arg in list(call.args[1].fields)[1:4]]
@@ -279,103 +277,13 @@ def rewrite(mod: tvm.IRModule) -> tvm.IRModule:
                 int(a["fq_rows"]), int(a["fq_cols"]), int(a["fq_bits"]), TILE_ROWS))
             return _row_switch(func, gemv, tiled, weights)
 
-    return _drop_unused(mutate_relax_functions(mod, _Rewrite(mod)))
-
-
-def _drop_unused(mod):
-    """The module without our kernels that no Relax function calls any more."""
-    from tvm import relax
-
-    used = set()
-    for func in mod.functions.values():
-        if isinstance(func, relax.Function):
-            used.update(relax.analysis.all_global_vars(func))
-    for gvar, func in list(mod.functions_items()):
-        if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and "fq_kernel" in func.attrs \
-                and gvar not in used:
-            del mod[gvar]
-    return mod
+    return drop_unused(mutate_relax_functions(mod, _Rewrite(mod)))
 
 
 def _kernels():
     from . import kernels
 
     return kernels
-
-
-def _callee(mod, call):
-    """Our kernel a `call_tir` calls, or None."""
-    from tvm import relax
-
-    if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir"):
-        return None
-    gvar = call.args[0]
-    if not isinstance(gvar, relax.GlobalVar) or gvar not in mod.functions:
-        return None
-    func = mod[gvar]
-    if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and "fq_kernel" in func.attrs:
-        return func
-    return None
-
-
-def _step(func, call) -> tuple | None:
-    """A chain call as a `kernels.transform` step, or None."""
-    a = func.attrs
-    kind = str(a["fq_kernel"])
-    if kind == "hadamard":
-        return ("hadamard", int(a["fq_dim"]), int(a["fq_block"]), int(a["fq_inverse"]))
-    if kind == "frame_analysis":
-        return ("frame", int(a["fq_nblk"]), int(a["fq_two_l"]), int(a["fq_two_k"]), int(a["fq_tail"]))
-    if kind == "resize":
-        dim = int(call.args[1].fields[0].ty.shape[1])
-        new = int(call.ty.shape[1])
-        return ("pad", dim, new) if new > dim else ("take", dim, new)
-    return None
-
-
-def _chains(mod, func) -> dict:
-    """{last call of a chain: (its input, steps, constant args)} for every run of two or more row
-    transforms where each intermediate feeds only the next."""
-    from tvm import relax
-
-    info, uses = {}, {}
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            value = binding.value
-            for var in relax.analysis.free_vars(value):
-                uses[var] = uses.get(var, 0) + 1
-            if not isinstance(binding, relax.VarBinding) or not isinstance(value, relax.Call):
-                continue
-            kernel = _callee(mod, value)
-            step = _step(kernel, value) if kernel is not None else None
-            if step is not None:
-                info[binding.var] = (value, step)
-    for var in relax.analysis.free_vars(func.body.body):
-        uses[var] = uses.get(var, 0) + 1
-    fed = {info[v][0].args[1].fields[0] for v in info}
-    plans = {}
-    for var, (call, step) in info.items():
-        if var in fed and uses.get(var, 0) == 1:
-            continue  # not the end of its chain
-        calls = [call]
-        source = call.args[1].fields[0]
-        while source in info and uses.get(source, 0) == 1:
-            calls.insert(0, info[source][0])
-            source = calls[0].args[1].fields[0]
-        if len(calls) > 1:
-            steps = [_step(_callee(mod, c), c) for c in calls]
-            consts = [arg for c in calls for arg in list(c.args[1].fields)[1:]]
-            plans[call] = (source, steps, consts)
-    return plans
-
-
-def _transform_name(steps) -> str:
-    words = []
-    for step in steps:
-        words.append({"pad": "pad", "take": "take", "frame": "frame"}.get(step[0], "hadamard_inv" if step[0] == "hadamard"
-                                                                        and step[3] else "hadamard"))
-        words.append("x".join(str(v) for v in step[1:]))
-    return "fq_" + "_".join(words)
 
 
 def _row_switch(func, gemv, tiled, weights):

@@ -12,7 +12,7 @@ import fq_tvm
 from fq_tvm import models
 from fq_tvm.numerics.frames import frame_block
 from fq_tvm.numerics.hadamard import fwht
-from fq_tvm.schedules import gpu, kernels
+from fq_tvm.schedules import chains, gpu, kernels
 from fq_tvm.targets.cuda import nvcc_path
 
 HOST = tvm.target.Target("llvm")
@@ -145,7 +145,7 @@ def test_cuda_check_rebuilds_transform_arguments():
     import cuda_check
 
     steps = [("hadamard", 320, 64, 1), ("take", 320, 300)]
-    assert cuda_check._transform_steps(gpu._transform_name(steps)) == steps
+    assert cuda_check._transform_steps(chains.transform_name(steps)) == steps
     assert cuda_check._transform_steps("fq_hadamard_inv_11008_256") == [("hadamard", 11008, 256, 1)]
     assert cuda_check._transform_steps("fq_dequant_matmul_40_1004_b2_g1004") is None
     x, signs, out = cuda_check._transform_args(steps, 3, np.random.default_rng(4))

@@ -124,6 +124,64 @@ def test_pad_and_take():
     assert np.array_equal(_run(_build(kernels.take_last(64, 60)), padded, out_shape=(2, 60)), x)
 
 
+def _matrix_of(steps, params):
+    """The dense matrix of a run of row transforms (float64), step by step."""
+    width = steps[0][1]
+    total, used = np.eye(width), iter(params)
+    for step in steps:
+        kind = step[0]
+        if kind in ("pad", "take"):
+            move = np.eye(step[2], width)
+        elif kind == "hadamard":
+            dim, block, inverse = step[1:]
+            big, signs = np.kron(np.eye(dim // block), _sylvester(block)), next(used).astype(np.float64)
+            move = signs[:, None] * big if inverse else big * signs[None, :]
+        else:
+            nblk, two_l, two_k, tail = step[1:]
+            F = next(used).astype(np.float64)
+            move = np.zeros((nblk * two_k + tail, nblk * two_l + tail))
+            for b in range(nblk):
+                move[b * two_k:(b + 1) * two_k, b * two_l:(b + 1) * two_l] = F
+            move[nblk * two_k:, nblk * two_l:] = np.eye(tail)
+        total, width = move @ total, move.shape[0]
+    return total
+
+
+@pytest.mark.parametrize("steps", [
+    [("pad", 200, 256), ("hadamard", 256, 128, 0), ("frame", 16, 16, 18, 0), ("pad", 288, 296)],
+    [("hadamard", 576, 64, 0), ("frame", 36, 16, 18, 0)],  # SmolLM2's input side
+    [("pad", 300, 320), ("hadamard", 320, 64, 0)],
+    [("hadamard", 320, 64, 1), ("take", 320, 300)],  # an output side
+    [("hadamard", 12, 4, 0), ("frame", 0, 16, 18, 12)]])  # radix-2 Hadamard, frame all tail
+def test_fused_row_transforms_match_their_matrix(steps):
+    """One CPU kernel for one side of a layer (`cpu_transform`, what `cpu.rewrite` fuses a run
+    into), against the product of the steps' matrices."""
+    from fq_tvm.schedules import cpu, cpu_transform
+
+    rng = np.random.default_rng(len(steps))
+    params = [rng.choice([-1.0, 1.0], s[1]).astype(np.float32) if s[0] == "hadamard"
+              else np.linalg.qr(rng.standard_normal((s[3], s[2])))[0].astype(np.float32)
+              for s in steps if s[0] in ("hadamard", "frame")]
+    matrix = _matrix_of(steps, params)
+    func = cpu_transform.transform(steps)
+    assert str(func.attrs["fq_kernel"]) in cpu.WRITTEN_SCHEDULED
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), HOST)
+    for m in (0, 1, 7):
+        x = rng.standard_normal((m, matrix.shape[1])).astype(np.float32)
+        ours = _run(lib, x, *params, out_shape=(m, matrix.shape[0]))
+        assert ours.shape == (m, matrix.shape[0])
+        if m:
+            assert _rel(ours, x.astype(np.float64) @ matrix.T) < 1e-5
+
+
+def test_fused_row_transforms_cover_one_side_only():
+    from fq_tvm.schedules.cpu_transform import parts
+
+    assert parts([("hadamard", 64, 64, 1), ("hadamard", 64, 64, 0)]) is None
+    assert parts([("frame", 4, 16, 18, 0), ("take", 72, 70)]) is None
+    assert parts([("pad", 60, 64), ("hadamard", 64, 64, 0), ("take", 64, 60)]) is not None
+
+
 def _asm(target):
     lib = tvm.compile(tvm.IRModule({"main": schedule_func(kernels.dequant_matmul(256, 512, 2, 512), target, act_bits=32)}), target)
     return lib.mod.inspect_source("asm") if not lib.mod.imports else lib.mod.imports[0].inspect_source("asm")
