@@ -149,9 +149,10 @@ def _fuse_leading(sch, loops):
     return sch.fuse(*keep) if len(keep) > 1 else keep[0]
 
 
-def fp32_block(sch: s_tir.Schedule, block, lanes: int) -> None:
+def fp32_block(sch: s_tir.Schedule, block, lanes: int, parallel: bool = True) -> None:
     """Unscheduled (legalized) ops: dense matmuls stream each weight row once for all input rows,
-    8 vectors of columns at a time; other blocks run rows in parallel, vectorised where spatial."""
+    8 vectors of columns at a time; other blocks run rows in parallel (unless `parallel` is
+    False), vectorised where spatial."""
     spatial, reduce = _split_loops(sch, block)
     if not spatial:
         return
@@ -160,7 +161,7 @@ def fp32_block(sch: s_tir.Schedule, block, lanes: int) -> None:
         sch.reorder(outer, *reduce, *spatial[:-1], group, vec)
         sch.unroll(group)
     elif (reduce and _reduces_last_axis(sch, block)) or not _constant(sch, spatial[-1]) or _writes_bool(sch, block):
-        _whole_rows(sch, block, spatial, reduce)
+        _whole_rows(sch, block, spatial, reduce, parallel)
         return
     elif reduce and _short_rows(sch, spatial[-1], lanes):
         # a short output row (attention's P @ V, 32-128 wide) stays in registers across the
@@ -169,7 +170,7 @@ def fp32_block(sch: s_tir.Schedule, block, lanes: int) -> None:
         sch.reorder(*spatial[:-1], *reduce, outer, vec)
         sch.unroll(outer)
         sch.vectorize(vec)
-        if len(spatial) > 1:
+        if len(spatial) > 1 and parallel:
             sch.parallel(_fuse_leading(sch, spatial[:-1]))
         sch.decompose_reduction(block, reduce[0])
         return
@@ -177,7 +178,8 @@ def fp32_block(sch: s_tir.Schedule, block, lanes: int) -> None:
         outer, vec = sch.split(spatial[-1], [None, lanes])
         sch.reorder(*spatial[:-1], outer, *reduce, vec)
         outer = sch.fuse(*spatial[:-1], outer) if len(spatial) > 1 else outer
-    sch.parallel(outer)
+    if parallel:
+        sch.parallel(outer)
     sch.vectorize(vec)
     if reduce:
         sch.decompose_reduction(block, reduce[0])
@@ -203,7 +205,7 @@ def _reduces_last_axis(sch, block) -> bool:
                                     and region.region[-1].min in reduce_vars for region in stmt.reads)
 
 
-def _whole_rows(sch, block, spatial, reduce) -> None:
+def _whole_rows(sch, block, spatial, reduce, parallel: bool = True) -> None:
     """Leading constant axes in parallel; innermost either the reduction over a contiguous last
     axis (scalar, in order), or a symbolic last axis (a sequence length) kept whole for LLVM's loop
     vectoriser: split + vectorize would leave a guarded, scalarised vector loop with divisions by
@@ -212,14 +214,31 @@ def _whole_rows(sch, block, spatial, reduce) -> None:
         sch.reorder(*spatial, *reduce)
     else:
         sch.reorder(*spatial[:-1], *reduce, spatial[-1])
-    sch.parallel(_fuse_leading(sch, spatial[:-1]) if len(spatial) > 1 else spatial[0])
+    if parallel:
+        sch.parallel(_fuse_leading(sch, spatial[:-1]) if len(spatial) > 1 else spatial[0])
     if reduce:
         sch.decompose_reduction(block, reduce[0])
 
 
+SERIAL_WORK = 8192  # elements: a function whose largest buffer is smaller runs without a parallel launch
+
+
 def fallback(func, target):
     """Schedule a PrimFunc fq-tvm did not write (legalized fp32 ops), block by block; a block the
-    rule cannot handle is left as it is. Returns (func, what was left: ["block: error", ...])."""
+    rule cannot handle is left as it is. Where the largest buffer may hold fewer than SERIAL_WORK
+    elements (a decode step's norms, adds, softmax), a serial copy runs below that size: a
+    parallel launch costs more than such work. Returns (func, what was left: ["block: error", ...])."""
+    par, left = _schedule(func, target, parallel=True)
+    work = _largest_buffer(func)
+    if isinstance(work, tvm.tirx.IntImm) and work.value >= SERIAL_WORK or not _has_parallel(par):
+        return par, left
+    ser, _ = _schedule(func, target, parallel=False)
+    if isinstance(work, tvm.tirx.IntImm):
+        return ser, left
+    return _versioned(par, ser, work < SERIAL_WORK), left
+
+
+def _schedule(func, target, parallel: bool):
     lanes = vector_lanes(target)
     sch = s_tir.Schedule(func)
     try:
@@ -232,12 +251,58 @@ def fallback(func, target):
         trial = sch.copy()
         name = sch.get(block).name_hint
         try:
-            fp32_block(trial, trial.get_sblock(name), lanes)
+            fp32_block(trial, trial.get_sblock(name), lanes, parallel)
         except Exception as err:  # noqa: BLE001 - the rule does not fit this block: keep it unscheduled
             left.append(f"{name}: {_first_line(err)}")
             continue
         sch = trial
     return sch.mod["main"], left
+
+
+def _largest_buffer(func):
+    """The element count of the function's largest parameter buffer (a PrimExpr, maybe symbolic)."""
+    from tvm.sym.analyzer import Analyzer
+
+    analyzer = Analyzer()
+    sizes = []
+    for param in func.params:
+        if not isinstance(param.ty, tvm.tirx.buffer.BufferType):
+            continue
+        size = tvm.tirx.const(1, "int64")
+        for dim in param.ty.shape:
+            size = size * tvm.tirx.Cast("int64", dim)
+        sizes.append(analyzer.simplify(size))
+    if not sizes:
+        return tvm.tirx.const(0, "int64")
+    static = [s for s in sizes if isinstance(s, tvm.tirx.IntImm)]
+    if len(static) == len(sizes):
+        return max(sizes, key=lambda s: s.value)
+    largest = sizes[0]
+    for size in sizes[1:]:
+        largest = tvm.tirx.max(largest, size)
+    return analyzer.simplify(largest)
+
+
+def _has_parallel(func) -> bool:
+    def walk(node) -> bool:
+        if isinstance(node, tvm.tirx.For) and node.kind == tvm.tirx.ForKind.PARALLEL:
+            return True
+        children = list(getattr(node, "seq", None) or [])
+        children += [getattr(node, k, None) for k in ("block", "body", "init", "then_case", "else_case")]
+        return any(walk(child) for child in children if isinstance(child, (tvm.tirx.Stmt, s_tir.SBlock)))
+
+    return walk(func.body)
+
+
+def _versioned(par, ser, small):
+    """One function: `ser`'s loops where `small` holds, else `par`'s (two schedules of one PrimFunc;
+    loop variables they share are renamed by ConvertSSA)."""
+    a, b = par.body.block, ser.body.block
+    allocs = list(a.alloc_buffers) + [buf for buf in b.alloc_buffers
+                                       if not any(buf.same_as(other) for other in a.alloc_buffers)]
+    root = s_tir.SBlock([], [], [], "root", tvm.tirx.IfThenElse(small, b.body, a.body), None, allocs)
+    func = par.with_body(s_tir.SBlockRealize([], True, root))
+    return tvm.tirx.transform.ConvertSSA()(tvm.IRModule({"main": func}))["main"]
 
 
 def _inline_elementwise(sch) -> list:

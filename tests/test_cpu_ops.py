@@ -91,3 +91,29 @@ def test_last_axis_concat_keeps_topi_so_it_can_fuse():
     a, b = np.ones((4, 32), np.float32), np.zeros((4, 32), np.float32)
     out = _build(Halves)["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b)).numpy()
     assert np.array_equal(out, np.concatenate([a, b], axis=-1))
+
+
+def test_fallback_runs_small_work_without_a_parallel_launch():
+    """cpu.fallback: a function whose buffers stay under SERIAL_WORK elements gets no parallel
+    loop; one with symbolic rows gets both schedules behind `if size < SERIAL_WORK` (each giving
+    numpy's softmax x w); a large static one stays parallel."""
+    from tvm import te, tirx, topi
+
+    from fq_tvm.schedules import cpu
+
+    m = tirx.Var("m", "int64")
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal(576).astype(np.float32)
+    for rows, parallel, branch in [(m, True, True), (4, False, False), (64, True, False)]:
+        x = te.placeholder((rows, 576), "float32", "x")
+        wp = te.placeholder((576,), "float32", "w")
+        func, left = cpu.fallback(te.create_prim_func([x, wp, topi.multiply(topi.nn.softmax(x), wp)]), HOST)
+        assert not left and cpu._has_parallel(func) == parallel
+        assert ("if " in func.script()) == branch
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("tirx.is_scheduled", True)}), HOST)
+        for n in ((1, 300) if rows is m else (rows,)):  # 1 x 576 < SERIAL_WORK <= 300 x 576
+            a = rng.standard_normal((n, 576)).astype(np.float32)
+            out = tvm.runtime.tensor(np.zeros((n, 576), np.float32))
+            lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(w), out)
+            e = np.exp(a.astype(np.float64) - a.max(1, keepdims=True))
+            np.testing.assert_allclose(out.numpy(), e / e.sum(1, keepdims=True) * w, rtol=1e-5, atol=1e-6)
