@@ -105,6 +105,12 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     step("importing into Relax" + (" and rewriting dense layers" if layers else ""))
     pre_bounds = fast_take_bounds(imported[0]["main"])[0]  # a quantized head's gather is no take
     mod = _import(proto, layers, layer_report, quiet, imported)
+    if generation is not None:  # a prefill needs only the last position's logits
+        from .passes.last_logits import NAME, AddLastLogits
+
+        mod = AddLastLogits()(mod)
+        if NAME in [gvar.name_hint for gvar in mod.get_global_vars()]:
+            generation["last_logits"] = NAME
     if records is not None:  # only what the artifact really runs quantized
         kept = {entry["weight"] for entry in layer_report.get("layers", [])}
         records.update({name: rec for name, rec in quantized.items() if name in kept})

@@ -190,7 +190,9 @@ class _Stepper:
     def __init__(self, model, g: dict):
         import tvm
 
-        self.tvm, self.device, self.main = tvm, model._device, model._vm["main"]
+        self.tvm, self.device = tvm, model._device
+        # the artifact's function computing only the last position's logits, where it has one
+        self.main = model._vm[g.get("last_logits", "main")]
         # The VM's pooled allocator keeps every freed buffer for reuse by size, and the cache grows
         # one token a step: without a release, 1000 decode steps of SmolLM2 grew the process from
         # 0.6 to 11.5 GB and slowed steps 3x. Releasing the idle buffers after each call keeps it flat.

@@ -102,6 +102,25 @@ def test_manifest_generation_section(tiny):
     assert ranges["position_ids"] == [0, 128]  # the rotary table's rows: fq-run refuses positions past it
 
 
+def test_prefill_function_computes_the_last_logits_only(tiny):
+    """The artifact's `main_last` (passes/last_logits.py): the last position's logits of `main`,
+    one row, for a prefill and for a decode step against the cache."""
+    import tvm
+
+    _, onnx_path, artifact, _ = tiny
+    model, info = fq_tvm.load(artifact), _info(onnx_path)
+    assert json.loads((artifact / "manifest.json").read_text())["generation"]["last_logits"] == "main_last"
+    ids = _ids(9)
+    feed = {"input_ids": ids, "position_ids": np.arange(9)[None], **kvcache.empty_past(info)}
+    full = model.run(feed)
+    args = [tvm.runtime.tensor(np.ascontiguousarray(feed[spec["name"]]).astype(spec["dtype"])) for spec in model.inputs]
+    last = list(model._vm["main_last"](*args))
+    assert last[0].numpy().shape == (1, 1, full["logits"].shape[-1])
+    np.testing.assert_allclose(last[0].numpy()[0, 0], full["logits"][0, -1], rtol=1e-5, atol=1e-5)
+    for spec, value in zip(model.outputs[1:], last[1:]):
+        np.testing.assert_array_equal(value.numpy(), full[spec["name"]])
+
+
 def test_positions_past_the_context_are_refused_by_run(tiny):
     _, onnx_path, artifact, _ = tiny
     feed = {"input_ids": np.ones((1, 1), np.int64), "position_ids": np.full((1, 1), 128, np.int64),

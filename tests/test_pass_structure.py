@@ -324,3 +324,76 @@ def test_store_tied_weights_leaves_other_uses_alone():
     rewrite = StoreTiedWeightsOnce()
     tvm.ir.assert_structural_equal(rewrite(Before), Before)
     assert rewrite.tied == 0
+
+
+def test_add_last_logits_slices_the_head_input_to_the_last_position():
+    """AddLastLogits: `main` kept; `main_last` computes the first output from h[:, s-1:s] through a
+    private head function (the norm's scale and the head matmul, the sequence length bound to 1)
+    and drops the full-length head; the chain stops at the op with two tensor operands."""
+    from fq_tvm.passes.last_logits import AddLastLogits
+
+    w = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    g = np.random.default_rng(1).standard_normal(8).astype(np.float32)
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor(("b", "s", 8), "float32")):
+            with R.dataflow():
+                h = R.add(x, x)
+                n = R.multiply(h, R.const(g))
+                y = R.matmul(n, R.const(w))
+                out = (y, h)
+                R.output(out)
+            return out
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor(("b", "s", 8), "float32")):
+            with R.dataflow():
+                h = R.add(x, x)
+                n = R.multiply(h, R.const(g))
+                y = R.matmul(n, R.const(w))
+                out = (y, h)
+                R.output(out)
+            return out
+
+        @R.function(private=True)
+        def last_logits_head(h: R.Tensor(("b", 1, 8), "float32")) -> R.Tensor(("b", 1, 4), "float32"):
+            with R.dataflow():
+                n = R.multiply(h, R.const(g))
+                y = R.matmul(n, R.const(w))
+                gv = y
+                R.output(gv)
+            return gv
+
+        @R.function
+        def main_last(x: R.Tensor(("b", "s", 8), "float32")):
+            s = T.int64()
+            with R.dataflow():
+                h = R.add(x, x)
+                last = R.strided_slice(h, axes=[1], begin=[s - 1], end=[s], assume_inbound=True)
+                y = Expected.last_logits_head(last)
+                out = (y, h)
+                R.output(out)
+            return out
+
+    tvm.ir.assert_structural_equal(AddLastLogits()(Before), Expected)
+
+
+def test_add_last_logits_leaves_a_module_without_such_a_head():
+    from fq_tvm.passes.last_logits import AddLastLogits
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor(("b", "s", 8), "float32")):
+            with R.dataflow():
+                y = R.nn.softmax(x, axis=1)  # mixes positions: not a row-wise head
+                out = (y,)
+                R.output(out)
+            return out
+
+    out = AddLastLogits()(Before)
+    assert [g.name_hint for g in out.get_global_vars()] == ["main"]
