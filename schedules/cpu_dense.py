@@ -170,7 +170,8 @@ def _shape(expr) -> list | None:
 
 @relax.expr_functor.visitor
 class _Uses(relax.PyExprVisitor):
-    """How many call arguments each 2-D constant is, directly or through a variable bound to it."""
+    """For each 2-D constant (directly or through a variable bound to it), how many call arguments
+    it is that are not a matmul's weight (nor the transpose feeding one): a table also gathered."""
 
     def __init__(self):
         super().__init__()
@@ -183,23 +184,27 @@ class _Uses(relax.PyExprVisitor):
         super().visit_var_binding_(binding)
 
     def visit_call_(self, call):
-        for arg in call.args:
+        weight = {"relax.matmul": 1, "relax.permute_dims": 0}.get(getattr(call.op, "name", None))
+        for pos, arg in enumerate(call.args):
             const = self.bound.get(arg, arg)
             if isinstance(const, GenericConst) and len(const.value.shape) == 2:
-                self.count[const] = self.count.get(const, 0) + 1
+                self.count.setdefault(const, 0)
+                if pos != weight:
+                    self.count[const] += 1
         super().visit_call_(call)
 
 
 @relax.expr_functor.mutator
 class _Dispatch(relax.PyExprMutator):
     """Weights used elsewhere too (a tied embedding table) are read in place: packing a copy would
-    store them twice."""
+    store them twice. A weight of several matmuls (in `main` and `main_last`) is packed once."""
 
     def __init__(self, mod, lanes: int, uses: dict):
         super().__init__(mod)
         self.lanes = lanes
         self.uses = uses
         self.kernels = {}
+        self.packed = {}  # constant -> its packed constant
         self.count = 0
 
     def visit_call_(self, call):
@@ -211,10 +216,10 @@ class _Dispatch(relax.PyExprMutator):
         if w is None or shape is None:
             return call
         w = w.T if transposed else w
-        shared = self.uses.get(const, 0) != 1
+        shared = self.uses.get(const, 0) != 0
         if int(shape[-1]) != w.shape[0] or w.shape[1] % panel_cols(self.lanes) or (shared and transposed):
             return call
-        return self._dense(call.args[0], shape, w, const if shared else None)
+        return self._dense(call.args[0], shape, w, const, shared)
 
     def _constant(self, expr):
         """(the constant, whether transposed) behind a matmul's weight: a constant, a variable bound
@@ -229,13 +234,15 @@ class _Dispatch(relax.PyExprMutator):
                 return bound.args[0], True
         return expr, False
 
-    def _dense(self, x, shape, w, shared):
+    def _dense(self, x, shape, w, const, shared: bool):
         K, N = w.shape
-        key = (K, N, shared is None)
+        key = (K, N, not shared)
         if key not in self.kernels:
-            name = f"fq_dense_{K}_{N}" + ("" if shared is None else "_in_place")
-            self.kernels[key] = self.builder_.add_func(dense(K, N, self.lanes, packed=shared is None), name)
-        weight = relax.const(pack(w, self.lanes)) if shared is None else shared
+            name = f"fq_dense_{K}_{N}" + ("_in_place" if shared else "")
+            self.kernels[key] = self.builder_.add_func(dense(K, N, self.lanes, packed=not shared), name)
+        if not shared and const not in self.packed:
+            self.packed[const] = relax.const(pack(w, self.lanes))
+        weight = const if shared else self.packed[const]
         flat = self.builder_.emit(relax.op.reshape(x, [-1, K])) if len(shape) != 2 else x
         rows = flat.ty.shape[0]
         y = self.builder_.emit(relax.call_tir(self.kernels[key], [flat, weight],

@@ -45,7 +45,7 @@ def test_pack_layout():
     assert np.array_equal(wp[1, 4], w[4, c:2 * c])
 
 
-def _calls(mod) -> list[str]:
+def _calls(mod, function: str = "main") -> list[str]:
     names = []
 
     @relax.expr_functor.visitor
@@ -57,7 +57,7 @@ def _calls(mod) -> list[str]:
                 names.append(call.op.name)
             super().visit_call_(call)
 
-    Calls().visit_expr(mod["main"])
+    Calls().visit_expr(mod[function])
     return names
 
 
@@ -88,6 +88,31 @@ def test_dispatch_takes_constant_matmuls(also_gather, bound):
     assert sizes == ([w.shape] if also_gather else [cpu_dense.pack(w, LANES).shape])  # one copy of W
 
 
+def test_dispatch_packs_a_weight_of_two_functions_once():
+    """A weight both `main` and `main_last` (passes/last_logits.py) multiply by is packed once and
+    the packed constant shared: no in-place kernel, no second copy."""
+    from fq_tvm.passes.last_logits import AddLastLogits
+
+    w = np.random.default_rng(0).standard_normal((40, 4 * cpu_dense.panel_cols(LANES))).astype(np.float32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, tvm.tirx.Var("s", "int64"), 40], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            h = bb.emit(relax.op.add(x, x))
+            y = bb.emit(relax.op.matmul(h, relax.const(w)))
+            out = bb.emit_output(relax.Tuple([y, h]))
+        bb.emit_func_output(out)
+    out = cpu_dense.dispatch(LANES, {})(AddLastLogits()(bb.get()))
+    packed = cpu_dense.pack(w, LANES).shape
+    found = {}
+    for name in ("main", "last_logits_head"):
+        calls = _calls(out, name)
+        assert f"fq_dense_40_{w.shape[1]}" in calls and "relax.matmul" not in calls, (name, calls)
+        found[name] = _constants(out, name)
+        assert [tuple(c.value.shape) for c in found[name]] == [packed]
+    assert found["main"][0].same_as(found["last_logits_head"][0])
+
+
 def test_dispatch_leaves_odd_widths_and_activation_matmuls():
     w = np.ones((40, cpu_dense.panel_cols(LANES) + 1), np.float32)
     counts = {}
@@ -95,7 +120,7 @@ def test_dispatch_leaves_odd_widths_and_activation_matmuls():
     assert "relax.matmul" in _calls(out) and counts == {}
 
 
-def _constants(mod) -> list:
+def _constants(mod, function: str = "main") -> list:
     found = []
 
     @relax.expr_functor.visitor
@@ -104,7 +129,7 @@ def _constants(mod) -> list:
             if not any(const.same_as(seen) for seen in found):
                 found.append(const)
 
-    Consts().visit_expr(mod["main"])
+    Consts().visit_expr(mod[function])
     return found
 
 
