@@ -228,28 +228,28 @@ def fallback(func, target):
     rule cannot handle is left as it is. Where the largest buffer may hold fewer than SERIAL_WORK
     elements (a decode step's norms, adds, softmax), a serial copy runs below that size: a
     parallel launch costs more than such work. Returns (func, what was left: ["block: error", ...])."""
-    par, left = _schedule(func, target, parallel=True)
-    work = _largest_buffer(func)
-    if isinstance(work, tvm.tirx.IntImm) and work.value >= SERIAL_WORK or not _has_parallel(par):
-        return par, left
-    ser, _ = _schedule(func, target, parallel=False)
-    if isinstance(work, tvm.tirx.IntImm):
-        return ser, left
-    return _versioned(par, ser, work < SERIAL_WORK), left
-
-
-def _schedule(func, target, parallel: bool):
-    lanes = vector_lanes(target)
     sch = s_tir.Schedule(func)
     try:
         blocks(sch)
     except Exception:  # noqa: BLE001 - no block structure (e.g. an extern/scan op): leave it alone
         return func, ["no blocks to schedule: a TOPI op written as loops (ir_builder)"]
-    found = _inline_elementwise(sch)
+    found = [sch.get(block).name_hint for block in _inline_elementwise(sch)]
+    work = _largest_buffer(func)
+    if isinstance(work, tvm.tirx.IntImm):
+        return _schedule(sch, found, target, parallel=work.value >= SERIAL_WORK)
+    par, left = _schedule(sch.copy(), found, target, parallel=True)
+    if not _has_parallel(par):
+        return par, left
+    ser, _ = _schedule(sch, found, target, parallel=False)
+    return _versioned(par, ser, work < SERIAL_WORK), left
+
+
+def _schedule(sch, names: list, target, parallel: bool):
+    """Each named block of `sch` (elementwise blocks already inlined) under fp32_block."""
+    lanes = vector_lanes(target)
     left = []
-    for block in found:
+    for name in names:
         trial = sch.copy()
-        name = sch.get(block).name_hint
         try:
             fp32_block(trial, trial.get_sblock(name), lanes, parallel)
         except Exception as err:  # noqa: BLE001 - the rule does not fit this block: keep it unscheduled
