@@ -333,6 +333,9 @@ class Model:
         self.manifest = manifest
         self._vm = vm
         self._device = device
+        import tvm
+
+        self._cpu = device.dlpack_device_type() == tvm.cpu().dlpack_device_type()  # arrays by DLPack (_on_cpu)
         self.inputs = manifest["inputs"]
         self.outputs = manifest["outputs"]
 
@@ -344,8 +347,6 @@ class Model:
         return generate(self, prompt, **options)
 
     def run(self, inputs: dict) -> dict:
-        import tvm
-
         names = [spec["name"] for spec in self.inputs]
         extra = set(inputs) - set(names)
         missing = [name for name in names if name not in inputs]
@@ -353,18 +354,22 @@ class Model:
             raise FqError(f"inputs do not match the model: missing {missing}, unexpected "
                           f"{sorted(extra)}; the model takes {names}")
         arrays = [_check_input(spec, inputs[spec["name"]]) for spec in self.inputs]
-        cpu = self._device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
-        args = [_on_cpu(a) if cpu else tvm.runtime.tensor(a, self._device) for a in arrays]
-        result = self._vm["main"](*args)
+        result = self._vm["main"](*[self._tensor(a) for a in arrays])
         values = [result] if hasattr(result, "numpy") else list(result)
         if len(values) != len(self.outputs):
             raise FqError(f"{self.directory}: the library returned {len(values)} outputs, the manifest lists "
                           f"{len(self.outputs)}")
-        if not cpu:
+        if not self._cpu:
             return {spec["name"]: value.numpy() for spec, value in zip(self.outputs, values)}
         return {spec["name"]: _from_cpu(value, arrays) for spec, value in zip(self.outputs, values)}
 
     __call__ = run
+
+    def _tensor(self, array: np.ndarray):
+        """`array` as a TVM tensor on the model's device (on a CPU without a copy where it can)."""
+        import tvm
+
+        return _on_cpu(array) if self._cpu else tvm.runtime.tensor(array, self._device)
 
 
 ALIGN = 64  # bytes: TVM's own allocations, which its kernels may assume (tvm_ffi checks it)

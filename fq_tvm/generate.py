@@ -190,17 +190,16 @@ class _Stepper:
     def __init__(self, model, g: dict):
         import tvm
 
-        self.tvm, self.device = tvm, model._device
+        self.tvm, self.device, self.tensor = tvm, model._device, model._tensor
         # the artifact's function computing only the last position's logits, where it has one
         self.main = model._vm[g.get("last_logits", "main")]
         # The VM's pooled allocator keeps every freed buffer for reuse by size, and the cache grows
         # one token a step: without a release, 1000 decode steps of SmolLM2 grew the process from
         # 0.6 to 11.5 GB and slowed steps 3x. Releasing the idle buffers after each call keeps it flat.
         self.release = tvm.get_global_func("vm.builtin.memory_manager.clear", allow_missing=True)
-        cpu = self.device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
-        self.release_every = 1 if cpu else 64  # a GPU pays cudaMalloc for each re-allocation
-        self.cpu, self.calls = cpu, 0
-        if cpu:
+        self.cpu, self.calls = model._cpu, 0
+        self.release_every = 1 if self.cpu else 64  # a GPU pays cudaMalloc for each re-allocation
+        if self.cpu:
             _keep_freed_memory()
         shape = (1, g["kv_heads"], 0, g["head_dim"])
         self.cache = [tvm.runtime.tensor(np.zeros(shape, np.float32), self.device) for _ in range(2 * g["layers"])]
@@ -208,12 +207,9 @@ class _Stepper:
 
     def __call__(self, ids: list[int]) -> np.ndarray:
         """Logits of the last of `ids` after appending them to the cache."""
-        from .artifact import _on_cpu
-
         n = len(ids)
-        inputs = (np.asarray([ids], np.int64), np.arange(self.position, self.position + n, dtype=np.int64)[None])
-        args = [_on_cpu(a) if self.cpu else self.tvm.runtime.tensor(a, self.device) for a in inputs]
-        result = self.main(*args, *self.cache)
+        positions = np.arange(self.position, self.position + n, dtype=np.int64)[None]
+        result = self.main(self.tensor(np.asarray([ids], np.int64)), self.tensor(positions), *self.cache)
         logits, *self.cache = list(result)
         del result
         self.calls += 1

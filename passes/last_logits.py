@@ -55,7 +55,7 @@ def _own_symbolic_vars(func):
 
 
 def last_logits_function(mod, seq_axis: int = 1):
-    """(main, head function, (logits var, h var, seq var)) or None when `main` has no such head."""
+    """(main, head function, (logits var, h var, seq var, seq axis)) or None when `main` has no such head."""
     main = mod["main"]
     if not main.params or len(main.params[0].ty.shape) <= seq_axis:
         return None
@@ -95,7 +95,7 @@ def _head_chain(mod, var, bindings):
         if operands is None:
             break
         data = [arg for arg in operands if not _constant(arg, bindings)]
-        if len(data) != 1 or not isinstance(data[0], relax.Var) or not _rowwise(value, data[0], bindings):
+        if len(data) != 1 or not isinstance(data[0], relax.Var) or not _rowwise(value, data[0]):
             break
         chain.insert(0, var)
         var = data[0]
@@ -114,17 +114,16 @@ def _operands(mod, value):
     return list(value.args) if value.op.name in _ROWWISE else None
 
 
-def _rowwise(value, data, bindings) -> bool:
+def _rowwise(value, data) -> bool:
     """Rows of `data` (all but its last axis) map to rows of the result one by one."""
     name = value.op.name
     if name == "relax.call_tir":
         return value.args[1].fields[0].same_as(data)
-    out, shape = getattr(value.ty, "shape", None), getattr(data.ty, "shape", None)
-    if out is None or shape is None or not _same_dim(out[-1], shape[-1]) and name != "relax.matmul":
-        return False
     if name == "relax.matmul":
-        weight = value.args[1]
-        return value.args[0].same_as(data) and len(getattr(weight.ty, "shape", [])) == 2
+        return value.args[0].same_as(data) and len(getattr(value.args[1].ty, "shape", [])) == 2
+    out, shape = getattr(value.ty, "shape", None), getattr(data.ty, "shape", None)
+    if out is None or shape is None or not _same_dim(out[-1], shape[-1]):
+        return False
     if name in ("relax.reshape", "relax.astype"):
         return True
     other = [arg for arg in value.args if not arg.same_as(data)][0]
@@ -166,9 +165,7 @@ def _head_function(chain, h, bindings, seq):
                 new[var] = bb.emit(call)
             out = bb.emit_output(new[chain[-1]])
         bb.emit_func_output(out)
-    fresh = {dim: tvm.tirx.Var(dim.name, "int64") for dim in h.ty.shape
-             if isinstance(dim, tvm.tirx.Var) and not dim.same_as(seq)}  # a function's own symbolic vars
-    return bb.get()["head"].bind_symbolic_vars({seq: 1, **fresh})
+    return _own_symbolic_vars(bb.get()["head"].bind_symbolic_vars({seq: 1}))
 
 
 @mutator

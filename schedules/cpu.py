@@ -271,16 +271,11 @@ def _largest_buffer(func):
         size = tvm.tirx.const(1, "int64")
         for dim in param.ty.shape:
             size = size * tvm.tirx.Cast("int64", dim)
-        sizes.append(analyzer.simplify(size))
-    if not sizes:
-        return tvm.tirx.const(0, "int64")
-    static = [s for s in sizes if isinstance(s, tvm.tirx.IntImm)]
-    if len(static) == len(sizes):
-        return max(sizes, key=lambda s: s.value)
-    largest = sizes[0]
-    for size in sizes[1:]:
+        sizes.append(size)
+    largest = tvm.tirx.const(0, "int64")
+    for size in sizes:
         largest = tvm.tirx.max(largest, size)
-    return analyzer.simplify(largest)
+    return analyzer.simplify(largest)  # an IntImm where every size is static
 
 
 def _has_parallel(func) -> bool:

@@ -187,10 +187,8 @@ class _Uses(relax.PyExprVisitor):
         weight = {"relax.matmul": 1, "relax.permute_dims": 0}.get(getattr(call.op, "name", None))
         for pos, arg in enumerate(call.args):
             const = self.bound.get(arg, arg)
-            if isinstance(const, GenericConst) and len(const.value.shape) == 2:
-                self.count.setdefault(const, 0)
-                if pos != weight:
-                    self.count[const] += 1
+            if isinstance(const, GenericConst) and len(const.value.shape) == 2 and pos != weight:
+                self.count[const] = self.count.get(const, 0) + 1
         super().visit_call_(call)
 
 
