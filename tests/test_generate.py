@@ -198,6 +198,11 @@ def test_manifest_generation_is_validated(tiny, tmp_path):
     write_manifest(copy, manifest, list(manifest["files"]))
     with pytest.raises(ArtifactError, match="a causal LM's inputs must be"):
         read_manifest(copy)
+    manifest["generation"]["layers"] = 2
+    manifest["generation"]["last_logits"] = "other"  # only main_last computes the last row alone
+    write_manifest(copy, manifest, list(manifest["files"]))
+    with pytest.raises(ArtifactError, match="'generation.last_logits' must be 'main_last'"):
+        read_manifest(copy)
 
 
 def test_export_refuses_a_model_that_is_not_llama(tmp_path):
