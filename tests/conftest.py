@@ -89,7 +89,8 @@ def encoder_onnx(model_dir):
 
 @pytest.fixture(scope="session")
 def smollm2_onnx(tmp_path_factory):
-    """SmolLM2-135M exported once per session (about 2 minutes): (work dir, onnx path)."""
+    """SmolLM2-135M exported once per session (about 2 minutes; without the exporter's optimizer,
+    which alone took another minute and a half on one core): (work dir, onnx path)."""
     from fq_tvm import FqError, realmodels
 
     try:
@@ -97,7 +98,7 @@ def smollm2_onnx(tmp_path_factory):
     except FqError as err:
         pytest.fail(f"{err} (or run bash scripts/fetch_data.sh --smollm2)", pytrace=False)
     work = tmp_path_factory.mktemp("smollm2")
-    return work, realmodels.export_smollm2(work)
+    return work, realmodels.export_smollm2(work, optimize=False)
 
 
 def ort_run(onnx_path, inputs: dict) -> list:
