@@ -354,6 +354,10 @@ def simulated_model(proto, records: dict):
     from .numerics import effective_weight, find_dense_layers
 
     sim = copy.deepcopy(proto)
+    missing = sorted(set(records) - {init.name for init in sim.graph.initializer})
+    if missing:  # e.g. the raw export where the compiler quantized frontend.prepare's folded weights
+        raise FqError(f"{len(missing)} quantized weights are not initializers of this model (first: "
+                      f"'{missing[0]}'): simulate the model that was quantized (frontend.prepare)")
     layers = {layer.weight: layer for layer in find_dense_layers(sim)}
     for init in sim.graph.initializer:
         if init.name in records:

@@ -92,8 +92,10 @@ def smollm2_rows(work: Path, schemes=SCHEMES, target: str = "host", compiled_win
     import onnx
 
     from . import compile as compile_model
+    from . import onnx_io
     from .compiler import uses_calibration
     from .evaluate import artifact_runner, austen_windows, ort_runner, perplexity_of, window_nlls
+    from .frontend import prepare
     from .quantize import simulated_model
     from .realmodels import export_smollm2, smollm2_calib, smollm2_tokenizer
 
@@ -103,7 +105,7 @@ def smollm2_rows(work: Path, schemes=SCHEMES, target: str = "host", compiled_win
     if not calib.exists():
         smollm2_calib(calib)
     windows = austen_windows(smollm2_tokenizer(), max(compiled_windows, sim_windows), window)
-    proto = onnx.load(str(onnx_path))
+    proto = prepare(onnx_io.load_model(onnx_path))  # what compile quantizes (the records' names)
     rows, fp32_ppl = [], None
     for scheme in (["fp32"] + [s for s in schemes if s != "fp32"]):
         t0 = time.perf_counter()

@@ -45,7 +45,20 @@ import pytest  # noqa: E402
 from fq_tvm import models  # noqa: E402
 
 
-LONGEST = ("test_real_smollm2.py", "test_real_quantized.py", "test_import_real.py", "test_real_models.py")
+# The files with the most work (seconds of setup + calls on one core, full suite 2026-11-27),
+# longest first: with `--no-loadscope-reorder` (pyproject.toml) xdist hands files out in this order.
+LONGEST = tuple(f"test_{name}.py" for name in (
+    "real_smollm2",  # 344
+    "quantized_compile",  # 325
+    "import_real",  # 185
+    "real_quantized",  # 162
+    "compile_cpu",  # 135
+    "tuning",  # 108
+    "import_fixes",  # 102
+    "rpc",  # 77
+    "attention",  # 69
+    "aarch64_qemu",  # 67
+    "bench", "generate", "real_models", "kernels", "cross_targets", "int8_activations"))  # 55-64
 
 
 # Files whose tests build whole models with TVM (5-20 s each): marked `build`, so that the quick loop
@@ -59,8 +72,8 @@ BUILDS = {f"test_{name}.py" for name in (
 def pytest_collection_modifyitems(config, items):
     """Marks the BUILDS files' tests `build`. Orders the longest files first, then the other slow
     ones (stable otherwise): xdist hands files out in this order, and a long one started last
-    leaves one worker running alone at the end (the SmolLM2 file started after the qemu ones did
-    on 2026-11-26)."""
+    leaves one worker running alone at the end (xdist's own order, most tests first, started the
+    SmolLM2 file 770 s into a 1060 s run on 2026-11-27)."""
     for item in items:
         if item.path.name in BUILDS:
             item.add_marker(pytest.mark.build)

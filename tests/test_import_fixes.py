@@ -432,18 +432,18 @@ def _crnn(path):
 
 def test_lstm_unrolled_when_time_is_pinned(tmp_path, capsys):
     """A bidirectional LSTM (no TVM converter) is unrolled once its length is static: fp32 matches
-    ORT; fq2 quantizes W and R of each direction once (R is shared by the 12 steps) and the head."""
+    ORT; fq2 quantizes W and R of each direction once (R is shared by the 6 steps) and the head."""
     path = _crnn(tmp_path / "crnn.onnx")
     assert compile_main([str(path), "-o", str(tmp_path / "o"), "-q"]) == 1
     assert "pin it with --input-shape" in capsys.readouterr().err
-    x = np.random.default_rng(0).standard_normal((3, 16, 12)).astype(np.float32)
-    art = fq_tvm.compile(path, "host", tmp_path / "fp32", quiet=True, input_shapes=["time=12"])
+    x = np.random.default_rng(0).standard_normal((3, 16, 6)).astype(np.float32)
+    art = fq_tvm.compile(path, "host", tmp_path / "fp32", quiet=True, input_shapes=["time=6"])
     assert max_rel_err(fq_tvm.load(art).run({"x": x})["y"], _ort_plain(path, {"x": x})[0]) < 1e-4
-    np.savez(tmp_path / "c.npz", x=np.random.default_rng(1).standard_normal((16, 16, 12)).astype(np.float32))
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(1).standard_normal((16, 16, 6)).astype(np.float32))
     records = {}
     art = fq_tvm.compile(path, "host", tmp_path / "fq2", scheme="fq2", calib=tmp_path / "c.npz", quiet=True,
-                         records=records, act_bits=32, input_shapes=["time=12"], pad_small=True)  # head: 40 rows
+                         records=records, act_bits=32, input_shapes=["time=6"], pad_small=True)  # head: 40 rows
     assert len(records) == 5
     sim = tmp_path / "sim.onnx"
-    onnx.save(simulated_model(prepare(onnx.load(str(path)), {"time": [12]}), records), str(sim))
+    onnx.save(simulated_model(prepare(onnx.load(str(path)), {"time": [6]}), records), str(sim))
     assert max_rel_err(fq_tvm.load(art).run({"x": x})["y"], ort_run(sim, {"x": x})[0]) < 1e-4

@@ -128,3 +128,17 @@ def test_bits_accounting_framequant():
     assert layer_bits(other) == 4 * 4 * 8 + 2 * 8 * 32 == 640
     assert model_bits_per_weight([rec, other]) == (6656 + 640) / (2048 + 32)
     assert nominal_bits_per_weight(2, 1.1, 4096) == pytest.approx(2.2 + 18 / 4096)
+
+
+def test_simulation_refuses_records_the_model_does_not_hold(mlp_onnx):
+    """A record whose weight is not an initializer (the raw export, where compile quantized the
+    weights frontend.prepare folded) is an error, not a silently unquantized layer."""
+    import onnx
+
+    from fq_tvm import FqError
+    from fq_tvm.quantize import simulated_model
+
+    W, H = _layer(16, 32)
+    record = quantize_layer("fc0.weight", W, H, get_scheme("rtn2"))
+    with pytest.raises(FqError, match="1 quantized weights are not initializers of this model .*'folded.weight'"):
+        simulated_model(onnx.load(str(mlp_onnx)), {"fc0.weight": record, "folded.weight": record})

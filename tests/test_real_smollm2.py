@@ -32,14 +32,15 @@ BLOCKS = 4
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_onnx):
-    """(work dir, onnx path, proto, calib path, windows [2, 256])."""
+    """(work dir, onnx path, prepared proto (what compile quantizes: the records' weight names),
+    calib path, windows [2, 256])."""
     work, path = smollm2_onnx
     try:
         windows = evaluate.austen_windows(realmodels.smollm2_tokenizer(), WINDOWS, WINDOW)
     except FqError as err:
         pytest.fail(f"{err} (or run bash scripts/fetch_data.sh --smollm2)", pytrace=False)
     calib = realmodels.smollm2_calib(work / "calib.npz", n=CALIB[0], seq=CALIB[1])
-    return work, path, onnx.load(str(path)), calib, windows
+    return work, path, prepare(onnx_io.load_model(path)), calib, windows
 
 
 def _sim_ppl(work, proto, records, windows) -> float:
@@ -61,8 +62,7 @@ def compiled_fq2(smollm2):
 def simulated(smollm2, compiled_fq2):
     """{scheme: simulated perplexity on the 2 windows}, fp32 = ONNX Runtime on the export. The
     Hessians are the compile's (same prepared model, layers and file: a cache hit), fq2 its records."""
-    work, path, _, calib, windows = smollm2
-    proto = prepare(onnx_io.load_model(path))  # what fq_tvm.compile calibrated
+    work, path, proto, calib, windows = smollm2
     plan = plan_layers(proto, skip=SKIP)
     hessians = calibrate_layers(proto, plan.all_uses(plan.chosen), calib, progress=False)
     ppl = {"fp32": evaluate.perplexity(evaluate.ort_runner(path), windows)}
