@@ -65,7 +65,8 @@ def relax_pipeline(target, counts: dict | None = None, notes: list | None = None
                                             cpu_attention_values.dispatch(cpu.vector_lanes(target), tally)]
                                            + cpu_pipeline.library_dispatch_passes(target)
                                            + [relax.transform.LegalizeOps(cpu_ops.overrides())]
-                                           + cpu_pipeline.legalize_passes(target))(mod)
+                                           + cpu_pipeline.legalize_passes(target)
+                                           + _reshapes_as_views())(mod)
             if before_fallback is not None:
                 mod = before_fallback(mod)
             for gvar, func in list(mod.functions_items()):
@@ -81,6 +82,15 @@ def relax_pipeline(target, counts: dict | None = None, notes: list | None = None
             return restrict_single_buffer_funcs(mod)
 
     return _pipeline
+
+
+def _reshapes_as_views() -> list:
+    """Reshape kernels become views (`R.reshape`: no copy, no kernel call) before the fallback
+    schedules them: TVM's RewriteDataflowReshape recognises only unscheduled reshape PrimFuncs.
+    SmolLM2's decode step had ~480 reshape copies, each a kernel call plus its allocation."""
+    from tvm import relax
+
+    return [relax.transform.RewriteDataflowReshape(), relax.transform.DeadCodeElimination()]
 
 
 def fast_erf_tanh():

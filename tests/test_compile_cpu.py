@@ -190,6 +190,21 @@ def test_every_fp32_op_of_the_encoder_gets_a_schedule(encoder_onnx, tmp_path_fac
     assert counts.get("unscheduled", 0) == 0 and counts["fallback"] > 5, counts
 
 
+def test_reshapes_are_views_not_kernels(encoder_onnx, tmp_path_factory):
+    """The attention's head split and merge run as VM reshapes (no copy): scheduling them first had
+    hidden them from TVM's RewriteDataflowReshape (SmolLM2: ~480 copies per decode step)."""
+    import re
+
+    import tvm
+
+    art = tmp_path_factory.getbasetemp() / "encoder.host"
+    if not art.exists():
+        _compile(encoder_onnx, art)
+    calls = re.findall(r"call\s+(\S+)", tvm.runtime.load_module(str(art / "model.so"))["as_text"]())
+    assert not [c for c in calls if c.startswith("reshape")], sorted(set(calls))
+    assert calls.count("vm.builtin.reshape") >= 4  # q, k, v split into heads, the heads merged
+
+
 def test_ops_left_unscheduled_are_named(tmp_path, capsys):
     """ScatterElements lowers to TOPI's loop-written kernel: no schedule fits; the build says which
     function kept TVM's plain lowering, the manifest counts it, and the result still matches ORT."""
