@@ -190,7 +190,7 @@ class _Stepper:
     def __init__(self, model, g: dict):
         import tvm
 
-        self.tvm, self.device, self.tensor = tvm, model._device, model._tensor
+        self.device, self.tensor = model._device, model._tensor
         # the artifact's function computing only the last position's logits, where it has one
         self.main = model._vm[g.get("last_logits", "main")]
         # The VM's pooled allocator keeps every freed buffer for reuse by size, and the cache grows

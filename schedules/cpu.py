@@ -263,19 +263,15 @@ def _largest_buffer(func):
     """The element count of the function's largest parameter buffer (a PrimExpr, maybe symbolic)."""
     from tvm.sym.analyzer import Analyzer
 
-    analyzer = Analyzer()
-    sizes = []
+    largest = tvm.tirx.const(0, "int64")
     for param in func.params:
         if not isinstance(param.ty, tvm.tirx.buffer.BufferType):
             continue
         size = tvm.tirx.const(1, "int64")
         for dim in param.ty.shape:
             size = size * tvm.tirx.Cast("int64", dim)
-        sizes.append(size)
-    largest = tvm.tirx.const(0, "int64")
-    for size in sizes:
         largest = tvm.tirx.max(largest, size)
-    return analyzer.simplify(largest)  # an IntImm where every size is static
+    return Analyzer().simplify(largest)  # an IntImm where every size is static
 
 
 def _has_parallel(func) -> bool:

@@ -45,20 +45,21 @@ import pytest  # noqa: E402
 from fq_tvm import models  # noqa: E402
 
 
-# The files with the most work (seconds of setup + calls on one core, full suite 2026-11-27),
-# longest first: with `--no-loadscope-reorder` (pyproject.toml) xdist hands files out in this order.
+# The files with the most work (worker seconds of setup + calls, full suite 2026-11-27 04:36, nothing
+# else running), longest first: with `--no-loadscope-reorder` (pyproject.toml) xdist hands files out
+# in this order.
 LONGEST = tuple(f"test_{name}.py" for name in (
-    "real_smollm2",  # 344
-    "quantized_compile",  # 325
-    "import_real",  # 185
-    "real_quantized",  # 162
-    "compile_cpu",  # 135
-    "tuning",  # 108
-    "import_fixes",  # 102
-    "rpc",  # 77
-    "attention",  # 69
-    "aarch64_qemu",  # 67
-    "bench", "generate", "real_models", "kernels", "cross_targets", "int8_activations"))  # 55-64
+    "real_smollm2",  # 359
+    "quantized_compile",  # 187
+    "real_quantized",  # 158
+    "import_real",  # 150
+    "tuning",  # 127
+    "compile_cpu",  # 88
+    "import_fixes",  # 82
+    "rpc",  # 79
+    "aarch64_qemu",  # 69
+    "attention", "real_models", "kernels", "generate", "int8_activations", "cross_targets",  # 52-67
+    "import_rnn"))  # 47
 
 
 # Files whose tests build whole models with TVM (5-20 s each): marked `build`, so that the quick loop
