@@ -1,6 +1,6 @@
 """CUDA artifacts checked and timed on a real GPU, built on a machine without one.
 
-    python benchmarks/cuda_check.py prepare DIR [--arch sm_90] [--minilm]   # here
+    python benchmarks/cuda_check.py prepare DIR [--arch sm_90] [--minilm] [--kernels]   # here
     python benchmarks/cuda_check.py run DIR                                  # on the GPU machine
 
 `prepare` compiles the layer cases (out x in: 4096x4096, 11008x4096, 1536x384) for CUDA and for
@@ -74,6 +74,7 @@ def prepare(out: Path, arch: str, minilm: bool = False) -> None:
     import onnxruntime as ort
 
     import fq_tvm
+    from fq_tvm.schedules.gpu import GEMV_ROWS
 
     out.mkdir(parents=True, exist_ok=True)
     work = out / "_work"
@@ -85,7 +86,7 @@ def prepare(out: Path, arch: str, minilm: bool = False) -> None:
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         for scheme in schemes:
             entry = {"case": name, "scheme": scheme, "artifact": f"{name}.{scheme}", "rows": list(rows),
-                     "in": _width(spec), "out": spec.get("out", 0), "kind": spec["kind"]}
+                     "in": _width(spec), "out": spec.get("out", 0), "kind": spec["kind"], "gemv_rows": GEMV_ROWS[2 if scheme == "fq2" else 8]}
             index.append(entry)
             if all((out / f"{name}.{scheme}.m{m}.npz").exists() for m in rows):
                 continue  # prepared by an earlier call: delete its files to redo it
@@ -178,6 +179,12 @@ def _check(entry: dict, m: int, model, directory: Path):
     return feed, _rel(got, data["expected"]), _rel(got, data["ort"]) if "ort" in data else float("nan")
 
 
+def _tolerance(entry: dict, m: int) -> float:
+    """Against the host artifact: float32 rounding, or float16 products where quantized layers
+    run on tensor cores (more than gemv_rows rows)."""
+    return 2e-3 if entry["scheme"] != "fp32" and m > entry.get("gemv_rows", 0) else 1e-4
+
+
 def _kernel_lib(model):
     """The loaded library module holding the artifact's compiled PrimFuncs."""
     import tvm
@@ -200,7 +207,7 @@ def _bucket_names(model) -> list[str]:
 
 
 def _bucket_times(model, rows) -> list[str]:
-    """Each per-row layer's two bucket kernels (GEMV and tiled) timed alone at each row count on
+    """Each per-row layer's two bucket kernels (GEMV and tensor cores) timed alone at each row count on
     random codes: where the row-count threshold should sit."""
     import re
 
@@ -220,10 +227,10 @@ def _bucket_times(model, rows) -> list[str]:
             args = [tvm.runtime.tensor(a, dev) for a in
                     [rng.standard_normal((m, k)).astype(np.float32), *consts, np.zeros((m, n), np.float32)]]
             ms = []
-            for form in ("gemv", "tiled"):
+            for form in ("gemv", "tc16", "tc64"):
                 timer = lib.time_evaluator(f"{base}_{form}", dev, number=20, repeat=5, min_repeat_ms=20)
                 ms.append(1e3 * float(np.median(timer(*args).results)))
-            lines.append(f"{base:38}{m:>5}{ms[0]:10.4f}{ms[1]:10.4f}")
+            lines.append(f"{base:38}{m:>5}" + "".join(f"{v:10.4f}" for v in ms))
     return lines
 
 
@@ -279,6 +286,161 @@ def _transform_times(model, rows) -> list[str]:
     return lines
 
 
+KERNEL_SHAPES = [(4096, 4096, 2), (11008, 4096, 2), (1536, 384, 2), (4096, 4096, 8), (1536, 384, 8)]
+KERNEL_ROWS = (1, 4, 8, 16, 32, 128)
+TC_VARIANTS = {  # name: "few" / "many" (the two buckets' tiles) or TensorCoreTiles fields
+    "tc16": "few", "tc64": "many",
+    **{f"tc16_s{n}": (1, 4, 1, 1, 4, n) for n in (1, 2, 3, 4, 6, 8, 12)},
+    **{f"tc64_s{n}": (2, 2, 2, 2, 4, n) for n in (1, 2, 4, 8)}}
+KERNEL_SHAPES_SWEPT = {(4096, 4096, 2), (11008, 4096, 2), (4096, 4096, 8)}  # all variants; others the buckets
+
+
+def _coded_width(cols: int) -> int:
+    """A layer's code count after the frame (r = 1.125 on blocks of 16, as fq2 builds it)."""
+    return cols * 9 // 8
+
+
+def _kernel_forms(rows: int, cols: int, bits: int, sweep: bool) -> dict:
+    """name -> (PrimFunc, schedule rule) for each form of one layer's code reduction (with every
+    tensor-core variant when `sweep`)."""
+    from fq_tvm.schedules import gpu, kernels
+
+    forms = {"gemv": (kernels.dequant_gemv(rows, cols, bits, gpu.GEMV_THREADS), gpu.dequant_gemv),
+             "tiled": (kernels.dequant_matmul_tiled(rows, cols, bits, gpu.TILE_ROWS), gpu.dequant_matmul_tiled)}
+    for name, spec in TC_VARIANTS.items():
+        if isinstance(spec, str):
+            tiles = gpu.tensor_core_tiles(rows, cols, few_rows=spec == "few")
+        elif not sweep:
+            continue
+        else:
+            tiles = gpu.TensorCoreTiles(*spec)
+        forms[name] = (gpu.tensor_core_kernel(rows, cols, bits, tiles), gpu.dequant_matmul_tc)
+    return forms
+
+
+def prepare_kernels(out: Path, arch: str) -> None:
+    """Each code-reduction form alone (GEMV, tiled, tensor-core tile variants), built for `arch`
+    into out/kernels/<rows>x<codes>_b<bits>.<form>/ (host library, device source, cubin, PTX)."""
+    import tvm
+    import tvm.s_tir as s_tir
+
+    from fq_tvm.targets import cuda, resolve
+
+    preset = resolve("cuda", cuda_arch=arch)
+    target = tvm.target.Target({"kind": "cuda", "arch": arch})
+    for rows, cols, bits in KERNEL_SHAPES:
+        codes = _coded_width(cols) if bits == 2 else cols
+        sweep = (rows, cols, bits) in KERNEL_SHAPES_SWEPT
+        for name, (func, rule) in _kernel_forms(rows, codes, bits, sweep).items():
+            where = out / "kernels" / f"{rows}x{codes}_b{bits}.{name}"
+            if (where / cuda.CUBIN).exists():
+                continue
+            where.mkdir(parents=True, exist_ok=True)
+            sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+            rule(sch, target)
+            cuda.export(tvm.compile(sch.mod, target), where, preset)
+            print(f"prepared kernel {where.name}", file=sys.stderr)
+
+
+TRANSFORM_SIDES = [[("hadamard", 4096, 4096, 0), ("frame", 256, 16, 18, 0)], [("hadamard", 4096, 4096, 1)]]
+TRANSFORM_THREADS = (256, 512, 1024)
+
+
+def prepare_transforms(out: Path, arch: str) -> None:
+    """The 4096 layer's two sides alone at each thread count per row, into out/kernels/<name>.t<threads>."""
+    import tvm
+    import tvm.s_tir as s_tir
+
+    from fq_tvm.schedules import chains, gpu, kernels
+    from fq_tvm.targets import cuda, resolve
+
+    preset, target = resolve("cuda", cuda_arch=arch), tvm.target.Target({"kind": "cuda", "arch": arch})
+    default = gpu.TRANSFORM_THREADS
+    try:
+        for steps in TRANSFORM_SIDES:
+            for threads in TRANSFORM_THREADS:
+                where = out / "kernels" / f"{chains.transform_name(steps)}.t{threads}"
+                where.mkdir(parents=True, exist_ok=True)
+                gpu.TRANSFORM_THREADS = threads
+                sch = s_tir.Schedule(tvm.IRModule({"main": kernels.transform(steps)}))
+                gpu.transform(sch, target)
+                cuda.export(tvm.compile(sch.mod, target), where, preset)
+    finally:
+        gpu.TRANSFORM_THREADS = default
+
+
+def run_transforms(directory: Path) -> list[str]:
+    """Each prepared side variant timed at 1, 16 and 128 rows; '!' where its output differs from
+    the variant before it on the same input (the schedules compute the same sums)."""
+    import tvm
+
+    from fq_tvm.targets import cuda
+
+    cuda.load_runtime()
+    dev, lines, last = tvm.cuda(0), [], {}
+    for where in sorted((directory / "kernels").glob("fq_*.t*")):
+        name = where.name.rsplit(".", 1)[0]
+        steps = _transform_steps(name)
+        cuda.install_precompiled(where)
+        lib = tvm.runtime.load_module(str(where / cuda.LIB_NAME))
+        row = f"{where.name[:50]:52}"
+        for m in (1, 16, 128):
+            args = [tvm.runtime.tensor(a, dev) for a in _transform_args(steps, m, np.random.default_rng(m))]
+            lib["main"](*args)
+            got = args[-1].numpy()
+            bad = (name, m) in last and _rel(got, last[name, m]) > 1e-5
+            last[name, m] = got
+            timer = lib.time_evaluator("main", dev, number=20, repeat=5, min_repeat_ms=20)
+            row += f"{1e3 * float(np.median(timer(*args).results)):9.4f}{'!' if bad else ' '}"
+        lines.append(row)
+    return lines
+
+
+def run_kernels(directory: Path) -> list[str]:
+    """Time every prepared kernel at KERNEL_ROWS rows on random codes, each output checked against
+    numpy (float64; tensor-core forms within float16 rounding, 2e-3, the others 1e-4)."""
+    import re
+
+    import tvm
+
+    from fq_tvm.targets import cuda
+
+    cuda.load_runtime()  # TVM's CUDA loader, when no artifact was loaded before
+    dev, lines, rng = tvm.cuda(0), [], np.random.default_rng(0)
+    for where in sorted((directory / "kernels").glob("[0-9]*.*")):
+        rows, codes, bits = (int(v) for v in re.match(r"(\d+)x(\d+)_b(\d+)", where.name).groups())
+        width = -(-codes * bits // 8)
+        packed = rng.integers(0, 256, (rows, width), dtype=np.uint8)
+        scale = rng.uniform(0.01, 0.1, (rows, 1)).astype(np.float32)
+        zero = np.full((rows, 1), (2**bits - 1) / 2, np.float32)
+        shifts = np.arange(8 // bits) * bits
+        q = ((packed[:, :, None] >> shifts) & (2**bits - 1)).reshape(rows, -1)[:, :codes]
+        w = (q - zero.astype(np.float64)) * scale
+        try:
+            cuda.install_precompiled(where)
+            lib = tvm.runtime.load_module(str(where / cuda.LIB_NAME))
+        except Exception as err:  # noqa: BLE001 - report it, go on with the others
+            lines.append(f"{where.name:34} load failed: {str(err).splitlines()[-1][:80]}")
+            continue
+        row = f"{where.name:34}"
+        for m in KERNEL_ROWS:
+            x = rng.standard_normal((m, codes)).astype(np.float32)
+            args = [tvm.runtime.tensor(a, dev) for a in (x, packed, scale, zero, np.zeros((m, rows), np.float32))]
+            try:
+                lib["main"](*args)
+                err = _rel(args[-1].numpy(), x.astype(np.float64) @ w.T)
+                timer = lib.time_evaluator("main", dev, number=20, repeat=5, min_repeat_ms=20)
+                ms = 1e3 * float(np.median(timer(*args).results))
+            except Exception as exc:  # noqa: BLE001
+                row += f"  M={m} failed: {str(exc).splitlines()[-1][:60]}"
+                break
+            bad = err > (2e-3 if ".tc" in where.name else 1e-4)
+            row += f"{ms:9.4f}{'!' if bad else ' '}"
+        lines.append(row)
+        print(row, file=sys.stderr, flush=True)
+    return lines
+
+
 def run(directory: Path) -> int:
     import fq_tvm
 
@@ -303,7 +465,7 @@ def run(directory: Path) -> int:
             if checked is None:
                 continue
             feed, err, err_ort = checked
-            ok = err < 1e-4 and (not np.isfinite(err_ort) or err_ort < 1e-4)
+            ok = err < _tolerance(entry, m) and (not np.isfinite(err_ort) or err_ort < 1e-4)
             failures += not ok
             ms = _time_artifact(model, feed)
             row = f"{entry['case']:12}{entry['scheme']:6}{m:>5}{err:10.1e}{err_ort:10.1e}{ms:10.4f}"
@@ -328,12 +490,22 @@ def run(directory: Path) -> int:
           f"{'cuBLAS16':>10}{'torch i8':>10}{'/fp16':>9}")
     print("\n".join(lines))
     if buckets:
-        print(f"\n{'layer kernel alone':38}{'M':>5}{'GEMV ms':>10}{'tiled ms':>10}")
+        print(f"\n{'layer kernel alone':38}{'M':>5}{'GEMV ms':>10}{'TC16 ms':>10}{'TC64 ms':>10}")
         print("\n".join(buckets))
     if transforms:
         print(f"\n{'transform kernel alone':46}{'M':>5}{'ms':>10}")
         print("\n".join(transforms))
-    print(f"\n{len(lines) - failures}/{len(lines)} outputs match the host artifact (rel. L2 error < 1e-4)")
+    if (directory / "kernels").is_dir():
+        kernel_lines = run_kernels(directory)
+        print(f"\n{'kernel alone (ms; ! = wrong output)':34}" + "".join(f"{'M=' + str(m):>10}" for m in KERNEL_ROWS))
+        print("\n".join(kernel_lines))
+        failures += sum("!" in line or "failed" in line for line in kernel_lines)
+        side_lines = run_transforms(directory)
+        print(f"\n{'layer side alone (ms at M = 1, 16, 128)':52}")
+        print("\n".join(side_lines))
+        failures += sum("!" in line for line in side_lines)
+    print(f"\n{len(lines) - failures}/{len(lines)} outputs match the host artifact (rel. L2 error < 1e-4; "
+          "2e-3 for float16 tensor-core rows)")
     return 1 if failures else 0
 
 
@@ -345,11 +517,16 @@ def main(argv=None) -> int:
     pp.add_argument("--arch", default="sm_90")
     pp.add_argument("--minilm", action="store_true",
                     help="instead of the synthetic cases: all-MiniLM-L6-v2 fq2 on Lee documents (needs its data)")
+    pp.add_argument("--kernels", action="store_true",
+                    help="also each code-reduction form alone (GEMV, tiled, tensor-core tile variants)")
     pr = sub.add_parser("run", help="check and time them on this machine's GPU (TVM runtime only)")
     pr.add_argument("dir", type=Path)
     args = p.parse_args(argv)
     if args.cmd == "prepare":
         prepare(args.dir, args.arch, args.minilm)
+        if args.kernels:
+            prepare_kernels(args.dir, args.arch)
+            prepare_transforms(args.dir, args.arch)
         return 0
     return run(args.dir)
 

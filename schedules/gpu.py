@@ -1,9 +1,11 @@
 """CUDA schedules: every block thread-bound. `rewrite` first fuses each layer side's row
 transforms into one kernel and lets the row count choose the code reduction at run time (GEMV
-or tiled). Other large reductions use one thread block per output and a cross-thread (warp
+or tensor cores; the tiled CUDA-core form stays for a layer scheduled alone). Other large reductions use one thread block per output and a cross-thread (warp
 shuffle) reduction; elementwise stages and small reductions use one thread per output."""
 
 from __future__ import annotations
+
+from dataclasses import astuple, dataclass, replace
 
 import tvm
 import tvm.s_tir as s_tir
@@ -135,6 +137,127 @@ def dequant_matmul_tiled(sch: s_tir.Schedule, target) -> None:
     sch.decompose_reduction(acc, ko)
 
 
+@dataclass(frozen=True)
+class TensorCoreTiles:
+    """A block of warps_m x warps_n warps, each computing frags_m x frags_n 16 x 16 fragments;
+    k_frags 16-code steps per shared-memory stage; the codes split into `splits` slices summed
+    by a second kernel (more blocks in flight when the rows are few)."""
+    warps_m: int = 1
+    warps_n: int = 4
+    frags_m: int = 1
+    frags_n: int = 1
+    k_frags: int = 4
+    splits: int = 1
+
+    @property
+    def tile(self) -> tuple[int, int, int]:
+        return 16 * self.warps_m * self.frags_m, 16 * self.warps_n * self.frags_n, 16 * self.k_frags
+
+
+# Chosen on an H100 (2026-11-27, benchmarks/cuda_check.py --kernels, 4096 x 4608 2-bit): 16 x 64
+# tiles up to 32 rows (0.015 ms at 16 rows, 8 slices; 64 x 64 tiles 0.023), 64 x 64 above
+# (0.042 ms at 128 rows, 4 slices; 16 x 64 tiles 0.077).
+FEW_ROWS_TILES = TensorCoreTiles(1, 4, 1, 1, 4)
+MANY_ROWS_TILES = TensorCoreTiles(2, 2, 2, 2, 4)
+SMALL_ROWS = 32  # up to this many rows the FEW_ROWS_TILES kernel, above it MANY_ROWS_TILES
+FEW_ROWS_SLICES = 8  # 4096 x 4608: 8 slices 0.015 ms, 4 0.020, 2 0.032, 1 0.066 (16 rows)
+MANY_ROWS_BLOCKS = 512  # blocks wanted at 128 rows: 4 slices for 4096 weight rows, 1 for 11008
+
+
+def tensor_core_tiles(rows: int, cols: int, few_rows: bool) -> TensorCoreTiles:
+    """The bucket's tiles, its codes cut into as few equal slices (whole k steps) as give
+    FEW_ROWS_SLICES, or about MANY_ROWS_BLOCKS blocks at 128 rows."""
+    base = FEW_ROWS_TILES if few_rows else MANY_ROWS_TILES
+    tile_m, tile_n, tile_k = base.tile
+    units = -(-cols // tile_k)
+    wanted = FEW_ROWS_SLICES if few_rows else round(MANY_ROWS_BLOCKS / (-(-rows // tile_n) * (128 // tile_m)))
+    per_slice = -(-units // max(1, min(wanted, units)))
+    return replace(base, splits=-(-units // per_slice))
+
+
+def tensor_core_kernel(rows: int, cols: int, bits: int, tiles: TensorCoreTiles):
+    """`kernels.dequant_matmul_tc` for these tiles, which its schedule reads back (`fq_tiles`)."""
+    from . import kernels
+
+    func = kernels.dequant_matmul_tc(rows, cols, bits, tiles.tile, tiles.splits)
+    return func.with_attr("fq_tiles", list(astuple(tiles)))
+
+
+def dequant_matmul_tc(sch: s_tir.Schedule, target) -> None:
+    tc_schedule(sch, TensorCoreTiles(*(int(v) for v in sch.mod["main"].attrs["fq_tiles"])))
+
+
+def tc_schedule(sch: s_tir.Schedule, cfg: TensorCoreTiles) -> None:
+    """part[s] on tensor cores (WMMA 16 x 16 x 16, float16 in, float32 accumulators): per block a
+    tile of rows x weight rows for one code slice (blockIdx.z); per stage, the activation tile
+    (cast) and the code tile (decoded once, a byte per thread) staged in shared memory, then
+    loaded into fragments. The accumulators go through shared memory to `part`, or straight to y
+    when there is one slice; the slices' sum is a second, elementwise kernel."""
+    from .cuda_wmma import intrinsics
+
+    intrin = intrinsics("shared", "shared.dyn")
+    part = sch.get_sblock("part")
+    s, i, n, c = sch.get_loops(part)
+    i, i16 = sch.split(i, [None, 16])
+    n, n16 = sch.split(n, [None, 16])
+    c, c16 = sch.split(c, [None, 16])
+    sch.reorder(i, n, c, i16, n16, c16)
+    outer = sch.blockize(i16)
+    i0, i1, i2 = sch.split(i, [None, cfg.warps_m, cfg.frags_m])
+    n0, n1, n2 = sch.split(n, [None, cfg.warps_n, cfg.frags_n])
+    k0, k1 = sch.split(c, [None, cfg.k_frags])
+    sch.reorder(s, i0, n0, i1, n1, k0, k1, i2, n2)
+    sch.bind(s, "blockIdx.z")
+    sch.bind(i0, "blockIdx.y")
+    sch.bind(n0, "blockIdx.x")
+    warp = sch.fuse(i1, n1)
+    sch.bind(warp, "threadIdx.y")
+    warps = cfg.warps_m * cfg.warps_n
+    for index in (0, 1):  # activations (float4 loads), codes (a byte of codes per thread)
+        stage = sch.cache_read(outer, index, "shared")
+        sch.compute_at(stage, k0)
+        per = 4 if index == 0 else 8 // int(sch.mod["main"].attrs["fq_bits"])
+        _, ty, tx, inner = sch.split(sch.fuse(*sch.get_loops(stage)[-2:]), [None, warps, 32, per])
+        sch.bind(ty, "threadIdx.y")
+        sch.bind(tx, "threadIdx.x")
+        sch.vectorize(inner) if index == 0 else sch.unroll(inner)
+        sch.storage_align(stage, 0, axis=-2, factor=16, offset=8)
+    sch.compute_inline(sch.get_sblock("xh"))
+    sch.compute_inline(sch.get_sblock("wh"))
+    frag_a = sch.cache_read(outer, 0, "wmma.matrix_a")
+    frag_b = sch.cache_read(outer, 1, "wmma.matrix_b")
+    sch.compute_at(frag_a, k1)
+    sch.compute_at(frag_b, k1)
+    staged = sch.cache_write(outer, 0, "shared.dyn")  # not "shared": StorageRewrite would reuse a float16 stage for it
+    store = sch.cache_write(outer, 0, "wmma.accumulator")
+    sch.reverse_compute_at(store, warp)
+    sch.reverse_compute_at(staged, warp)
+    init = sch.get_child_blocks(sch.decompose_reduction(outer, k0))[0]
+    for block, name in ((frag_a, "load_a"), (frag_b, "load_b"), (store, "store")):
+        sch.tensorize(_tiles16(sch, block), intrin[name])
+    sch.tensorize(sch.get_loops(init)[-2], intrin["fill"])
+    sch.tensorize(sch.get_loops(part)[-3], intrin["mma"])
+    y = sch.get_sblock("y")
+    if cfg.splits == 1:  # y straight from the staged accumulators
+        sch.compute_inline(sch.get_sblock("part_shared.dyn"))
+        sch.reverse_compute_at(y, warp)
+        _, tx = sch.split(sch.fuse(*sch.get_loops(y)[-2:]), [None, 32])
+        sch.bind(tx, "threadIdx.x")
+    else:
+        _, tx = sch.split(sch.fuse(*sch.get_loops(staged)[-2:]), [None, 32])
+        sch.bind(tx, "threadIdx.x")
+        one_thread_per_output(sch, y)
+
+
+def _tiles16(sch, block):
+    """Split a block's last two loops into 16 x 16 tiles; the loop a 16 x 16 intrinsic replaces."""
+    a, b = sch.get_loops(block)[-2:]
+    a0, a1 = sch.split(a, [None, 16])
+    b0, b1 = sch.split(b, [None, 16])
+    sch.reorder(a0, b0, a1, b1)
+    return a1
+
+
 GEMV_THREADS = 128
 GEMV_WEIGHT_ROWS = 8  # weight rows per block: each activation load serves this many rows
 
@@ -207,10 +330,19 @@ def transform(sch: s_tir.Schedule, target) -> None:
             out = blocks(sch)[-1]
         except Exception:  # noqa: BLE001 - not inlinable: it stays a last shared-memory pass
             pass
-    row, col = sch.get_loops(out)[:2]  # a frame's reduction loop stays inside the thread
+    frame = None
+    if is_reduction(sch, out):  # a last frame step sums in a register, not in y
+        sch.cache_write(out, 0, "local")
+        frame, out = out, blocks(sch)[-1]
+    row, col = sch.get_loops(out)[:2]
     sch.bind(row, "blockIdx.x")
-    sch.bind(sch.split(col, [None, TRANSFORM_THREADS])[1], "threadIdx.x")
+    thread = sch.split(col, [None, TRANSFORM_THREADS])[1]
+    sch.bind(thread, "threadIdx.x")
+    if frame is not None:
+        sch.compute_at(frame, thread)
     for block in reversed(blocks(sch)[:-1]):  # producers, last stage first
+        if frame is not None and sch.get(block).same_as(sch.get(frame)):
+            continue
         sch.compute_at(block, row)
         sch.set_scope(block, 0, scope)
         sch.bind(sch.split(sch.get_loops(block)[1], [None, TRANSFORM_THREADS])[1], "threadIdx.x")
@@ -222,17 +354,19 @@ def _is_copy(sch, block) -> bool:
 
 
 RULES: dict = {"hadamard": transform, "dequant_matmul": dequant_matmul,
-               "dequant_matmul_tiled": dequant_matmul_tiled, "dequant_gemv": dequant_gemv, "transform": transform}
+               "dequant_matmul_tiled": dequant_matmul_tiled, "dequant_matmul_tc": dequant_matmul_tc, "dequant_gemv": dequant_gemv, "transform": transform}
 DEFAULT = elementwise
 
 
-GEMV_ROWS = 8  # up to this many activation rows a per-row layer runs the GEMV form (H100: crossover 7-18 rows)
+GEMV_ROWS = {2: 2, 4: 4, 8: 4}  # up to this many activation rows (by code bits) the GEMV form (H100,
+# 4096 x 4608 2-bit: GEMV 0.009 ms at 1 row, 0.028 at 4; tensor cores 0.015 at 1-16; 8-bit: 0.027 both at 4)
 
 
 def rewrite(mod: tvm.IRModule) -> tvm.IRModule:
     """Relax rewrites for GPUs: each run of row transforms (pad, Hadamard, frame, take) becomes one
     `transform` kernel, and each per-row quantized matmul a call to a small Relax function choosing
-    by the row count at run time: the GEMV form up to GEMV_ROWS rows, the tiled form above."""
+    by the row count at run time: the GEMV form up to GEMV_ROWS rows, tensor cores above (16-row
+    tiles up to SMALL_ROWS, 64 x 64 beyond)."""
     from tvm import relax
 
     from .chains import callee, drop_unused, transform_name, transform_plans
@@ -271,11 +405,13 @@ def rewrite(mod: tvm.IRModule) -> tvm.IRModule:
         def _by_rows(self, func, weights):
             a = func.attrs
             base = str(a["global_symbol"])
-            gemv = self._add(f"{base}_gemv", lambda: _kernels().dequant_gemv(
-                int(a["fq_rows"]), int(a["fq_cols"]), int(a["fq_bits"]), GEMV_THREADS))
-            tiled = self._add(f"{base}_tiled", lambda: _kernels().dequant_matmul_tiled(
-                int(a["fq_rows"]), int(a["fq_cols"]), int(a["fq_bits"]), TILE_ROWS))
-            return _row_switch(func, gemv, tiled, weights)
+            rows, cols, bits = int(a["fq_rows"]), int(a["fq_cols"]), int(a["fq_bits"])
+            gemv = self._add(f"{base}_gemv", lambda: _kernels().dequant_gemv(rows, cols, bits, GEMV_THREADS))
+            few = self._add(f"{base}_tc16", lambda: tensor_core_kernel(
+                rows, cols, bits, tensor_core_tiles(rows, cols, few_rows=True)))
+            many = self._add(f"{base}_tc64", lambda: tensor_core_kernel(
+                rows, cols, bits, tensor_core_tiles(rows, cols, few_rows=False)))
+            return _row_switch(func, [(GEMV_ROWS[bits], gemv), (SMALL_ROWS, few), (None, many)], weights)
 
     return drop_unused(mutate_relax_functions(mod, _Rewrite(mod)))
 
@@ -286,8 +422,9 @@ def _kernels():
     return kernels
 
 
-def _row_switch(func, gemv, tiled, weights):
-    """A Relax function (x, packed, scale, zero) -> y that calls `gemv` for few rows, else `tiled`."""
+def _row_switch(func, buckets, weights):
+    """A Relax function (x, packed, scale, zero) -> y calling the first bucket's kernel whose row
+    limit the row count m does not pass (buckets: [(limit, kernel), ..., (None, kernel)])."""
     from tvm import relax, tirx
 
     a = func.attrs
@@ -295,10 +432,16 @@ def _row_switch(func, gemv, tiled, weights):
     params = [relax.Var("x", relax.TensorType([m, int(a["fq_cols"])], "float32"))]
     params += [relax.Var(name, ty) for name, ty in zip(("packed", "scale", "zero"), weights)]
     out = relax.TensorType([m, int(a["fq_rows"])], "float32")
+
+    def choose(rest):
+        (limit, kernel), rest = rest[0], rest[1:]
+        call = relax.call_tir(kernel, params, out)
+        if limit is None:
+            return call
+        return relax.If(relax.prim_value(m <= tirx.IntImm("int64", limit)), relax.SeqExpr([], call),
+                        relax.SeqExpr([], choose(rest)))
+
     bb = relax.BlockBuilder()
     with bb.function("by_rows", params, private=True):
-        branch = relax.If(relax.prim_value(m <= tirx.IntImm("int64", GEMV_ROWS)),
-                          relax.SeqExpr([], relax.call_tir(gemv, params, out)),
-                          relax.SeqExpr([], relax.call_tir(tiled, params, out)))
-        bb.emit_func_output(bb.emit(branch))
+        bb.emit_func_output(bb.emit(choose(buckets)))
     return bb.get()["by_rows"]

@@ -117,6 +117,46 @@ def dequant_matmul_tiled(rows: int, cols: int, bits: int, row_tile: int) -> tvm.
     return _finish([x, packed, scale, zero, y], "dequant_matmul_tiled", rows=rows, cols=cols, bits=bits)
 
 
+def dequant_matmul_tc(rows: int, cols: int, bits: int, tile: tuple[int, int, int], splits: int = 1) -> tvm.tirx.PrimFunc:
+    """The one-group-per-row dequant_matmul (same buffers) as a float16 matmul with float32
+    accumulation, for tensor cores: part[s] = f16(x) @ f16(w)^T over the s-th of `splits` slices
+    of the codes, w[n, c] = (q - zero) * scale, and y the sum of the parts (the first m rows and
+    `rows` columns). Rows, weight rows and each slice are padded to multiples of `tile` (rows,
+    weight rows, codes) with zeros, so no tile needs a guard."""
+    per = 8 // bits
+    width = -(-cols // per)
+    tm, tn, tk = tile
+    m = _rows()
+    N, K, B, P, TM, S = (_i64(v) for v in (rows, cols, width, per, tm, splits))
+    mp = (m + TM - _i64(1)) // TM * TM
+    slice_ = -(-cols // (splits * tk)) * tk
+    np_, ks = _i64(-(-rows // tn) * tn), _i64(slice_)
+    x = te.placeholder((m, K), "float32", "x")
+    packed = te.placeholder((N, B), "uint8", "packed")
+    scale = te.placeholder((N, _i64(1)), "float32", "scale")
+    zero = te.placeholder((N, _i64(1)), "float32", "zero")
+    xh = te.compute((mp, S * ks), lambda i, c: tirx.if_then_else(
+        tirx.all(i < m, c < K), x[te.min(i, m - _i64(1)), te.min(c, K - _i64(1))], _zero()).astype("float16"),
+        name="xh")
+
+    def weight(n, c):
+        row, byte = te.min(n, N - _i64(1)), te.min(c // P, B - _i64(1))
+        value = (_decode(packed[row, byte], c % P, bits) - zero[row, 0]) * scale[row, 0]
+        return tirx.if_then_else(tirx.all(n < N, c < K), value, _zero()).astype("float16")
+
+    wh = te.compute((np_, S * ks), weight, name="wh")
+    c = te.reduce_axis((0, ks), "c")
+    part = te.compute((S, mp, np_), lambda s, i, n: te.sum(
+        xh[i, s * ks + c].astype("float32") * wh[n, s * ks + c].astype("float32"), axis=c), name="part")
+    if splits == 1:
+        y = te.compute((m, N), lambda i, n: part[0, i, n], name="y")
+    else:
+        r = te.reduce_axis((0, S), "r")
+        y = te.compute((m, N), lambda i, n: te.sum(part[r, i, n], axis=r), name="y")
+    return _finish([x, packed, scale, zero, y], "dequant_matmul_tc", rows=rows, cols=cols, bits=bits,
+                   tile=list(tile), splits=splits)
+
+
 def dequant_gemv(rows: int, cols: int, bits: int, byte_tile: int = 1) -> tvm.tirx.PrimFunc:
     """The one-group-per-row dequant_matmul (same buffers) as one reduction for few activation
     rows: y[i, n] = sum over bytes b and codes t of (q - zero) * scale * x[i, b * per + t], the
