@@ -86,7 +86,8 @@ def prepare(out: Path, arch: str, minilm: bool = False) -> None:
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         for scheme in schemes:
             entry = {"case": name, "scheme": scheme, "artifact": f"{name}.{scheme}", "rows": list(rows),
-                     "in": _width(spec), "out": spec.get("out", 0), "kind": spec["kind"], "gemv_rows": GEMV_ROWS[2 if scheme == "fq2" else 8]}
+                     "in": _width(spec), "out": spec.get("out", 0), "kind": spec["kind"],
+                     "gemv_rows": GEMV_ROWS[2 if scheme == "fq2" else 8]}
             index.append(entry)
             if all((out / f"{name}.{scheme}.m{m}.npz").exists() for m in rows):
                 continue  # prepared by an earlier call: delete its files to redo it

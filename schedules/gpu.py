@@ -1,7 +1,8 @@
 """CUDA schedules: every block thread-bound. `rewrite` first fuses each layer side's row
 transforms into one kernel and lets the row count choose the code reduction at run time (GEMV
-or tensor cores; the tiled CUDA-core form stays for a layer scheduled alone). Other large reductions use one thread block per output and a cross-thread (warp
-shuffle) reduction; elementwise stages and small reductions use one thread per output."""
+or tensor cores; the tiled CUDA-core form stays for a layer scheduled alone). Other large
+reductions use one thread block per output and a cross-thread (warp shuffle) reduction;
+elementwise stages and small reductions use one thread per output."""
 
 from __future__ import annotations
 
@@ -220,7 +221,10 @@ def tc_schedule(sch: s_tir.Schedule, cfg: TensorCoreTiles) -> None:
         _, ty, tx, inner = sch.split(sch.fuse(*sch.get_loops(stage)[-2:]), [None, warps, 32, per])
         sch.bind(ty, "threadIdx.y")
         sch.bind(tx, "threadIdx.x")
-        sch.vectorize(inner) if index == 0 else sch.unroll(inner)
+        if index == 0:
+            sch.vectorize(inner)
+        else:
+            sch.unroll(inner)
         sch.storage_align(stage, 0, axis=-2, factor=16, offset=8)
     sch.compute_inline(sch.get_sblock("xh"))
     sch.compute_inline(sch.get_sblock("wh"))
@@ -353,8 +357,8 @@ def _is_copy(sch, block) -> bool:
     return isinstance(body, tvm.tirx.BufferStore) and type(body.value).__name__ == "BufferLoad"
 
 
-RULES: dict = {"hadamard": transform, "dequant_matmul": dequant_matmul,
-               "dequant_matmul_tiled": dequant_matmul_tiled, "dequant_matmul_tc": dequant_matmul_tc, "dequant_gemv": dequant_gemv, "transform": transform}
+RULES: dict = {"hadamard": transform, "dequant_matmul": dequant_matmul, "dequant_matmul_tiled": dequant_matmul_tiled,
+               "dequant_matmul_tc": dequant_matmul_tc, "dequant_gemv": dequant_gemv, "transform": transform}
 DEFAULT = elementwise
 
 

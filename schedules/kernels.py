@@ -117,7 +117,8 @@ def dequant_matmul_tiled(rows: int, cols: int, bits: int, row_tile: int) -> tvm.
     return _finish([x, packed, scale, zero, y], "dequant_matmul_tiled", rows=rows, cols=cols, bits=bits)
 
 
-def dequant_matmul_tc(rows: int, cols: int, bits: int, tile: tuple[int, int, int], splits: int = 1) -> tvm.tirx.PrimFunc:
+def dequant_matmul_tc(rows: int, cols: int, bits: int, tile: tuple[int, int, int],
+                      splits: int = 1) -> tvm.tirx.PrimFunc:
     """The one-group-per-row dequant_matmul (same buffers) as a float16 matmul with float32
     accumulation, for tensor cores: part[s] = f16(x) @ f16(w)^T over the s-th of `splits` slices
     of the codes, w[n, c] = (q - zero) * scale, and y the sum of the parts (the first m rows and

@@ -195,3 +195,19 @@ def test_gemv_schedule_wants_padded_bytes():
     padded = s_tir.Schedule(tvm.IRModule({"main": kernels.dequant_gemv(64, 432, 2, gpu.GEMV_THREADS)}))
     gpu.dequant_gemv(padded, None)
     assert "threadIdx.x" in padded.mod.script()
+
+
+@pytest.mark.parametrize("rows, cols", [(4096, 4608), (11008, 4608), (1536, 432), (300, 240), (64, 50)])
+def test_tensor_core_slices_cover_the_codes_in_whole_steps(rows, cols):
+    """Each bucket's slices are whole 64-code steps, none empty, together covering the codes; the
+    H100-chosen counts for the 4096 and 11008 layers (8 / 4 and 8 / 1)."""
+    for few in (True, False):
+        tiles = gpu.tensor_core_tiles(rows, cols, few_rows=few)
+        steps = -(-cols // tiles.tile[2])
+        per_slice = -(-steps // tiles.splits)
+        assert (tiles.splits - 1) * per_slice < steps <= tiles.splits * per_slice
+        assert tiles.splits <= (gpu.FEW_ROWS_SLICES if few else steps)
+    chosen = {(4096, 4608): (8, 4), (11008, 4608): (8, 1)}
+    if (rows, cols) in chosen:
+        assert (gpu.tensor_core_tiles(rows, cols, True).splits, gpu.tensor_core_tiles(rows, cols, False).splits) \
+            == chosen[rows, cols]
