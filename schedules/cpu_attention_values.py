@@ -96,14 +96,23 @@ class _Dispatch(relax.PyExprMutator):
         if not (isinstance(product, relax.Call) and product.op == tvm.ir.Op.get("relax.matmul")):
             return call
         p, v = product.args[0], heads_view(self, product.args[1])
-        if v is None or v.dim % self.lanes or not _probabilities(p, v):
+        lanes = _lanes_dividing(v.dim, self.lanes) if v is not None else None
+        if lanes is None or not _probabilities(p, v):
             return call
         key = (v.heads, v.dim, v.seq_major, v.group)
         if key not in self.kernels:
-            self.kernels[key] = self.builder_.add_func(values(v.heads, v.dim, self.lanes, *key[2:]), _name(*key))
+            self.kernels[key] = self.builder_.add_func(values(v.heads, v.dim, lanes, *key[2:]), _name(*key))
         self.count += 1
         batch, sq = p.ty.shape[0], p.ty.shape[2]
         return relax.call_tir(self.kernels[key], [p, v.x], relax.TensorType([batch, sq, v.heads, v.dim], "float32"))
+
+
+def _lanes_dividing(dim: int, lanes: int) -> int | None:
+    """The widest vector, at most `lanes` and at least 4, whose lanes divide a head's width (head
+    width 8 on AVX-512: 8 lanes); None if there is none."""
+    while lanes >= 4 and dim % lanes:
+        lanes //= 2
+    return lanes if lanes >= 4 else None
 
 
 def _probabilities(p, v) -> bool:

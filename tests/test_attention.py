@@ -138,10 +138,13 @@ class Grouped:
         return o
 
 
-def test_dispatch_reads_through_grouped_query_copies():
+@pytest.mark.parametrize("lanes", [8, 32])
+def test_dispatch_reads_through_grouped_query_copies(lanes):
+    """Both kernels, also where the vector is wider than a head (32 lanes, heads of 16: the values
+    kernel takes 16-lane vectors, as AVX-512 does for heads of 8)."""
     mod = relax.transform.Normalize()(Grouped)
     counts = {}
-    after = cpu_attention_values.dispatch(8, counts)(cpu_attention.dispatch(8, counts)(mod))
+    after = cpu_attention_values.dispatch(lanes, counts)(cpu_attention.dispatch(lanes, counts)(mod))
     text = after["main"].script()
     assert counts == {cpu_attention.KIND: 1, cpu_attention_values.KIND: 1}
     assert "broadcast_to" not in text and "expand_dims" not in text and "R.matmul" not in text

@@ -29,7 +29,7 @@ from fq_tvm.passes.tied_head import QuantizeTiedHead
 from fq_tvm.quantize import find_tied_head, plan_layers, quantize_layers, scheme_config, to_packed
 from fq_tvm.schedules import kernels
 
-VOCAB, HIDDEN = 4096, 128  # 2-bit rows of 128 codes fill one AVX2 vector (the int8 kernel's minimum)
+VOCAB, HIDDEN = 4096, 256  # 2-bit rows of 256 codes fill one AVX-512 vector (the int8 kernel's minimum)
 
 
 @pytest.mark.parametrize("scheme", ["fq2", "int8", "rtn2", "gptq2"])
@@ -252,7 +252,7 @@ def test_cli_quantize_head_int8(tied, capsys):
     assert compile_main(argv) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["head"]["quantized"] and info["head"]["scheme"] == "int8" and info["layers_quantized"] == 2
-    assert "tied head quantized (int8, 8.50 bits per weight" in summary_text(info)
+    assert f"tied head quantized (int8, {8 + 64 / HIDDEN:.2f} bits per weight" in summary_text(info)  # + scale, zero
     proto = prepare(onnx.load(str(path)))
     plan = plan_layers(proto, cfg=scheme_config("int8"), quantize_head=True)
     _check(out, path, quantize_layers(proto, plan, scheme_config("int8"), None, progress=False), "int8", 32)
