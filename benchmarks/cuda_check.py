@@ -1,6 +1,6 @@
 """CUDA artifacts checked and timed on a real GPU, built on a machine without one.
 
-    python benchmarks/cuda_check.py prepare DIR [--arch sm_90] [--minilm] [--kernels]   # here
+    python benchmarks/cuda_check.py prepare DIR [--arch sm_90] [--minilm] [--kernels [--sweep]]   # here
     python benchmarks/cuda_check.py run DIR                                  # on the GPU machine
 
 `prepare` compiles the layer cases (out x in: 4096x4096, 11008x4096, 1536x384) for CUDA and for
@@ -319,36 +319,38 @@ def _kernel_forms(rows: int, cols: int, bits: int, sweep: bool) -> dict:
     return forms
 
 
-def prepare_kernels(out: Path, arch: str) -> None:
+def prepare_kernels(out: Path, arch: str, sweep: bool = False) -> None:
     """Each code-reduction form alone (GEMV, tiled, tensor-core tile variants), built for `arch`
     into out/kernels/<rows>x<codes>_b<bits>.<form>/ (host library, device source, cubin, PTX)."""
     import tvm
     import tvm.s_tir as s_tir
 
+    from fq_tvm.schedules import gpu
     from fq_tvm.targets import cuda, resolve
 
     preset = resolve("cuda", cuda_arch=arch)
     target = tvm.target.Target({"kind": "cuda", "arch": arch})
     for rows, cols, bits in KERNEL_SHAPES:
         codes = _coded_width(cols) if bits == 2 else cols
-        sweep = (rows, cols, bits) in KERNEL_SHAPES_SWEPT
-        for name, (func, rule) in _kernel_forms(rows, codes, bits, sweep).items():
+        swept = sweep and (rows, cols, bits) in KERNEL_SHAPES_SWEPT
+        for name, (func, rule) in _kernel_forms(rows, codes, bits, swept).items():
             where = out / "kernels" / f"{rows}x{codes}_b{bits}.{name}"
             if (where / cuda.CUBIN).exists():
                 continue
             where.mkdir(parents=True, exist_ok=True)
             sch = s_tir.Schedule(tvm.IRModule({"main": func}))
             rule(sch, target)
-            cuda.export(tvm.compile(sch.mod, target), where, preset)
+            cuda.export(tvm.compile(tvm.IRModule({"main": gpu.finish(sch.mod["main"])}), target), where, preset)
             print(f"prepared kernel {where.name}", file=sys.stderr)
 
 
 TRANSFORM_SIDES = [[("hadamard", 4096, 4096, 0), ("frame", 256, 16, 18, 0)], [("hadamard", 4096, 4096, 1)]]
-TRANSFORM_THREADS = (256, 512, 1024)
+TRANSFORM_VARIANTS = {"t512": (512, True), "t512_int64": (512, False), "t1024": (1024, True)}  # threads, 32-bit
 
 
 def prepare_transforms(out: Path, arch: str) -> None:
-    """The 4096 layer's two sides alone at each thread count per row, into out/kernels/<name>.t<threads>."""
+    """The 4096 layer's two sides alone per TRANSFORM_VARIANTS (threads per row; index arithmetic
+    narrowed to 32 bits by `gpu.finish` or left int64), into out/kernels/<name>.<variant>."""
     import tvm
     import tvm.s_tir as s_tir
 
@@ -359,13 +361,14 @@ def prepare_transforms(out: Path, arch: str) -> None:
     default = gpu.TRANSFORM_THREADS
     try:
         for steps in TRANSFORM_SIDES:
-            for threads in TRANSFORM_THREADS:
-                where = out / "kernels" / f"{chains.transform_name(steps)}.t{threads}"
+            for variant, (threads, narrow) in TRANSFORM_VARIANTS.items():
+                where = out / "kernels" / f"{chains.transform_name(steps)}.{variant}"
                 where.mkdir(parents=True, exist_ok=True)
                 gpu.TRANSFORM_THREADS = threads
                 sch = s_tir.Schedule(tvm.IRModule({"main": kernels.transform(steps)}))
                 gpu.transform(sch, target)
-                cuda.export(tvm.compile(sch.mod, target), where, preset)
+                func = gpu.finish(sch.mod["main"]) if narrow else sch.mod["main"]
+                cuda.export(tvm.compile(tvm.IRModule({"main": func}), target), where, preset)
     finally:
         gpu.TRANSFORM_THREADS = default
 
@@ -379,7 +382,7 @@ def run_transforms(directory: Path) -> list[str]:
 
     cuda.load_runtime()
     dev, lines, last = tvm.cuda(0), [], {}
-    for where in sorted((directory / "kernels").glob("fq_*.t*")):
+    for where in sorted((directory / "kernels").glob("fq_*.*")):
         name = where.name.rsplit(".", 1)[0]
         steps = _transform_steps(name)
         cuda.install_precompiled(where)
@@ -519,14 +522,17 @@ def main(argv=None) -> int:
     pp.add_argument("--minilm", action="store_true",
                     help="instead of the synthetic cases: all-MiniLM-L6-v2 fq2 on Lee documents (needs its data)")
     pp.add_argument("--kernels", action="store_true",
-                    help="also each code-reduction form alone (GEMV, tiled, tensor-core tile variants)")
+                    help="also each code-reduction form alone (GEMV, tiled, the two tensor-core buckets) and "
+                         "the 4096 layer sides alone")
+    pp.add_argument("--sweep", action="store_true",
+                    help="with --kernels: every tensor-core tile and slice variant on KERNEL_SHAPES_SWEPT")
     pr = sub.add_parser("run", help="check and time them on this machine's GPU (TVM runtime only)")
     pr.add_argument("dir", type=Path)
     args = p.parse_args(argv)
     if args.cmd == "prepare":
         prepare(args.dir, args.arch, args.minilm)
         if args.kernels:
-            prepare_kernels(args.dir, args.arch)
+            prepare_kernels(args.dir, args.arch, args.sweep)
             prepare_transforms(args.dir, args.arch)
         return 0
     return run(args.dir)

@@ -2,7 +2,8 @@
 
 `apply(mod, target)` schedules every PrimFunc carrying `fq_kernel` and marks it scheduled, so that
 the rest of the build (dlight included) leaves it alone. Adding a schedule for a new kernel kind is
-one entry in a family's RULES; adding a target family is one module with RULES and DEFAULT.
+one entry in a family's RULES; adding a target family is one module with RULES, DEFAULT, variant
+and finish.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def schedule_func(func, target, act_bits: int = 8):
         return func.with_attr("tirx.is_scheduled", True)
     sch = s_tir.Schedule(func)
     rules.RULES.get(kind, rules.DEFAULT)(sch, target)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return rules.finish(sch.mod["main"]).with_attr("tirx.is_scheduled", True)
 
 
 def relax_pipeline(target, counts: dict | None = None, notes: list | None = None, before_fallback=None):
