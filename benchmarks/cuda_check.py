@@ -1,6 +1,7 @@
 """CUDA artifacts checked and timed on a real GPU, built on a machine without one.
 
     python benchmarks/cuda_check.py prepare DIR [--arch sm_90] [--minilm] [--kernels [--sweep]]   # here
+    python benchmarks/cuda_check.py pack DIR .gpu [--leave-out 4096x4096.int8]   # here: what to carry
     python benchmarks/cuda_check.py run DIR                                  # on the GPU machine
 
 `prepare` compiles the layer cases (out x in: 4096x4096, 11008x4096, 1536x384) for CUDA and for
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -513,6 +515,45 @@ def run(directory: Path) -> int:
     return 1 if failures else 0
 
 
+RUNTIME_LEFT_OUT = ("3rdparty", "src", "include", "__pycache__", "libtvm_compiler.so", "relax", "topi", "s_tir",
+                    "web", "contrib", "meta_schedule", "dlight")  # not imported by `run` (TVM_USE_RUNTIME_LIB=1)
+DEVICE_COMMAND = ("python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site {out}/whl/*.whl "
+                  "&& export PYTHONPATH=$PWD/{out}/site:/tmp/site:$PWD TVM_USE_RUNTIME_LIB=1 PYTHONUNBUFFERED=1 "
+                  "&& for d in schedules passes targets; do ln -sfn ../$d fq_tvm/$d; done "
+                  "&& python3 benchmarks/cuda_check.py run {out}/run > $OUT/log 2>&1; tail -c 6000 $OUT/log")
+
+
+def pack(prepared: Path, out: Path, leave_out: list[str], python: str) -> None:
+    """What a GPU machine with Python and numpy but no TVM needs, in `out` (a git-ignored folder
+    of the checkout, carried to the device): run/ (the prepared cases without _work and without
+    the artifacts in `leave_out`), site/tvm (the installed TVM without its compiler library or
+    the packages `run` does not import) and whl/ (tvm-ffi's wheel for the device's Python)."""
+    import shutil
+    import subprocess
+
+    import tvm
+    import tvm_ffi
+
+    shutil.rmtree(out / "run", ignore_errors=True)
+    shutil.rmtree(out / "site", ignore_errors=True)
+    dropped = lambda name: any(name.startswith(f"{a}.") or name == a for a in leave_out)  # noqa: E731
+    shutil.copytree(prepared, out / "run", ignore=lambda _d, names: [n for n in names if n == "_work" or dropped(n)])
+    index = [e for e in json.loads((prepared / "index.json").read_text()) if e["artifact"] not in leave_out]
+    (out / "run" / "index.json").write_text(json.dumps(index, indent=1))
+    shutil.copytree(Path(tvm.__file__).parent, out / "site" / "tvm", ignore=shutil.ignore_patterns(*RUNTIME_LEFT_OUT))
+    version = tvm_ffi.__version__
+    tag = python.replace(".", "")
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version", python, "--implementation", "cp", "--abi", f"cp{tag}",
+                    *(f"--platform=manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28)), "--platform=manylinux2014_x86_64",
+                    "-d", str(out / "whl"), f"apache-tvm-ffi=={version}"], check=True)
+    parts = [out / name for name in ("run", "site", "whl")]
+    size = sum(f.stat().st_size for part in parts for f in part.rglob("*") if f.is_file()) / 2**20
+    where = os.path.relpath(out)
+    print(f"{size:.1f} MiB to carry: {', '.join(os.path.relpath(p) for p in parts)}; then, from the checkout's "
+          f"root:\n  {DEVICE_COMMAND.format(out=where)}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -526,9 +567,18 @@ def main(argv=None) -> int:
                          "the 4096 layer sides alone")
     pp.add_argument("--sweep", action="store_true",
                     help="with --kernels: every tensor-core tile and slice variant on KERNEL_SHAPES_SWEPT")
+    pk = sub.add_parser("pack", help="copy what the GPU machine needs into a folder to carry there")
+    pk.add_argument("dir", type=Path, help="the prepared directory")
+    pk.add_argument("out", type=Path, help="a git-ignored folder inside the checkout, e.g. .gpu")
+    pk.add_argument("--leave-out", nargs="*", default=[], metavar="ARTIFACT",
+                    help="artifacts not to carry (e.g. 4096x4096.int8, 17 MB) to fit a transfer limit")
+    pk.add_argument("--python", default="3.12", help="the device's Python version (default 3.12)")
     pr = sub.add_parser("run", help="check and time them on this machine's GPU (TVM runtime only)")
     pr.add_argument("dir", type=Path)
     args = p.parse_args(argv)
+    if args.cmd == "pack":
+        pack(args.dir, args.out, args.leave_out, args.python)
+        return 0
     if args.cmd == "prepare":
         prepare(args.dir, args.arch, args.minilm)
         if args.kernels:
