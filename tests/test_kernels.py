@@ -85,7 +85,8 @@ def _sylvester(n):
     return h / np.sqrt(n)
 
 
-@pytest.mark.parametrize("dim, block", [(12, 4), (8, 8), (64, 64), (576, 64), (1024, 1024), (1536, 512)])  # 4096: only more stages
+@pytest.mark.parametrize("dim, block", [(12, 4), (8, 8), (64, 64), (576, 64), (256, 32), (384, 128), (1024, 1024),
+                                        (1536, 512)])  # radix-4 pairs with and without a last radix-2 stage; 4096: more
 @pytest.mark.parametrize("inverse", [False, True])
 def test_hadamard_matches_explicit_matrix(dim, block, inverse):
     rng = np.random.default_rng(dim)
