@@ -70,6 +70,8 @@ DEFAULT = elementwise
 def finish(func):
     """A scheduled kernel as it is (the GPU family narrows its index arithmetic here)."""
     return func
+
+
 WRITTEN_SCHEDULED = (cpu_int8.KIND, cpu_hadamard.KIND, cpu_frame.KIND, cpu_frame.SYNTHESIS_KIND, cpu_transform.KIND)
 
 
