@@ -112,8 +112,8 @@ def _mma():
 def intrinsics(load_scope: str, store_scope: str) -> dict[str, str]:
     """Register (once) and name the intrinsics for operands staged in `load_scope` and results
     stored to `store_scope`."""
-    names = {key: f"{name}_{load_scope if key.startswith('load') else store_scope}".replace(".", "_")
-             if key in ("load_a", "load_b", "store") else name for key, name in NAMES.items()}
+    scopes = {"load_a": load_scope, "load_b": load_scope, "store": store_scope}  # named by their scope too
+    names = {key: f"{name}_{scopes[key].replace('.', '_')}" if key in scopes else name for key, name in NAMES.items()}
     makers = {"fill": _fill, "mma": _mma,
               "load_a": lambda: _copy(load_scope, "wmma.matrix_a", F16, "row_major", True),
               "load_b": lambda: _copy(load_scope, "wmma.matrix_b", F16, "col_major", True),

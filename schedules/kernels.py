@@ -46,6 +46,16 @@ def _decode(byte, t, bits: int):
     return ((byte >> (t * bits).astype("uint8")) & mask).astype("float32")
 
 
+def _weight(packed, scale, zero, n, byte, t, bits: int, g=0):
+    """The weight (q - zero) * scale of code t of byte `byte` in row n, group g."""
+    return (_decode(packed[n, byte], t, bits) - zero[n, g]) * scale[n, g]
+
+
+def _x_or_zero(x, m, K, i, c):
+    """x[i, c], or 0 past its m rows or K columns (a read padded to whole tiles)."""
+    return tirx.if_then_else(tirx.all(i < m, c < K), x[te.min(i, m - _i64(1)), te.min(c, K - _i64(1))], _zero())
+
+
 def dequant_matmul(rows: int, cols: int, bits: int, group_size: int) -> tvm.tirx.PrimFunc:
     """y[m, rows] = x[m, cols] @ dequant(packed)^T, reading packed codes in the reduction.
 
@@ -107,10 +117,8 @@ def dequant_matmul_tiled(rows: int, cols: int, bits: int, row_tile: int) -> tvm.
     packed = te.placeholder((N, B), "uint8", "packed")
     scale = te.placeholder((N, _i64(1)), "float32", "scale")
     zero = te.placeholder((N, _i64(1)), "float32", "zero")
-    xpad = te.compute((mp, _i64(kp)), lambda i, c: tirx.if_then_else(
-        tirx.all(i < m, c < K), x[te.min(i, m - _i64(1)), te.min(c, K - _i64(1))], _zero()), name="xpad")
-    w = te.compute((N, _i64(kp)), lambda n, c: (_decode(packed[n, c // P], c % P, bits) - zero[n, 0]) * scale[n, 0],
-                   name="w")
+    xpad = te.compute((mp, _i64(kp)), lambda i, c: _x_or_zero(x, m, K, i, c), name="xpad")
+    w = te.compute((N, _i64(kp)), lambda n, c: _weight(packed, scale, zero, n, c // P, c % P, bits), name="w")
     c = te.reduce_axis((0, _i64(kp)), "c")
     acc = te.compute((mp, N), lambda i, n: te.sum(xpad[i, c] * w[n, c], axis=c), name="acc")
     y = te.compute((m, N), lambda i, n: acc[i, n], name="y")
@@ -136,13 +144,10 @@ def dequant_matmul_tc(rows: int, cols: int, bits: int, tile: tuple[int, int, int
     packed = te.placeholder((N, B), "uint8", "packed")
     scale = te.placeholder((N, _i64(1)), "float32", "scale")
     zero = te.placeholder((N, _i64(1)), "float32", "zero")
-    xh = te.compute((mp, S * ks), lambda i, c: tirx.if_then_else(
-        tirx.all(i < m, c < K), x[te.min(i, m - _i64(1)), te.min(c, K - _i64(1))], _zero()).astype("float16"),
-        name="xh")
+    xh = te.compute((mp, S * ks), lambda i, c: _x_or_zero(x, m, K, i, c).astype("float16"), name="xh")
 
     def weight(n, c):
-        row, byte = te.min(n, N - _i64(1)), te.min(c // P, B - _i64(1))
-        value = (_decode(packed[row, byte], c % P, bits) - zero[row, 0]) * scale[row, 0]
+        value = _weight(packed, scale, zero, te.min(n, N - _i64(1)), te.min(c // P, B - _i64(1)), c % P, bits)
         return tirx.if_then_else(tirx.all(n < N, c < K), value, _zero()).astype("float16")
 
     wh = te.compute((np_, S * ks), weight, name="wh")
@@ -176,9 +181,9 @@ def dequant_gemv(rows: int, cols: int, bits: int, byte_tile: int = 1) -> tvm.tir
 
     def term(i, n):
         if padded == width and width * per == cols:
-            return (_decode(packed[n, b], t, bits) - zero[n, 0]) * scale[n, 0] * x[i, b * P + t]
+            return _weight(packed, scale, zero, n, b, t, bits) * x[i, b * P + t]
         col = te.min(b, B - _i64(1)) * P + t
-        value = (_decode(packed[n, te.min(b, B - _i64(1))], t, bits) - zero[n, 0]) * scale[n, 0]
+        value = _weight(packed, scale, zero, n, te.min(b, B - _i64(1)), t, bits)
         return tirx.if_then_else(tirx.all(b < B, col < K), value * x[i, te.min(col, K - _i64(1))], _zero())
 
     y = te.compute((m, N), lambda i, n: te.sum(term(i, n), axis=[b, t]), name="y")
@@ -296,7 +301,7 @@ def code_gather(rows: int, cols: int, bits: int, group_size: int) -> tvm.tirx.Pr
     def body(i, c):
         row = te.max(te.min(ids[i], N - _i64(1)), _i64(0))
         g = c // GS
-        return (_decode(packed[row, c // P], c % P, bits) - zero[row, g]) * scale[row, g]
+        return _weight(packed, scale, zero, row, c // P, c % P, bits, g)
 
     y = te.compute((m, K), body, name="y")
     return _finish([ids, packed, scale, zero, y], "code_gather", rows=rows, cols=cols, bits=bits, group=group_size)
