@@ -188,6 +188,12 @@ def _tolerance(entry: dict, m: int) -> float:
     return 2e-3 if entry["scheme"] != "fp32" and m > entry.get("gemv_rows", 0) else 1e-4
 
 
+def _ms(lib, name: str, dev, args) -> float:
+    """Median ms of one call of `name` in a loaded library (TVM's evaluator, 20 calls a repeat)."""
+    timer = lib.time_evaluator(name, dev, number=20, repeat=5, min_repeat_ms=20)
+    return 1e3 * float(np.median(timer(*args).results))
+
+
 def _kernel_lib(model):
     """The loaded library module holding the artifact's compiled PrimFuncs."""
     import tvm
@@ -229,10 +235,7 @@ def _bucket_times(model, rows) -> list[str]:
         for m in rows:
             args = [tvm.runtime.tensor(a, dev) for a in
                     [rng.standard_normal((m, k)).astype(np.float32), *consts, np.zeros((m, n), np.float32)]]
-            ms = []
-            for form in ("gemv", "tc16", "tc64"):
-                timer = lib.time_evaluator(f"{base}_{form}", dev, number=20, repeat=5, min_repeat_ms=20)
-                ms.append(1e3 * float(np.median(timer(*args).results)))
+            ms = [_ms(lib, f"{base}_{form}", dev, args) for form in ("gemv", "tc16", "tc64")]
             lines.append(f"{base:38}{m:>5}" + "".join(f"{v:10.4f}" for v in ms))
     return lines
 
@@ -284,8 +287,7 @@ def _transform_times(model, rows) -> list[str]:
             continue
         for m in rows:
             args = [tvm.runtime.tensor(a, model._device) for a in _transform_args(steps, m, rng)]
-            timer = lib.time_evaluator(name, model._device, number=20, repeat=5, min_repeat_ms=20)
-            lines.append(f"{name[:44]:46}{m:>5}{1e3 * float(np.median(timer(*args).results)):10.4f}")
+            lines.append(f"{name[:44]:46}{m:>5}{_ms(lib, name, model._device, args):10.4f}")
     return lines
 
 
@@ -304,12 +306,12 @@ def _coded_width(cols: int) -> int:
 
 
 def _kernel_forms(rows: int, cols: int, bits: int, sweep: bool) -> dict:
-    """name -> (PrimFunc, schedule rule) for each form of one layer's code reduction (with every
-    tensor-core variant when `sweep`)."""
+    """name -> PrimFunc for each form of one layer's code reduction (with every tensor-core
+    variant when `sweep`)."""
     from fq_tvm.schedules import gpu, kernels
 
-    forms = {"gemv": (kernels.dequant_gemv(rows, cols, bits, gpu.GEMV_THREADS), gpu.dequant_gemv),
-             "tiled": (kernels.dequant_matmul_tiled(rows, cols, bits, gpu.TILE_ROWS), gpu.dequant_matmul_tiled)}
+    forms = {"gemv": kernels.dequant_gemv(rows, cols, bits, gpu.GEMV_THREADS),
+             "tiled": kernels.dequant_matmul_tiled(rows, cols, bits, gpu.TILE_ROWS)}
     for name, spec in TC_VARIANTS.items():
         if isinstance(spec, str):
             tiles = gpu.tensor_core_tiles(rows, cols, few_rows=spec == "few")
@@ -317,7 +319,7 @@ def _kernel_forms(rows: int, cols: int, bits: int, sweep: bool) -> dict:
             continue
         else:
             tiles = gpu.TensorCoreTiles(*spec)
-        forms[name] = (gpu.tensor_core_kernel(rows, cols, bits, tiles), gpu.dequant_matmul_tc)
+        forms[name] = gpu.tensor_core_kernel(rows, cols, bits, tiles)
     return forms
 
 
@@ -325,9 +327,8 @@ def prepare_kernels(out: Path, arch: str, sweep: bool = False) -> None:
     """Each code-reduction form alone (GEMV, tiled, tensor-core tile variants), built for `arch`
     into out/kernels/<rows>x<codes>_b<bits>.<form>/ (host library, device source, cubin, PTX)."""
     import tvm
-    import tvm.s_tir as s_tir
 
-    from fq_tvm.schedules import gpu
+    from fq_tvm.schedules import schedule_func
     from fq_tvm.targets import cuda, resolve
 
     preset = resolve("cuda", cuda_arch=arch)
@@ -335,14 +336,12 @@ def prepare_kernels(out: Path, arch: str, sweep: bool = False) -> None:
     for rows, cols, bits in KERNEL_SHAPES:
         codes = _coded_width(cols) if bits == 2 else cols
         swept = sweep and (rows, cols, bits) in KERNEL_SHAPES_SWEPT
-        for name, (func, rule) in _kernel_forms(rows, codes, bits, swept).items():
+        for name, func in _kernel_forms(rows, codes, bits, swept).items():
             where = out / "kernels" / f"{rows}x{codes}_b{bits}.{name}"
             if (where / cuda.CUBIN).exists():
                 continue
             where.mkdir(parents=True, exist_ok=True)
-            sch = s_tir.Schedule(tvm.IRModule({"main": func}))
-            rule(sch, target)
-            cuda.export(tvm.compile(tvm.IRModule({"main": gpu.finish(sch.mod["main"])}), target), where, preset)
+            cuda.export(tvm.compile(tvm.IRModule({"main": schedule_func(func, target)}), target), where, preset)
             print(f"prepared kernel {where.name}", file=sys.stderr)
 
 
@@ -396,8 +395,7 @@ def run_transforms(directory: Path) -> list[str]:
             got = args[-1].numpy()
             bad = (name, m) in last and _rel(got, last[name, m]) > 1e-5
             last[name, m] = got
-            timer = lib.time_evaluator("main", dev, number=20, repeat=5, min_repeat_ms=20)
-            row += f"{1e3 * float(np.median(timer(*args).results)):9.4f}{'!' if bad else ' '}"
+            row += f"{_ms(lib, 'main', dev, args):9.4f}{'!' if bad else ' '}"
         lines.append(row)
     return lines
 
@@ -409,6 +407,7 @@ def run_kernels(directory: Path) -> list[str]:
 
     import tvm
 
+    from fq_tvm.numerics.packing import unpack_codes
     from fq_tvm.targets import cuda
 
     cuda.load_runtime()  # TVM's CUDA loader, when no artifact was loaded before
@@ -419,9 +418,7 @@ def run_kernels(directory: Path) -> list[str]:
         packed = rng.integers(0, 256, (rows, width), dtype=np.uint8)
         scale = rng.uniform(0.01, 0.1, (rows, 1)).astype(np.float32)
         zero = np.full((rows, 1), (2**bits - 1) / 2, np.float32)
-        shifts = np.arange(8 // bits) * bits
-        q = ((packed[:, :, None] >> shifts) & (2**bits - 1)).reshape(rows, -1)[:, :codes]
-        w = (q - zero.astype(np.float64)) * scale
+        w = (unpack_codes(packed, bits, codes) - zero.astype(np.float64)) * scale
         try:
             cuda.install_precompiled(where)
             lib = tvm.runtime.load_module(str(where / cuda.LIB_NAME))
@@ -435,8 +432,7 @@ def run_kernels(directory: Path) -> list[str]:
             try:
                 lib["main"](*args)
                 err = _rel(args[-1].numpy(), x.astype(np.float64) @ w.T)
-                timer = lib.time_evaluator("main", dev, number=20, repeat=5, min_repeat_ms=20)
-                ms = 1e3 * float(np.median(timer(*args).results))
+                ms = _ms(lib, "main", dev, args)
             except Exception as exc:  # noqa: BLE001
                 row += f"  M={m} failed: {str(exc).splitlines()[-1][:60]}"
                 break
@@ -501,18 +497,20 @@ def run(directory: Path) -> int:
     if transforms:
         print(f"\n{'transform kernel alone':46}{'M':>5}{'ms':>10}")
         print("\n".join(transforms))
+    wrong = 0  # kernels alone whose output is wrong or which failed (counted apart from the artifacts)
     if (directory / "kernels").is_dir():
         kernel_lines = run_kernels(directory)
         print(f"\n{'kernel alone (ms; ! = wrong output)':34}" + "".join(f"{'M=' + str(m):>10}" for m in KERNEL_ROWS))
         print("\n".join(kernel_lines))
-        failures += sum("!" in line or "failed" in line for line in kernel_lines)
         side_lines = run_transforms(directory)
         print(f"\n{'layer side alone (ms at M = 1, 16, 128)':52}")
         print("\n".join(side_lines))
-        failures += sum("!" in line for line in side_lines)
+        wrong = sum("!" in line or "failed" in line for line in kernel_lines + side_lines)
+        print(f"\n{len(kernel_lines) + len(side_lines) - wrong}/{len(kernel_lines) + len(side_lines)} kernels "
+              "alone right at every row count")
     print(f"\n{len(lines) - failures}/{len(lines)} outputs match the host artifact (rel. L2 error < 1e-4; "
           "2e-3 for float16 tensor-core rows)")
-    return 1 if failures else 0
+    return 1 if failures or wrong else 0
 
 
 RUNTIME_LEFT_OUT = ("3rdparty", "src", "include", "__pycache__", "libtvm_compiler.so", "relax", "topi", "s_tir",
