@@ -68,6 +68,13 @@ def quick_macros() -> None:
 
 SERIAL_ROWS = 2  # under this many rows a row loop runs without a parallel launch
 
+# Annotations for a kernel's scratch buffer (T.alloc_buffer(..., annotations=STACK)): a stack array
+# at the function's entry. TVM 0.27 lowers every other CPU buffer that is not "global" and under
+# 1 KB to a TVMBackendAllocWorkspace / FreeWorkspace pair where it is declared, so a buffer
+# declared in a row or tile loop cost two runtime calls per iteration (a 384-wide Hadamard row
+# spent most of its time there).
+STACK = {"disable_lower_builtin": True}
+
 
 def same_row(row):
     """A macro row(i, x, p, y) from a macro row(xi, x, p, yi, y) that reads and writes row i."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
+
 import tvm
 import tvm.s_tir as s_tir
 
@@ -75,7 +77,7 @@ def finish(func):
 WRITTEN_SCHEDULED = (cpu_int8.KIND, cpu_hadamard.KIND, cpu_frame.KIND, cpu_frame.SYNTHESIS_KIND, cpu_transform.KIND)
 
 
-def rewrite(mod: tvm.IRModule) -> tvm.IRModule:
+def rewrite(mod: tvm.IRModule, target) -> tvm.IRModule:
     """Each run of row transforms that `cpu_transform` covers (one side of a layer) becomes one
     kernel: one launch and no intermediate tensors instead of one per step."""
     from tvm import relax
@@ -99,9 +101,16 @@ def rewrite(mod: tvm.IRModule) -> tvm.IRModule:
             source, steps, consts = plans[call]
             name = transform_name(steps)
             if name not in self.added:
-                func = cpu_transform.transform(steps).with_attr("global_symbol", name)
+                func = cpu_transform.transform(steps, vector_lanes(target)).with_attr("global_symbol", name)
                 self.added[name] = self.builder_.add_func(func, name)
+            consts = [self._transposed(c) if len(c.ty.shape) == 2 else c for c in consts]
             return relax.call_tir(self.added[name], [self.visit_expr(source), *consts], call.ty)
+
+        def _transposed(self, frame):
+            """The frame block as the fused kernel reads it, F^T (contiguous output vectors)."""
+            if isinstance(frame, tvm.ir.expr.Constant):
+                return relax.const(np.ascontiguousarray(frame.value.numpy().T))
+            return self.builder_.emit(relax.op.permute_dims(self.visit_expr(frame)))
 
     return drop_unused(mutate_relax_functions(mod, _Fuse(mod)))
 
@@ -117,7 +126,8 @@ def variant(func, target, act_bits: int):
 def _written(attrs, target, act_bits: int):
     kind = str(attrs["fq_kernel"])
     if kind == "hadamard":
-        return cpu_hadamard.hadamard(int(attrs["fq_dim"]), int(attrs["fq_block"]), bool(int(attrs["fq_inverse"])))
+        return cpu_hadamard.hadamard(int(attrs["fq_dim"]), int(attrs["fq_block"]), bool(int(attrs["fq_inverse"])),
+                                     vector_lanes(target))
     if kind == "frame_analysis":
         return cpu_frame.frame_analysis(*(int(attrs[f"fq_{k}"]) for k in ("nblk", "two_l", "two_k", "tail")))
     if kind == "frame_synthesis":

@@ -28,7 +28,7 @@ from tvm import relax
 from tvm_ffi import structural_equal
 from tvm.script import tirx as T
 
-from .common import dispatch_pass
+from .common import STACK, dispatch_pass
 from .kernels import OPAQUE
 
 KIND = "attention_scores"
@@ -110,7 +110,7 @@ def scores(H: int, D: int, lanes: int, q_seq: bool = True, k_seq: bool = True, g
         k = T.match_buffer(k_h, layout(k_seq, batch, sk, HK, D), "float32")
         o = T.match_buffer(o_h, (batch, H, sq, sk), "float32")
         for bh in T.parallel(batch * H):
-            acc = T.alloc_buffer((MR * C,), "float32", scope="local")
+            acc = T.alloc_buffer((MR * C,), "float32", annotations=STACK)
             if sq < MR and D % L == 0:  # a decoding step: no k^T copy of the whole cache
                 for i in range(sq):
                     dots(i, bh // H, bh % H, q, k, o, acc, sk)

@@ -18,7 +18,7 @@ from tvm import relax
 from tvm_ffi import structural_equal
 from tvm.script import tirx as T
 
-from .common import dispatch_pass
+from .common import STACK, dispatch_pass
 from .cpu_attention import at, heads_view, layout
 from .kernels import OPAQUE
 
@@ -61,7 +61,7 @@ def values(H: int, D: int, lanes: int, v_seq: bool = True, group: int = 1) -> tv
         v = T.match_buffer(v_h, layout(v_seq, batch, sk, HK, D), "float32")
         o = T.match_buffer(o_h, (batch, sq, H, D), "float32")
         for bh in T.parallel(batch * H):
-            acc = T.alloc_buffer((MR * C,), "float32", scope="local")
+            acc = T.alloc_buffer((MR * C,), "float32", annotations=STACK)
             for it in range(sq // MR):
                 for ct in range(D // C):
                     tile(MR, it * MR, ct * C, bh // H, bh % H, p, v, o, acc, sk)

@@ -24,7 +24,7 @@ from tvm import relax
 from tvm.ir.expr import GenericConst  # a Relax tensor constant
 from tvm.script import tirx as T
 
-from .common import dispatch_pass
+from .common import STACK, dispatch_pass
 from .kernels import OPAQUE
 
 KIND = "dense_fp32"
@@ -113,7 +113,7 @@ def dense(K: int, N: int, lanes: int, packed: bool = True) -> tvm.tirx.PrimFunc:
     @T.macro
     def blocked(m, x, wp, y):  # register tiles of MR rows over cache blocks of W
         for task in T.parallel(-(-NP // PT)):
-            acc = T.alloc_buffer((6 * C,), "float32", scope="local")
+            acc = T.alloc_buffer((6 * C,), "float32", annotations=STACK)
             wloc = T.alloc_buffer((1 if packed else PT * KC * C,), "float32")
             for kc in range(NKC):
                 gather(task, kc, wp, wloc)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import tvm
 from tvm.script import tirx as T
 
-from .common import row_kernel, same_row
+from .common import STACK, row_kernel, same_row
 from .kernels import OPAQUE
 
 KIND = "frame_rows"
@@ -21,28 +21,79 @@ def frame_analysis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.Pri
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
 
 
-def analysis_row(nblk: int, two_l: int, two_k: int, tail: int):
-    """The macro row(xi, x, F, yi, y): row xi of x analysed into row yi of y."""
-    body, din = nblk * two_k, nblk * two_l
+def analysis_row(nblk: int, two_l: int, two_k: int, tail: int, transposed: bool = False):
+    """The macro row(xi, x, F, yi, y): row xi of x analysed into row yi of y. F is the frame block
+    [2k, 2l], transposed into a stack copy per row, or with `transposed` already F^T [2l, 2k]
+    (what the fused input side receives: `cpu.rewrite` transposes the constant once)."""
+    blocks = _analysis_blocks(nblk, two_l, two_k, tail)
+    if transposed:
+        return blocks
 
     @T.macro
     def row(xi, x, F, yi, y):
-        ft = T.alloc_buffer((two_l * two_k,), "float32", scope="local")
-        acc = T.alloc_buffer((two_k,), "float32", scope="local")
+        ft = T.alloc_buffer((two_l, two_k), "float32", annotations=STACK)
         for c, r in T.grid(two_l, two_k):
-            ft[c * two_k + r] = F[r, c]
-        for b in range(nblk):
-            for r in T.vectorized(two_k):
-                acc[r] = T.float32(0)
-            for c in T.unroll(two_l):
-                for r in T.vectorized(two_k):
-                    acc[r] = acc[r] + x[xi, b * two_l + c] * ft[c * two_k + r]
-            for r in T.vectorized(two_k):
-                y[yi, b * two_k + r] = acc[r]
-        for j in range(tail):
-            y[yi, body + j] = x[xi, din + j]
+            ft[c, r] = F[r, c]
+        blocks(xi, x, ft, yi, y)
 
     return row
+
+
+GROUP = 4  # blocks analysed together: independent sums hide the multiply-add latency
+
+
+def _analysis_blocks(nblk: int, two_l: int, two_k: int, tail: int, lanes: int = 16):
+    """macro(xi, x, ft, yi, y) with ft = F^T [2l, 2k]: blocks in groups of GROUP, each block's 2k
+    outputs as full vectors and one short one (18 = 16 + 2 at 16 lanes), its inputs broadcast.
+    One block at a time was one chain of 2l dependent multiply-adds (~4x slower on Zen 4); an
+    18-lane vector made LLVM rebuild F^T's rows lane by lane for every row."""
+    ins, outs = nblk * two_l, nblk * two_k
+    grouped = _block_group(two_l, two_k, GROUP, lanes)
+    single = _block_group(two_l, two_k, 1, lanes)
+
+    @T.macro
+    def row(xi, x, ft, yi, y):
+        acc = T.alloc_buffer((GROUP * two_k,), "float32", annotations=STACK)
+        for g in range(nblk // GROUP):
+            grouped(g * GROUP, xi, x, ft, yi, y, acc)
+        for b in range(nblk // GROUP * GROUP, nblk):
+            single(b, xi, x, ft, yi, y, acc)
+        for j in range(tail):
+            y[yi, outs + j] = x[xi, ins + j]
+
+    return row
+
+
+def _block_group(two_l: int, two_k: int, G: int, lanes: int):
+    """macro(b0, xi, x, ft, yi, y, acc): blocks b0 .. b0 + G - 1 of row xi into row yi of y."""
+    L = min(lanes, two_k)
+    full, rest = two_k // L, two_k % L
+
+    @T.macro
+    def group(b0, xi, x, ft, yi, y, acc):
+        for g in T.unroll(G):
+            for v in T.unroll(full):
+                acc[T.ramp(g * two_k + v * L, 1, L)] = T.Broadcast(T.float32(0), L)
+            for r in T.unroll(full * L, two_k):
+                acc[g * two_k + r] = T.float32(0)
+        for c in T.unroll(two_l):
+            for g in T.unroll(G):
+                for v in T.unroll(full):
+                    acc[T.ramp(g * two_k + v * L, 1, L)] = acc[T.ramp(g * two_k + v * L, 1, L)] + T.Broadcast(
+                        x[xi, (b0 + g) * two_l + c], L) * ft[c, T.ramp(v * L, 1, L)]
+                if rest > 1:
+                    acc[T.ramp(g * two_k + full * L, 1, rest)] = acc[T.ramp(g * two_k + full * L, 1, rest)] + \
+                        T.Broadcast(x[xi, (b0 + g) * two_l + c], rest) * ft[c, T.ramp(full * L, 1, rest)]
+                if rest == 1:
+                    acc[g * two_k + two_k - 1] = acc[g * two_k + two_k - 1] + x[xi, (b0 + g) * two_l + c] * \
+                        ft[c, two_k - 1]
+        for g in T.unroll(G):
+            for v in T.unroll(full):
+                y[yi, T.ramp((b0 + g) * two_k + v * L, 1, L)] = acc[T.ramp(g * two_k + v * L, 1, L)]
+            for r in T.unroll(full * L, two_k):
+                y[yi, (b0 + g) * two_k + r] = acc[g * two_k + r]
+
+    return group
 
 
 SYNTHESIS_KIND = "frame_synthesis_rows"
@@ -56,7 +107,7 @@ def frame_synthesis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.Pr
 
     @T.macro
     def row(i, x, F, y):
-        acc = T.alloc_buffer((two_l,), "float32", scope="local")
+        acc = T.alloc_buffer((two_l,), "float32", annotations=STACK)
         for b in range(nblk):
             for c in T.vectorized(two_l):
                 acc[c] = T.float32(0)

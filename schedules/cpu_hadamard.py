@@ -1,12 +1,15 @@
 """The CPU randomized Hadamard: one pass per row instead of one kernel launch per butterfly stage.
 
 Same buffers as `kernels.hadamard` (x, signs -> y), so `cpu.variant` can swap it in. Each row is
-transformed while it sits in L1, rows in parallel. The first three stages (pair distances 1, 2, 4,
-which do not fill a vector) run as one 8 x 8 Hadamard per 8 columns: 8 broadcast multiply-adds into
-a vector of 8. The normalisation and the forward signs are applied on the way in, the inverse
-signs by the last stage on the way out. The remaining stages run two per pass (radix-4; radix-2
-for an odd last one and for RADIX2_BLOCKS), unrolled so that each stage's distance is a constant
-LLVM can vectorise. Blocks under 8 columns: radix-2 throughout.
+transformed while it sits in L1, rows in parallel. A row goes through in chunks of 8 vectors held
+in registers: the forward signs and the normalisation on the way in, every butterfly stage whose
+pairs lie in the chunk (pairs inside a vector: a lane shuffle and one multiply-add by a +-1 vector;
+pairs across vectors: adds and subtracts), then out. Blocks wider than a chunk take their later
+stages two per pass over the row (radix-4, radix-2 for an odd last one), a vector at a time; the
+inverse signs are applied by the last stage. Blocks under 4 columns: scalar radix-2.
+
+The earlier form (an 8 x 8 product, then stages left to LLVM's vectoriser) read the stages on 8-
+and 16-column pairs as gathers and scatters across pairs: 5-13x slower on Zen 4 (2026-11-27).
 """
 
 from __future__ import annotations
@@ -16,97 +19,173 @@ import math
 import tvm
 from tvm.script import tirx as T
 
-from .common import row_kernel, same_row
+from .common import STACK, row_kernel, same_row
 from .kernels import OPAQUE
 
 KIND = "hadamard_rows"
-FIRST = 8  # columns of the fused first stages
-# Blocks whose later stages stay radix-2: on a Zen 4 machine (2026-11-27, 2048 rows, 2 threads,
-# interleaved) radix-4 passes took 1536-wide rows of 512-blocks 3.5 -> 2.3 ms (inverse), 576-wide
-# of 64-blocks 1.29 -> 1.06, 4096-blocks 13.5 -> 10.1 with the frame, but 384-wide of 128-blocks
-# 0.67 -> 0.75 (inverse) and 1.22 -> 1.27 with the frame.
-RADIX2_BLOCKS = (128,)
+CHUNK_VECTORS = 8  # vectors a row chunk keeps in registers (8 of AVX-512's 32, AVX2's 16)
 
 
-def hadamard(dim: int, block: int, inverse: bool) -> tvm.tirx.PrimFunc:
-    row = row_macro(dim, block, inverse)
+def hadamard(dim: int, block: int, inverse: bool, lanes: int = 16) -> tvm.tirx.PrimFunc:
+    row = row_macro(dim, block, inverse, lanes)
     func = row_kernel(dim, dim, (dim,), same_row(row))
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
 
 
-def row_macro(dim: int, block: int, inverse: bool):
-    """The macro row(xi, x, signs, yi, y): row xi of x transformed into row yi of y."""
-    if block < FIRST:
+def row_macro(dim: int, block: int, inverse: bool, lanes: int = 16):
+    """The macro row(xi, x, signs, yi, y): row xi of x transformed into row yi of y, with vectors of
+    at most `lanes` floats (the target's width)."""
+    if block < 4:
         return _radix2(dim, block, inverse)
-    stages = int(math.log2(block))
-    norm = 1.0 / math.sqrt(block)
-    pairs = 0 if block in RADIX2_BLOCKS else (stages - 3) // 2
-
-    @T.macro
-    def radix4(yi, y, signs, s):
-        """Stages s and s + 1 in one pass: each 4 values 2^s apart become their 4-point Hadamard,
-        summed in the radix-2 order (same results), half the loads and stores."""
-        for b in range(dim >> (s + 2)):
-            for j in range(1 << s):
-                i0 = b * (4 << s) + j
-                a0 = y[yi, i0]
-                a1 = y[yi, i0 + (1 << s)]
-                a2 = y[yi, i0 + (2 << s)]
-                a3 = y[yi, i0 + (3 << s)]
-                if inverse and s + 2 == stages:
-                    y[yi, i0] = (a0 + a1 + (a2 + a3)) * signs[i0]
-                    y[yi, i0 + (1 << s)] = (a0 - a1 + (a2 - a3)) * signs[i0 + (1 << s)]
-                    y[yi, i0 + (2 << s)] = (a0 + a1 - (a2 + a3)) * signs[i0 + (2 << s)]
-                    y[yi, i0 + (3 << s)] = (a0 - a1 - (a2 - a3)) * signs[i0 + (3 << s)]
-                else:
-                    y[yi, i0] = a0 + a1 + (a2 + a3)
-                    y[yi, i0 + (1 << s)] = a0 - a1 + (a2 - a3)
-                    y[yi, i0 + (2 << s)] = a0 + a1 - (a2 + a3)
-                    y[yi, i0 + (3 << s)] = a0 - a1 - (a2 - a3)
-
-    @T.macro
-    def radix2(yi, y, signs, s):
-        for b in range(dim >> (s + 1)):
-            for j in range(1 << s):
-                lo = b * (2 << s) + j
-                hi = lo + (1 << s)
-                a = y[yi, lo]
-                c2 = y[yi, hi]
-                if inverse and s == stages - 1:
-                    y[yi, lo] = (a + c2) * signs[lo]
-                    y[yi, hi] = (a - c2) * signs[hi]
-                else:
-                    y[yi, lo] = a + c2
-                    y[yi, hi] = a - c2
+    L = min(lanes, block)
+    ch = min(block, CHUNK_VECTORS * L)
+    norm = T.float32(1.0 / math.sqrt(block))
+    chunk = _seq([_in_vector(d, L, ch) for d in _powers(1, L)] + [_across(d, L, ch) for d in _powers(L, ch)])
+    later = _later_stages(dim, block, ch, L, inverse)
+    sign_out = inverse and ch == block
 
     @T.macro
     def row(xi, x, signs, yi, y):
-        acc = T.alloc_buffer((FIRST,), "float32", scope="local")
-        for c in range(dim // FIRST):
-            for k in T.vectorized(FIRST):
-                acc[k] = T.float32(0)
-            for j in T.unroll(FIRST):
-                for k in T.vectorized(FIRST):
-                    acc[k] = acc[k] + _h8(j, k) * (
-                        x[xi, c * FIRST + j] * T.float32(norm) if inverse
-                        else x[xi, c * FIRST + j] * (signs[c * FIRST + j] * T.float32(norm)))
-            for k in T.vectorized(FIRST):
-                y[yi, c * FIRST + k] = acc[k] * signs[c * FIRST + k] if inverse and stages == 3 else acc[k]
-        for p in T.unroll(pairs):  # two stages per pass over the row
-            radix4(yi, y, signs, 3 + 2 * p)
-        for s in T.unroll(3 + 2 * pairs, stages):
-            radix2(yi, y, signs, s)
+        a = T.alloc_buffer((ch,), "float32", annotations=STACK)
+        t = T.alloc_buffer((L,), "float32", annotations=STACK)
+        for c in range(dim // ch):
+            for v in T.unroll(ch // L):
+                if inverse:
+                    a[T.ramp(v * L, 1, L)] = x[xi, T.ramp(c * ch + v * L, 1, L)] * T.Broadcast(norm, L)
+                else:
+                    a[T.ramp(v * L, 1, L)] = x[xi, T.ramp(c * ch + v * L, 1, L)] * (
+                        signs[T.ramp(c * ch + v * L, 1, L)] * T.Broadcast(norm, L))
+            chunk(a, t, signs)
+            for v in T.unroll(ch // L):
+                if sign_out:
+                    y[yi, T.ramp(c * ch + v * L, 1, L)] = a[T.ramp(v * L, 1, L)] * signs[T.ramp(c * ch + v * L, 1, L)]
+                else:
+                    y[yi, T.ramp(c * ch + v * L, 1, L)] = a[T.ramp(v * L, 1, L)]
+        later(yi, y, signs)
 
     return row
 
 
-def _h8(j, k):
-    """Entry (j, k) of the unnormalised 8 x 8 Sylvester Hadamard: (-1)^popcount(j & k)."""
-    both = j & k
-    return T.Cast("float32", 1 - 2 * ((both ^ (both >> 1) ^ (both >> 2)) & 1))
+def _powers(lo: int, hi: int) -> list:
+    """The powers of two d with lo <= d < hi."""
+    return [1 << s for s in range(int(math.log2(lo)), int(math.log2(hi)))]
+
+
+def _in_vector(d: int, L: int, ch: int):
+    """The stage on pairs d apart inside each vector: v' = swap_d(v) + v * (+1 or -1 by lane)."""
+
+    @T.macro
+    def stage(a, t, signs):
+        for v in T.unroll(ch // L):
+            a[T.ramp(v * L, 1, L)] = _swap(a[T.ramp(v * L, 1, L)], d, L) + a[T.ramp(v * L, 1, L)] * _signs(d, L)
+
+    return stage
+
+
+def _swap(vec, d: int, L: int):
+    """vec with each lane j exchanged for lane j ^ d."""
+    return tvm.tirx.Shuffle([vec], [tvm.tirx.IntImm("int32", j ^ d) for j in range(L)])
+
+
+def _signs(d: int, L: int):
+    """The constant vector +1 on lanes whose bit d is clear, -1 on the others."""
+    both = [tvm.tirx.Broadcast(T.float32(1), L), tvm.tirx.Broadcast(T.float32(-1), L)]
+    return tvm.tirx.Shuffle(both, [tvm.tirx.IntImm("int32", L + j if j & d else j) for j in range(L)])
+
+
+def _across(d: int, L: int, ch: int):
+    """The stage on pairs d >= L apart in the chunk `a` (t: one vector of scratch)."""
+
+    @T.macro
+    def stage(a, t, signs):
+        for b in T.unroll(ch // (2 * d)):
+            for j in T.unroll(d // L):
+                t[T.ramp(0, 1, L)] = a[T.ramp(b * 2 * d + j * L, 1, L)]
+                a[T.ramp(b * 2 * d + j * L, 1, L)] = t[T.ramp(0, 1, L)] + a[T.ramp(b * 2 * d + d + j * L, 1, L)]
+                a[T.ramp(b * 2 * d + d + j * L, 1, L)] = t[T.ramp(0, 1, L)] - a[T.ramp(b * 2 * d + d + j * L, 1, L)]
+
+    return stage
+
+
+def _later_stages(dim: int, block: int, ch: int, L: int, inverse: bool):
+    """macro(yi, y, signs): the stages on pairs ch or more apart, in place on row yi of y: two per
+    pass (radix-4), radix-2 for an odd last one; the inverse signs applied by the last."""
+    dists = _powers(ch, block)
+    passes = [(d, 4) for d in dists[0:len(dists) - 1:2]] + ([(dists[-1], 2)] if len(dists) % 2 else [])
+    if not passes:
+        @T.macro
+        def none(yi, y, signs):
+            T.evaluate(0)
+
+        return none
+    return _seq([_radix4(dim, d, L, inverse and i == len(passes) - 1) if n == 4
+                      else _radix2_pass(dim, d, L, inverse) for i, (d, n) in enumerate(passes)])
+
+
+def _seq(macros: list):
+    """One macro(p, q, signs) running the given ones in order (TVMScript has no loop over Python
+    values): the chunk's stages (a, t, signs) or the row's passes (yi, y, signs)."""
+    if len(macros) == 1:
+        return macros[0]
+    first, rest = macros[0], _seq(macros[1:])
+
+    @T.macro
+    def both(p, q, signs):
+        first(p, q, signs)
+        rest(p, q, signs)
+
+    return both
+
+
+def _radix4(dim: int, d: int, L: int, last_inverse: bool):
+    """Stages d and 2d in one pass: each 4 vectors d apart become their 4-point Hadamard, summed in
+    the radix-2 order (same results), half the loads and stores of two passes."""
+
+    @T.macro
+    def stage(yi, y, signs):
+        for b in range(dim // (4 * d)):
+            for j in range(d // L):
+                i0: T.let = b * 4 * d + j * L
+                a0: T.let = y[yi, T.ramp(i0, 1, L)]
+                a1: T.let = y[yi, T.ramp(i0 + d, 1, L)]
+                a2: T.let = y[yi, T.ramp(i0 + 2 * d, 1, L)]
+                a3: T.let = y[yi, T.ramp(i0 + 3 * d, 1, L)]
+                if last_inverse:
+                    y[yi, T.ramp(i0, 1, L)] = (a0 + a1 + (a2 + a3)) * signs[T.ramp(i0, 1, L)]
+                    y[yi, T.ramp(i0 + d, 1, L)] = (a0 - a1 + (a2 - a3)) * signs[T.ramp(i0 + d, 1, L)]
+                    y[yi, T.ramp(i0 + 2 * d, 1, L)] = (a0 + a1 - (a2 + a3)) * signs[T.ramp(i0 + 2 * d, 1, L)]
+                    y[yi, T.ramp(i0 + 3 * d, 1, L)] = (a0 - a1 - (a2 - a3)) * signs[T.ramp(i0 + 3 * d, 1, L)]
+                else:
+                    y[yi, T.ramp(i0, 1, L)] = a0 + a1 + (a2 + a3)
+                    y[yi, T.ramp(i0 + d, 1, L)] = a0 - a1 + (a2 - a3)
+                    y[yi, T.ramp(i0 + 2 * d, 1, L)] = a0 + a1 - (a2 + a3)
+                    y[yi, T.ramp(i0 + 3 * d, 1, L)] = a0 - a1 - (a2 - a3)
+
+    return stage
+
+
+def _radix2_pass(dim: int, d: int, L: int, inverse: bool):
+    """The last stage alone (pairs d apart), the inverse signs applied."""
+
+    @T.macro
+    def stage(yi, y, signs):
+        for b in range(dim // (2 * d)):
+            for j in range(d // L):
+                lo: T.let = b * 2 * d + j * L
+                a: T.let = y[yi, T.ramp(lo, 1, L)]
+                c: T.let = y[yi, T.ramp(lo + d, 1, L)]
+                if inverse:
+                    y[yi, T.ramp(lo, 1, L)] = (a + c) * signs[T.ramp(lo, 1, L)]
+                    y[yi, T.ramp(lo + d, 1, L)] = (a - c) * signs[T.ramp(lo + d, 1, L)]
+                else:
+                    y[yi, T.ramp(lo, 1, L)] = a + c
+                    y[yi, T.ramp(lo + d, 1, L)] = a - c
+
+    return stage
 
 
 def _radix2(dim: int, block: int, inverse: bool):
+    """Blocks of 1 or 2 columns: scalar stages."""
     stages = int(math.log2(block))
     norm = 1.0 / math.sqrt(block)
 
@@ -117,9 +196,9 @@ def _radix2(dim: int, block: int, inverse: bool):
         for s in T.unroll(stages):
             for b in range(dim >> (s + 1)):
                 for j in range(1 << s):
-                    lo = b * (2 << s) + j
-                    a = y[yi, lo]
-                    c = y[yi, lo + (1 << s)]
+                    lo: T.let = b * (2 << s) + j
+                    a: T.let = y[yi, lo]
+                    c: T.let = y[yi, lo + (1 << s)]
                     y[yi, lo] = a + c
                     y[yi, lo + (1 << s)] = a - c
         for j in range(dim):

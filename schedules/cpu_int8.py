@@ -26,7 +26,7 @@ from tvm.script import tirx as T
 
 from ..numerics.activations import ACT_GROUP
 from ..numerics.packing import packed_width
-from .common import SERIAL_ROWS
+from .common import SERIAL_ROWS, STACK
 from .kernels import OPAQUE
 
 KIND = "dequant_matmul_int8"
@@ -266,7 +266,7 @@ def gemm_part(p: Plan):
     @T.macro
     def tile(R, i0, nt, nc, kc, xn, wdec, scs, zss, ax, axs, y, iacc):
         for ga in range(T.min(GPC, NA - kc * GPC)):
-            a = kc * GPC + ga
+            a: T.let = kc * GPC + ga
             for k in T.unroll(R * NV):
                 iacc[T.ramp(k * L, 1, L)] = T.Broadcast(0, L)
             for st in range(T.min(AG4, K4P - a * AG4) // S):
@@ -277,8 +277,8 @@ def gemm_part(p: Plan):
                             i0 + r, a * AG4 + st * S)
             for r in T.unroll(R):
                 for v in T.unroll(NV):
-                    col = (nt * NV + v) * L
-                    part = T.Cast(f"float32x{L}", iacc[T.ramp((r * NV + v) * L, 1, L)]) * T.Broadcast(
+                    col: T.let = (nt * NV + v) * L
+                    part: T.let = T.Cast(f"float32x{L}", iacc[T.ramp((r * NV + v) * L, 1, L)]) * T.Broadcast(
                         ax[(i0 + r) * NA + a], L) * scs[T.ramp(wgroup(a) * NC + col, 1, L)] - T.Broadcast(
                         axs[(i0 + r) * NA + a], L) * zss[T.ramp(wgroup(a) * NC + col, 1, L)]
                     if a == 0:
@@ -289,11 +289,11 @@ def gemm_part(p: Plan):
     @T.macro
     def run(xn, packed, scale, zero, y, ax, axs, m):
         for nc in T.parallel(NTASK):
-            lut = T.alloc_buffer((256,), "uint32", scope="local")
+            lut = T.alloc_buffer((256,), "uint32", annotations=STACK)
             wdec = T.alloc_buffer((NC * KC4,), "uint32")
             scs = T.alloc_buffer((G * NC,), "float32")
             zss = T.alloc_buffer((G * NC,), "float32")
-            iacc = T.alloc_buffer((MR * NV * L,), "int32", scope="local")
+            iacc = T.alloc_buffer((MR * NV * L,), "int32", annotations=STACK)
             for b in range(256):
                 lut[b] = _lut_word(b, p.bits, offset)
             for g in range(G):
@@ -360,7 +360,7 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
             facc[T.ramp(k * L, 1, L)] = T.Broadcast(T.float32(0), L)
             zacc[k] = T.float32(0)
         for ga in range(T.min(GPC, NA - kc * GPC)):
-            a = kc * GPC + ga
+            a: T.let = kc * GPC + ga
             for k in T.unroll(R * NT):
                 iacc[T.ramp(k * L, 1, L)] = T.Broadcast(0, L)
             for gb in T.unroll(KPA):  # unrolled here: LLVM's own unrolling differs between modules
@@ -378,8 +378,8 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
                         zero[n0 + r, wgroup(a)] - T.float32(offset))
         for mi in T.unroll(R):
             for r in T.unroll(NT):
-                total = T.call_llvm_pure_intrin("float32", "llvm.vector.reduce.fadd", T.float32(0),
-                                                lanes(facc, mi * NT + r)) - zacc[mi * NT + r]
+                total: T.let = T.call_llvm_pure_intrin("float32", "llvm.vector.reduce.fadd", T.float32(0),
+                                                       lanes(facc, mi * NT + r)) - zacc[mi * NT + r]
                 if kc == 0:
                     y[i0 + mi, n0 + r] = total
                 else:
@@ -387,9 +387,9 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
 
     @T.macro
     def quantize_row(i, x, xq, xn, ax, axs, m):  # stage 1 for activation row i
-        qrow = T.alloc_buffer((K,), "int8", scope="local")
-        amax = T.alloc_buffer((1,), "int32", scope="local")
-        qsum = T.alloc_buffer((1,), "int32", scope="local")
+        qrow = T.alloc_buffer((K,), "int8", annotations=STACK)
+        amax = T.alloc_buffer((1,), "int32", annotations=STACK)
+        qsum = T.alloc_buffer((1,), "int32", annotations=STACK)
         for a in range(NA):
             # max |x| as the int32 bits of |x| (monotonic for floats >= 0): an integer
             # reduction LLVM vectorises; then the group rounded in column order
@@ -412,7 +412,7 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
             for kb in range(NB):  # into the code order of the packed bytes
                 for t in range(P):
                     for v in range(V):
-                        col = (start(kb) + v) * P + t
+                        col: T.let = (start(kb) + v) * P + t
                         xq[(i * NB + kb) * step + t * V + v] = T.if_then_else(
                             tvm.tirx.all(start(kb) + v >= kb * V, col < K), qrow[T.min(col, K - 1)],
                             T.int8(0))
@@ -438,9 +438,9 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
             gemm(xn, packed, scale, zero, y, ax, axs, m)
         else:
             for nc in T.parallel((N + NC - 1) // NC):
-                facc = T.alloc_buffer((MR * max(NR, NR1) * L,), "float32", scope="local")
-                zacc = T.alloc_buffer((MR * max(NR, NR1),), "float32", scope="local")
-                iacc = T.alloc_buffer((MR * max(NR, NR1) * L,), "int32", scope="local")
+                facc = T.alloc_buffer((MR * max(NR, NR1) * L,), "float32", annotations=STACK)
+                zacc = T.alloc_buffer((MR * max(NR, NR1),), "float32", annotations=STACK)
+                iacc = T.alloc_buffer((MR * max(NR, NR1) * L,), "int32", annotations=STACK)
                 for kc in range(NKC):
                     for it in range(m // MR):
                         for nt in range(T.min(NC, N - nc * NC) // NR):

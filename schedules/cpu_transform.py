@@ -1,7 +1,8 @@
 """The CPU row transforms of one side of a layer as one kernel: [pad] -> Hadamard -> [frame] on the
 input side, inverse Hadamard -> [take] on the output side. Each row goes through every step in
 local buffers (no intermediate tensor, one launch instead of one per step), with the row macros
-of `cpu_hadamard` and `cpu_frame`. Same buffers as `kernels.transform` (x, signs, [F] -> y)."""
+of `cpu_hadamard` and `cpu_frame`. The buffers of `kernels.transform` (x, signs, [F] -> y) but the
+frame block transposed, F^T [2l, 2k]: `cpu.rewrite` passes it so."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import tvm
 from tvm.script import tirx as T
 
 from . import cpu_frame, cpu_hadamard
-from .common import SERIAL_ROWS, row_kernel
+from .common import SERIAL_ROWS, STACK, row_kernel
 from .kernels import OPAQUE
 
 KIND = "transform_rows"
@@ -29,10 +30,10 @@ def parts(steps) -> tuple | None:
     return pad, core[0], core[1] if len(core) == 2 else None, end
 
 
-def transform(steps) -> tvm.tirx.PrimFunc:
+def transform(steps, lanes: int = 16) -> tvm.tirx.PrimFunc:
     pad, (_, dim, block, inverse), frame, end = parts(steps)
-    hrow = cpu_hadamard.row_macro(dim, block, bool(inverse))
-    frow = cpu_frame.analysis_row(*frame[1:]) if frame is not None else None
+    hrow = cpu_hadamard.row_macro(dim, block, bool(inverse), lanes)
+    frow = cpu_frame.analysis_row(*frame[1:], transposed=True) if frame is not None else None
     din = pad[1] if pad is not None else dim
     width = frame[1] * frame[3] + frame[4] if frame is not None else dim  # before the last resize
     dout = end[2] if end is not None else width
@@ -40,7 +41,7 @@ def transform(steps) -> tvm.tirx.PrimFunc:
     if frame is None:
         func = row_kernel(din, dout, (dim,), _without_frame(row))
     else:
-        func = _with_frame(din, dim, dout, (frame[3], frame[2]), row)
+        func = _with_frame(din, dim, dout, (frame[2], frame[3]), row)
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
 
 
@@ -52,9 +53,9 @@ def _row(din: int, dim: int, width: int, dout: int, hrow, frow, padded: bool, re
 
     @T.macro
     def row(i, x, signs, F, y):
-        xp = T.alloc_buffer((1, dim), "float32", scope="local")
-        h = T.alloc_buffer((1, dim), "float32", scope="local")
-        f = T.alloc_buffer((1, width), "float32", scope="local")
+        xp = T.alloc_buffer((1, dim), "float32", annotations=STACK)
+        h = T.alloc_buffer((1, dim), "float32", annotations=STACK)
+        f = T.alloc_buffer((1, width), "float32", annotations=STACK)
         if padded:
             for j in range(dim):
                 xp[0, j] = T.if_then_else(j < din, x[i, T.min(j, din - 1)], T.float32(0))
@@ -77,7 +78,7 @@ def _without_frame(row):
 
 
 def _with_frame(din: int, dim: int, dout: int, f_shape: tuple, row):
-    """row_kernel with two parameters (signs [dim], F [2k, 2l])."""
+    """row_kernel with two parameters (signs [dim], F^T [2l, 2k])."""
 
     @T.prim_func(private=True)
     def func(x_h: T.handle, signs: T.Buffer((dim,), "float32"), F: T.Buffer(f_shape, "float32"), y_h: T.handle):

@@ -167,9 +167,10 @@ def test_fused_row_transforms_match_their_matrix(steps):
     func = cpu_transform.transform(steps)
     assert str(func.attrs["fq_kernel"]) in cpu.WRITTEN_SCHEDULED
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), HOST)
+    given = [p if p.ndim == 1 else p.T for p in params]  # the kernel reads the frame block transposed
     for m in (0, 1, 7):
         x = rng.standard_normal((m, matrix.shape[1])).astype(np.float32)
-        ours = _run(lib, x, *params, out_shape=(m, matrix.shape[0]))
+        ours = _run(lib, x, *given, out_shape=(m, matrix.shape[0]))
         assert ours.shape == (m, matrix.shape[0])
         if m:
             assert _rel(ours, x.astype(np.float64) @ matrix.T) < 1e-5
