@@ -86,10 +86,31 @@ def same_row(row):
     return macro
 
 
-def row_kernel(din, dout, param_shape: tuple, row):
+def each_row(row):
+    """A macro rows(lo, n, x, p, y) running the macro row(i, x, p, y) on rows lo .. lo + n - 1."""
+
+    @T.macro
+    def rows(lo, n, x, p, y):
+        for r in range(n):
+            row(lo + r, x, p, y)
+
+    return rows
+
+
+TASKS = 64  # parallel tasks of a row kernel: scratch buffers are allocated once per task
+
+
+def task_rows(t, m):
+    """(first row, row count) of parallel task t of T.min(m, TASKS)."""
+    tasks = T.min(m, TASKS)
+    return t * m // tasks, (t + 1) * m // tasks - t * m // tasks
+
+
+def row_kernel(din, dout, param_shape: tuple, rows):
     """A PrimFunc (x [m, din], p [param_shape] -> y [m, dout], float32) that runs the macro
-    row(i, x, p, y) for every row: rows in parallel, but one row (a decode step) without a
-    parallel launch, which costs more than the row at two threads."""
+    rows(lo, n, x, p, y) (`each_row`, or a macro that allocates its scratch once) over the rows in
+    up to TASKS parallel tasks; one row (a decode step) runs without a parallel launch, which costs
+    more than the row at two threads."""
 
     @T.prim_func(private=True)
     def func(x_h: T.handle, p: T.Buffer(param_shape, "float32"), y_h: T.handle):
@@ -98,10 +119,9 @@ def row_kernel(din, dout, param_shape: tuple, row):
         x = T.match_buffer(x_h, (m, din), "float32")
         y = T.match_buffer(y_h, (m, dout), "float32")
         if m < SERIAL_ROWS:
-            for i in range(m):
-                row(i, x, p, y)
+            rows(0, m, x, p, y)
         else:
-            for i in T.parallel(m):
-                row(i, x, p, y)
+            for t in T.parallel(T.min(m, TASKS)):
+                rows(*task_rows(t, m), x, p, y)
 
     return func

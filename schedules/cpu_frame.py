@@ -9,34 +9,32 @@ from __future__ import annotations
 import tvm
 from tvm.script import tirx as T
 
-from .common import STACK, row_kernel, same_row
+from .common import STACK, each_row, row_kernel
 from .kernels import OPAQUE
 
 KIND = "frame_rows"
 
 
 def frame_analysis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.PrimFunc:
+    """Same buffers as `kernels.frame_analysis` (x, F [2k, 2l] -> y): F transposed once per task."""
     row = analysis_row(nblk, two_l, two_k, tail)
-    func = row_kernel(nblk * two_l + tail, nblk * two_k + tail, (two_k, two_l), same_row(row))
+
+    @T.macro
+    def rows(lo, n, x, F, y):
+        ft = T.alloc_buffer((two_l, two_k), "float32")
+        for c, r in T.grid(two_l, two_k):
+            ft[c, r] = F[r, c]
+        for i in range(n):
+            row(lo + i, x, ft, lo + i, y)
+
+    func = row_kernel(nblk * two_l + tail, nblk * two_k + tail, (two_k, two_l), rows)
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
 
 
-def analysis_row(nblk: int, two_l: int, two_k: int, tail: int, transposed: bool = False):
-    """The macro row(xi, x, F, yi, y): row xi of x analysed into row yi of y. F is the frame block
-    [2k, 2l], transposed into a stack copy per row, or with `transposed` already F^T [2l, 2k]
-    (what the fused input side receives: `cpu.rewrite` transposes the constant once)."""
-    blocks = _analysis_blocks(nblk, two_l, two_k, tail)
-    if transposed:
-        return blocks
-
-    @T.macro
-    def row(xi, x, F, yi, y):
-        ft = T.alloc_buffer((two_l, two_k), "float32", annotations=STACK)
-        for c, r in T.grid(two_l, two_k):
-            ft[c, r] = F[r, c]
-        blocks(xi, x, ft, yi, y)
-
-    return row
+def analysis_row(nblk: int, two_l: int, two_k: int, tail: int):
+    """The macro row(xi, x, ft, yi, y): row xi of x analysed into row yi of y, with ft the frame
+    block transposed, F^T [2l, 2k] (`cpu.rewrite` gives the fused input side F^T)."""
+    return _analysis_blocks(nblk, two_l, two_k, tail)
 
 
 GROUP = 4  # blocks analysed together: independent sums hide the multiply-add latency
@@ -119,5 +117,5 @@ def frame_synthesis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.Pr
         for j in range(tail):
             y[i, din + j] = x[i, body + j]
 
-    func = row_kernel(body + tail, din + tail, (two_k, two_l), row)
+    func = row_kernel(body + tail, din + tail, (two_k, two_l), each_row(row))
     return func.with_attrs({"fq_kernel": SYNTHESIS_KIND, "op_pattern": OPAQUE})

@@ -19,7 +19,7 @@ import math
 import tvm
 from tvm.script import tirx as T
 
-from .common import STACK, row_kernel, same_row
+from .common import STACK, each_row, row_kernel, same_row
 from .kernels import OPAQUE
 
 KIND = "hadamard_rows"
@@ -28,7 +28,7 @@ CHUNK_VECTORS = 8  # vectors a row chunk keeps in registers (8 of AVX-512's 32, 
 
 def hadamard(dim: int, block: int, inverse: bool, lanes: int = 16) -> tvm.tirx.PrimFunc:
     row = row_macro(dim, block, inverse, lanes)
-    func = row_kernel(dim, dim, (dim,), same_row(row))
+    func = row_kernel(dim, dim, (dim,), each_row(same_row(row)))
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
 
 

@@ -396,12 +396,12 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
             amax[0] = 0
             for c in range(T.min(KPA * step, K - a * KPA * step)):
                 amax[0] = T.max(amax[0], T.reinterpret("int32", T.fabs(x[i, a * KPA * step + c])))
-            top = T.reinterpret("float32", amax[0])
+            top: T.let = T.reinterpret("float32", amax[0])
             ax[i * NA + a] = top / T.float32(127)
-            inv = T.if_then_else(top > T.float32(0), T.float32(127) / top, T.float32(0))
+            inv: T.let = T.if_then_else(top > T.float32(0), T.float32(127) / top, T.float32(0))
             qsum[0] = 0
             for c in range(T.min(KPA * step, K - a * KPA * step)):
-                q = T.Cast("int32", T.nearbyint(x[i, a * KPA * step + c] * inv))
+                q: T.let = T.Cast("int32", T.nearbyint(x[i, a * KPA * step + c] * inv))
                 qrow[a * KPA * step + c] = T.Cast("int8", q)
                 qsum[0] = qsum[0] + q
             axs[i * NA + a] = ax[i * NA + a] * T.Cast("float32", qsum[0])

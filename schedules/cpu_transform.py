@@ -10,7 +10,7 @@ import tvm
 from tvm.script import tirx as T
 
 from . import cpu_frame, cpu_hadamard
-from .common import SERIAL_ROWS, STACK, row_kernel
+from .common import SERIAL_ROWS, TASKS, row_kernel, task_rows
 from .kernels import OPAQUE
 
 KIND = "transform_rows"
@@ -33,51 +33,58 @@ def parts(steps) -> tuple | None:
 def transform(steps, lanes: int = 16) -> tvm.tirx.PrimFunc:
     pad, (_, dim, block, inverse), frame, end = parts(steps)
     hrow = cpu_hadamard.row_macro(dim, block, bool(inverse), lanes)
-    frow = cpu_frame.analysis_row(*frame[1:], transposed=True) if frame is not None else None
+    frow = cpu_frame.analysis_row(*frame[1:]) if frame is not None else None
     din = pad[1] if pad is not None else dim
     width = frame[1] * frame[3] + frame[4] if frame is not None else dim  # before the last resize
     dout = end[2] if end is not None else width
-    row = _row(din, dim, width, dout, hrow, frow, pad is not None, end is not None)
+    rows = _rows(din, dim, width, dout, hrow, frow, pad is not None, end is not None)
     if frame is None:
-        func = row_kernel(din, dout, (dim,), _without_frame(row))
+        func = row_kernel(din, dout, (dim,), _without_frame(rows))
     else:
-        func = _with_frame(din, dim, dout, (frame[2], frame[3]), row)
+        func = _with_frame(din, dim, dout, (frame[2], frame[3]), rows)
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
 
 
-def _row(din: int, dim: int, width: int, dout: int, hrow, frow, padded: bool, resized: bool):
-    """row(i, x, signs, F, y): row i of x [zero-padded to dim] -> Hadamard -> [frame] -> [pad or
-    take to dout] -> row i of y; intermediates in local buffers, the last step writing y."""
+def _rows(din: int, dim: int, width: int, dout: int, hrow, frow, padded: bool, resized: bool):
+    """rows(lo, n, x, signs, F, y): rows lo .. lo + n - 1 of x [zero-padded to dim] -> Hadamard ->
+    [frame] -> [pad or take to dout] -> the same rows of y; intermediates in buffers allocated
+    once per task, the last step writing y."""
     framed = frow is not None
     h_local = framed or resized
 
     @T.macro
-    def row(i, x, signs, F, y):
-        xp = T.alloc_buffer((1, dim), "float32", annotations=STACK)
-        h = T.alloc_buffer((1, dim), "float32", annotations=STACK)
-        f = T.alloc_buffer((1, width), "float32", annotations=STACK)
-        if padded:
-            for j in range(dim):
-                xp[0, j] = T.if_then_else(j < din, x[i, T.min(j, din - 1)], T.float32(0))
-        hrow(0 if padded else i, xp if padded else x, signs, 0 if h_local else i, h if h_local else y)
-        if framed:
-            frow(0, h, F, 0 if resized else i, f if resized else y)
-        if resized:
-            for j in range(dout):
-                y[i, j] = T.if_then_else(j < width, (f if framed else h)[0, T.min(j, width - 1)], T.float32(0))
+    def rows(lo, n, x, signs, F, y):
+        xp = T.alloc_buffer((1, dim), "float32")
+        h = T.alloc_buffer((1, dim), "float32")
+        f = T.alloc_buffer((1, width), "float32")
+        for r in range(n):
+            i: T.let = lo + r
+            if padded:  # a copy and a fill (one loop with a select per element did not vectorise)
+                for j in range(din):
+                    xp[0, j] = x[i, j]
+                for j in range(din, dim):
+                    xp[0, j] = T.float32(0)
+            hrow(0 if padded else i, xp if padded else x, signs, 0 if h_local else i, h if h_local else y)
+            if framed:
+                frow(0, h, F, 0 if resized else i, f if resized else y)
+            if resized:
+                for j in range(min(dout, width)):
+                    y[i, j] = (f if framed else h)[0, j]
+                for j in range(width, dout):
+                    y[i, j] = T.float32(0)
 
-    return row
+    return rows
 
 
-def _without_frame(row):
+def _without_frame(rows):
     @T.macro
-    def macro(i, x, signs, y):
-        row(i, x, signs, None, y)
+    def macro(lo, n, x, signs, y):
+        rows(lo, n, x, signs, None, y)
 
     return macro
 
 
-def _with_frame(din: int, dim: int, dout: int, f_shape: tuple, row):
+def _with_frame(din: int, dim: int, dout: int, f_shape: tuple, rows):
     """row_kernel with two parameters (signs [dim], F^T [2l, 2k])."""
 
     @T.prim_func(private=True)
@@ -87,10 +94,9 @@ def _with_frame(din: int, dim: int, dout: int, f_shape: tuple, row):
         x = T.match_buffer(x_h, (m, din), "float32")
         y = T.match_buffer(y_h, (m, dout), "float32")
         if m < SERIAL_ROWS:
-            for i in range(m):
-                row(i, x, signs, F, y)
+            rows(0, m, x, signs, F, y)
         else:
-            for i in T.parallel(m):
-                row(i, x, signs, F, y)
+            for t in T.parallel(T.min(m, TASKS)):
+                rows(*task_rows(t, m), x, signs, F, y)
 
     return func
