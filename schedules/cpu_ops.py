@@ -49,6 +49,13 @@ def _sigmoid(bb, call):
 
 
 def _softmax(bb, call):
+    """float32 over the last axis: `cpu_softmax` on a [rows, n] view; else the TE form below."""
+    x = call.args[0]
+    shape = x.ty.shape if hasattr(x.ty, "shape") else None
+    ndim = len(shape) if shape is not None else 0
+    if ndim >= 2 and x.ty.dtype == "float32" and int(call.attrs.axis) % ndim == ndim - 1:
+        return _softmax_rows(bb, x, list(shape))
+
     def softmax(data):
         axis = int(call.attrs.axis) % len(data.shape)
         if data.dtype != "float32":
@@ -63,6 +70,22 @@ def _softmax(bb, call):
         return te.compute(data.shape, lambda *i: exp(*i) / total(*outer(i)), name="softmax")
 
     return bb.call_te(softmax, call.args[0], primfunc_name_hint="softmax")
+
+
+def _softmax_rows(bb, x, shape: list):
+    from tvm import relax
+
+    from . import cpu, cpu_softmax
+
+    rows = shape[0]
+    for extent in shape[1:-1]:
+        rows = rows * extent
+    flat = bb.emit_te(topi.reshape, x, [rows, shape[-1]], primfunc_name_hint="reshape")
+    target = tvm.target.Target.current(allow_none=True)
+    lanes = cpu.vector_lanes(target) if target is not None else 4
+    gvar = bb.add_func(cpu_softmax.softmax(lanes), "softmax_rows")
+    out = bb.emit(relax.call_tir(gvar, [flat], relax.TensorType(flat.ty.shape, "float32")))
+    return bb.call_te(topi.reshape, out, shape, primfunc_name_hint="reshape")
 
 
 def _concat(bb, call):
@@ -124,7 +147,7 @@ def _row_copies(ins, out, axis: int):
 
 def exp_f32(v):
     """exp(v) in float32 (Cephes' expf; measured within 8.2e-8 relative on [-87, 88.3]): v = n ln2 + r,
-    |r| <= ln2 / 2, a polynomial in r, 2^n built in the exponent bits. v is clamped to
+    |r| <= ln2 / 2, a polynomial in r, 2^n built in the exponent bits; v a scalar or a vector. v is clamped to
     +-88.376 (exp(88.376) = 2.4e38, exp(-88.376) gives 0); NaN stays NaN."""
     f32 = "float32"
     x = tirx.max(tirx.min(v, tirx.const(EXP_MAX, f32)), tirx.const(-EXP_MAX, f32))
@@ -134,5 +157,9 @@ def exp_f32(v):
     for c in EXP_POLY[1:]:
         p = p * r + tirx.const(c, f32)
     p = p * r * r + r + tirx.const(1, f32)
-    scale = tirx.reinterpret(f32, (n.astype("int32") + 127) << 23)
+    lanes = int(v.ty.dtype.lanes)
+    as_int, as_float = ("int32", f32) if lanes == 1 else (f"int32x{lanes}", f"float32x{lanes}")
+    scale = tirx.reinterpret(as_float, (n.astype(as_int) + 127) << 23)
+    if lanes > 1:  # if_then_else takes a scalar condition only
+        return tirx.Select(tirx.isnan(v), v, p * scale)
     return tirx.if_then_else(tirx.isnan(v), v, p * scale)

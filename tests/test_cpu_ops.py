@@ -117,3 +117,43 @@ def test_fallback_runs_small_work_without_a_parallel_launch():
             lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(w), out)
             e = np.exp(a.astype(np.float64) - a.max(1, keepdims=True))
             np.testing.assert_allclose(out.numpy(), e / e.sum(1, keepdims=True) * w, rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_rows_match_numpy_with_tails_nan_and_masked_rows():
+    """cpu_softmax on the last axis (any row count and length, vector tails), NaN kept, an all -inf
+    row NaN as in ORT; the [rows, n] views around it are VM reshapes, not copies."""
+    import re
+
+    @I.ir_module
+    class Softmax:
+        @R.function
+        def main(x: R.Tensor(("b", 3, "s", "t"), "float32")):
+            with R.dataflow():
+                p = R.nn.softmax(x, axis=-1)
+                y = R.multiply(p, R.const(2.0, "float32"))
+                R.output(y)
+            return y
+
+    lib = tvm.compile(Softmax, HOST, relax_pipeline=_relax_pipeline())
+    calls = re.findall(r"call\s+(\S+)", lib.mod["as_text"]())
+    assert "softmax_rows" in calls and not [c for c in calls if c.startswith("reshape")], sorted(set(calls))
+    vm = relax.VirtualMachine(lib, tvm.cpu())
+    rng = np.random.default_rng(0)
+    for shape in [(1, 3, 1, 5), (2, 3, 7, 37), (2, 3, 4, 128)]:
+        x = (rng.standard_normal(shape) * 6).astype(np.float32)
+        x[0, 0, 0, 1] = np.nan
+        if shape[2] > 1:
+            x[0, 1, 1, :] = -np.inf
+        ours = vm["main"](tvm.runtime.tensor(x)).numpy()
+        with np.errstate(invalid="ignore"):
+            e = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
+        ref = 2 * e / e.sum(-1, keepdims=True)
+        assert np.array_equal(np.isnan(ours), np.isnan(ref)) and np.isnan(ours[0, 0, 0]).all()
+        finite = ~np.isnan(ref)
+        assert np.abs(ours[finite] - ref[finite]).max() < 2e-6
+
+
+def _relax_pipeline():
+    from fq_tvm.schedules import relax_pipeline
+
+    return relax_pipeline(HOST)
