@@ -54,7 +54,7 @@ def relax_pipeline(target, counts: dict | None = None, notes: list | None = None
         return relax.get_default_pipeline(target)
     from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 
-    from . import cpu, cpu_attention, cpu_attention_values, cpu_dense, cpu_ops, cpu_softmax
+    from . import cpu, cpu_attention, cpu_attention_values, cpu_dense, cpu_layer_norm, cpu_ops, cpu_softmax
 
     @tvm.transform.module_pass(opt_level=0, name="fq.CPUPipeline")
     def _pipeline(mod, _ctx):
@@ -69,9 +69,9 @@ def relax_pipeline(target, counts: dict | None = None, notes: list | None = None
                                            + cpu_pipeline.legalize_passes(target)
                                            + _reshapes_as_views())(mod)
             for func in mod.functions.values():  # kernels the legalization wrote (cpu_ops)
-                if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None \
-                        and str(func.attrs.get("fq_kernel", "")) == cpu_softmax.KIND:
-                    tally[cpu_softmax.KIND] = tally.get(cpu_softmax.KIND, 0) + 1
+                kind = str(func.attrs.get("fq_kernel", "")) if isinstance(func, tvm.tirx.PrimFunc) and func.attrs else ""
+                if kind in (cpu_softmax.KIND, cpu_layer_norm.KIND):
+                    tally[kind] = tally.get(kind, 0) + 1
             if before_fallback is not None:
                 mod = before_fallback(mod)
             for gvar, func in list(mod.functions_items()):

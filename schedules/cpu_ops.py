@@ -2,9 +2,11 @@
 
 - relu as `x < 0 ? 0 : x`: TVM's max(x, 0) turns NaN into 0, where ONNX Runtime (and the user
   chasing bad input) sees NaN.
-- softmax with a polynomial exp that LLVM vectorises: the default calls libm's scalar `expf` (with
-  softmax itself, 10% of MiniLM at 16x128). Same four stages as TVM's (max, exp, sum, divide), so
-  the fallback schedule treats it the same; NaN stays NaN (an all -inf row too, like ORT).
+- softmax over the last axis as `cpu_softmax`'s row kernel on a [rows, n] view (float32), with a
+  polynomial exp (`exp_f32`) that LLVM vectorises: the default calls libm's scalar `expf`. Other
+  axes keep the four TE stages (max, exp, sum, divide) with the same exp. NaN stays NaN (an all
+  -inf row too, like ORT).
+- layer norm over a static last axis as `cpu_layer_norm`'s row kernel on a [rows, n] view.
 - sigmoid as `1 / (1 + exp(-x))` with the same exp (SiLU's sigmoid with libm's `expf` was 4% of
   the SmolLM2 fp32 forward, more than its attention P @ V).
 - concat on any axis but the last (a KV cache's past + new keys) as row copies: one parallel loop
@@ -27,7 +29,7 @@ EXP_MAX = 88.3762626647949  # exp overflows float32 above this
 
 def overrides() -> dict:
     return {"relax.nn.relu": _relu, "relax.nn.softmax": _softmax, "relax.sigmoid": _sigmoid,
-            "relax.concat": _concat}
+            "relax.concat": _concat, "relax.nn.layer_norm": _layer_norm}
 
 
 def _relu(bb, call):
@@ -73,19 +75,45 @@ def _softmax(bb, call):
 
 
 def _softmax_rows(bb, x, shape: list):
-    from tvm import relax
+    from . import cpu_softmax
 
-    from . import cpu, cpu_softmax
+    return _on_rows(bb, x, shape, cpu_softmax.softmax(_lanes()), "softmax_rows")
+
+
+def _layer_norm(bb, call):
+    """float32 over a static last axis with gamma and beta: `cpu_layer_norm` on a [rows, n] view;
+    else TVM's lowering."""
+    from . import cpu_layer_norm
+
+    x, gamma, beta = call.args
+    shape = list(x.ty.shape) if hasattr(x.ty, "shape") and x.ty.shape is not None else []
+    ndim, attrs = len(shape), call.attrs
+    if (ndim >= 2 and x.ty.dtype == "float32" and [int(a) % ndim for a in attrs.axes] == [ndim - 1]
+            and isinstance(shape[-1], tirx.IntImm) and attrs.center and attrs.scale):
+        func = cpu_layer_norm.layer_norm(int(shape[-1]), float(attrs.epsilon), _lanes())
+        return _on_rows(bb, x, shape, func, "layer_norm_rows", gamma, beta)
+    return tvm.ir.Op.get("relax.nn.layer_norm").get_attr("FLegalize")(bb, call)
+
+
+def _lanes() -> int:
+    from . import cpu
+
+    target = tvm.target.Target.current(allow_none=True)
+    return cpu.vector_lanes(target) if target is not None else 4
+
+
+def _on_rows(bb, x, shape: list, func, name: str, *params):
+    """call_tir(func, [x viewed as [rows, n], *params]) viewed back as `shape` (the views become VM
+    reshapes: no copies)."""
+    from tvm import relax
 
     rows = shape[0]
     for extent in shape[1:-1]:
         rows = rows * extent
-    flat = bb.emit_te(topi.reshape, x, [rows, shape[-1]], primfunc_name_hint="reshape")
-    target = tvm.target.Target.current(allow_none=True)
-    lanes = cpu.vector_lanes(target) if target is not None else 4
-    gvar = bb.add_func(cpu_softmax.softmax(lanes), "softmax_rows")
-    out = bb.emit(relax.call_tir(gvar, [flat], relax.TensorType(flat.ty.shape, "float32")))
-    return bb.call_te(topi.reshape, out, shape, primfunc_name_hint="reshape")
+    flat = bb.emit(relax.op.reshape(x, [rows, shape[-1]]))
+    gvar = bb.add_func(func, name)
+    out = bb.emit(relax.call_tir(gvar, [flat, *params], relax.TensorType(flat.ty.shape, "float32")))
+    return relax.op.reshape(out, shape)
 
 
 def _concat(bb, call):

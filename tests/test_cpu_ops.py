@@ -157,3 +157,33 @@ def _relax_pipeline():
     from fq_tvm.schedules import relax_pipeline
 
     return relax_pipeline(HOST)
+
+
+def test_layer_norm_rows_match_numpy():
+    """cpu_layer_norm on a static last axis (a width with a vector tail too) and any row count; the
+    views around it are VM reshapes."""
+    import re
+
+    for n in (384, 37):
+        x = relax.Var("x", relax.TensorType([tvm.tirx.Var("b", "int64"), tvm.tirx.Var("s", "int64"), n], "float32"))
+        g, b = (relax.Var(name, relax.TensorType([n], "float32")) for name in "gb")
+        bb = relax.BlockBuilder()
+        with bb.function("main", [x, g, b]):
+            with bb.dataflow():
+                h = bb.emit(relax.op.nn.layer_norm(x, g, b, axes=[-1], epsilon=1e-5))
+                y = bb.emit_output(relax.op.multiply(h, relax.const(2.0, "float32")))
+            bb.emit_func_output(y)
+        Norm = bb.get()
+        lib = tvm.compile(Norm, HOST, relax_pipeline=_relax_pipeline())
+        calls = re.findall(r"call\s+(\S+)", lib.mod["as_text"]())
+        assert "layer_norm_rows" in calls and not [c for c in calls if c.startswith("reshape")], sorted(set(calls))
+        vm = relax.VirtualMachine(lib, tvm.cpu())
+        rng = np.random.default_rng(n)
+        g, b = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+        for rows in (1, 5, 64):
+            x = (rng.standard_normal((1, rows, n)) * 3 + 5).astype(np.float32)
+            ours = vm["main"](*[tvm.runtime.tensor(a) for a in (x, g, b)]).numpy()
+            x64 = x.astype(np.float64)
+            mean = x64.mean(-1, keepdims=True)
+            ref = 2 * ((x64 - mean) / np.sqrt(((x64 - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * g + b)
+            assert np.abs(ours - ref).max() < 1e-5 * np.abs(ref).max()
