@@ -40,7 +40,7 @@ def values(H: int, D: int, lanes: int, v_seq: bool = True, group: int = 1) -> tv
     HK = H // group
 
     @T.macro
-    def tile(R, i0, c0, b, h, p, v, o, acc, sk):  # R rows x NV vectors of columns from c0
+    def tile(R, i0, c0, b, h, p, vloc, o, acc, sk):  # R rows x NV vectors of columns from c0
         for r in T.unroll(R):
             for w in T.unroll(NV):
                 acc[T.ramp((r * NV + w) * L, 1, L)] = T.Broadcast(T.float32(0), L)
@@ -48,7 +48,7 @@ def values(H: int, D: int, lanes: int, v_seq: bool = True, group: int = 1) -> tv
             for r in T.unroll(R):
                 for w in T.unroll(NV):
                     acc[T.ramp((r * NV + w) * L, 1, L)] = acc[T.ramp((r * NV + w) * L, 1, L)] + T.Broadcast(
-                        p[b, h, i0 + r, j], L) * at(v, v_seq, b, j, h // group, T.ramp(c0 + w * L, 1, L))
+                        p[b, h, i0 + r, j], L) * vloc[T.ramp(j * D + c0 + w * L, 1, L)]
         for r in T.unroll(R):
             for w in T.unroll(NV):
                 o[b, i0 + r, h, T.ramp(c0 + w * L, 1, L)] = acc[T.ramp((r * NV + w) * L, 1, L)]
@@ -62,12 +62,16 @@ def values(H: int, D: int, lanes: int, v_seq: bool = True, group: int = 1) -> tv
         o = T.match_buffer(o_h, (batch, sq, H, D), "float32")
         for bh in T.parallel(batch * H):
             acc = T.alloc_buffer((MR * C,), "float32", annotations=STACK)
+            vloc = T.alloc_buffer((sk * D,), "float32")
+            for j in range(sk):  # the head's values, contiguous: in place, their rows HK * D apart
+                for c in T.vectorized(D):  # fall into few L1 sets and were re-read from L2 per tile
+                    vloc[j * D + c] = at(v, v_seq, bh // H, j, bh % H // group, c)
             for it in range(sq // MR):
                 for ct in range(D // C):
-                    tile(MR, it * MR, ct * C, bh // H, bh % H, p, v, o, acc, sk)
+                    tile(MR, it * MR, ct * C, bh // H, bh % H, p, vloc, o, acc, sk)
             for i in range(sq % MR):
                 for ct in range(D // C):
-                    tile(1, sq // MR * MR + i, ct * C, bh // H, bh % H, p, v, o, acc, sk)
+                    tile(1, sq // MR * MR + i, ct * C, bh // H, bh % H, p, vloc, o, acc, sk)
 
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE, "tirx.is_scheduled": True})
 
