@@ -100,17 +100,27 @@ def each_row(row):
 TASKS = 64  # parallel tasks of a row kernel: scratch buffers are allocated once per task
 
 
-def task_rows(t, m):
-    """(first row, row count) of parallel task t of T.min(m, TASKS)."""
-    tasks = T.min(m, TASKS)
-    return t * m // tasks, (t + 1) * m // tasks - t * m // tasks
+def in_tasks(rows):
+    """A macro run(m, a, b, c, d) running the macro rows(lo, n, a, b, c, d) over m rows: in up to
+    TASKS parallel tasks of consecutive rows, or, under SERIAL_ROWS rows (a decode step), without a
+    parallel launch, which costs more than the row at two threads."""
+
+    @T.macro
+    def run(m, a, b, c, d):
+        if m < SERIAL_ROWS:
+            rows(0, m, a, b, c, d)
+        else:
+            for t in T.parallel(T.min(m, TASKS)):
+                rows(t * m // T.min(m, TASKS), (t + 1) * m // T.min(m, TASKS) - t * m // T.min(m, TASKS), a, b, c, d)
+
+    return run
 
 
 def row_kernel(din, dout, param_shape: tuple, rows):
     """A PrimFunc (x [m, din], p [param_shape] -> y [m, dout], float32) that runs the macro
-    rows(lo, n, x, p, y) (`each_row`, or a macro that allocates its scratch once) over the rows in
-    up to TASKS parallel tasks; one row (a decode step) runs without a parallel launch, which costs
-    more than the row at two threads."""
+    rows(lo, n, x, p, y) (`each_row`, or a macro that allocates its scratch once) over the rows
+    (`in_tasks`)."""
+    run = in_tasks(_three(rows))
 
     @T.prim_func(private=True)
     def func(x_h: T.handle, p: T.Buffer(param_shape, "float32"), y_h: T.handle):
@@ -118,10 +128,14 @@ def row_kernel(din, dout, param_shape: tuple, rows):
         m = T.int64()
         x = T.match_buffer(x_h, (m, din), "float32")
         y = T.match_buffer(y_h, (m, dout), "float32")
-        if m < SERIAL_ROWS:
-            rows(0, m, x, p, y)
-        else:
-            for t in T.parallel(T.min(m, TASKS)):
-                rows(*task_rows(t, m), x, p, y)
+        run(m, x, p, y, None)
 
     return func
+
+
+def _three(rows):
+    @T.macro
+    def macro(lo, n, x, p, y, unused):
+        rows(lo, n, x, p, y)
+
+    return macro

@@ -12,7 +12,7 @@ from __future__ import annotations
 import tvm
 from tvm.script import tirx as T
 
-from .common import SERIAL_ROWS, STACK, TASKS, task_rows
+from .common import STACK, in_tasks
 from .kernels import OPAQUE
 
 KIND = "layer_norm_rows"
@@ -60,16 +60,14 @@ def layer_norm(n: int, epsilon: float, lanes: int) -> tvm.tirx.PrimFunc:
         for r in range(count):
             row(lo + r, x, gamma, beta, y, acc, s)
 
+    run = in_tasks(rows)
+
     @T.prim_func(private=True)
     def func(x_h: T.handle, gamma: T.Buffer((n,), "float32"), beta: T.Buffer((n,), "float32"), y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         m = T.int64()
         x = T.match_buffer(x_h, (m, n), "float32")
         y = T.match_buffer(y_h, (m, n), "float32")
-        if m < SERIAL_ROWS:
-            rows(0, m, x, gamma, beta, y)
-        else:
-            for t in T.parallel(T.min(m, TASKS)):
-                rows(*task_rows(t, m), x, gamma, beta, y)
+        run(m, x, gamma, beta, y)
 
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE, "tirx.is_scheduled": True})

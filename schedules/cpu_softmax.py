@@ -12,7 +12,7 @@ from __future__ import annotations
 import tvm
 from tvm.script import tirx as T
 
-from .common import SERIAL_ROWS, STACK, TASKS, task_rows
+from .common import STACK, in_tasks
 from .cpu_ops import exp_f32
 from .kernels import OPAQUE
 
@@ -50,11 +50,13 @@ def softmax(lanes: int) -> tvm.tirx.PrimFunc:
             y[i, j] = y[i, j] * scale
 
     @T.macro
-    def rows(lo, count, x, y, n):
+    def rows(lo, count, x, y, n, unused):
         acc = T.alloc_buffer((L,), "float32", annotations=STACK)
         top = T.alloc_buffer((2,), "float32", annotations=STACK)  # the row's max, then its sum
         for r in range(count):
             row(lo + r, x, y, n, acc, top)
+
+    run = in_tasks(rows)
 
     @T.prim_func(private=True, check_well_formed=False)  # the root block (below) with plain loops
     def func(x_h: T.handle, y_h: T.handle):
@@ -64,10 +66,6 @@ def softmax(lanes: int) -> tvm.tirx.PrimFunc:
         x = T.match_buffer(x_h, (m, n), "float32")
         y = T.match_buffer(y_h, (m, n), "float32")
         with T.sblock("root"):  # RewriteDataflowReshape asserts a root block in one-input kernels
-            if m < SERIAL_ROWS:
-                rows(0, m, x, y, n)
-            else:
-                for t in T.parallel(T.min(m, TASKS)):
-                    rows(*task_rows(t, m), x, y, n)
+            run(m, x, y, n, None)
 
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE, "tirx.is_scheduled": True})

@@ -10,7 +10,7 @@ import tvm
 from tvm.script import tirx as T
 
 from . import cpu_frame, cpu_hadamard
-from .common import SERIAL_ROWS, TASKS, row_kernel, task_rows
+from .common import in_tasks, row_kernel
 from .kernels import OPAQUE
 
 KIND = "transform_rows"
@@ -86,6 +86,7 @@ def _without_frame(rows):
 
 def _with_frame(din: int, dim: int, dout: int, f_shape: tuple, rows):
     """row_kernel with two parameters (signs [dim], F^T [2l, 2k])."""
+    run = in_tasks(rows)
 
     @T.prim_func(private=True)
     def func(x_h: T.handle, signs: T.Buffer((dim,), "float32"), F: T.Buffer(f_shape, "float32"), y_h: T.handle):
@@ -93,10 +94,6 @@ def _with_frame(din: int, dim: int, dout: int, f_shape: tuple, rows):
         m = T.int64()
         x = T.match_buffer(x_h, (m, din), "float32")
         y = T.match_buffer(y_h, (m, dout), "float32")
-        if m < SERIAL_ROWS:
-            rows(0, m, x, signs, F, y)
-        else:
-            for t in T.parallel(T.min(m, TASKS)):
-                rows(*task_rows(t, m), x, signs, F, y)
+        run(m, x, signs, F, y)
 
     return func
