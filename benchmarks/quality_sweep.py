@@ -14,8 +14,8 @@ Runtime:
 - smollm2: perplexity on Pride and Prejudice, 2 windows x 512 tokens (evaluate.austen_windows);
 - minilm: Lee Spearman, WordSim353, SimLex999, polarity accuracy and mean cosine of the Lee
   embeddings to fp32 (evaluate.evaluate_minilm).
-`--seq` adds a second calibration pass on the fully quantized (simulated) model and quantizes
-again from those Hessians (an approximation of sequential, quantized-input calibration).
+`--seq` calibrates sequentially (fq_tvm.quantize.quantize_sequential, what `fq-compile --calib-sequential`
+does): each layer's Hessian from the model with the layers before it already quantized.
 One JSON line per run, printed and appended to WORK/results.jsonl. Work files: --work
 (default /tmp/quality).
 
@@ -45,7 +45,8 @@ import numpy as np
 
 from fq_tvm import evaluate, realmodels
 from fq_tvm.numerics import HessianStat, model_bits_per_weight
-from fq_tvm.quantize import calibrate_layers, plan_layers, quantize_layers, scheme_config, simulated_model
+from fq_tvm.quantize import (calibrate_layers, plan_layers, quantize_layers, quantize_sequential, scheme_config,
+                             simulated_model)
 
 SKIP = {"smollm2": "lm_head", "minilm": None}
 
@@ -188,13 +189,17 @@ def synthetic_main(args, work: Path):
                 name, overrides = parse_config(spec)
                 cfg = get_scheme(name, **overrides)
                 t = time.time()
-                hess = calibrate_layers(proto, plan.all_uses(plan.chosen), calib, progress=False) \
-                    if cfg.method != "rtn" else None
-                records = quantize_layers(proto, plan, cfg, hess, progress=False)
+                if (args.seq or cfg.sequential) and cfg.method != "rtn":
+                    records = quantize_sequential(proto, plan, cfg, calib, progress=False)
+                else:
+                    hess = calibrate_layers(proto, plan.all_uses(plan.chosen), calib, progress=False) \
+                        if cfg.method != "rtn" else None
+                    records = quantize_layers(proto, plan, cfg, hess, progress=False)
                 quant_s = time.time() - t
                 y = session_runner(simulated_model(proto, records))({"x": x})[out_name]
                 err = float(np.linalg.norm(y - ref[out_name]) / np.linalg.norm(ref[out_name]))
-                row = {"model": model, "config": spec, "seed": seed, "tag": args.tag, "rel_err": round(err, 4),
+                row = {"model": model, "config": spec, "seed": seed, "seq": args.seq or cfg.sequential, "tag": args.tag,
+                       "rel_err": round(err, 4),
                        "quant_s": round(quant_s, 1)}
                 guards = [getattr(r, "guard", None) for r in records.values()]
                 if any(guards):
@@ -211,7 +216,7 @@ def main(argv=None):
     ap.add_argument("model", choices=("smollm2", "minilm", "synthetic"))
     ap.add_argument("configs", nargs="+")
     ap.add_argument("--calib", action="append", default=None, help="NxSEQ (repeatable)")
-    ap.add_argument("--seq", action="store_true", help="re-calibrate on the quantized model, quantize again")
+    ap.add_argument("--seq", action="store_true", help="sequential calibration (layers before quantized)")
     ap.add_argument("--work", default="/tmp/quality")
     ap.add_argument("--tag", default="", help="free text stored with each result")
     ap.add_argument("--seeds", type=int, default=1, help="synthetic: input seeds FIRST..FIRST+N-1")
@@ -233,19 +238,18 @@ def main(argv=None):
             name, overrides = parse_config(spec)
             cfg = scheme_config(name, **overrides)
             t = time.time()
-            row = {"model": args.model, "config": spec, "calib": cspec, "seq": args.seq, "tag": args.tag}
+            row = {"model": args.model, "config": spec, "calib": cspec, "seq": args.seq or cfg.sequential,
+                   "tag": args.tag}
             if cfg.method == "none":
                 sim, row["bits"] = proto, 32.0
             else:
-                if cfg.method != "rtn" and hess is None:
+                if cfg.method != "rtn" and hess is None and not (args.seq or cfg.sequential):
                     calib = calib_file(args.model, work, n, seq)
                     hess = hessians_cached(proto, plan.chosen, calib, work / f"{args.model}.hess-split.{n}x{seq}.npz")
-                records = quantize_layers(proto, plan, cfg, hess if cfg.method != "rtn" else None, progress=False)
-                if args.seq and cfg.method != "rtn":
-                    sim = simulated_model(proto, records)
-                    key = f"{args.model}.hess-split.{n}x{seq}.seq.{_slug(spec)}.npz"
-                    h2 = hessians_cached(sim, plan.chosen, calib_file(args.model, work, n, seq), work / key)
-                    records = quantize_layers(proto, plan, cfg, h2, progress=False)
+                if (args.seq or cfg.sequential) and cfg.method != "rtn":
+                    records = quantize_sequential(proto, plan, cfg, calib_file(args.model, work, n, seq), progress=False)
+                else:
+                    records = quantize_layers(proto, plan, cfg, hess if cfg.method != "rtn" else None, progress=False)
                 sim = simulated_model(proto, records)
                 row["bits"] = round(model_bits_per_weight(records.values()), 4)
             row["quant_s"] = round(time.time() - t, 1)
@@ -256,10 +260,6 @@ def main(argv=None):
             print(line, flush=True)
             with open(work / "results.jsonl", "a") as f:
                 f.write(line + "\n")
-
-
-def _slug(spec: str) -> str:
-    return "".join(c if c.isalnum() or c in "._=-" else "_" for c in spec)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
             l_den: int | None = None, calib=None, skip: str | None = None, cuda_arch: str | None = None,
             force: bool = False, quiet: bool = False, records: dict | None = None, act_bits: int = 8,
             input_shapes=None, calib_samples: int | None = None, pad_small: bool = False,
-            tuning_db=None, quantize_head: bool = False, head_scheme: str | None = None) -> Path:
+            tuning_db=None, quantize_head: bool = False, head_scheme: str | None = None,
+            calib_sequential: bool | None = None) -> Path:
     """Compile an ONNX model for `target` into an artifact directory; return its path.
 
     model: path to an .onnx file. target: a preset name (`fq-compile --list-targets`) or a TVM
@@ -59,7 +60,10 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     output rotation, the embedding gathering the same codes (passes/tied_head.py); a model without
     a tied head is an FqError, fp32 ignores it with an FqWarning. head_scheme: quantize the head
     with this scheme instead of `scheme` (`--head-scheme`, e.g. int8 under fq2: the head that
-    every decode step reads at 8 bits, the body at 2); implies quantize_head. records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
+    every decode step reads at 8 bits, the body at 2); implies quantize_head. calib_sequential: True
+    calibrates each layer on the model with the layers before it already quantized (GPTQ's order,
+    `--calib-sequential`), False on the fp32 model (`--no-calib-sequential`); None: the scheme's
+    default (numerics QuantConfig.sequential). records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
     layers the artifact runs quantized (to check it against a numpy evaluation). A failed compile
     leaves nothing at `out_dir`.
     """
@@ -74,12 +78,15 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     check_frame_options(scheme, redundancy, l_den)
     cfg = scheme_config(scheme, redundancy=redundancy, l_den=l_den)
     quantize_head = quantize_head or head_scheme is not None
-    given = {"calib=": calib, "calib_samples=": calib_samples, "pad_small=": pad_small, "quantize_head=": quantize_head}
+    given = {"calib=": calib, "calib_samples=": calib_samples, "calib_sequential=": calib_sequential or None,
+             "pad_small=": pad_small, "quantize_head=": quantize_head}
     for text in ignored_options(cfg, given):
         warn(text)
     head_cfg = _head_config(cfg, head_scheme) if quantize_head and cfg.method != "none" else None
     if not calibrates(cfg):
         calib = calib_samples = None
+    elif calib_sequential is not None:
+        cfg = scheme_config(scheme, redundancy=redundancy, l_den=l_den, sequential=bool(calib_sequential))
     if act_bits not in ACT_BITS:
         raise FqError(f"--act-bits must be one of {', '.join(map(str, ACT_BITS))}, not {act_bits}")
     if calibrates(cfg) and calib is None:
@@ -272,15 +279,18 @@ def _head_config(cfg, head_scheme: str | None):
 
 def _quantize(proto, cfg, calib, skip, quiet, calib_samples=None, pad_small=False, head_cfg=None):
     from .importer import param_name
-    from .quantize import calibrate_layers, plan_layers, quantize_layers, to_packed
+    from .quantize import calibrate_layers, plan_layers, quantize_layers, quantize_sequential, to_packed
 
     plan = plan_layers(proto, skip, cfg=cfg, pad_small=pad_small, quantize_head=head_cfg is not None)
     for _, text in plan.padded:
         warn(text)
     hessians = None
-    if calibrates(cfg) and plan.chosen:  # no layer to quantize (all kept fp32): no calibration run
-        hessians = calibrate_layers(proto, plan.all_uses(plan.chosen), calib, not quiet, calib_samples)
-    records = quantize_layers(proto, plan, cfg, hessians, not quiet, head_cfg)
+    if calibrates(cfg) and plan.chosen and cfg.sequential:  # each layer on the model quantized before it
+        records = quantize_sequential(proto, plan, cfg, calib, not quiet, calib_samples, head_cfg)
+    else:
+        if calibrates(cfg) and plan.chosen:  # no layer to quantize (all kept fp32): no calibration run
+            hessians = calibrate_layers(proto, plan.all_uses(plan.chosen), calib, not quiet, calib_samples)
+        records = quantize_layers(proto, plan, cfg, hessians, not quiet, head_cfg)
     layers = {param_name(w): to_packed(r) for w, r in records.items()}
     report = {"layers": [_layer_entry(plan.names[layer.node], layer, records[layer.weight], layer.weight in plan.tied)
                          for layer in plan.chosen],

@@ -290,20 +290,62 @@ def quantize_layers(proto, plan: Plan, cfg, hessians: dict | None, progress: boo
     """{weight initializer name: numerics.QuantizedLinear} for the chosen layers. Each layer gets
     the HessianStat of its activations, so the held-out guard (numerics.guard) can choose its option.
     A tied head (plan.tied) is quantized with head_cfg where given, else with cfg."""
-    from .numerics import quantize_layer, seed_for, weight_matrix
-
     records = {}
     for layer in _bar(plan.chosen, progress, f"quantizing ({cfg.name})"):
-        w = weight_matrix(proto, layer)
-        if layer.alpha != 1.0:  # Relax applies Gemm's alpha to the activation, keep W raw
-            w = w / np.float32(layer.alpha)
         h = _summed_hessian(hessians, plan.all_uses([layer])) if hessians else None
-        records[layer.weight] = quantize_layer(
-            plan.names[layer.node], w, h, head_cfg if head_cfg is not None and layer.weight in plan.tied else cfg,
-            input_seed=seed_for(layer.activation + ":in", cfg.seed),
-            output_seed=seed_for(layer.weight + ":out", cfg.seed),
-            output_rotation=layer.weight not in plan.tied)  # a tied table gathers its rows
+        records[layer.weight] = _quantize_one(proto, plan, layer, cfg, h, head_cfg)
     return records
+
+
+def _quantize_one(proto, plan: Plan, layer, cfg, h, head_cfg=None):
+    from .numerics import quantize_layer, seed_for, weight_matrix
+
+    w = weight_matrix(proto, layer)
+    if layer.alpha != 1.0:  # Relax applies Gemm's alpha to the activation, keep W raw
+        w = w / np.float32(layer.alpha)
+    return quantize_layer(
+        plan.names[layer.node], w, h, head_cfg if head_cfg is not None and layer.weight in plan.tied else cfg,
+        input_seed=seed_for(layer.activation + ":in", cfg.seed),
+        output_seed=seed_for(layer.weight + ":out", cfg.seed),
+        output_rotation=layer.weight not in plan.tied)  # a tied table gathers its rows
+
+
+def quantize_sequential(proto, plan: Plan, cfg, calib, progress: bool = True, samples: int | None = None,
+                        head_cfg=None) -> dict:
+    """Records as quantize_layers gives them, but calibrated sequentially
+    (numerics.sequential_calibrate): each layer's Hessian comes from the model whose layers before
+    it (in graph order) are already quantized, and a layer is quantized as soon as the Hessians of
+    all its activations are complete. Nothing is cached: the Hessians depend on the scheme."""
+    import sys
+
+    from . import calib_data
+    from .numerics import effective_weight
+    from .numerics.sequential import sequential_calibrate
+
+    data, batch, notes = calib_data.validate(proto, calib_data.read(calib), samples)
+    for note in notes if progress else []:
+        print(f"    note: {note}", file=sys.stderr)
+    mask = MASK_INPUT if any(i.name == MASK_INPUT for i in proto.graph.input) else None
+    acts = {layer.weight: set(use.activation for use in plan.all_uses([layer])) for layer in plan.chosen}
+    stats, records = {}, {}
+
+    def quantize(name, stat):
+        stats[name] = stat
+        new = {}
+        for layer in plan.chosen:
+            if layer.weight not in records and acts[layer.weight] <= set(stats):
+                rec = _quantize_one(proto, plan, layer, cfg, _summed_hessian(stats, plan.all_uses([layer])), head_cfg)
+                records[layer.weight] = rec
+                w = effective_weight(rec)  # [N, K]; the initializer is [N, K] when transposed
+                new[layer.weight] = w if layer.transposed else w.T
+        return new
+
+    tensors = list(dict.fromkeys(use.activation for use in plan.all_uses(plan.chosen)))
+    try:
+        sequential_calibrate(proto, data, tensors, quantize, batch_size=batch, mask_input=mask, progress=progress)
+    except ValueError as err:
+        raise FqError(f"calibration failed: {err}") from None
+    return {layer.weight: records[layer.weight] for layer in plan.chosen}
 
 
 def _summed_hessian(hessians, uses):

@@ -42,6 +42,7 @@ class QuantConfig:
     clip_search: bool = False  # sigma grid: per row/group, the c in CLIP_SEARCH minimising the MSE
     guard: bool = True  # gptq / framequant: choose per layer by held-out error (guard.py)
     guard_refit: bool = True  # guard: requantize the chosen option on all rows (else keep the fit-rows result)
+    sequential: bool = False  # gptq / framequant: calibrate each layer on the model with earlier layers quantized
 
     def __post_init__(self):
         if self.method not in METHODS:
