@@ -43,6 +43,7 @@ class QuantConfig:
     guard: bool = True  # gptq / framequant: choose per layer by held-out error (guard.py)
     guard_refit: bool = True  # guard: requantize the chosen option on all rows (else keep the fit-rows result)
     sequential: bool = False  # gptq / framequant: calibrate each layer on the model with earlier layers quantized
+    denoise: bool = False  # gptq / framequant: a least-squares gain per stored row (denoise.py), kept if it helps
 
     def __post_init__(self):
         if self.method not in METHODS:
