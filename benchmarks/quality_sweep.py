@@ -14,7 +14,8 @@ Runtime:
 - smollm2: perplexity on Pride and Prejudice, 2 windows x 512 tokens (evaluate.austen_windows);
 - minilm: Lee Spearman, WordSim353, SimLex999, polarity accuracy and mean cosine of the Lee
   embeddings to fp32 (evaluate.evaluate_minilm).
-`--seq` calibrates sequentially (fq_tvm.quantize.quantize_sequential, what `fq-compile --calib-sequential`
+`--bits B` chooses per group of layers among redundancies and 4-bit codes within B bits per weight
+(fq_tvm.quantize.quantize_allocated, what `fq-compile --bits` does). `--seq` calibrates sequentially (fq_tvm.quantize.quantize_sequential, what `fq-compile --calib-sequential`
 does): each layer's Hessian from the model with the layers before it already quantized.
 One JSON line per run, printed and appended to WORK/results.jsonl. Work files: --work
 (default /tmp/quality).
@@ -45,8 +46,8 @@ import numpy as np
 
 from fq_tvm import evaluate, realmodels
 from fq_tvm.numerics import HessianStat, model_bits_per_weight
-from fq_tvm.quantize import (calibrate_layers, plan_layers, quantize_layers, quantize_sequential, scheme_config,
-                             simulated_model)
+from fq_tvm.quantize import (calibrate_layers, plan_layers, quantize_allocated, quantize_layers, quantize_sequential,
+                             scheme_config, simulated_model)
 
 SKIP = {"smollm2": "lm_head", "minilm": None}
 
@@ -216,6 +217,7 @@ def main(argv=None):
     ap.add_argument("model", choices=("smollm2", "minilm", "synthetic"))
     ap.add_argument("configs", nargs="+")
     ap.add_argument("--calib", action="append", default=None, help="NxSEQ (repeatable)")
+    ap.add_argument("--bits", type=float, help="per-group option choice within B bits per weight (fq-compile --bits)")
     ap.add_argument("--seq", action="store_true", help="sequential calibration (layers before quantized)")
     ap.add_argument("--work", default="/tmp/quality")
     ap.add_argument("--tag", default="", help="free text stored with each result")
@@ -243,13 +245,19 @@ def main(argv=None):
             if cfg.method == "none":
                 sim, row["bits"] = proto, 32.0
             else:
-                if cfg.method != "rtn" and hess is None and not (args.seq or cfg.sequential):
+                sequential = (args.seq or cfg.sequential) and cfg.method != "rtn"
+                if cfg.method != "rtn" and hess is None and (args.bits or not sequential):
                     calib = calib_file(args.model, work, n, seq)
                     hess = hessians_cached(proto, plan.chosen, calib, work / f"{args.model}.hess-split.{n}x{seq}.npz")
-                if (args.seq or cfg.sequential) and cfg.method != "rtn":
-                    records = quantize_sequential(proto, plan, cfg, calib_file(args.model, work, n, seq), progress=False)
+                configs = None
+                if args.bits:
+                    configs, row["allocation"] = quantize_allocated(proto, plan, cfg, hess, args.bits, progress=False)
+                if sequential:
+                    records = quantize_sequential(proto, plan, cfg, calib_file(args.model, work, n, seq), progress=False,
+                                                  configs=configs)
                 else:
-                    records = quantize_layers(proto, plan, cfg, hess if cfg.method != "rtn" else None, progress=False)
+                    records = quantize_layers(proto, plan, cfg, hess if cfg.method != "rtn" else None, progress=False,
+                                              configs=configs)
                 sim = simulated_model(proto, records)
                 row["bits"] = round(model_bits_per_weight(records.values()), 4)
             row["quant_s"] = round(time.time() - t, 1)

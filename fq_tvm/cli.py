@@ -104,6 +104,10 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-samples", type=int, metavar="N", help="calibrate on the first N samples of --calib")
     p.add_argument("--calib-text", metavar="FILE", help="token-id models: calibrate on this plain text file (one "
                                                         "sample per paragraph) tokenized with --tokenizer")
+    p.add_argument("--bits", type=float, metavar="B",
+                   help="FrameQuant schemes: per group of layers reading one activation, choose the frame redundancy "
+                        "(1.0, the scheme's, 1.25, 1.5) or 4-bit codes with the least held-out error, within B "
+                        "stored bits per weight on average (e.g. 2.4); quantizes every layer once per option")
     p.add_argument("--calib-sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="calibrate each layer on the model with the layers before it already quantized (GPTQ's "
                         "order; one pass over the samples, but no calibration reuse across schemes), or on the "
@@ -197,7 +201,7 @@ def compile_main(argv=None):
                             pad_small=args.pad_small and cfg.method != "none",
                             tuning_db=args.tuning_db, quantize_head=args.quantize_head and cfg.method != "none",
                             head_scheme=args.head_scheme if cfg.method != "none" else None,
-                            calib_sequential=args.calib_sequential if calibrates(cfg) else None)
+                            calib_sequential=args.calib_sequential if calibrates(cfg) else None, bits=args.bits)
     info = summary(out, time.monotonic() - start)
     if args.json:
         print(json.dumps(info, indent=2))

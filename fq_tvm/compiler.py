@@ -40,7 +40,7 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
             force: bool = False, quiet: bool = False, records: dict | None = None, act_bits: int = 8,
             input_shapes=None, calib_samples: int | None = None, pad_small: bool = False,
             tuning_db=None, quantize_head: bool = False, head_scheme: str | None = None,
-            calib_sequential: bool | None = None) -> Path:
+            calib_sequential: bool | None = None, bits: float | None = None) -> Path:
     """Compile an ONNX model for `target` into an artifact directory; return its path.
 
     model: path to an .onnx file. target: a preset name (`fq-compile --list-targets`) or a TVM
@@ -63,7 +63,10 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     every decode step reads at 8 bits, the body at 2); implies quantize_head. calib_sequential: True
     calibrates each layer on the model with the layers before it already quantized (GPTQ's order,
     `--calib-sequential`), False on the fp32 model (`--no-calib-sequential`); None: the scheme's
-    default (numerics QuantConfig.sequential). records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
+    default (numerics QuantConfig.sequential). bits: FrameQuant schemes only (`--bits`): per group
+    of layers reading one activation, choose among numerics.allocation_options (redundancy 1.0, the
+    scheme's, 1.25, 1.5; 4-bit codes) the least summed held-out error within `bits` stored bits per
+    weight on average (quantize.quantize_allocated). records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
     layers the artifact runs quantized (to check it against a numpy evaluation). A failed compile
     leaves nothing at `out_dir`.
     """
@@ -87,6 +90,7 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
         calib = calib_samples = None
     elif calib_sequential is not None:
         cfg = scheme_config(scheme, redundancy=redundancy, l_den=l_den, sequential=bool(calib_sequential))
+    check_bits(cfg, bits)
     if act_bits not in ACT_BITS:
         raise FqError(f"--act-bits must be one of {', '.join(map(str, ACT_BITS))}, not {act_bits}")
     if calibrates(cfg) and calib is None:
@@ -108,7 +112,7 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     if cfg.method != "none":
         step(f"quantizing dense layers ({cfg.name})")
         layers, layer_report, quantized = _quantize(proto, cfg, calib, skip, quiet, calib_samples, pad_small,
-                                                    head_cfg)
+                                                    head_cfg, bits)
     step("importing into Relax" + (" and rewriting dense layers" if layers else ""))
     pre_bounds = fast_take_bounds(imported[0]["main"])[0]  # a quantized head's gather is no take
     mod = _import(proto, layers, layer_report, quiet, imported)
@@ -215,6 +219,17 @@ def ignored_options(cfg, given: dict) -> list[str]:
     return lines
 
 
+def check_bits(cfg, bits) -> None:
+    """--bits: a positive number, for a FrameQuant scheme."""
+    if bits is None:
+        return
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not 0 < bits < 32:
+        raise FqError(f"--bits must be a number of bits per weight between 0 and 32, not {bits!r}")
+    if cfg.method != "framequant":
+        raise FqError(f"--bits chooses among FrameQuant options (frame redundancy, 4-bit codes); scheme {cfg.name} "
+                      f"is not FrameQuant (use fq2, fq2r1, had2 or fq4)")
+
+
 REDUNDANCY_RANGE = (1.0, 2.0)  # r = 2 already stores 4 bits per 2-bit weight
 
 
@@ -277,26 +292,30 @@ def _head_config(cfg, head_scheme: str | None):
     return head
 
 
-def _quantize(proto, cfg, calib, skip, quiet, calib_samples=None, pad_small=False, head_cfg=None):
+def _quantize(proto, cfg, calib, skip, quiet, calib_samples=None, pad_small=False, head_cfg=None, bits=None):
     from .importer import param_name
-    from .quantize import calibrate_layers, plan_layers, quantize_layers, quantize_sequential, to_packed
+    from .quantize import calibrate_layers, plan_layers, quantize_allocated, quantize_layers, quantize_sequential, to_packed
 
     plan = plan_layers(proto, skip, cfg=cfg, pad_small=pad_small, quantize_head=head_cfg is not None)
     for _, text in plan.padded:
         warn(text)
-    hessians = None
+    hessians = configs = allocation = None
+    if calibrates(cfg) and plan.chosen and (bits is not None or not cfg.sequential):
+        hessians = calibrate_layers(proto, plan.all_uses(plan.chosen), calib, not quiet, calib_samples)
+    if bits is not None and plan.chosen:  # chosen on the plain Hessians, then quantized as configured
+        configs, allocation = quantize_allocated(proto, plan, cfg, hessians, bits, not quiet)
     if calibrates(cfg) and plan.chosen and cfg.sequential:  # each layer on the model quantized before it
-        records = quantize_sequential(proto, plan, cfg, calib, not quiet, calib_samples, head_cfg)
+        records = quantize_sequential(proto, plan, cfg, calib, not quiet, calib_samples, head_cfg, configs)
     else:
-        if calibrates(cfg) and plan.chosen:  # no layer to quantize (all kept fp32): no calibration run
-            hessians = calibrate_layers(proto, plan.all_uses(plan.chosen), calib, not quiet, calib_samples)
-        records = quantize_layers(proto, plan, cfg, hessians, not quiet, head_cfg)
+        records = quantize_layers(proto, plan, cfg, hessians, not quiet, head_cfg, configs)
     layers = {param_name(w): to_packed(r) for w, r in records.items()}
     report = {"layers": [_layer_entry(plan.names[layer.node], layer, records[layer.weight], layer.weight in plan.tied)
                          for layer in plan.chosen],
               "skipped": [{"name": plan.names[layer.node], "weight": layer.weight, "reason": reason,
                            "shape": [layer.out_features, layer.in_features]}
                           for layer, reason in plan.skipped]}
+    if allocation is not None:
+        report["allocation"] = allocation
     return layers, report, records
 
 

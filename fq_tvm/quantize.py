@@ -286,15 +286,55 @@ def _model_digest(proto) -> str:
     return digest.hexdigest()
 
 
-def quantize_layers(proto, plan: Plan, cfg, hessians: dict | None, progress: bool = True, head_cfg=None) -> dict:
+def quantize_layers(proto, plan: Plan, cfg, hessians: dict | None, progress: bool = True, head_cfg=None,
+                    configs: dict | None = None) -> dict:
     """{weight initializer name: numerics.QuantizedLinear} for the chosen layers. Each layer gets
     the HessianStat of its activations, so the held-out guard (numerics.guard) can choose its option.
-    A tied head (plan.tied) is quantized with head_cfg where given, else with cfg."""
+    A tied head (plan.tied) is quantized with head_cfg where given, else with cfg. configs:
+    {weight: QuantConfig} replacing cfg for those layers (quantize_allocated)."""
     records = {}
     for layer in _bar(plan.chosen, progress, f"quantizing ({cfg.name})"):
         h = _summed_hessian(hessians, plan.all_uses([layer])) if hessians else None
-        records[layer.weight] = _quantize_one(proto, plan, layer, cfg, h, head_cfg)
+        records[layer.weight] = _quantize_one(proto, plan, layer, (configs or {}).get(layer.weight, cfg), h, head_cfg)
     return records
+
+
+def quantize_allocated(proto, plan: Plan, cfg, hessians: dict, bits: float, progress: bool = True, head_cfg=None):
+    """(configs, report) for `--bits`: every layer quantized under each option of
+    numerics.allocation_options(cfg) on the plain Hessians, then numerics.allocate chooses one option
+    per group of layers reading one activation (they share an input transform), least summed
+    held-out error within bits x the layers' weights. configs: {weight: QuantConfig}. A tied head
+    keeps its own config and is not counted."""
+    from .numerics import layer_bits
+    from .numerics.allocate import allocate, allocation_options
+
+    try:
+        options = allocation_options(cfg)
+    except ValueError as err:
+        raise FqError(f"--bits: {err}") from None
+    body = [layer for layer in plan.chosen if layer.weight not in plan.tied]
+    sub = Plan(chosen=body, names=plan.names, uses=plan.uses)
+    records = {label: quantize_layers(proto, sub, ocfg, hessians, progress) for label, ocfg in options.items()}
+    groups: dict = {}
+    for layer in body:
+        for label in options:
+            rec = records[label][layer.weight]
+            if rec.guard is None:
+                raise FqError("--bits needs held-out calibration rows (at least 5 samples) to compare the options")
+            bits_, err = groups.setdefault(layer.activation, {}).get(label, (0, 0.0))
+            groups[layer.activation][label] = (bits_ + layer_bits(rec), err + rec.guard["held_out_err"][rec.guard["chosen"]])
+    weights = sum(layer.out_features * layer.in_features for layer in body)
+    least = sum(min(b for b, _ in opts.values()) for opts in groups.values())
+    if bits * weights < least:
+        raise FqError(f"--bits {bits:g} is below the fewest bits these layers can take: {least / weights:.3f} per "
+                      f"weight (every group at its cheapest option)")
+    choice = allocate(groups, bits * weights)
+    configs = {layer.weight: options[choice[layer.activation]] for layer in body}
+    used = sum(groups[act][label][0] for act, label in choice.items())
+    labels = list(choice.values())
+    report = {"budget_bits_per_weight": bits, "bits_per_weight": round(used / weights, 4),
+              "groups": {label: labels.count(label) for label in options}}
+    return configs, report
 
 
 def _quantize_one(proto, plan: Plan, layer, cfg, h, head_cfg=None):
@@ -311,11 +351,12 @@ def _quantize_one(proto, plan: Plan, layer, cfg, h, head_cfg=None):
 
 
 def quantize_sequential(proto, plan: Plan, cfg, calib, progress: bool = True, samples: int | None = None,
-                        head_cfg=None) -> dict:
+                        head_cfg=None, configs: dict | None = None) -> dict:
     """Records as quantize_layers gives them, but calibrated sequentially
     (numerics.sequential_calibrate): each layer's Hessian comes from the model whose layers before
     it (in graph order) are already quantized, and a layer is quantized as soon as the Hessians of
-    all its activations are complete. Nothing is cached: the Hessians depend on the scheme."""
+    all its activations are complete. Nothing is cached: the Hessians depend on the scheme.
+    configs: as in quantize_layers."""
     import sys
 
     from . import calib_data
@@ -334,7 +375,8 @@ def quantize_sequential(proto, plan: Plan, cfg, calib, progress: bool = True, sa
         new = {}
         for layer in plan.chosen:
             if layer.weight not in records and acts[layer.weight] <= set(stats):
-                rec = _quantize_one(proto, plan, layer, cfg, _summed_hessian(stats, plan.all_uses([layer])), head_cfg)
+                rec = _quantize_one(proto, plan, layer, (configs or {}).get(layer.weight, cfg),
+                                    _summed_hessian(stats, plan.all_uses([layer])), head_cfg)
                 records[layer.weight] = rec
                 w = effective_weight(rec)  # [N, K]; the initializer is [N, K] when transposed
                 new[layer.weight] = w if layer.transposed else w.T
