@@ -112,6 +112,9 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="calibrate each layer on the model with the layers before it already quantized (GPTQ's "
                         "order; one pass over the samples, but no calibration reuse across schemes), or on the "
                         "fp32 model (--no-calib-sequential); default: the scheme's choice (--list-schemes)")
+    p.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=None,
+                   help="fit one least-squares gain per stored row of each layer (folded into its scales), kept where "
+                        "it lowers the held-out error; default: the scheme's choice")
     p.add_argument("--tokenizer", metavar="DIR", help="directory with tokenizer.json (or the file) for --calib-text")
     p.add_argument("--input-shape", action="append", metavar="NAME=DIMS",
                    help="pin a dynamic input before import, by input name (pixel_values=1,3,224,224) or by "
@@ -157,6 +160,7 @@ def _list_schemes() -> None:
     for cfg in SCHEMES.values():
         extra = f" r={cfg.redundancy}" if cfg.method == "framequant" else ""
         extra += " sequential calibration" if cfg.sequential else ""
+        extra += " denoise" if cfg.denoise else ""
         print(f"{cfg.name:7} {cfg.method:10} {cfg.bits:2d}-bit{extra}")
 
 
@@ -186,7 +190,7 @@ def compile_main(argv=None):
         if args.calib_text or args.tokenizer:
             _check_text_calibration(args)
         given = {"--calib": args.calib, "--calib-text": args.calib_text, "--calib-samples": args.calib_samples,
-                 "--calib-sequential": args.calib_sequential or None, "--pad-small": args.pad_small, "--quantize-head": args.quantize_head,
+                 "--calib-sequential": args.calib_sequential or None, "--denoise": args.denoise or None, "--pad-small": args.pad_small, "--quantize-head": args.quantize_head,
                  "--head-scheme": args.head_scheme}
         for text in ignored_options(cfg, given):
             warn(text)
@@ -201,7 +205,8 @@ def compile_main(argv=None):
                             pad_small=args.pad_small and cfg.method != "none",
                             tuning_db=args.tuning_db, quantize_head=args.quantize_head and cfg.method != "none",
                             head_scheme=args.head_scheme if cfg.method != "none" else None,
-                            calib_sequential=args.calib_sequential if calibrates(cfg) else None, bits=args.bits)
+                            calib_sequential=args.calib_sequential if calibrates(cfg) else None,
+                            denoise=args.denoise if calibrates(cfg) else None, bits=args.bits)
     info = summary(out, time.monotonic() - start)
     if args.json:
         print(json.dumps(info, indent=2))

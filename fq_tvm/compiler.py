@@ -40,7 +40,7 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
             force: bool = False, quiet: bool = False, records: dict | None = None, act_bits: int = 8,
             input_shapes=None, calib_samples: int | None = None, pad_small: bool = False,
             tuning_db=None, quantize_head: bool = False, head_scheme: str | None = None,
-            calib_sequential: bool | None = None, bits: float | None = None) -> Path:
+            calib_sequential: bool | None = None, denoise: bool | None = None, bits: float | None = None) -> Path:
     """Compile an ONNX model for `target` into an artifact directory; return its path.
 
     model: path to an .onnx file. target: a preset name (`fq-compile --list-targets`) or a TVM
@@ -63,7 +63,9 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     every decode step reads at 8 bits, the body at 2); implies quantize_head. calib_sequential: True
     calibrates each layer on the model with the layers before it already quantized (GPTQ's order,
     `--calib-sequential`), False on the fp32 model (`--no-calib-sequential`); None: the scheme's
-    default (numerics QuantConfig.sequential). bits: FrameQuant schemes only (`--bits`): per group
+    default (numerics QuantConfig.sequential). denoise: True fits one least-squares gain per stored
+    row, kept where it lowers the held-out error (numerics/denoise.py, `--denoise`), False does not;
+    None: the scheme's default. bits: FrameQuant schemes only (`--bits`): per group
     of layers reading one activation, choose among numerics.allocation_options (redundancy 1.0, the
     scheme's, 1.25, 1.5; 4-bit codes) the least summed held-out error within `bits` stored bits per
     weight on average (quantize.quantize_allocated). records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
@@ -82,14 +84,16 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     cfg = scheme_config(scheme, redundancy=redundancy, l_den=l_den)
     quantize_head = quantize_head or head_scheme is not None
     given = {"calib=": calib, "calib_samples=": calib_samples, "calib_sequential=": calib_sequential or None,
-             "pad_small=": pad_small, "quantize_head=": quantize_head}
+             "denoise=": denoise or None, "pad_small=": pad_small, "quantize_head=": quantize_head}
     for text in ignored_options(cfg, given):
         warn(text)
     head_cfg = _head_config(cfg, head_scheme) if quantize_head and cfg.method != "none" else None
     if not calibrates(cfg):
         calib = calib_samples = None
-    elif calib_sequential is not None:
-        cfg = scheme_config(scheme, redundancy=redundancy, l_den=l_den, sequential=bool(calib_sequential))
+    elif calib_sequential is not None or denoise is not None:
+        cfg = scheme_config(scheme, redundancy=redundancy, l_den=l_den,
+                            sequential=None if calib_sequential is None else bool(calib_sequential),
+                            denoise=None if denoise is None else bool(denoise))
     check_bits(cfg, bits)
     if act_bits not in ACT_BITS:
         raise FqError(f"--act-bits must be one of {', '.join(map(str, ACT_BITS))}, not {act_bits}")
@@ -207,16 +211,21 @@ def ignored_options(cfg, given: dict) -> list[str]:
     quantize_head for fp32."""
     lines = []
     unused = [name for name, value in given.items() if value is not None and value is not False
-              and (not calibrates(cfg) if "calib" in name else cfg.method == "none")]
-    calib = [name for name in unused if "calib" in name]
+              and (not calibrates(cfg) if _calibration_option(name) else cfg.method == "none")]
+    calib = [name for name in unused if _calibration_option(name)]
     if calib:
         lines.append(f"{' and '.join(calib)} {'is' if len(calib) == 1 else 'are'} ignored: scheme {cfg.name} "
                      f"does not calibrate")
-    other = [name for name in unused if "calib" not in name]
+    other = [name for name in unused if not _calibration_option(name)]
     if other:
         lines.append(f"{' and '.join(other)} {'is' if len(other) == 1 else 'are'} ignored: scheme {cfg.name} "
                      f"does not quantize")
     return lines
+
+
+def _calibration_option(name: str) -> bool:
+    """Options that only calibrating schemes use (--calib*, --denoise)."""
+    return "calib" in name or "denoise" in name
 
 
 def check_bits(cfg, bits) -> None:

@@ -169,11 +169,15 @@ def test_cli_flag_mirrors_the_keyword():
     assert parser.parse_args(["m.onnx", "--calib-sequential"]).calib_sequential is True
     assert parser.parse_args(["m.onnx", "--no-calib-sequential"]).calib_sequential is False
     assert "--no-calib-sequential" in parser.format_help()
+    assert parser.parse_args(["m.onnx"]).denoise is None
+    assert parser.parse_args(["m.onnx", "--denoise"]).denoise is True
+    assert parser.parse_args(["m.onnx", "--no-denoise"]).denoise is False
 
 
 @pytest.mark.build
 def test_compile_calibrates_sequentially(tmp_path):
-    """compile(calib_sequential=True) stores what quantize_sequential gives; the manifest says so."""
+    """compile(calib_sequential=True, denoise=True) stores what quantize_sequential gives under that
+    config; the manifest says so."""
     import json
 
     import fq_tvm
@@ -185,10 +189,12 @@ def test_compile_calibrates_sequentially(tmp_path):
     np.savez(tmp_path / "calib.npz", x=x)
     records = {}
     out = fq_tvm.compile(path, "host", tmp_path / "seq", scheme="gptq2", calib=tmp_path / "calib.npz", quiet=True,
-                         records=records, calib_sequential=True)
-    assert json.loads((out / "manifest.json").read_text())["scheme"]["sequential"] is True
+                         records=records, calib_sequential=True, denoise=True)
+    scheme = json.loads((out / "manifest.json").read_text())["scheme"]
+    assert scheme["sequential"] is True and scheme["denoise"] is True
     proto = onnx.load(str(path))
-    ref = quantize_sequential(proto, plan_layers(proto), get_scheme("gptq2"), tmp_path / "calib.npz", progress=False)
+    ref = quantize_sequential(proto, plan_layers(proto), get_scheme("gptq2", denoise=True), tmp_path / "calib.npz",
+                              progress=False)
     assert list(records) == list(ref)
     for name in ref:
         np.testing.assert_array_equal(records[name].packed, ref[name].packed)
