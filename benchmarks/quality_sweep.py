@@ -16,7 +16,9 @@ Runtime:
   embeddings to fp32 (evaluate.evaluate_minilm).
 `--bits B` chooses per group of layers among redundancies and 4-bit codes within B bits per weight
 (fq_tvm.quantize.quantize_allocated, what `fq-compile --bits` does). `--seq` calibrates sequentially (fq_tvm.quantize.quantize_sequential, what `fq-compile --calib-sequential`
-does): each layer's Hessian from the model with the layers before it already quantized.
+does): each layer's Hessian from the model with the layers before it already quantized. Without it
+every configuration calibrates on the fp32 model unless it says `sequential=True` (whatever the
+scheme's default).
 One JSON line per run, printed and appended to WORK/results.jsonl. Work files: --work
 (default /tmp/quality).
 
@@ -50,6 +52,13 @@ from fq_tvm.quantize import (calibrate_layers, plan_layers, quantize_allocated, 
                              scheme_config, simulated_model)
 
 SKIP = {"smollm2": "lm_head", "minilm": None}
+
+
+def sweep_config(spec: str, seq: bool):
+    """The QuantConfig of `spec`; sequential only with --seq or an explicit `sequential=True`."""
+    name, overrides = parse_config(spec)
+    overrides.setdefault("sequential", bool(seq))
+    return scheme_config(name, **overrides)
 
 
 def parse_config(spec: str):
@@ -169,8 +178,6 @@ def synth_inputs(hidden: int, shape: tuple, seed: int) -> np.ndarray:
 def synthetic_main(args, work: Path):
     import onnx
 
-    from fq_tvm.numerics import get_scheme
-
     for model, build in SYNTH_MODELS.items():
         path = work / f"{model}.onnx"
         if not path.exists():
@@ -187,8 +194,7 @@ def synthetic_main(args, work: Path):
             (out_name,) = ref
             plan = plan_layers(proto, None)
             for spec in args.configs:
-                name, overrides = parse_config(spec)
-                cfg = get_scheme(name, **overrides)
+                cfg = sweep_config(spec, args.seq)
                 t = time.time()
                 if (args.seq or cfg.sequential) and cfg.method != "rtn":
                     records = quantize_sequential(proto, plan, cfg, calib, progress=False)
@@ -237,8 +243,7 @@ def main(argv=None):
         n, seq = (int(v) for v in cspec.lower().split("x"))
         hess = None
         for spec in args.configs:
-            name, overrides = parse_config(spec)
-            cfg = scheme_config(name, **overrides)
+            cfg = sweep_config(spec, args.seq)
             t = time.time()
             row = {"model": args.model, "config": spec, "calib": cspec, "seq": args.seq or cfg.sequential,
                    "tag": args.tag}
