@@ -378,13 +378,16 @@ def quantize_sequential(proto, plan: Plan, cfg, calib, progress: bool = True, sa
                 rec = _quantize_one(proto, plan, layer, (configs or {}).get(layer.weight, cfg),
                                     _summed_hessian(stats, plan.all_uses([layer])), head_cfg)
                 records[layer.weight] = rec
-                w = effective_weight(rec)  # [N, K]; the initializer is [N, K] when transposed
+                w = effective_weight(rec).astype(np.float32)  # [N, K]; the initializer is [N, K] when transposed
                 new[layer.weight] = w if layer.transposed else w.T
+        for act in [a for a in stats if all(w in records for w, used in acts.items() if a in used)]:
+            del stats[act]  # every layer reading it is quantized
         return new
 
     tensors = list(dict.fromkeys(use.activation for use in plan.all_uses(plan.chosen)))
     try:
-        sequential_calibrate(proto, data, tensors, quantize, batch_size=batch, mask_input=mask, progress=progress)
+        sequential_calibrate(proto, data, tensors, quantize, batch_size=batch, mask_input=mask, progress=progress,
+                             keep_stats=False)
     except ValueError as err:
         raise FqError(f"calibration failed: {err}") from None
     return {layer.weight: records[layer.weight] for layer in plan.chosen}

@@ -111,6 +111,12 @@ def test_hessians_of_the_quantized_prefix_match_numpy(memory_bytes):
     _check(stats, _numpy_stats(samples, quantized=True))
     unquantized = _numpy_stats(samples, quantized=False)
     assert not np.allclose(stats["h2"].xtx, unquantized["h2"][0], rtol=1e-3)  # the rounding mattered
+    seen = {}
+    dropped = sequential_calibrate(_graph_model(), samples, ["x", "h1", "h2", "m"],
+                                   lambda name, stat: seen.setdefault(name, stat) and quantize(name, stat),
+                                   batch_size=4, mask_input="mask", progress=False, keep_stats=False)
+    assert dropped == {}  # nothing kept: memory holds only the statistics still being summed
+    _check(seen, _numpy_stats(samples, quantized=True))
 
 
 def test_without_replacements_it_is_plain_calibration():

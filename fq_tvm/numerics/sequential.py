@@ -119,13 +119,15 @@ class _Store:
 
 
 def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8, mask_input: str | None = None,
-                         progress: bool = True, memory_bytes: int = MEMORY_BYTES) -> dict[str, HessianStat]:
+                         progress: bool = True, memory_bytes: int = MEMORY_BYTES,
+                         keep_stats: bool = True) -> dict[str, HessianStat]:
     """{tensor: HessianStat} like calibrate(), each tensor measured on the model as it stands
     after the earlier `quantize` calls.
 
     quantize(name, stat) is called once per tensor, in graph order, as soon as its statistics are
     complete; it returns {initializer name: array} (possibly empty) that replace those initializers
-    in every later segment (same layout as the model's)."""
+    in every later segment (same layout as the model's), kept until their last reader has run.
+    keep_stats False: each HessianStat is dropped once quantize has seen it (returns {})."""
     model = _load(model)
     data = _samples(samples)
     graph = model.graph
@@ -160,8 +162,11 @@ def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8,
                 for name in names:
                     _accumulate(stats, name, live[name], mask, held)
                 store.put(b, {n: a for n, a in live.items() if n in keep})
+            replaced = {n: a for n, a in replaced.items() if last_use.get(n, -1) >= stop}
             for name in names:
                 replaced.update(quantize(name, stats[name]) or {})
+                if not keep_stats:
+                    del stats[name]
                 if bar is not None:
                     bar.update(1)
     finally:
