@@ -14,8 +14,11 @@ Runtime:
 - smollm2: perplexity on Pride and Prejudice, 2 windows x 512 tokens (evaluate.austen_windows);
 - minilm: Lee Spearman, WordSim353, SimLex999, polarity accuracy and mean cosine of the Lee
   embeddings to fp32 (evaluate.evaluate_minilm).
-`--seq` adds a second calibration pass on the fully quantized (simulated) model and quantizes
-again from those Hessians (an approximation of sequential, quantized-input calibration).
+`--bits B` chooses per group of layers among redundancies and 4-bit codes within B bits per weight
+(fq_tvm.quantize.quantize_allocated, what `fq-compile --bits` does). `--seq` calibrates sequentially (fq_tvm.quantize.quantize_sequential, what `fq-compile --calib-sequential`
+does): each layer's Hessian from the model with the layers before it already quantized. Without it
+every configuration calibrates on the fp32 model unless it says `sequential=True` (whatever the
+scheme's default).
 One JSON line per run, printed and appended to WORK/results.jsonl. Work files: --work
 (default /tmp/quality).
 
@@ -45,9 +48,17 @@ import numpy as np
 
 from fq_tvm import evaluate, realmodels
 from fq_tvm.numerics import HessianStat, model_bits_per_weight
-from fq_tvm.quantize import calibrate_layers, plan_layers, quantize_layers, scheme_config, simulated_model
+from fq_tvm.quantize import (calibrate_layers, plan_layers, quantize_allocated, quantize_layers, quantize_sequential,
+                             scheme_config, simulated_model)
 
 SKIP = {"smollm2": "lm_head", "minilm": None}
+
+
+def sweep_config(spec: str, seq: bool):
+    """The QuantConfig of `spec`; sequential only with --seq or an explicit `sequential=True`."""
+    name, overrides = parse_config(spec)
+    overrides.setdefault("sequential", bool(seq))
+    return scheme_config(name, **overrides)
 
 
 def parse_config(spec: str):
@@ -167,8 +178,6 @@ def synth_inputs(hidden: int, shape: tuple, seed: int) -> np.ndarray:
 def synthetic_main(args, work: Path):
     import onnx
 
-    from fq_tvm.numerics import get_scheme
-
     for model, build in SYNTH_MODELS.items():
         path = work / f"{model}.onnx"
         if not path.exists():
@@ -185,16 +194,19 @@ def synthetic_main(args, work: Path):
             (out_name,) = ref
             plan = plan_layers(proto, None)
             for spec in args.configs:
-                name, overrides = parse_config(spec)
-                cfg = get_scheme(name, **overrides)
+                cfg = sweep_config(spec, args.seq)
                 t = time.time()
-                hess = calibrate_layers(proto, plan.all_uses(plan.chosen), calib, progress=False) \
-                    if cfg.method != "rtn" else None
-                records = quantize_layers(proto, plan, cfg, hess, progress=False)
+                if (args.seq or cfg.sequential) and cfg.method != "rtn":
+                    records = quantize_sequential(proto, plan, cfg, calib, progress=False)
+                else:
+                    hess = calibrate_layers(proto, plan.all_uses(plan.chosen), calib, progress=False) \
+                        if cfg.method != "rtn" else None
+                    records = quantize_layers(proto, plan, cfg, hess, progress=False)
                 quant_s = time.time() - t
                 y = session_runner(simulated_model(proto, records))({"x": x})[out_name]
                 err = float(np.linalg.norm(y - ref[out_name]) / np.linalg.norm(ref[out_name]))
-                row = {"model": model, "config": spec, "seed": seed, "tag": args.tag, "rel_err": round(err, 4),
+                row = {"model": model, "config": spec, "seed": seed, "seq": args.seq or cfg.sequential, "tag": args.tag,
+                       "rel_err": round(err, 4),
                        "quant_s": round(quant_s, 1)}
                 guards = [getattr(r, "guard", None) for r in records.values()]
                 if any(guards):
@@ -211,7 +223,8 @@ def main(argv=None):
     ap.add_argument("model", choices=("smollm2", "minilm", "synthetic"))
     ap.add_argument("configs", nargs="+")
     ap.add_argument("--calib", action="append", default=None, help="NxSEQ (repeatable)")
-    ap.add_argument("--seq", action="store_true", help="re-calibrate on the quantized model, quantize again")
+    ap.add_argument("--bits", type=float, help="per-group option choice within B bits per weight (fq-compile --bits)")
+    ap.add_argument("--seq", action="store_true", help="sequential calibration (layers before quantized)")
     ap.add_argument("--work", default="/tmp/quality")
     ap.add_argument("--tag", default="", help="free text stored with each result")
     ap.add_argument("--seeds", type=int, default=1, help="synthetic: input seeds FIRST..FIRST+N-1")
@@ -230,22 +243,26 @@ def main(argv=None):
         n, seq = (int(v) for v in cspec.lower().split("x"))
         hess = None
         for spec in args.configs:
-            name, overrides = parse_config(spec)
-            cfg = scheme_config(name, **overrides)
+            cfg = sweep_config(spec, args.seq)
             t = time.time()
-            row = {"model": args.model, "config": spec, "calib": cspec, "seq": args.seq, "tag": args.tag}
+            row = {"model": args.model, "config": spec, "calib": cspec, "seq": args.seq or cfg.sequential,
+                   "tag": args.tag}
             if cfg.method == "none":
                 sim, row["bits"] = proto, 32.0
             else:
-                if cfg.method != "rtn" and hess is None:
+                sequential = (args.seq or cfg.sequential) and cfg.method != "rtn"
+                if cfg.method != "rtn" and hess is None and (args.bits or not sequential):
                     calib = calib_file(args.model, work, n, seq)
                     hess = hessians_cached(proto, plan.chosen, calib, work / f"{args.model}.hess-split.{n}x{seq}.npz")
-                records = quantize_layers(proto, plan, cfg, hess if cfg.method != "rtn" else None, progress=False)
-                if args.seq and cfg.method != "rtn":
-                    sim = simulated_model(proto, records)
-                    key = f"{args.model}.hess-split.{n}x{seq}.seq.{_slug(spec)}.npz"
-                    h2 = hessians_cached(sim, plan.chosen, calib_file(args.model, work, n, seq), work / key)
-                    records = quantize_layers(proto, plan, cfg, h2, progress=False)
+                configs = None
+                if args.bits:
+                    configs, row["allocation"] = quantize_allocated(proto, plan, cfg, hess, args.bits, progress=False)
+                if sequential:
+                    records = quantize_sequential(proto, plan, cfg, calib_file(args.model, work, n, seq), progress=False,
+                                                  configs=configs)
+                else:
+                    records = quantize_layers(proto, plan, cfg, hess if cfg.method != "rtn" else None, progress=False,
+                                              configs=configs)
                 sim = simulated_model(proto, records)
                 row["bits"] = round(model_bits_per_weight(records.values()), 4)
             row["quant_s"] = round(time.time() - t, 1)
@@ -256,10 +273,6 @@ def main(argv=None):
             print(line, flush=True)
             with open(work / "results.jsonl", "a") as f:
                 f.write(line + "\n")
-
-
-def _slug(spec: str) -> str:
-    return "".join(c if c.isalnum() or c in "._=-" else "_" for c in spec)
 
 
 if __name__ == "__main__":

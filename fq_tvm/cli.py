@@ -104,6 +104,17 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-samples", type=int, metavar="N", help="calibrate on the first N samples of --calib")
     p.add_argument("--calib-text", metavar="FILE", help="token-id models: calibrate on this plain text file (one "
                                                         "sample per paragraph) tokenized with --tokenizer")
+    p.add_argument("--bits", type=float, metavar="B",
+                   help="FrameQuant schemes: per group of layers reading one activation, choose the frame redundancy "
+                        "(1.0, the scheme's, 1.25, 1.5) or 4-bit codes with the least held-out error, within B "
+                        "stored bits per weight on average (e.g. 2.4); quantizes every layer once per option")
+    p.add_argument("--calib-sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="calibrate each layer on the model with the layers before it already quantized (GPTQ's "
+                        "order; one pass over the samples, but no calibration reuse across schemes), or on the "
+                        "fp32 model (--no-calib-sequential); default: the scheme's choice (--list-schemes)")
+    p.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=None,
+                   help="fit one least-squares gain per stored row of each layer (folded into its scales), kept where "
+                        "it lowers the held-out error; default: the scheme's choice")
     p.add_argument("--tokenizer", metavar="DIR", help="directory with tokenizer.json (or the file) for --calib-text")
     p.add_argument("--input-shape", action="append", metavar="NAME=DIMS",
                    help="pin a dynamic input before import, by input name (pixel_values=1,3,224,224) or by "
@@ -148,6 +159,8 @@ def _list_schemes() -> None:
 
     for cfg in SCHEMES.values():
         extra = f" r={cfg.redundancy}" if cfg.method == "framequant" else ""
+        extra += " sequential calibration" if cfg.sequential else ""
+        extra += " denoise" if cfg.denoise else ""
         print(f"{cfg.name:7} {cfg.method:10} {cfg.bits:2d}-bit{extra}")
 
 
@@ -177,7 +190,7 @@ def compile_main(argv=None):
         if args.calib_text or args.tokenizer:
             _check_text_calibration(args)
         given = {"--calib": args.calib, "--calib-text": args.calib_text, "--calib-samples": args.calib_samples,
-                 "--pad-small": args.pad_small, "--quantize-head": args.quantize_head,
+                 "--calib-sequential": args.calib_sequential or None, "--denoise": args.denoise or None, "--pad-small": args.pad_small, "--quantize-head": args.quantize_head,
                  "--head-scheme": args.head_scheme}
         for text in ignored_options(cfg, given):
             warn(text)
@@ -191,7 +204,9 @@ def compile_main(argv=None):
                             input_shapes=args.input_shape, calib_samples=samples,
                             pad_small=args.pad_small and cfg.method != "none",
                             tuning_db=args.tuning_db, quantize_head=args.quantize_head and cfg.method != "none",
-                            head_scheme=args.head_scheme if cfg.method != "none" else None)
+                            head_scheme=args.head_scheme if cfg.method != "none" else None,
+                            calib_sequential=args.calib_sequential if calibrates(cfg) else None,
+                            denoise=args.denoise if calibrates(cfg) else None, bits=args.bits)
     info = summary(out, time.monotonic() - start)
     if args.json:
         print(json.dumps(info, indent=2))

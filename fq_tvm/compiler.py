@@ -39,7 +39,8 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
             l_den: int | None = None, calib=None, skip: str | None = None, cuda_arch: str | None = None,
             force: bool = False, quiet: bool = False, records: dict | None = None, act_bits: int = 8,
             input_shapes=None, calib_samples: int | None = None, pad_small: bool = False,
-            tuning_db=None, quantize_head: bool = False, head_scheme: str | None = None) -> Path:
+            tuning_db=None, quantize_head: bool = False, head_scheme: str | None = None,
+            calib_sequential: bool | None = None, denoise: bool | None = None, bits: float | None = None) -> Path:
     """Compile an ONNX model for `target` into an artifact directory; return its path.
 
     model: path to an .onnx file. target: a preset name (`fq-compile --list-targets`) or a TVM
@@ -59,7 +60,15 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     output rotation, the embedding gathering the same codes (passes/tied_head.py); a model without
     a tied head is an FqError, fp32 ignores it with an FqWarning. head_scheme: quantize the head
     with this scheme instead of `scheme` (`--head-scheme`, e.g. int8 under fq2: the head that
-    every decode step reads at 8 bits, the body at 2); implies quantize_head. records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
+    every decode step reads at 8 bits, the body at 2); implies quantize_head. calib_sequential: True
+    calibrates each layer on the model with the layers before it already quantized (GPTQ's order,
+    `--calib-sequential`), False on the fp32 model (`--no-calib-sequential`); None: the scheme's
+    default (numerics QuantConfig.sequential). denoise: True fits one least-squares gain per stored
+    row, kept where it lowers the held-out error (numerics/denoise.py, `--denoise`), False does not;
+    None: the scheme's default. bits: FrameQuant schemes only (`--bits`): per group
+    of layers reading one activation, choose among numerics.allocation_options (redundancy 1.0, the
+    scheme's, 1.25, 1.5; 4-bit codes) the least summed held-out error within `bits` stored bits per
+    weight on average (quantize.quantize_allocated). records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
     layers the artifact runs quantized (to check it against a numpy evaluation). A failed compile
     leaves nothing at `out_dir`.
     """
@@ -74,12 +83,18 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     check_frame_options(scheme, redundancy, l_den)
     cfg = scheme_config(scheme, redundancy=redundancy, l_den=l_den)
     quantize_head = quantize_head or head_scheme is not None
-    given = {"calib=": calib, "calib_samples=": calib_samples, "pad_small=": pad_small, "quantize_head=": quantize_head}
+    given = {"calib=": calib, "calib_samples=": calib_samples, "calib_sequential=": calib_sequential or None,
+             "denoise=": denoise or None, "pad_small=": pad_small, "quantize_head=": quantize_head}
     for text in ignored_options(cfg, given):
         warn(text)
     head_cfg = _head_config(cfg, head_scheme) if quantize_head and cfg.method != "none" else None
     if not calibrates(cfg):
         calib = calib_samples = None
+    elif calib_sequential is not None or denoise is not None:
+        cfg = scheme_config(scheme, redundancy=redundancy, l_den=l_den,
+                            sequential=None if calib_sequential is None else bool(calib_sequential),
+                            denoise=None if denoise is None else bool(denoise))
+    check_bits(cfg, bits)
     if act_bits not in ACT_BITS:
         raise FqError(f"--act-bits must be one of {', '.join(map(str, ACT_BITS))}, not {act_bits}")
     if calibrates(cfg) and calib is None:
@@ -101,7 +116,7 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     if cfg.method != "none":
         step(f"quantizing dense layers ({cfg.name})")
         layers, layer_report, quantized = _quantize(proto, cfg, calib, skip, quiet, calib_samples, pad_small,
-                                                    head_cfg)
+                                                    head_cfg, bits)
     step("importing into Relax" + (" and rewriting dense layers" if layers else ""))
     pre_bounds = fast_take_bounds(imported[0]["main"])[0]  # a quantized head's gather is no take
     mod = _import(proto, layers, layer_report, quiet, imported)
@@ -196,16 +211,32 @@ def ignored_options(cfg, given: dict) -> list[str]:
     quantize_head for fp32."""
     lines = []
     unused = [name for name, value in given.items() if value is not None and value is not False
-              and (not calibrates(cfg) if "calib" in name else cfg.method == "none")]
-    calib = [name for name in unused if "calib" in name]
+              and (not calibrates(cfg) if _calibration_option(name) else cfg.method == "none")]
+    calib = [name for name in unused if _calibration_option(name)]
     if calib:
         lines.append(f"{' and '.join(calib)} {'is' if len(calib) == 1 else 'are'} ignored: scheme {cfg.name} "
                      f"does not calibrate")
-    other = [name for name in unused if "calib" not in name]
+    other = [name for name in unused if not _calibration_option(name)]
     if other:
         lines.append(f"{' and '.join(other)} {'is' if len(other) == 1 else 'are'} ignored: scheme {cfg.name} "
                      f"does not quantize")
     return lines
+
+
+def _calibration_option(name: str) -> bool:
+    """Options that only calibrating schemes use (--calib*, --denoise)."""
+    return "calib" in name or "denoise" in name
+
+
+def check_bits(cfg, bits) -> None:
+    """--bits: a positive number, for a FrameQuant scheme."""
+    if bits is None:
+        return
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not 0 < bits < 32:
+        raise FqError(f"--bits must be a number of bits per weight between 0 and 32, not {bits!r}")
+    if cfg.method != "framequant":
+        raise FqError(f"--bits chooses among FrameQuant options (frame redundancy, 4-bit codes); scheme {cfg.name} "
+                      f"is not FrameQuant (use fq2, fq2r1, had2 or fq4)")
 
 
 REDUNDANCY_RANGE = (1.0, 2.0)  # r = 2 already stores 4 bits per 2-bit weight
@@ -270,23 +301,30 @@ def _head_config(cfg, head_scheme: str | None):
     return head
 
 
-def _quantize(proto, cfg, calib, skip, quiet, calib_samples=None, pad_small=False, head_cfg=None):
+def _quantize(proto, cfg, calib, skip, quiet, calib_samples=None, pad_small=False, head_cfg=None, bits=None):
     from .importer import param_name
-    from .quantize import calibrate_layers, plan_layers, quantize_layers, to_packed
+    from .quantize import calibrate_layers, plan_layers, quantize_allocated, quantize_layers, quantize_sequential, to_packed
 
     plan = plan_layers(proto, skip, cfg=cfg, pad_small=pad_small, quantize_head=head_cfg is not None)
     for _, text in plan.padded:
         warn(text)
-    hessians = None
-    if calibrates(cfg) and plan.chosen:  # no layer to quantize (all kept fp32): no calibration run
+    hessians = configs = allocation = None
+    if calibrates(cfg) and plan.chosen and (bits is not None or not cfg.sequential):
         hessians = calibrate_layers(proto, plan.all_uses(plan.chosen), calib, not quiet, calib_samples)
-    records = quantize_layers(proto, plan, cfg, hessians, not quiet, head_cfg)
+    if bits is not None and plan.chosen:  # chosen on the plain Hessians, then quantized as configured
+        configs, allocation = quantize_allocated(proto, plan, cfg, hessians, bits, not quiet)
+    if calibrates(cfg) and plan.chosen and cfg.sequential:  # each layer on the model quantized before it
+        records = quantize_sequential(proto, plan, cfg, calib, not quiet, calib_samples, head_cfg, configs)
+    else:
+        records = quantize_layers(proto, plan, cfg, hessians, not quiet, head_cfg, configs)
     layers = {param_name(w): to_packed(r) for w, r in records.items()}
     report = {"layers": [_layer_entry(plan.names[layer.node], layer, records[layer.weight], layer.weight in plan.tied)
                          for layer in plan.chosen],
               "skipped": [{"name": plan.names[layer.node], "weight": layer.weight, "reason": reason,
                            "shape": [layer.out_features, layer.in_features]}
                           for layer, reason in plan.skipped]}
+    if allocation is not None:
+        report["allocation"] = allocation
     return layers, report, records
 
 

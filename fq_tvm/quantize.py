@@ -286,24 +286,111 @@ def _model_digest(proto) -> str:
     return digest.hexdigest()
 
 
-def quantize_layers(proto, plan: Plan, cfg, hessians: dict | None, progress: bool = True, head_cfg=None) -> dict:
+def quantize_layers(proto, plan: Plan, cfg, hessians: dict | None, progress: bool = True, head_cfg=None,
+                    configs: dict | None = None) -> dict:
     """{weight initializer name: numerics.QuantizedLinear} for the chosen layers. Each layer gets
     the HessianStat of its activations, so the held-out guard (numerics.guard) can choose its option.
-    A tied head (plan.tied) is quantized with head_cfg where given, else with cfg."""
-    from .numerics import quantize_layer, seed_for, weight_matrix
-
+    A tied head (plan.tied) is quantized with head_cfg where given, else with cfg. configs:
+    {weight: QuantConfig} replacing cfg for those layers (quantize_allocated)."""
     records = {}
     for layer in _bar(plan.chosen, progress, f"quantizing ({cfg.name})"):
-        w = weight_matrix(proto, layer)
-        if layer.alpha != 1.0:  # Relax applies Gemm's alpha to the activation, keep W raw
-            w = w / np.float32(layer.alpha)
         h = _summed_hessian(hessians, plan.all_uses([layer])) if hessians else None
-        records[layer.weight] = quantize_layer(
-            plan.names[layer.node], w, h, head_cfg if head_cfg is not None and layer.weight in plan.tied else cfg,
-            input_seed=seed_for(layer.activation + ":in", cfg.seed),
-            output_seed=seed_for(layer.weight + ":out", cfg.seed),
-            output_rotation=layer.weight not in plan.tied)  # a tied table gathers its rows
+        records[layer.weight] = _quantize_one(proto, plan, layer, (configs or {}).get(layer.weight, cfg), h, head_cfg)
     return records
+
+
+def quantize_allocated(proto, plan: Plan, cfg, hessians: dict, bits: float, progress: bool = True, head_cfg=None):
+    """(configs, report) for `--bits`: every layer quantized under each option of
+    numerics.allocation_options(cfg) on the plain Hessians, then numerics.allocate chooses one option
+    per group of layers reading one activation (they share an input transform), least summed
+    held-out error within bits x the layers' weights. configs: {weight: QuantConfig}. A tied head
+    keeps its own config and is not counted."""
+    from .numerics import layer_bits
+    from .numerics.allocate import allocate, allocation_options
+
+    try:
+        options = allocation_options(cfg)
+    except ValueError as err:
+        raise FqError(f"--bits: {err}") from None
+    body = [layer for layer in plan.chosen if layer.weight not in plan.tied]
+    sub = Plan(chosen=body, names=plan.names, uses=plan.uses)
+    records = {label: quantize_layers(proto, sub, ocfg, hessians, progress) for label, ocfg in options.items()}
+    groups: dict = {}
+    for layer in body:
+        for label in options:
+            rec = records[label][layer.weight]
+            if rec.guard is None:
+                raise FqError("--bits needs held-out calibration rows (at least 5 samples) to compare the options")
+            bits_, err = groups.setdefault(layer.activation, {}).get(label, (0, 0.0))
+            groups[layer.activation][label] = (bits_ + layer_bits(rec), err + rec.guard["held_out_err"][rec.guard["chosen"]])
+    weights = sum(layer.out_features * layer.in_features for layer in body)
+    least = sum(min(b for b, _ in opts.values()) for opts in groups.values())
+    if bits * weights < least:
+        raise FqError(f"--bits {bits:g} is below the fewest bits these layers can take: {least / weights:.3f} per "
+                      f"weight (every group at its cheapest option)")
+    choice = allocate(groups, bits * weights)
+    configs = {layer.weight: options[choice[layer.activation]] for layer in body}
+    used = sum(groups[act][label][0] for act, label in choice.items())
+    labels = list(choice.values())
+    report = {"budget_bits_per_weight": bits, "bits_per_weight": round(used / weights, 4),
+              "groups": {label: labels.count(label) for label in options}}
+    return configs, report
+
+
+def _quantize_one(proto, plan: Plan, layer, cfg, h, head_cfg=None):
+    from .numerics import quantize_layer, seed_for, weight_matrix
+
+    w = weight_matrix(proto, layer)
+    if layer.alpha != 1.0:  # Relax applies Gemm's alpha to the activation, keep W raw
+        w = w / np.float32(layer.alpha)
+    return quantize_layer(
+        plan.names[layer.node], w, h, head_cfg if head_cfg is not None and layer.weight in plan.tied else cfg,
+        input_seed=seed_for(layer.activation + ":in", cfg.seed),
+        output_seed=seed_for(layer.weight + ":out", cfg.seed),
+        output_rotation=layer.weight not in plan.tied)  # a tied table gathers its rows
+
+
+def quantize_sequential(proto, plan: Plan, cfg, calib, progress: bool = True, samples: int | None = None,
+                        head_cfg=None, configs: dict | None = None) -> dict:
+    """Records as quantize_layers gives them, but calibrated sequentially
+    (numerics.sequential_calibrate): each layer's Hessian comes from the model whose layers before
+    it (in graph order) are already quantized, and a layer is quantized as soon as the Hessians of
+    all its activations are complete. Nothing is cached: the Hessians depend on the scheme.
+    configs: as in quantize_layers."""
+    import sys
+
+    from . import calib_data
+    from .numerics import effective_weight
+    from .numerics.sequential import sequential_calibrate
+
+    data, batch, notes = calib_data.validate(proto, calib_data.read(calib), samples)
+    for note in notes if progress else []:
+        print(f"    note: {note}", file=sys.stderr)
+    mask = MASK_INPUT if any(i.name == MASK_INPUT for i in proto.graph.input) else None
+    acts = {layer.weight: set(use.activation for use in plan.all_uses([layer])) for layer in plan.chosen}
+    stats, records = {}, {}
+
+    def quantize(name, stat):
+        stats[name] = stat
+        new = {}
+        for layer in plan.chosen:
+            if layer.weight not in records and acts[layer.weight] <= set(stats):
+                rec = _quantize_one(proto, plan, layer, (configs or {}).get(layer.weight, cfg),
+                                    _summed_hessian(stats, plan.all_uses([layer])), head_cfg)
+                records[layer.weight] = rec
+                w = effective_weight(rec).astype(np.float32)  # [N, K]; the initializer is [N, K] when transposed
+                new[layer.weight] = w if layer.transposed else w.T
+        for act in [a for a in stats if all(w in records for w, used in acts.items() if a in used)]:
+            del stats[act]  # every layer reading it is quantized
+        return new
+
+    tensors = list(dict.fromkeys(use.activation for use in plan.all_uses(plan.chosen)))
+    try:
+        sequential_calibrate(proto, data, tensors, quantize, batch_size=batch, mask_input=mask, progress=progress,
+                             keep_stats=False)
+    except ValueError as err:
+        raise FqError(f"calibration failed: {err}") from None
+    return {layer.weight: records[layer.weight] for layer in plan.chosen}
 
 
 def _summed_hessian(hessians, uses):

@@ -32,6 +32,10 @@ def test_which_schemes_calibrate():
     ("int8", {"--calib-samples": 0}, ["--calib-samples is ignored: scheme int8 does not calibrate"]),
     ("fq2", {"--calib": "c.npz", "--calib-samples": 8, "--pad-small": True}, []),
     ("gptq2", {"--calib": "c.npz", "--pad-small": False}, []),
+    ("rtn2", {"--calib-sequential": True}, ["--calib-sequential is ignored: scheme rtn2 does not calibrate"]),
+    ("fq2", {"--calib": "c.npz", "--calib-sequential": True}, []),
+    ("int8", {"--calib-sequential": True, "--denoise": True},
+     ["--calib-sequential and --denoise are ignored: scheme int8 does not calibrate"]),
 ])
 def test_ignored_options_lines(scheme, given, lines):
     assert ignored_options(scheme_config(scheme), given) == lines

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .calibrate import HessianStat
+from .denoise import denoised
 from .frames import FusionFrame, frame_k
 from .gptq import gptq
 from .guard import Candidate, auto_damp, choose, output_energy, output_error
@@ -127,7 +128,8 @@ def quantize_layer(
     if stat is not None and cfg.guard and stat.has_holdout:
         return _guarded(layer, stat)
     rows = None if stat is None else stat.count
-    return layer.record(*layer.solve(Candidate("gptq", auto_damp(cfg.percdamp, rows, K)), layer.hessian(H)))
+    record = layer.record(*layer.solve(Candidate("gptq", auto_damp(cfg.percdamp, rows, K)), layer.hessian(H)))
+    return denoised(record, W, H) if cfg.denoise else record
 
 
 def _guarded(layer: _Layer, stat: HessianStat) -> QuantizedLinear:
@@ -144,9 +146,18 @@ def _guarded(layer: _Layer, stat: HessianStat) -> QuantizedLinear:
         return output_error(W, effective_weight(layer.record(*fitted[cand])), H_held, energy)
 
     best, errors = choose(cfg, stat.fit_count, W.shape[1], score)
+    held_out = {c.label: round(e, 6) for c, e in errors.items()}
+    gain = False
+    if cfg.denoise:  # the row gains fitted on the fit rows, kept if they lower the held-out error
+        trial = denoised(layer.record(*fitted[best]), W, stat.fit_hessian())
+        held_out[best.label + " + denoise"] = round(output_error(W, effective_weight(trial), H_held, energy), 6)
+        gain = held_out[best.label + " + denoise"] < errors[best]
     refit = cfg.guard_refit and best.solver != "rtn"  # RTN does not read the Hessian
     codes = layer.solve(best, layer.hessian(stat.hessian())) if refit else fitted[best]
-    guard = {"chosen": best.label, "held_out_err": {c.label: round(e, 6) for c, e in errors.items()},
+    guard = {"chosen": best.label + (" + denoise" if gain else ""), "held_out_err": held_out,
              "fit_rows": round(stat.fit_count, 3), "held_rows": round(stat.held_count, 3),
              "refit": bool(cfg.guard_refit)}
-    return layer.record(*codes, guard=guard)
+    record = layer.record(*codes, guard=guard)
+    if gain:
+        record = denoised(record, W, stat.hessian() if cfg.guard_refit else stat.fit_hessian())
+    return record

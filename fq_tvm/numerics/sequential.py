@@ -1,0 +1,230 @@
+"""Sequential calibration: each activation's Hessian comes from the model with the dense layers
+before it already quantized, as in GPTQ's reference implementation.
+
+The ONNX graph's nodes (topologically sorted) are cut right after the producer of each
+calibrated activation. Segment i runs the nodes between cut i-1 and cut i in ONNX Runtime on the
+tensors live at cut i-1, batch by batch over all calibration samples, with the weights quantized
+so far substituted. Its outputs are the tensors live at cut i; the activation at cut i gets its
+Hessian, then `quantize` is called and may return new weights for later segments.
+
+Every node runs once per sample in all, as in one plain calibration pass. Between segments the
+live tensors of every batch (the residual stream, the attention mask, ...) are kept: in memory up
+to `memory_bytes`, the rest in a temporary directory, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .calibrate import HessianStat, _accumulate, _load, _progress, _samples, _session, held_out_samples
+
+MEMORY_BYTES = 1 << 30  # live activations kept in memory between segments; beyond it, on disk
+
+
+def node_inputs(node) -> list[str]:
+    """The tensors a node reads, including outer-scope names read inside its subgraphs (If, Loop)."""
+    names = [n for n in node.input if n]
+    for attr in node.attribute:
+        for graph in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            names += _outer_names(graph)
+    return names
+
+
+def _outer_names(graph) -> list[str]:
+    inner = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    inner |= {o for node in graph.node for o in node.output}
+    return [n for node in graph.node for n in node_inputs(node) if n not in inner]
+
+
+def producer_index(model, tensors) -> dict[str, int]:
+    """{tensor: index of the node that produces it}, -1 for graph inputs; ValueError for a name
+    that is neither."""
+    made = {out: i for i, node in enumerate(model.graph.node) for out in node.output}
+    inputs = {i.name for i in model.graph.input}
+    out = {}
+    for name in tensors:
+        if name in made:
+            out[name] = made[name]
+        elif name in inputs:
+            out[name] = -1
+        else:
+            raise ValueError(f"tensor '{name}' is produced by no node and is not a graph input")
+    return out
+
+
+def segments(model, tensors) -> list[tuple[int, int, list[str]]]:
+    """[(first node, last node + 1, tensors calibrated at the cut)] in graph order; a segment may
+    be empty (several tensors at one cut, or a graph input)."""
+    where = producer_index(model, tensors)
+    cuts = sorted(set(where.values()))
+    out, start = [], 0
+    for cut in cuts:
+        out.append((start, cut + 1, [t for t in tensors if where[t] == cut]))
+        start = cut + 1
+    return out
+
+
+def _elem_types(model) -> dict[str, int]:
+    import onnx
+
+    g = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
+    made = {o for node in g.node for o in node.output}
+    if not made <= set(types):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+            types.update({v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info})
+        except Exception:  # noqa: BLE001 - best effort; a missing type fails in _segment_model
+            pass
+    return types
+
+
+class _Store:
+    """Per-batch dicts of live arrays: in memory up to `limit` bytes, the rest as .npy files."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.mem, self.disk, self.dir = limit, 0, {}, {}, None
+
+    def put(self, i: int, live: dict) -> None:
+        self.drop(i)
+        size = sum(a.nbytes for a in live.values())
+        if self.used + size <= self.limit:
+            self.mem[i], self.used = live, self.used + size
+            return
+        if self.dir is None:
+            self.dir = Path(tempfile.mkdtemp(prefix="fq-seq-"))
+        names = list(live)
+        for j, name in enumerate(names):
+            np.save(self.dir / f"{i}_{j}.npy", live[name])
+        self.disk[i] = names
+
+    def get(self, i: int) -> dict:
+        if i in self.mem:
+            return self.mem[i]
+        return {name: np.load(self.dir / f"{i}_{j}.npy") for j, name in enumerate(self.disk[i])}
+
+    def drop(self, i: int) -> None:
+        if i in self.mem:
+            self.used -= sum(a.nbytes for a in self.mem.pop(i).values())
+        self.disk.pop(i, None)
+
+    def close(self) -> None:
+        self.mem.clear()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8, mask_input: str | None = None,
+                         progress: bool = True, memory_bytes: int = MEMORY_BYTES,
+                         keep_stats: bool = True) -> dict[str, HessianStat]:
+    """{tensor: HessianStat} like calibrate(), each tensor measured on the model as it stands
+    after the earlier `quantize` calls.
+
+    quantize(name, stat) is called once per tensor, in graph order, as soon as its statistics are
+    complete; it returns {initializer name: array} (possibly empty) that replace those initializers
+    in every later segment (same layout as the model's), kept until their last reader has run.
+    keep_stats False: each HessianStat is dropped once quantize has seen it (returns {})."""
+    model = _load(model)
+    data = _samples(samples)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    graph_inputs = [i.name for i in graph.input if i.name not in inits]
+    missing = sorted(set(graph_inputs) - set(data))
+    if missing:
+        raise ValueError(f"samples lack model inputs: {', '.join(missing)}")
+    if mask_input is not None and mask_input not in data:
+        raise ValueError(f"mask input '{mask_input}' is not among the samples")
+    total = len(data[graph_inputs[0]]) if graph_inputs else 0
+    if any(len(data[name]) != total for name in graph_inputs):
+        raise ValueError("all sample arrays must have the same length along axis 0")
+    last_use = _last_use(graph)
+    types = _elem_types(model)
+    replaced: dict[str, np.ndarray] = {}
+    store = _Store(memory_bytes)
+    starts = list(range(0, total, batch_size))
+    for b, start in enumerate(starts):
+        store.put(b, {name: data[name][start : start + batch_size] for name in graph_inputs})
+    stats: dict[str, HessianStat] = {}
+    bar = _progress(len(tensors), progress)
+    try:
+        for first, stop, names in segments(model, tensors):
+            keep = {n for n, last in last_use.items() if last >= stop} | set(names)
+            run = _segment_runner(model, first, stop, keep, inits, replaced, types)
+            for b, start in enumerate(starts):
+                live = store.get(b)
+                live = {**live, **run(live)}
+                mask = None if mask_input is None else np.asarray(data[mask_input][start : start + batch_size])
+                held = held_out_samples(start, min(start + batch_size, total), total)
+                for name in names:
+                    _accumulate(stats, name, live[name], mask, held)
+                store.put(b, {n: a for n, a in live.items() if n in keep})
+            replaced = {n: a for n, a in replaced.items() if last_use.get(n, -1) >= stop}
+            for name in names:
+                replaced.update(quantize(name, stats[name]) or {})
+                if not keep_stats:
+                    del stats[name]
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        store.close()
+        if bar is not None:
+            bar.close()
+    return stats
+
+
+def _last_use(graph) -> dict[str, int]:
+    """{tensor: index of the last node reading it}."""
+    last = {}
+    for i, node in enumerate(graph.node):
+        for name in node_inputs(node):
+            last[name] = i
+    return last
+
+
+def _segment_runner(model, first, stop, keep, inits, replaced, types):
+    """A function {live tensor: array} -> {tensor made in nodes first..stop-1 and in keep: array}."""
+    nodes = model.graph.node[first:stop]
+    if not nodes:
+        return lambda live: {}
+    made = {o for node in nodes for o in node.output}
+    reads = list(dict.fromkeys(n for node in nodes for n in node_inputs(node)))
+    outputs = [n for n in dict.fromkeys(o for node in nodes for o in node.output) if n in keep]
+    feeds = [n for n in reads if n not in made and n not in inits]
+    state = {}
+
+    def run(live):
+        if "session" not in state:  # input types come from the first batch's arrays
+            seg = _segment_model(model, nodes, feeds, outputs, [n for n in reads if n in inits and n not in made],
+                                 inits, replaced, types, live)
+            state["session"] = _session(seg)
+        values = state["session"].run(outputs, {n: live[n] for n in feeds}) if outputs else []
+        return dict(zip(outputs, values))
+
+    return run
+
+
+def _segment_model(model, nodes, feeds, outputs, weights, inits, replaced, types, live):
+    from onnx import helper, numpy_helper
+
+    def tensor(name):
+        if name not in replaced:
+            return inits[name]
+        dtype = helper.tensor_dtype_to_np_dtype(inits[name].data_type)
+        return numpy_helper.from_array(np.ascontiguousarray(replaced[name], dtype=dtype), name)
+
+    unknown = [n for n in outputs if not types.get(n)]
+    if unknown:
+        raise ValueError(f"sequential calibration: no element type known for tensor '{unknown[0]}'")
+    graph = helper.make_graph(
+        list(nodes), "segment",
+        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(np.asarray(live[n]).dtype), None)
+         for n in feeds],
+        [helper.make_tensor_value_info(n, types[n], None) for n in outputs],
+        [tensor(n) for n in weights])
+    seg = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    seg.functions.extend(model.functions)
+    return seg

@@ -1,0 +1,206 @@
+"""Sequential calibration (numerics/sequential.py, quantize.quantize_sequential): each activation's
+Hessian from the model with the layers before it already quantized. Checked against a numpy
+forward pass of the same small graph, and against the plain calibration of the partly quantized
+model built layer by layer."""
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper, numpy_helper
+
+from fq_tvm.numerics import calibrate, get_scheme, quantize_layer, seed_for, weight_matrix
+from fq_tvm.numerics.calibrate import HOLDOUT_EVERY
+from fq_tvm.numerics.sequential import segments, sequential_calibrate
+
+RNG = np.random.default_rng(0)
+W = {"w1": RNG.standard_normal((24, 32)), "w2": RNG.standard_normal((32, 32)) / 6,
+     "w3": RNG.standard_normal((32, 16)) / 6, "w4": RNG.standard_normal((32, 16)) / 6,
+     "w5": RNG.standard_normal((16, 8))}
+B1 = RNG.standard_normal(32)
+
+
+def _graph_model():
+    """x [B, T, 24], mask [B, T] -> h1 = relu(x W1 + b1); h2 = tanh(h1 W2 + h1); m = (h2 W3) * (h2 W4)
+    * mask; y = m W5. Four calibrated activations (x, h1, h2, m); W3 and W4 share h2; mask is live
+    across every cut."""
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in W.items()]
+    inits += [numpy_helper.from_array(B1.astype(np.float32), "b1"),
+              numpy_helper.from_array(np.array([-1], np.int64), "axis")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["a1"], name="l1"),
+        helper.make_node("Add", ["a1", "b1"], ["a2"]),
+        helper.make_node("Relu", ["a2"], ["h1"]),
+        helper.make_node("MatMul", ["h1", "w2"], ["c"], name="l2"),
+        helper.make_node("Add", ["c", "h1"], ["c2"]),
+        helper.make_node("Tanh", ["c2"], ["h2"]),
+        helper.make_node("MatMul", ["h2", "w3"], ["q"], name="l3"),
+        helper.make_node("MatMul", ["h2", "w4"], ["k"], name="l4"),
+        helper.make_node("Mul", ["q", "k"], ["qk"]),
+        helper.make_node("Unsqueeze", ["mask", "axis"], ["mask3"]),
+        helper.make_node("Mul", ["qk", "mask3"], ["m"]),
+        helper.make_node("MatMul", ["m", "w5"], ["y"], name="l5"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 5, 24]),
+         helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["B", 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 5, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+
+def _samples(n=12):
+    rng = np.random.default_rng(1)
+    return {"x": rng.standard_t(4, (n, 5, 24)).astype(np.float32),
+            "mask": (rng.random((n, 5)) > 0.3).astype(np.float32)}
+
+
+def _rounded(w):
+    """The stand-in quantizer: W rounded to quarters (float32, like an initializer)."""
+    return (np.round(np.asarray(w, np.float64) * 4) / 4).astype(np.float32)
+
+
+def _numpy_stats(samples, quantized: bool):
+    """{activation: (xtx, count, held_xtx, held_count)} from a float64 numpy forward pass, every
+    weight rounded when quantized (each layer's input then comes from rounded weights before it)."""
+    q = {k: (_rounded(v) if quantized else np.float32(v)).astype(np.float64) for k, v in W.items()}
+    x, mask = samples["x"].astype(np.float64), samples["mask"].astype(np.float64)
+    h1 = np.maximum(x @ q["w1"] + np.float32(B1), 0)
+    h2 = np.tanh(h1 @ q["w2"] + h1)
+    m = (h2 @ q["w3"]) * (h2 @ q["w4"]) * mask[..., None]
+    held = (np.arange(len(x)) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1)[:, None] * np.ones_like(mask)
+    out = {}
+    for name, act in {"x": x, "h1": h1, "h2": h2, "m": m}.items():
+        rows, wts, hrow = act.reshape(-1, act.shape[-1]), mask.reshape(-1), held.reshape(-1).astype(bool)
+        out[name] = ((rows * wts[:, None]).T @ rows, wts.sum(), (rows[hrow] * wts[hrow, None]).T @ rows[hrow],
+                     wts[hrow].sum())
+    return out
+
+
+def _check(stats, ref):
+    assert set(stats) == set(ref)
+    for name, (xtx, count, held_xtx, held_count) in ref.items():
+        s = stats[name]
+        assert s.count == pytest.approx(count) and s.held_count == pytest.approx(held_count)
+        scale = np.abs(xtx).max()
+        np.testing.assert_allclose(s.xtx, xtx, atol=1e-5 * scale, err_msg=name)
+        np.testing.assert_allclose(s.held_xtx, held_xtx, atol=1e-5 * scale, err_msg=name)
+
+
+def test_segments_cut_after_each_producer():
+    model = _graph_model()
+    assert segments(model, ["h2", "x", "m", "h1"]) == [(0, 0, ["x"]), (0, 3, ["h1"]), (3, 6, ["h2"]),
+                                                       (6, 11, ["m"])]
+
+
+@pytest.mark.parametrize("memory_bytes", [1 << 30, 0])  # 0: every batch's live tensors on disk
+def test_hessians_of_the_quantized_prefix_match_numpy(memory_bytes):
+    calls = []
+
+    def quantize(name, stat):
+        calls.append(name)
+        weights = {"x": ["w1"], "h1": ["w2"], "h2": ["w3", "w4"], "m": ["w5"]}[name]
+        return {w: _rounded(W[w]) for w in weights}
+
+    samples = _samples()
+    stats = sequential_calibrate(_graph_model(), samples, ["x", "h1", "h2", "m"], quantize, batch_size=4,
+                                 mask_input="mask", progress=False, memory_bytes=memory_bytes)
+    assert calls == ["x", "h1", "h2", "m"]  # graph order
+    _check(stats, _numpy_stats(samples, quantized=True))
+    unquantized = _numpy_stats(samples, quantized=False)
+    assert not np.allclose(stats["h2"].xtx, unquantized["h2"][0], rtol=1e-3)  # the rounding mattered
+    seen = {}
+    dropped = sequential_calibrate(_graph_model(), samples, ["x", "h1", "h2", "m"],
+                                   lambda name, stat: seen.setdefault(name, stat) and quantize(name, stat),
+                                   batch_size=4, mask_input="mask", progress=False, keep_stats=False)
+    assert dropped == {}  # nothing kept: memory holds only the statistics still being summed
+    _check(seen, _numpy_stats(samples, quantized=True))
+
+
+def test_without_replacements_it_is_plain_calibration():
+    samples = _samples(7)
+    model = _graph_model()
+    seq = sequential_calibrate(model, samples, ["x", "h1", "h2", "m"], lambda name, stat: {}, batch_size=3,
+                               mask_input="mask", progress=False)
+    plain = calibrate(model, samples, ["x", "h1", "h2", "m"], batch_size=3, mask_input="mask", progress=False)
+    _check(seq, {k: (s.xtx, s.count, s.held_xtx, s.held_count) for k, s in plain.items()})
+    _check(seq, _numpy_stats(samples, quantized=False))
+
+
+def test_errors_are_value_errors():
+    model = _graph_model()
+    with pytest.raises(ValueError, match="samples lack model inputs: mask"):
+        sequential_calibrate(model, {"x": _samples()["x"]}, ["x"], lambda n, s: {}, progress=False)
+    with pytest.raises(ValueError, match="tensor 'nope' is produced by no node"):
+        sequential_calibrate(model, _samples(), ["nope"], lambda n, s: {}, progress=False)
+
+
+def test_quantize_sequential_equals_layer_by_layer_reference(tmp_path):
+    """quantize_sequential vs the slow definition: for each layer in graph order, calibrate the
+    simulated model whose earlier layers are quantized, then quantize the layer."""
+    from fq_tvm import models
+    from fq_tvm.quantize import plan_layers, quantize_sequential, simulated_model
+
+    path = models.mlp_gemm(tmp_path / "mlp.onnx", sizes=(64, 48, 64, 40))
+    proto = onnx.load(str(path))
+    rng = np.random.default_rng(2)
+    x = rng.standard_t(3, (40, 64)).astype(np.float32)
+    x[:, ::9] *= 5
+    np.savez(tmp_path / "calib.npz", x=x)
+    plan = plan_layers(proto)
+    assert len(plan.chosen) == 3
+    cfg = get_scheme("fq2", sequential=True)
+    records = quantize_sequential(proto, plan, cfg, tmp_path / "calib.npz", progress=False)
+    ref = {}
+    for layer in plan.chosen:
+        stat = calibrate(simulated_model(proto, ref), {"x": x}, [layer.activation], progress=False)[layer.activation]
+        ref[layer.weight] = quantize_layer(plan.names[layer.node], weight_matrix(proto, layer), stat, cfg,
+                                           input_seed=seed_for(layer.activation + ":in", cfg.seed),
+                                           output_seed=seed_for(layer.weight + ":out", cfg.seed))
+    assert list(records) == list(ref)
+    for name in ref:
+        mismatch = np.mean(records[name].packed != ref[name].packed)
+        assert mismatch == 0, (name, mismatch)
+        np.testing.assert_allclose(records[name].scale, ref[name].scale, rtol=1e-6)
+        assert records[name].guard["chosen"] == ref[name].guard["chosen"]
+
+
+def test_cli_flag_mirrors_the_keyword():
+    from fq_tvm.cli import _compile_parser
+
+    parser = _compile_parser()
+    assert parser.parse_args(["m.onnx"]).calib_sequential is None  # the scheme's default
+    assert parser.parse_args(["m.onnx", "--calib-sequential"]).calib_sequential is True
+    assert parser.parse_args(["m.onnx", "--no-calib-sequential"]).calib_sequential is False
+    assert "--no-calib-sequential" in parser.format_help()
+    assert parser.parse_args(["m.onnx"]).denoise is None
+    assert parser.parse_args(["m.onnx", "--denoise"]).denoise is True
+    assert parser.parse_args(["m.onnx", "--no-denoise"]).denoise is False
+
+
+@pytest.mark.build
+def test_compile_calibrates_sequentially(tmp_path):
+    """compile(calib_sequential=True, denoise=True) stores what quantize_sequential gives under that
+    config; the manifest says so."""
+    import json
+
+    import fq_tvm
+    from fq_tvm import models
+    from fq_tvm.quantize import plan_layers, quantize_sequential
+
+    path = models.mlp_gemm(tmp_path / "mlp.onnx", sizes=(64, 48, 64, 40))
+    x = np.random.default_rng(3).standard_t(3, (40, 64)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    records = {}
+    out = fq_tvm.compile(path, "host", tmp_path / "seq", scheme="gptq2", calib=tmp_path / "calib.npz", quiet=True,
+                         records=records, calib_sequential=True, denoise=True)
+    scheme = json.loads((out / "manifest.json").read_text())["scheme"]
+    assert scheme["sequential"] is True and scheme["denoise"] is True
+    proto = onnx.load(str(path))
+    ref = quantize_sequential(proto, plan_layers(proto), get_scheme("gptq2", denoise=True), tmp_path / "calib.npz",
+                              progress=False)
+    assert list(records) == list(ref)
+    for name in ref:
+        np.testing.assert_array_equal(records[name].packed, ref[name].packed)
