@@ -371,15 +371,22 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
                                 lanes(iacc, mi * NT + r), packed, n0 + r, xq, i0 + mi, a * KPA + gb)
             for mi in T.unroll(R):
                 for r in T.unroll(NT):
-                    facc[T.ramp((mi * NT + r) * L, 1, L)] = lanes(facc, mi * NT + r) + T.Cast(
-                        f"float32x{L}", lanes(iacc, mi * NT + r)) * T.Broadcast(
-                        ax[(i0 + mi) * NA + a] * scale[n0 + r, wgroup(a)], L)
-                    zacc[mi * NT + r] = zacc[mi * NT + r] + axs[(i0 + mi) * NA + a] * scale[n0 + r, wgroup(a)] * (
-                        zero[n0 + r, wgroup(a)] - T.float32(offset))
+                    if G > 1:
+                        facc[T.ramp((mi * NT + r) * L, 1, L)] = lanes(facc, mi * NT + r) + T.Cast(
+                            f"float32x{L}", lanes(iacc, mi * NT + r)) * T.Broadcast(
+                            ax[(i0 + mi) * NA + a] * scale[n0 + r, a], L)
+                        zacc[mi * NT + r] = zacc[mi * NT + r] + axs[(i0 + mi) * NA + a] * scale[n0 + r, a] * (
+                            zero[n0 + r, a] - T.float32(offset))
+                    else:  # one weight group: its scale and zero once per output, below
+                        facc[T.ramp((mi * NT + r) * L, 1, L)] = lanes(facc, mi * NT + r) + T.Cast(
+                            f"float32x{L}", lanes(iacc, mi * NT + r)) * T.Broadcast(ax[(i0 + mi) * NA + a], L)
+                        zacc[mi * NT + r] = zacc[mi * NT + r] + axs[(i0 + mi) * NA + a]
         for mi in T.unroll(R):
             for r in T.unroll(NT):
-                total: T.let = T.call_llvm_pure_intrin("float32", "llvm.vector.reduce.fadd", T.float32(0),
-                                                       lanes(facc, mi * NT + r)) - zacc[mi * NT + r]
+                sums: T.let = T.call_llvm_pure_intrin("float32", "llvm.vector.reduce.fadd", T.float32(0),
+                                                      lanes(facc, mi * NT + r))
+                total: T.let = sums - zacc[mi * NT + r] if G > 1 else scale[n0 + r, 0] * (
+                    sums - (zero[n0 + r, 0] - T.float32(offset)) * zacc[mi * NT + r])
                 if kc == 0:
                     y[i0 + mi, n0 + r] = total
                 else:
