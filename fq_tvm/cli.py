@@ -190,7 +190,8 @@ def compile_main(argv=None):
         if args.calib_text or args.tokenizer:
             _check_text_calibration(args)
         given = {"--calib": args.calib, "--calib-text": args.calib_text, "--calib-samples": args.calib_samples,
-                 "--calib-sequential": args.calib_sequential or None, "--denoise": args.denoise or None, "--pad-small": args.pad_small, "--quantize-head": args.quantize_head,
+                 "--calib-sequential": args.calib_sequential or None, "--denoise": args.denoise or None,
+                 "--pad-small": args.pad_small, "--quantize-head": args.quantize_head,
                  "--head-scheme": args.head_scheme}
         for text in ignored_options(cfg, given):
             warn(text)
