@@ -299,7 +299,7 @@ def quantize_layers(proto, plan: Plan, cfg, hessians: dict | None, progress: boo
     return records
 
 
-def quantize_allocated(proto, plan: Plan, cfg, hessians: dict, bits: float, progress: bool = True, head_cfg=None):
+def quantize_allocated(proto, plan: Plan, cfg, hessians: dict, bits: float, progress: bool = True):
     """(configs, report) for `--bits`: every layer quantized under each option of
     numerics.allocation_options(cfg) on the plain Hessians, then numerics.allocate chooses one option
     per group of layers reading one activation (they share an input transform), least summed

@@ -110,8 +110,10 @@ def in_tasks(rows):
         if m < SERIAL_ROWS:
             rows(0, m, a, b, c, d)
         else:
-            for t in T.parallel(T.min(m, TASKS)):
-                rows(t * m // T.min(m, TASKS), (t + 1) * m // T.min(m, TASKS) - t * m // T.min(m, TASKS), a, b, c, d)
+            tasks: T.let = T.min(m, TASKS)
+            for t in T.parallel(tasks):
+                lo: T.let = t * m // tasks
+                rows(lo, (t + 1) * m // tasks - lo, a, b, c, d)
 
     return run
 

@@ -31,18 +31,14 @@ def frame_analysis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.Pri
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
 
 
-def analysis_row(nblk: int, two_l: int, two_k: int, tail: int):
-    """The macro row(xi, x, ft, yi, y): row xi of x analysed into row yi of y, with ft the frame
-    block transposed, F^T [2l, 2k] (`cpu.rewrite` gives the fused input side F^T)."""
-    return _analysis_blocks(nblk, two_l, two_k, tail)
-
-
 GROUP = 4  # blocks analysed together: independent sums hide the multiply-add latency
 
 
-def _analysis_blocks(nblk: int, two_l: int, two_k: int, tail: int, lanes: int = 16):
-    """macro(xi, x, ft, yi, y) with ft = F^T [2l, 2k]: blocks in groups of GROUP, each block's 2k
-    outputs as full vectors and one short one (18 = 16 + 2 at 16 lanes), its inputs broadcast.
+def analysis_row(nblk: int, two_l: int, two_k: int, tail: int, lanes: int = 16):
+    """The macro row(xi, x, ft, yi, y): row xi of x analysed into row yi of y, with ft the frame
+    block transposed, F^T [2l, 2k] (`cpu.rewrite` gives the fused input side F^T). Blocks in
+    groups of GROUP, each block's 2k outputs as full vectors and one short one (18 = 16 + 2 at 16
+    lanes), its inputs broadcast.
     One block at a time was one chain of 2l dependent multiply-adds (~4x slower on Zen 4); an
     18-lane vector made LLVM rebuild F^T's rows lane by lane for every row."""
     ins, outs = nblk * two_l, nblk * two_k

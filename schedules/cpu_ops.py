@@ -52,11 +52,12 @@ def _sigmoid(bb, call):
 
 def _softmax(bb, call):
     """float32 over the last axis: `cpu_softmax` on a [rows, n] view; else the TE form below."""
+    from . import cpu_softmax
+
     x = call.args[0]
-    shape = x.ty.shape if hasattr(x.ty, "shape") else None
-    ndim = len(shape) if shape is not None else 0
-    if ndim >= 2 and x.ty.dtype == "float32" and int(call.attrs.axis) % ndim == ndim - 1:
-        return _softmax_rows(bb, x, list(shape))
+    shape = _shape(x)
+    if _rows_of(x, shape) and int(call.attrs.axis) % len(shape) == len(shape) - 1:
+        return _on_rows(bb, x, shape, cpu_softmax.softmax(_lanes()), "softmax_rows")
 
     def softmax(data):
         axis = int(call.attrs.axis) % len(data.shape)
@@ -74,25 +75,29 @@ def _softmax(bb, call):
     return bb.call_te(softmax, call.args[0], primfunc_name_hint="softmax")
 
 
-def _softmax_rows(bb, x, shape: list):
-    from . import cpu_softmax
-
-    return _on_rows(bb, x, shape, cpu_softmax.softmax(_lanes()), "softmax_rows")
-
-
 def _layer_norm(bb, call):
     """float32 over a static last axis with gamma and beta: `cpu_layer_norm` on a [rows, n] view;
     else TVM's lowering."""
     from . import cpu_layer_norm
 
     x, gamma, beta = call.args
-    shape = list(x.ty.shape) if hasattr(x.ty, "shape") and x.ty.shape is not None else []
-    ndim, attrs = len(shape), call.attrs
-    if (ndim >= 2 and x.ty.dtype == "float32" and [int(a) % ndim for a in attrs.axes] == [ndim - 1]
+    shape, attrs = _shape(x), call.attrs
+    if (_rows_of(x, shape) and [int(a) % len(shape) for a in attrs.axes] == [len(shape) - 1]
             and isinstance(shape[-1], tirx.IntImm) and attrs.center and attrs.scale):
         func = cpu_layer_norm.layer_norm(int(shape[-1]), float(attrs.epsilon), _lanes())
         return _on_rows(bb, x, shape, func, "layer_norm_rows", gamma, beta)
     return tvm.ir.Op.get("relax.nn.layer_norm").get_attr("FLegalize")(bb, call)
+
+
+def _shape(x) -> list:
+    """x's shape (empty where unknown)."""
+    shape = getattr(x.ty, "shape", None)
+    return list(shape) if shape is not None else []
+
+
+def _rows_of(x, shape: list) -> bool:
+    """Whether a row kernel on a [rows, n] view of x applies: float32 with at least 2 axes."""
+    return len(shape) >= 2 and x.ty.dtype == "float32"
 
 
 def _lanes() -> int:
