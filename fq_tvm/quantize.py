@@ -428,7 +428,7 @@ def to_packed(record):
         packed=record.packed, scale=record.scale, zero=record.zero,
         in_rot=rotation(record.input_hadamard),
         frame=None if frame is None else Frame(frame.nblk, np.asarray(frame.F, np.float32), frame.tail),
-        out_rot=rotation(record.output_hadamard))
+        out_rot=rotation(record.output_hadamard), act_group=record.act_group)
 
 
 def simulated_model(proto, records: dict):

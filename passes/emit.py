@@ -110,8 +110,8 @@ def packed_linear(bb, x, layer: PackedLinear, shared: dict):
         shared[key] = input_transform(bb, x2, layer)
     xf = shared[key]
     rows = xf.ty.shape[0]
-    func = _kernels().dequant_matmul(layer.rows, layer.cols, layer.bits, layer.group_size)
-    name = f"fq_dequant_matmul_{layer.rows}_{layer.cols}_b{layer.bits}_g{layer.group_size}"
+    func = _kernels().dequant_matmul(layer.rows, layer.cols, layer.bits, layer.group_size, layer.act_group)
+    name = f"fq_dequant_matmul_{layer.rows}_{layer.cols}_b{layer.bits}_g{layer.group_size}_a{layer.act_group}"
     u = _call(bb, func, name, [xf, *_weights(layer, shared)], [rows, layer.rows])
     dim = layer.rows
     if layer.out_rot is not None:

@@ -61,6 +61,7 @@ class PackedLinear:
     in_rot: Rotation | None = None
     frame: Frame | None = None
     out_rot: Rotation | None = None
+    act_group: int = 0  # columns per activation group of the int8 kernels (QuantizedLinear.act_group)
 
     @property
     def rows(self) -> int:

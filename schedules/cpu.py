@@ -134,7 +134,7 @@ def _written(attrs, target, act_bits: int):
         return cpu_frame.frame_synthesis(*(int(attrs[f"fq_{k}"]) for k in ("nblk", "two_l", "two_k", "tail")))
     if kind == "dequant_matmul" and act_bits == 8:
         plan = cpu_int8.plan(int(attrs["fq_rows"]), int(attrs["fq_cols"]), int(attrs["fq_bits"]),
-                             int(attrs.get("fq_group", 0)), target)
+                             int(attrs.get("fq_group", 0)), target, act_cols=int(attrs.get("fq_act_group", 0)))
         return None if plan is None else cpu_int8.dequant_matmul(plan)
     return None
 

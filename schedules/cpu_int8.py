@@ -24,7 +24,7 @@ from typing import Callable
 import tvm
 from tvm.script import tirx as T
 
-from ..numerics.activations import ACT_GROUP
+from ..numerics.activations import act_group
 from ..numerics.packing import packed_width
 from .common import SERIAL_ROWS, STACK
 from .kernels import OPAQUE
@@ -93,11 +93,12 @@ class Isa:
     signed_dot: Callable | None = None  # used where offsets[bits] != 0, if given
     gemm: tuple[int, int] | None = None
     words: dict | None = None  # bits -> words per dot call in the many-row path
+    in_place: bool = False  # lone rows take codes masked in place (no shifts): needs an int32 4-way dot
 
 
 ISAS = [
     Isa("avx512-vnni", ("avx512bw", "avx512vnni"), 64, 16, (4, 2), {2: 4, 4: 4, 8: 4}, _dot_vnni512, {2: 0, 4: 0, 8: 0},
-        gemm=(4, 2), words={2: 4, 4: 4, 8: 4}),
+        gemm=(4, 2), words={2: 4, 4: 4, 8: 4}, in_place=True),
     # words: vpmaddubsw pairs summed in int16 (2-bit: 4 * 2 * 3 * 128, 4-bit: 4 * 2 * 15 * 128)
     # lone rows: one for 4- and 8-bit codes, whose 4 interleaved weight-row streams halved a
     # one-row product's bandwidth (Zen 3: SmolLM2's int8 head 6.6 -> 2.9 ms from memory, a
@@ -106,7 +107,7 @@ ISAS = [
     Isa("avx2", ("avx2",), 32, 8, (4, 1), {2: 4, 4: 1, 8: 1}, _dot_avx2, {2: 0, 4: 0, 8: 128}, _dot_avx2_signed,
         gemm=(4, 1), words={2: 4, 4: 4, 8: 1}),
     Isa("neon-dotprod", ("neon", "dotprod"), 16, 4, (4, 2), {2: 4, 4: 4, 8: 4}, _dot_sdot, {2: 2, 4: 8, 8: 128},
-        gemm=(4, 2), words={2: 4, 4: 4, 8: 4}),
+        gemm=(4, 2), words={2: 4, 4: 4, 8: 4}, in_place=True),
     Isa("neon", ("neon",), 16, 16, (2, 1), {2: 2, 4: 2, 8: 2}, _dot_widen, {2: 0, 4: 0, 8: 0}),
 ]
 
@@ -116,6 +117,8 @@ GEMM_ROWS = 64  # activation rows from which the many-row path runs (its decodin
 GEMM_TASK_ROWS = 64  # weight rows per parallel task of the many-row path
 GEMM_CHUNK_COLS = 1024  # columns per cache block of the many-row path
 GEMM_TILE_BLOCK = 8  # row tiles whose activations stay in L1 while every weight vector passes
+UNROLL_COLS = 512  # columns per unrolled step of the few-row reduction
+ACC_VECTORS = 16  # int32 accumulator vectors a register tile may hold
 
 
 def select_isa(target) -> Isa | None:
@@ -141,6 +144,7 @@ class Plan:
     group_cols: int  # columns per weight group (0: one group per row)
     isa: Isa
     many_rows: int = GEMM_ROWS  # activation rows from which the many-row path runs
+    act_width: int = 0  # columns per activation group where there is no weight group (0: act_group's)
 
     @property
     def ngroups(self) -> int:
@@ -164,9 +168,7 @@ class Plan:
 
     @property
     def blocks_per_group(self) -> int:
-        if self.group_cols:
-            return self.group_cols // self.block_cols
-        return min(self.nblocks, max(1, ACT_GROUP // self.block_cols))
+        return min(self.nblocks, self.act_cols // self.block_cols)
 
     @property
     def nact(self) -> int:  # activation groups per row
@@ -178,7 +180,12 @@ class Plan:
 
     @property
     def act_cols(self) -> int:  # columns per activation group
-        return self.group_cols or ACT_GROUP
+        return self.group_cols or self.act_width or act_group(self.cols)
+
+    @property
+    def unroll(self) -> int:  # blocks per unrolled step: the largest divisor of a group's within UNROLL_COLS
+        most = max(1, UNROLL_COLS // self.block_cols)
+        return max(u for u in range(1, most + 1) if self.blocks_per_group % u == 0)
 
     @property
     def gemm(self) -> bool:
@@ -190,16 +197,48 @@ class Plan:
         return tuple(n if self.rows % n == 0 else 1 for n in (self.isa.tile[1], self.isa.lone_rows[self.bits]))
 
 
-def plan(rows: int, cols: int, bits: int, group_cols: int, target, many_rows: int = GEMM_ROWS) -> Plan | None:
+def plan(rows: int, cols: int, bits: int, group_cols: int, target, many_rows: int = GEMM_ROWS,
+         act_cols: int = 0) -> Plan | None:
     """The layer's plan for `target`, or None where the int8 kernel does not apply (no ISA, a row
-    shorter than one vector, weight groups that are not whole blocks)."""
+    shorter than one vector, weight or activation groups that are not whole blocks). act_cols:
+    columns per activation group (0: numerics.act_group's for a rotated input)."""
     isa = select_isa(target)
     if isa is None or bits not in isa.offsets:
         return None
-    p = Plan(rows, cols, bits, 0 if group_cols >= cols else group_cols, isa, many_rows)
-    if p.width < isa.vbytes or p.group_cols % p.block_cols:
+    p = Plan(rows, cols, bits, 0 if group_cols >= cols else group_cols, isa, many_rows, act_cols)
+    if p.width < isa.vbytes or p.group_cols % p.block_cols or p.act_cols % p.block_cols:
         return None
     return p
+
+
+def _idx(values):
+    return [tvm.tirx.IntImm("int32", v) for v in values]
+
+
+def lane_sums(vecs, L: int):
+    """The lane sums of n float32xL vectors (n a power of two, at most L) as one float32xn vector,
+    by a tree of shuffles and adds: about 4 instructions per sum where LLVM's ordered
+    `vector.reduce.fadd` chains L dependent adds. (Summation order differs: float rounding only.)"""
+    width = L  # lanes per vector that still belong to one sum
+    while len(vecs) > 1:  # pairs of vectors -> one vector holding both sets of half-width partial sums
+        segs = L // width
+        lo = [j * width + k for j in range(segs) for k in range(width // 2)]
+        lo = lo + [L + v for v in lo]
+        vecs = [tvm.tirx.Shuffle(pair, _idx(lo)) + tvm.tirx.Shuffle(pair, _idx(v + width // 2 for v in lo))
+                for pair in zip(vecs[0::2], vecs[1::2])]
+        width //= 2
+    vec, total = vecs[0], L
+    while width > 1:  # halve every sum's lanes inside the one vector
+        lo = [j * width + k for j in range(total // width) for k in range(width // 2)]
+        vec = tvm.tirx.Shuffle([vec], _idx(lo)) + tvm.tirx.Shuffle([vec], _idx(v + width // 2 for v in lo))
+        total //= 2
+        width //= 2
+    return vec
+
+
+def wide(value, n: int):
+    """`value` on n lanes (itself for one)."""
+    return T.Broadcast(value, n) if n > 1 else value
 
 
 def _lut_word(byte, bits: int, offset: int):
@@ -209,6 +248,14 @@ def _lut_word(byte, bits: int, offset: int):
         code = ((T.Cast("uint32", byte) >> T.uint32(bits * t)) & T.uint32((1 << bits) - 1)) + T.uint32(256 - offset)
         word = word | ((code & T.uint32(255)) << T.uint32(8 * t))  # (no negative uint: TVM sign-extended it)
     return word
+
+
+def _span_words(group: int, most: int, step: int) -> int:
+    """Words per flush of the many-row path: the whole group where it fits `most`, else the
+    largest multiple of `step` that divides it and does."""
+    if group <= most:
+        return group
+    return max(w for w in range(step, most + 1, step) if group % w == 0)
 
 
 def gemm_part(p: Plan):
@@ -228,9 +275,11 @@ def gemm_part(p: Plan):
     AG4 = p.act_cols // 4  # words per activation group
     NA = -(-K // p.act_cols)
     K4P = -(-(-(-K // 4)) // S) * S  # words per row, padded to whole dot calls
-    GPC = max(1, GEMM_CHUNK_COLS // p.act_cols)  # groups per cache block
-    KC4 = GPC * AG4
-    NKC = -(-NA // GPC)
+    SW = _span_words(AG4, GEMM_CHUNK_COLS // 4, S)  # words per flush: a group, or an equal part of one
+    SPC = max(1, GEMM_CHUNK_COLS // 4 // SW)  # spans per cache block
+    KC4 = SPC * SW
+    NS = -(-K4P // SW)
+    NKC = -(-NS // SPC)
     NC = max(GEMM_TASK_ROWS // (NV * L), 1) * NV * L
     BPW = 4 // P  # packed bytes per word
     NTASK = -(-N // NC)
@@ -263,25 +312,31 @@ def gemm_part(p: Plan):
             for w in range(KC4):
                 wdec[((nl // L) * KC4 + w) * L + nl % L] = packed_word(packed, lut, nc * NC + nl, kc * KC4 + w)
 
+    def zero_term(axs, i, a, sp):  # the group's zero-point term, taken by its first span
+        if SW == AG4:
+            return axs[i * NA + a]
+        return T.if_then_else(sp * SW % AG4 == 0, axs[i * NA + a], T.float32(0))
+
     @T.macro
     def tile(R, i0, nt, nc, kc, xn, wdec, scs, zss, ax, axs, y, iacc):
-        for ga in range(T.min(GPC, NA - kc * GPC)):
-            a: T.let = kc * GPC + ga
+        for gs in range(T.min(SPC, NS - kc * SPC)):
+            sp: T.let = kc * SPC + gs
+            a: T.let = sp * SW // AG4
             for k in T.unroll(R * NV):
                 iacc[T.ramp(k * L, 1, L)] = T.Broadcast(0, L)
-            for st in range(T.min(AG4, K4P - a * AG4) // S):
+            for st in range(T.min(SW, K4P - sp * SW) // S):
                 for r in T.unroll(R):
                     for v in T.unroll(NV):
                         iacc[T.ramp((r * NV + v) * L, 1, L)] = word_dot(
-                            iacc[T.ramp((r * NV + v) * L, 1, L)], wdec, xn, nt * NV + v, ga * AG4 + st * S,
-                            i0 + r, a * AG4 + st * S)
+                            iacc[T.ramp((r * NV + v) * L, 1, L)], wdec, xn, nt * NV + v, gs * SW + st * S,
+                            i0 + r, sp * SW + st * S)
             for r in T.unroll(R):
                 for v in T.unroll(NV):
                     col: T.let = (nt * NV + v) * L
                     part: T.let = T.Cast(f"float32x{L}", iacc[T.ramp((r * NV + v) * L, 1, L)]) * T.Broadcast(
                         ax[(i0 + r) * NA + a], L) * scs[T.ramp(wgroup(a) * NC + col, 1, L)] - T.Broadcast(
-                        axs[(i0 + r) * NA + a], L) * zss[T.ramp(wgroup(a) * NC + col, 1, L)]
-                    if a == 0:
+                        zero_term(axs, i0 + r, a, sp), L) * zss[T.ramp(wgroup(a) * NC + col, 1, L)]
+                    if sp == 0:
                         y[i0 + r, T.ramp(nc * NC + col, 1, L)] = part
                     else:
                         y[i0 + r, T.ramp(nc * NC + col, 1, L)] = y[i0 + r, T.ramp(nc * NC + col, 1, L)] + part
@@ -322,7 +377,7 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
     isa = p.isa
     N, K, Bw, G = p.rows, p.cols, p.width, p.ngroups
     P, V, L = p.per, isa.vbytes, isa.lanes
-    NB, KPA, NA, GPC = p.nblocks, p.blocks_per_group, p.nact, p.groups_per_chunk
+    NB, KPA, NA, GPC, U = p.nblocks, p.blocks_per_group, p.nact, p.groups_per_chunk, p.unroll
     NKC = -(-NA // GPC)
     MR = isa.tile[0]
     NR, NR1 = p.row_tiles()
@@ -333,6 +388,8 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
     step = P * V  # xq elements per block and row
     gemm, K4P = gemm_part(p) if p.gemm else (_no_gemm, 0)
     many = p.many_rows if p.gemm else 1 << 62  # rows from which the many-row path runs
+    SP1 = P if isa.in_place else 1  # accumulators per output of a lone row: one per code position
+    SPT = SP1 if MR * NR * SP1 <= ACC_VECTORS else 1  # and of a full tile, where they fit the registers
 
     def start(kb):  # first byte read by block kb
         return T.min(kb * V, Bw - V)
@@ -354,43 +411,64 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
         xs = [xq.vload([(i * NB + kb) * step + t * V], f"int8x{V}") for t in range(P)]
         return dot(acc, codes, xs)
 
+    def part_dot(acc, packed, n, xq, i, kb, t, SP):
+        """acc plus the products of code position t (all P where SP is 1). SP = P: the codes are
+        masked in place, so scaled by 2^(bits t), which `int_sums` shifts out once per group."""
+        if SP == 1:
+            return block_dot(acc, packed, n, xq, i, kb)
+        word = packed.vload([n, start(kb)], f"uint8x{V}")
+        q = word & T.Broadcast(T.Cast("uint8", T.uint32(mask) << T.Cast("uint32", p.bits * t)), V)
+        if offset:
+            q = q - T.Broadcast(T.Cast("uint8", T.uint32(offset) << T.Cast("uint32", p.bits * t)), V)
+        return dot(acc, [T.reinterpret(f"int8x{V}", q)], [xq.vload([(i * NB + kb) * step + t * V], f"int8x{V}")])
+
+    def int_sums(iacc, k, SP):  # the int32 lanes of output k
+        if SP == 1:
+            return lanes(iacc, k)
+        total = lanes(iacc, k * SP)
+        for t in range(1, SP):
+            total = total + (lanes(iacc, k * SP + t) >> T.Broadcast(p.bits * t, L))  # exact: multiples
+        return total
+
     @T.macro
-    def tile(R, NT, i0, n0, kc, packed, scale, zero, y, xq, ax, axs, facc, zacc, iacc):
+    def tile(R, NT, SP, i0, n0, kc, packed, scale, zero, y, xq, ax, axs, facc, zacc, iacc):
         for k in T.unroll(R * NT):
             facc[T.ramp(k * L, 1, L)] = T.Broadcast(T.float32(0), L)
             zacc[k] = T.float32(0)
         for ga in range(T.min(GPC, NA - kc * GPC)):
             a: T.let = kc * GPC + ga
-            for k in T.unroll(R * NT):
+            for k in T.unroll(R * NT * SP):
                 iacc[T.ramp(k * L, 1, L)] = T.Broadcast(0, L)
-            for gb in T.unroll(KPA):  # unrolled here: LLVM's own unrolling differs between modules
-                if a * KPA + gb < NB:
-                    for mi in T.unroll(R):
-                        for r in T.unroll(NT):
-                            iacc[T.ramp((mi * NT + r) * L, 1, L)] = block_dot(
-                                lanes(iacc, mi * NT + r), packed, n0 + r, xq, i0 + mi, a * KPA + gb)
+            for j in range((T.min(KPA, NB - a * KPA) + U - 1) // U):
+                for u in T.unroll(U):  # unrolled here: LLVM's own unrolling differs between modules
+                    if j * U + u < NB - a * KPA:
+                        for mi in T.unroll(R):
+                            for r in T.unroll(NT):
+                                for t in T.unroll(SP):
+                                    iacc[T.ramp(((mi * NT + r) * SP + t) * L, 1, L)] = part_dot(
+                                        lanes(iacc, (mi * NT + r) * SP + t), packed, n0 + r, xq, i0 + mi,
+                                        a * KPA + j * U + u, t, SP)
             for mi in T.unroll(R):
                 for r in T.unroll(NT):
                     if G > 1:
                         facc[T.ramp((mi * NT + r) * L, 1, L)] = lanes(facc, mi * NT + r) + T.Cast(
-                            f"float32x{L}", lanes(iacc, mi * NT + r)) * T.Broadcast(
-                            ax[(i0 + mi) * NA + a] * scale[n0 + r, a], L)
-                        zacc[mi * NT + r] = zacc[mi * NT + r] + axs[(i0 + mi) * NA + a] * scale[n0 + r, a] * (
-                            zero[n0 + r, a] - T.float32(offset))
+                            f"float32x{L}", int_sums(iacc, mi * NT + r, SP)) * T.Broadcast(
+                            ax[(i0 + mi) * NA + a] * scale[(n0 + r) * G + a], L)
+                        zacc[mi * NT + r] = zacc[mi * NT + r] + axs[(i0 + mi) * NA + a] * scale[(n0 + r) * G + a] * (
+                            zero[(n0 + r) * G + a] - T.float32(offset))
                     else:  # one weight group: its scale and zero once per output, below
                         facc[T.ramp((mi * NT + r) * L, 1, L)] = lanes(facc, mi * NT + r) + T.Cast(
-                            f"float32x{L}", lanes(iacc, mi * NT + r)) * T.Broadcast(ax[(i0 + mi) * NA + a], L)
+                            f"float32x{L}", int_sums(iacc, mi * NT + r, SP)) * T.Broadcast(ax[(i0 + mi) * NA + a], L)
                         zacc[mi * NT + r] = zacc[mi * NT + r] + axs[(i0 + mi) * NA + a]
-        for mi in T.unroll(R):
-            for r in T.unroll(NT):
-                sums: T.let = T.call_llvm_pure_intrin("float32", "llvm.vector.reduce.fadd", T.float32(0),
-                                                      lanes(facc, mi * NT + r))
-                total: T.let = sums - zacc[mi * NT + r] if G > 1 else scale[n0 + r, 0] * (
-                    sums - (zero[n0 + r, 0] - T.float32(offset)) * zacc[mi * NT + r])
-                if kc == 0:
-                    y[i0 + mi, n0 + r] = total
-                else:
-                    y[i0 + mi, n0 + r] = y[i0 + mi, n0 + r] + total
+        for mi in T.unroll(R):  # the NT sums of row mi, side by side in y
+            cols = T.ramp(n0, 1, NT) if NT > 1 else n0
+            sums: T.let = lane_sums([lanes(facc, mi * NT + r) for r in range(NT)], L)
+            total: T.let = sums - zacc[T.ramp(mi * NT, 1, NT) if NT > 1 else mi * NT] if G > 1 else scale[cols] * (
+                sums - (zero[cols] - wide(T.float32(offset), NT)) * wide(zacc[mi * NT], NT))
+            if kc == 0:
+                y[i0 + mi, cols] = total
+            else:
+                y[i0 + mi, cols] = y[i0 + mi, cols] + total
 
     @T.macro
     def quantize_row(i, x, xq, xn, ax, axs, m):  # stage 1 for activation row i
@@ -431,6 +509,8 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
         m = T.int64()
         x = T.match_buffer(x_h, (m, K), "float32")
         y = T.match_buffer(y_h, (m, N), "float32")
+        sflat = T.decl_buffer((N * G,), "float32", data=scale.data)  # flat views: NT scales in one load
+        zflat = T.decl_buffer((N * G,), "float32", data=zero.data)
         xq = T.alloc_buffer((T.if_then_else(m < many, m, T.int64(0)) * NB * step,), "int8")
         xn = T.alloc_buffer((T.if_then_else(m < many, T.int64(0), m) * K4P * 4,), "int8")
         ax = T.alloc_buffer((m * NA,), "float32")
@@ -447,15 +527,15 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
             for nc in T.parallel((N + NC - 1) // NC):
                 facc = T.alloc_buffer((MR * max(NR, NR1) * L,), "float32", annotations=STACK)
                 zacc = T.alloc_buffer((MR * max(NR, NR1),), "float32", annotations=STACK)
-                iacc = T.alloc_buffer((MR * max(NR, NR1) * L,), "int32", annotations=STACK)
+                iacc = T.alloc_buffer((max(MR * NR * SPT, NR1 * SP1) * L,), "int32", annotations=STACK)
                 for kc in range(NKC):
                     for it in range(m // MR):
                         for nt in range(T.min(NC, N - nc * NC) // NR):
-                            tile(MR, NR, it * MR, nc * NC + nt * NR, kc, packed, scale, zero, y, xq, ax, axs,
+                            tile(MR, NR, SPT, it * MR, nc * NC + nt * NR, kc, packed, sflat, zflat, y, xq, ax, axs,
                                  facc, zacc, iacc)
                     for ir in range(m % MR):
                         for nt in range(T.min(NC, N - nc * NC) // NR1):
-                            tile(1, NR1, m // MR * MR + ir, nc * NC + nt * NR1, kc, packed, scale, zero, y, xq,
+                            tile(1, NR1, SP1, m // MR * MR + ir, nc * NC + nt * NR1, kc, packed, sflat, zflat, y, xq,
                                  ax, axs, facc, zacc, iacc)
 
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE, "fq_isa": isa.name})

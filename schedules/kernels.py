@@ -56,12 +56,14 @@ def _x_or_zero(x, m, K, i, c):
     return tirx.if_then_else(tirx.all(i < m, c < K), x[te.min(i, m - _i64(1)), te.min(c, K - _i64(1))], _zero())
 
 
-def dequant_matmul(rows: int, cols: int, bits: int, group_size: int) -> tvm.tirx.PrimFunc:
+def dequant_matmul(rows: int, cols: int, bits: int, group_size: int, act_group: int = 0) -> tvm.tirx.PrimFunc:
     """y[m, rows] = x[m, cols] @ dequant(packed)^T, reading packed codes in the reduction.
 
     Per group g: sum_j (q_j - z) s x_j = s (sum_j q_j x_j - z sum_j x_j), so the inner loop is one
     decode and one multiply-add per code; `x` is regrouped once per call as xp[m, g, t, b] =
     x[m, (g*gb + b)*per + t] so that code t of byte b meets its activation with unit stride.
+    act_group: columns per activation group of the int8 kernels that replace this one on CPUs
+    (attr `fq_act_group`; 0: numerics.act_group's default for rotated inputs).
     """
     if bits not in (2, 4, 8):
         raise ValueError(f"dequant_matmul supports 2, 4 and 8-bit codes, not {bits}")
@@ -99,7 +101,7 @@ def dequant_matmul(rows: int, cols: int, bits: int, group_size: int) -> tvm.tirx
     y = te.compute((m, N), lambda i, n: te.sum(scale[n, gg] * (yq[i, n, gg] - zero[n, gg] * xs[i, gg]), axis=gg),
                    name="y")
     return _finish([x, packed, scale, zero, y], "dequant_matmul", rows=rows, cols=cols, bits=bits,
-                   group=gs if ngroups > 1 else 0)
+                   group=gs if ngroups > 1 else 0, act_group=act_group)
 
 
 def dequant_matmul_tiled(rows: int, cols: int, bits: int, row_tile: int) -> tvm.tirx.PrimFunc:

@@ -11,7 +11,7 @@ import tvm
 
 import fq_tvm
 from fq_tvm import models
-from fq_tvm.numerics import ACT_GROUP, quantize_activations
+from fq_tvm.numerics import ACT_GROUP, act_group, quantize_activations
 from fq_tvm.numerics.record import apply
 from fq_tvm.schedules import cpu_int8, kernels, schedule_func
 from conftest import int8_rows_match, max_rel_err, pack_reference
@@ -40,17 +40,27 @@ def _run(lib, x, packed, scale, zero, rows):
     return y.numpy()
 
 
-def test_activation_quantization_definition():
+@pytest.mark.parametrize("group", [150, None])
+def test_activation_quantization_definition(group):
     x = np.random.default_rng(0).standard_normal((3, 600)).astype(np.float32)
-    x[1, 300:] = 0.0  # an all-zero group stays zero
-    q = quantize_activations(x)
-    for lo in range(0, 600, ACT_GROUP):
-        part, qpart = x[:, lo:lo + ACT_GROUP], q[:, lo:lo + ACT_GROUP]
+    x[1, 300:] = 0.0 if group else x[1, 300:]  # an all-zero group stays zero
+    x[2] = 0.0
+    q = quantize_activations(x, group)
+    width = group or 600  # the default: one group for a row this short
+    for lo in range(0, 600, width):
+        part, qpart = x[:, lo:lo + width], q[:, lo:lo + width]
         step = np.abs(part).max(-1, keepdims=True) / 127
         assert np.all(np.abs(qpart - part) <= step / 2 * (1 + 1e-5) + 1e-12)
         levels = np.divide(qpart, step, out=np.zeros_like(qpart), where=step > 0)
         assert np.allclose(levels, np.rint(levels), atol=1e-3) and np.abs(levels).max() <= 127 + 1e-3
-    assert np.all(q[1, 300:] == 0)
+    assert np.all(q[2] == 0) and (group is None or np.all(q[1, 300:] == 0))
+
+
+@pytest.mark.parametrize("cols, width", [(384, 512), (600, 768), (4096, 4096), (4608, 2304), (11008, 3840)])
+def test_activation_groups_split_a_row_evenly(cols, width):
+    """The fewest groups of at most ACT_GROUP columns, whole multiples of 256 columns."""
+    assert act_group(cols) == width
+    assert width % 256 == 0 and width <= ACT_GROUP and -(-cols // width) == -(-cols // ACT_GROUP)
 
 
 # (rows, cols, bits, group): odd K (the last block re-reads bytes), rows not a multiple of the
@@ -74,7 +84,7 @@ def test_int8_kernel_equals_numpy_on_the_definitions(rows, cols, bits, group):
     for m in (1, 3, 4, 9, 16, 23):  # 16 rows and more: the many-row path
         x = rng.standard_normal((m, cols)).astype(np.float32)
         x[:, :: 97] *= 8.0  # outliers
-        ref = quantize_activations(x, group or ACT_GROUP).astype(np.float64) @ w.T
+        ref = quantize_activations(x, group or None).astype(np.float64) @ w.T
         ours = _run(lib, x, packed, scale, zero, rows)
         assert max_rel_err(ours, ref) < 2e-6, (m, max_rel_err(ours, ref))
         assert max_rel_err(ours, x.astype(np.float64) @ w.T) < 0.1  # int8 activations, unrotated outliers

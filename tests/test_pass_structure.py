@@ -81,7 +81,7 @@ def test_quantize_dense_permute_dims_form():
     assert rewrite.rewritten_params == ["w"] and rewrite.num_input_transforms == 1
     g = _kernels(out, fq_hadamard_64_64=kernels.hadamard(64, 64, False),
                  fq_frame_4x18x16_0=kernels.frame_analysis(4, 16, 18, 0),
-                 fq_dequant_matmul_128_72_b2_g72=kernels.dequant_matmul(128, 72, 2, 72),
+                 fq_dequant_matmul_128_72_b2_g72_a256=kernels.dequant_matmul(128, 72, 2, 72, 256),
                  fq_hadamard_inv_128_128=kernels.hadamard(128, 128, True))
     had, frame, dqmm, had_inv = g.values()
     s_in, f_blk, packed, scale, zero, s_out = _consts(layer)
@@ -125,7 +125,7 @@ def test_quantize_dense_matmul_form_with_reshape_pad_and_take():
     g = _kernels(out, fq_pad_48_64=kernels.pad_last(48, 64),
                  fq_hadamard_64_64=kernels.hadamard(64, 64, False),
                  fq_frame_4x18x16_0=kernels.frame_analysis(4, 16, 18, 0),
-                 fq_dequant_matmul_64_72_b2_g72=kernels.dequant_matmul(64, 72, 2, 72),
+                 fq_dequant_matmul_64_72_b2_g72_a256=kernels.dequant_matmul(64, 72, 2, 72, 256),
                  fq_hadamard_inv_64_64=kernels.hadamard(64, 64, True),
                  fq_take_64_40=kernels.take_last(64, 40))
     pad, had, frame, dqmm, had_inv, take = g.values()
@@ -179,7 +179,7 @@ def _qkv_rewrite():
     assert rewrite.rewritten_params == ["wq", "wk", "wv"] and rewrite.num_input_transforms == 1
     g = _kernels(out, fq_hadamard_64_64=kernels.hadamard(64, 64, False),
                  fq_frame_4x18x16_0=kernels.frame_analysis(4, 16, 18, 0),
-                 fq_dequant_matmul_64_72_b2_g72=kernels.dequant_matmul(64, 72, 2, 72),
+                 fq_dequant_matmul_64_72_b2_g72_a256=kernels.dequant_matmul(64, 72, 2, 72, 256),
                  fq_hadamard_inv_64_64=kernels.hadamard(64, 64, True))
     return out, layers, g
 

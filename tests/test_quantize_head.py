@@ -88,7 +88,7 @@ def test_quantize_tied_head_structure():
                 "fq_hadamard_inv_64_64": kernels.hadamard(64, 64, True),
                 "fq_hadamard_64_64": kernels.hadamard(64, 64, False),
                 "fq_frame_4x18x16_0": kernels.frame_analysis(4, 16, 18, 0),
-                "fq_dequant_matmul_50_72_b2_g72": kernels.dequant_matmul(V, 72, 2, 72)}
+                "fq_dequant_matmul_50_72_b2_g72_a256": kernels.dequant_matmul(V, 72, 2, 72, 256)}
     assert sorted(gv.name_hint for gv in out.get_global_vars()) == sorted([*expected, "main"])
     for name, func in expected.items():
         tvm.ir.assert_structural_equal(out[name], func.with_attr("global_symbol", name))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .activations import ACT_GROUP, quantize_activations
+from .activations import act_group, quantize_activations
 
 from .frames import FusionFrame
 from .hadamard import Hadamard
@@ -78,6 +78,11 @@ class QuantizedLinear:
     def ngroups(self) -> int:
         return -(-self.cols // self.group_size)
 
+    @property
+    def act_group(self) -> int:
+        """Columns per activation group of the int8 kernels: the weight group, else act_group."""
+        return self.group_size if self.group_size < self.cols else act_group(self.cols, self.input_hadamard is not None)
+
     def input_transform(self) -> Chain:
         return Chain([self.input_hadamard, self.input_frame], self.in_features)
 
@@ -129,8 +134,7 @@ def apply(record: QuantizedLinear, x: np.ndarray, act_bits: int = 32) -> np.ndar
     input as the int8 CPU kernels do (numerics.activations)."""
     xf = record.input_transform().apply(x)
     if act_bits == 8:
-        group = record.group_size if record.group_size < record.cols else ACT_GROUP
-        xf = quantize_activations(xf, group)
+        xf = quantize_activations(xf, record.act_group)
     u = xf @ dequantize(record).astype(np.float64).T
     return record.output_transform().adjoint(u)
 
