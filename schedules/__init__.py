@@ -146,7 +146,7 @@ def apply(mod: tvm.IRModule, target, act_bits: int = 8, counts: dict | None = No
     given, receives how many functions of each kernel kind the build runs (after variants)."""
     rewrite = getattr(family(target), "rewrite", None)
     if rewrite is not None:  # fused row transforms (both); GPU: GEMV / tiled chosen by the row count
-        mod = rewrite(mod, target)
+        mod = rewrite(mod, target, act_bits)
     updates = {}
     for gvar, func in mod.functions_items():
         if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and "fq_kernel" in func.attrs:

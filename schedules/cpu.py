@@ -77,9 +77,82 @@ def finish(func):
 WRITTEN_SCHEDULED = (cpu_int8.KIND, cpu_hadamard.KIND, cpu_frame.KIND, cpu_frame.SYNTHESIS_KIND, cpu_transform.KIND)
 
 
-def rewrite(mod: tvm.IRModule, target) -> tvm.IRModule:
+def rewrite(mod: tvm.IRModule, target, act_bits: int = 8) -> tvm.IRModule:
     """Each run of row transforms that `cpu_transform` covers (one side of a layer) becomes one
-    kernel: one launch and no intermediate tensors instead of one per step."""
+    kernel: one launch and no intermediate tensors instead of one per step. With int8
+    activations, 8-bit codes are laid out as the int8 kernel's words (`prelay`)."""
+    mod = _fuse_transforms(mod, target)
+    return prelay(mod, target) if act_bits == 8 else mod
+
+
+def prelay(mod: tvm.IRModule, target) -> tvm.IRModule:
+    """Dequant-matmuls whose int8 plan is `prelaid` (8-bit codes) call that kernel with their codes
+    as a constant in its word layout (`cpu_int8.words_layout`), laid out here once. A code table
+    that anything else reads too (a tied embedding's gather) stays as it is: no copy is stored twice."""
+    from tvm import relax
+
+    from .chains import callee, drop_unused
+    from .common import mutate_relax_functions
+
+    readers = _const_readers(mod)
+
+    def plan_of(call):
+        func = callee(mod, call)
+        if func is None or str(func.attrs["fq_kernel"]) != "dequant_matmul":
+            return None
+        a = func.attrs
+        p = cpu_int8.plan(int(a["fq_rows"]), int(a["fq_cols"]), int(a["fq_bits"]), int(a.get("fq_group", 0)), target,
+                          act_cols=int(a.get("fq_act_group", 0)), words=True)
+        codes = call.args[1].fields[1]
+        ok = p is not None and p.prelaid and isinstance(codes, tvm.ir.expr.Constant) and readers[codes] == {"dequant_matmul"}
+        return p if ok else None
+
+    @relax.expr_functor.mutator
+    class _Prelay(relax.PyExprMutator):
+        def __init__(self, mod):
+            super().__init__(mod)
+            self.funcs, self.words = {}, {}
+
+        def visit_call_(self, call):
+            p = plan_of(call)
+            if p is None:
+                return super().visit_call_(call)
+            name = call.args[0].name_hint + "_words"
+            if name not in self.funcs:
+                func = cpu_int8.dequant_matmul(p).with_attr("global_symbol", name)
+                self.funcs[name] = self.builder_.add_func(func, name)
+            x, codes, scale, zero = call.args[1].fields
+            if codes not in self.words:
+                self.words[codes] = relax.const(cpu_int8.words_layout(codes.value.numpy(), p))
+            return relax.call_tir(self.funcs[name], [self.visit_expr(x), self.words[codes], scale, zero], call.ty)
+
+    return drop_unused(mutate_relax_functions(mod, _Prelay(mod)))
+
+
+def _const_readers(mod) -> dict:
+    """{constant: the kinds of our kernels that read it, "" for any other call}."""
+    from tvm import relax
+
+    from .chains import callee
+
+    readers = {}
+    for func in mod.functions.values():
+        if not isinstance(func, relax.Function):
+            continue
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                value = binding.value
+                if not isinstance(value, relax.Call):
+                    continue
+                kernel = callee(mod, value)
+                args = list(value.args[1].fields) if kernel is not None else list(value.args)
+                for arg in args:
+                    if isinstance(arg, tvm.ir.expr.Constant):
+                        readers.setdefault(arg, set()).add(str(kernel.attrs["fq_kernel"]) if kernel is not None else "")
+    return readers
+
+
+def _fuse_transforms(mod: tvm.IRModule, target) -> tvm.IRModule:
     from tvm import relax
 
     from .chains import drop_unused, transform_name, transform_plans

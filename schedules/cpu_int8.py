@@ -18,9 +18,10 @@ where a byte was already counted, so no code beyond the row is read and no paddi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
+import numpy as np
 import tvm
 from tvm.script import tirx as T
 
@@ -98,7 +99,7 @@ class Isa:
 
 ISAS = [
     Isa("avx512-vnni", ("avx512bw", "avx512vnni"), 64, 16, (4, 2), {2: 4, 4: 4, 8: 4}, _dot_vnni512, {2: 0, 4: 0, 8: 0},
-        gemm=(4, 2), words={2: 4, 4: 4, 8: 4}, in_place=True),
+        gemm=(4, 4), words={2: 4, 4: 4, 8: 4}, in_place=True),
     # words: vpmaddubsw pairs summed in int16 (2-bit: 4 * 2 * 3 * 128, 4-bit: 4 * 2 * 15 * 128)
     # lone rows: one for 4- and 8-bit codes, whose 4 interleaved weight-row streams halved a
     # one-row product's bandwidth (Zen 3: SmolLM2's int8 head 6.6 -> 2.9 ms from memory, a
@@ -145,6 +146,7 @@ class Plan:
     isa: Isa
     many_rows: int = GEMM_ROWS  # activation rows from which the many-row path runs
     act_width: int = 0  # columns per activation group where there is no weight group (0: act_group's)
+    prelaid: bool = False  # 8-bit codes stored as the many-row path's words (`words_layout`)
 
     @property
     def ngroups(self) -> int:
@@ -188,9 +190,24 @@ class Plan:
         return max(u for u in range(1, most + 1) if self.blocks_per_group % u == 0)
 
     @property
+    def words(self) -> int:  # 4-code words per row in the many-row path, padded to whole dot calls
+        step = self.isa.words[self.bits]
+        return -(-(-(-self.cols // 4)) // step) * step
+
+    @property
+    def gemm_tile(self) -> tuple[int, int] | None:
+        """(MR, NV) of the many-row path: the ISA's, halving NV until NV vectors of weight rows
+        divide the rows; None where even one does not, or the ISA has no many-row path."""
+        if self.isa.gemm is None:
+            return None
+        mr, nv = self.isa.gemm
+        while nv > 1 and self.rows % (nv * self.isa.lanes):
+            nv //= 2
+        return (mr, nv) if self.rows % (nv * self.isa.lanes) == 0 else None
+
+    @property
     def gemm(self) -> bool:
-        """Whether the many-row path applies: the ISA has one and its column tile divides rows."""
-        return self.isa.gemm is not None and self.rows % (self.isa.gemm[1] * self.isa.lanes) == 0
+        return self.gemm_tile is not None
 
     def row_tiles(self) -> tuple[int, int]:
         """NR for full tiles and for a lone row: the ISA's, or 1 where it does not divide rows."""
@@ -198,17 +215,19 @@ class Plan:
 
 
 def plan(rows: int, cols: int, bits: int, group_cols: int, target, many_rows: int = GEMM_ROWS,
-         act_cols: int = 0) -> Plan | None:
+         act_cols: int = 0, words: bool = False) -> Plan | None:
     """The layer's plan for `target`, or None where the int8 kernel does not apply (no ISA, a row
     shorter than one vector, weight or activation groups that are not whole blocks). act_cols:
-    columns per activation group (0: numerics.act_group's for a rotated input)."""
+    columns per activation group (0: numerics.act_group's for a rotated input). words: 8-bit
+    codes pre-laid as the many-row path's words (`words_layout`, at compile time) where it applies;
+    that path then runs for every row count, with no decoding and no horizontal sums."""
     isa = select_isa(target)
     if isa is None or bits not in isa.offsets:
         return None
     p = Plan(rows, cols, bits, 0 if group_cols >= cols else group_cols, isa, many_rows, act_cols)
     if p.width < isa.vbytes or p.group_cols % p.block_cols or p.act_cols % p.block_cols:
         return None
-    return p
+    return replace(p, prelaid=words and bits == 8 and p.gemm)
 
 
 def _idx(values):
@@ -241,6 +260,17 @@ def wide(value, n: int):
     return T.Broadcast(value, n) if n > 1 else value
 
 
+def words_layout(packed: np.ndarray, p: Plan) -> np.ndarray:
+    """8-bit codes [rows, cols] -> the pre-laid words uint32 [rows / L, words, L] that
+    `dequant_matmul(p)` reads where `p.prelaid`: word w of row n holds its codes 4w .. 4w+3, each
+    less the ISA's offset, lowest byte first; zeros past the row's end."""
+    rows, L, offset = p.rows, p.isa.lanes, p.isa.offsets[p.bits]
+    codes = np.zeros((rows, p.words * 4), np.uint8)
+    codes[:, :p.cols] = (packed[:, :p.cols].astype(np.int32) - offset) & 255
+    laid = codes.reshape(rows // L, L, p.words, 4).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(laid).view("<u4").reshape(rows // L, p.words, L)
+
+
 def _lut_word(byte, bits: int, offset: int):
     """The codes of one packed byte, each less `offset`, as bytes of a uint32 (lowest first)."""
     word = T.uint32(0)
@@ -268,13 +298,14 @@ def gemm_part(p: Plan):
     activation group flushes into y with the scales: y += ax s sum(q xq) - axs s z."""
     isa = p.isa
     N, K, Bw, G, P, L = p.rows, p.cols, p.width, p.ngroups, p.per, isa.lanes
-    MR, NV = isa.gemm
+    MR, NV = p.gemm_tile
     S = isa.words[p.bits]
     offset = isa.offsets[p.bits]
     dot = isa.signed_dot if offset and isa.signed_dot is not None else isa.dot
     AG4 = p.act_cols // 4  # words per activation group
     NA = -(-K // p.act_cols)
-    K4P = -(-(-(-K // 4)) // S) * S  # words per row, padded to whole dot calls
+    K4P = p.words
+    pre = p.prelaid
     SW = _span_words(AG4, GEMM_CHUNK_COLS // 4, S)  # words per flush: a group, or an equal part of one
     SPC = max(1, GEMM_CHUNK_COLS // 4 // SW)  # spans per cache block
     KC4 = SPC * SW
@@ -288,15 +319,18 @@ def gemm_part(p: Plan):
     def wgroup(a):
         return a if G > 1 else 0
 
-    def word_vec(wdec, vec, w):
+    def word_vec(wdec, nc, vec, w, xw):  # decoded: local vector and word; pre-laid: global
+        if pre:
+            return T.reinterpret(f"int8x{4 * L}", wdec.vload([nc * (NC // L) + vec, xw, 0], f"uint32x{L}"))
         return T.reinterpret(f"int8x{4 * L}", wdec.vload([(vec * KC4 + w) * L], f"uint32x{L}"))
 
     def x_bcast(xn, i, w):
         return T.reinterpret(f"int8x{4 * L}", T.Broadcast(
             T.reinterpret("int32", xn.vload([(i * K4P + w) * 4], "int8x4")), L))
 
-    def word_dot(acc, wdec, xn, vec, w, i, xw):  # S words of weight vector `vec` from local word w
-        return dot(acc, [word_vec(wdec, vec, w + u) for u in range(S)], [x_bcast(xn, i, xw + u) for u in range(S)])
+    def word_dot(acc, wdec, nc, xn, vec, w, i, xw):  # S words of weight vector `vec` from local word w
+        return dot(acc, [word_vec(wdec, nc, vec, w + u, xw + u) for u in range(S)],
+                   [x_bcast(xn, i, xw + u) for u in range(S)])
 
     def packed_word(packed, lut, n, k4):  # the 4 codes of word k4 of weight row n
         word = T.uint32(0)
@@ -328,7 +362,7 @@ def gemm_part(p: Plan):
                 for r in T.unroll(R):
                     for v in T.unroll(NV):
                         iacc[T.ramp((r * NV + v) * L, 1, L)] = word_dot(
-                            iacc[T.ramp((r * NV + v) * L, 1, L)], wdec, xn, nt * NV + v, gs * SW + st * S,
+                            iacc[T.ramp((r * NV + v) * L, 1, L)], wdec, nc, xn, nt * NV + v, gs * SW + st * S,
                             i0 + r, sp * SW + st * S)
             for r in T.unroll(R):
                 for v in T.unroll(NV):
@@ -342,28 +376,35 @@ def gemm_part(p: Plan):
                         y[i0 + r, T.ramp(nc * NC + col, 1, L)] = y[i0 + r, T.ramp(nc * NC + col, 1, L)] + part
 
     @T.macro
+    def prepare(packed, lut, wdec, nc, kc):  # the chunk's words: decoded here, or pre-laid already
+        if not pre:
+            if kc == 0:
+                for b in range(256):
+                    lut[b] = _lut_word(b, p.bits, offset)
+            decode(packed, lut, wdec, nc, kc)
+
+    @T.macro
     def run(xn, packed, scale, zero, y, ax, axs, m):
         for nc in T.parallel(NTASK):
-            lut = T.alloc_buffer((256,), "uint32", annotations=STACK)
-            wdec = T.alloc_buffer((NC * KC4,), "uint32")
+            lut = T.alloc_buffer((1 if pre else 256,), "uint32", annotations=STACK)
+            wdec = T.alloc_buffer((1 if pre else NC * KC4,), "uint32")
             scs = T.alloc_buffer((G * NC,), "float32")
             zss = T.alloc_buffer((G * NC,), "float32")
             iacc = T.alloc_buffer((MR * NV * L,), "int32", annotations=STACK)
-            for b in range(256):
-                lut[b] = _lut_word(b, p.bits, offset)
             for g in range(G):
                 for nl in range(T.min(NC, N - nc * NC)):
                     scs[g * NC + nl] = scale[nc * NC + nl, g]
                     zss[g * NC + nl] = scale[nc * NC + nl, g] * (zero[nc * NC + nl, g] - T.float32(offset))
             for kc in range(NKC):
-                decode(packed, lut, wdec, nc, kc)
+                prepare(packed, lut, wdec, nc, kc)
+                src = packed if pre else wdec
                 for ib in range((m // MR + TB - 1) // TB):  # a block of row tiles against every weight vector
                     for nt in range(T.min(NC, N - nc * NC) // (NV * L)):
                         for it in range(T.min(TB, m // MR - ib * TB)):
-                            tile(MR, (ib * TB + it) * MR, nt, nc, kc, xn, wdec, scs, zss, ax, axs, y, iacc)
+                            tile(MR, (ib * TB + it) * MR, nt, nc, kc, xn, src, scs, zss, ax, axs, y, iacc)
                 for nt in range(T.min(NC, N - nc * NC) // (NV * L)):
                     for ir in range(m % MR):
-                        tile(1, m // MR * MR + ir, nt, nc, kc, xn, wdec, scs, zss, ax, axs, y, iacc)
+                        tile(1, m // MR * MR + ir, nt, nc, kc, xn, src, scs, zss, ax, axs, y, iacc)
 
     return run, K4P
 
@@ -388,6 +429,10 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
     step = P * V  # xq elements per block and row
     gemm, K4P = gemm_part(p) if p.gemm else (_no_gemm, 0)
     many = p.many_rows if p.gemm else 1 << 62  # rows from which the many-row path runs
+    pre = p.prelaid
+    if pre:
+        many = 1
+    PSHAPE, PTYPE = ((N // L, K4P, L), "uint32") if pre else ((N, Bw), "uint8")
     SP1 = P if isa.in_place else 1  # accumulators per output of a lone row: one per code position
     SPT = SP1 if MR * NR * SP1 <= ACC_VECTORS else 1  # and of a full tile, where they fit the registers
 
@@ -502,8 +547,24 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
                             tvm.tirx.all(start(kb) + v >= kb * V, col < K), qrow[T.min(col, K - 1)],
                             T.int8(0))
 
+    @T.macro
+    def few_rows(packed, sflat, zflat, y, xq, ax, axs, m):  # register tiles over the packed bytes
+        for nc in T.parallel((N + NC - 1) // NC):
+            facc = T.alloc_buffer((MR * max(NR, NR1) * L,), "float32", annotations=STACK)
+            zacc = T.alloc_buffer((MR * max(NR, NR1),), "float32", annotations=STACK)
+            iacc = T.alloc_buffer((max(MR * NR * SPT, NR1 * SP1) * L,), "int32", annotations=STACK)
+            for kc in range(NKC):
+                for it in range(m // MR):
+                    for nt in range(T.min(NC, N - nc * NC) // NR):
+                        tile(MR, NR, SPT, it * MR, nc * NC + nt * NR, kc, packed, sflat, zflat, y, xq, ax, axs,
+                             facc, zacc, iacc)
+                for ir in range(m % MR):
+                    for nt in range(T.min(NC, N - nc * NC) // NR1):
+                        tile(1, NR1, SP1, m // MR * MR + ir, nc * NC + nt * NR1, kc, packed, sflat, zflat, y, xq,
+                             ax, axs, facc, zacc, iacc)
+
     @T.prim_func(private=True)
-    def func(x_h: T.handle, packed: T.Buffer((N, Bw), "uint8"), scale: T.Buffer((N, G), "float32"),
+    def func(x_h: T.handle, packed: T.Buffer(PSHAPE, PTYPE), scale: T.Buffer((N, G), "float32"),
              zero: T.Buffer((N, G), "float32"), y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         m = T.int64()
@@ -521,21 +582,11 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
         else:
             for i in T.parallel(m):
                 quantize_row(i, x, xq, xn, ax, axs, m)
-        if m >= many:
+        if pre:  # static: the pre-laid words have no byte layout for the few-row path
+            gemm(xn, packed, scale, zero, y, ax, axs, m)
+        elif m >= many:
             gemm(xn, packed, scale, zero, y, ax, axs, m)
         else:
-            for nc in T.parallel((N + NC - 1) // NC):
-                facc = T.alloc_buffer((MR * max(NR, NR1) * L,), "float32", annotations=STACK)
-                zacc = T.alloc_buffer((MR * max(NR, NR1),), "float32", annotations=STACK)
-                iacc = T.alloc_buffer((max(MR * NR * SPT, NR1 * SP1) * L,), "int32", annotations=STACK)
-                for kc in range(NKC):
-                    for it in range(m // MR):
-                        for nt in range(T.min(NC, N - nc * NC) // NR):
-                            tile(MR, NR, SPT, it * MR, nc * NC + nt * NR, kc, packed, sflat, zflat, y, xq, ax, axs,
-                                 facc, zacc, iacc)
-                    for ir in range(m % MR):
-                        for nt in range(T.min(NC, N - nc * NC) // NR1):
-                            tile(1, NR1, SP1, m // MR * MR + ir, nc * NC + nt * NR1, kc, packed, sflat, zflat, y, xq,
-                                 ax, axs, facc, zacc, iacc)
+            few_rows(packed, sflat, zflat, y, xq, ax, axs, m)
 
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE, "fq_isa": isa.name})

@@ -381,7 +381,7 @@ GEMV_ROWS = {2: 2, 4: 4, 8: 4}  # up to this many activation rows (by code bits)
 # 4096 x 4608 2-bit: GEMV 0.009 ms at 1 row, 0.028 at 4; tensor cores 0.015 at 1-16; 8-bit: 0.027 both at 4)
 
 
-def rewrite(mod: tvm.IRModule, _target=None) -> tvm.IRModule:
+def rewrite(mod: tvm.IRModule, _target=None, _act_bits: int = 8) -> tvm.IRModule:
     """Relax rewrites for GPUs: each run of row transforms (pad, Hadamard, frame, take) becomes one
     `transform` kernel, and each per-row quantized matmul a call to a small Relax function choosing
     by the row count at run time: the GEMV form up to GEMV_ROWS rows, tensor cores above (16-row

@@ -66,7 +66,8 @@ def test_activation_groups_split_a_row_evenly(cols, width):
 # (rows, cols, bits, group): odd K (the last block re-reads bytes), rows not a multiple of the
 # register tile, per-row and grouped scales
 CASES = [(64, 1000, 2, 0), (30, 577, 2, 0), (64, 1001, 4, 0), (40, 577, 8, 0), (128, 4506, 2, 0),
-         (64, 1024, 2, 256), (32, 768, 4, 256), (48, 512, 8, 256), (64, 577, 8, 0), (32, 1003, 2, 0)]
+         (64, 1024, 2, 256), (32, 768, 4, 256), (48, 512, 8, 256), (64, 577, 8, 0), (32, 1003, 2, 0),
+         (32, 1003, 8, 0), (64, 1024, 8, 256)]  # 8-bit with 32 | rows: pre-laid words
 
 
 @pytest.mark.parametrize("rows, cols, bits, group", CASES)
@@ -74,12 +75,15 @@ def test_int8_kernel_equals_numpy_on_the_definitions(rows, cols, bits, group):
     """Integer sums are exact: the kernel equals float64 numpy on the quantized activations up to
     float32 rounding of the per-group scaling (an off-by-one code or activation would show as
     ~1e-3)."""
-    plan = cpu_int8.plan(rows, cols, bits, group, HOST, many_rows=16)
+    plan = cpu_int8.plan(rows, cols, bits, group, HOST, many_rows=16, words=True)
     assert plan is not None, f"no int8 kernel for the host ({HOST})"
-    assert plan.gemm or rows % 32, "the many-row path applies wherever its column tile divides the rows"
+    assert plan.gemm or rows % 16, "the many-row path applies wherever one vector of weight rows divides them"
     lib = tvm.compile(tvm.IRModule({"main": cpu_int8.dequant_matmul(plan).with_attr("global_symbol", "main")}),
                       HOST)
     packed, scale, zero, w = _layer(rows, cols, bits, group, rows + cols + bits)
+    assert plan.prelaid == (bits == 8 and plan.gemm)
+    if plan.prelaid:
+        packed = cpu_int8.words_layout(packed, plan)
     rng = np.random.default_rng(cols)
     for m in (1, 3, 4, 9, 16, 23):  # 16 rows and more: the many-row path
         x = rng.standard_normal((m, cols)).astype(np.float32)
@@ -162,3 +166,68 @@ def test_bad_act_bits_is_one_line(fq2_linear, tmp_path):
     with pytest.raises(fq_tvm.FqError, match=r"^--act-bits must be one of 8, 32, not 4$"):
         fq_tvm.compile(out.parent / "linear.onnx", "host", tmp_path / "x", act_bits=4)
     assert not (tmp_path / "x").exists()
+
+
+def _int8_module(n, k, shared_gather=False):
+    """A Relax module calling the float dequant-matmul kernel on an 8-bit layer's codes (and, if
+    `shared_gather`, a code gather on the same constant, as a tied embedding does)."""
+    from tvm import relax
+
+    from fq_tvm.numerics import get_scheme, quantize_layer
+    from fq_tvm.quantize import to_packed
+
+    w = np.random.default_rng(n + k).standard_normal((n, k))
+    layer = to_packed(quantize_layer("w", w, np.eye(k), get_scheme("int8")))
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([tvm.tirx.Var("m", "int64"), k], "float32"))
+    codes, scale, zero = (relax.const(a) for a in (layer.packed, layer.scale, layer.zero))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            gv = bb.add_func(kernels.dequant_matmul(n, k, 8, k, layer.act_group).with_attr("global_symbol", "dq"), "dq")
+            y = bb.emit(relax.call_tir(gv, [x, codes, scale, zero], relax.TensorType([x.ty.shape[0], n], "float32")))
+            if shared_gather:
+                gg = bb.add_func(kernels.code_gather(n, k, 8, k).with_attr("global_symbol", "gather"), "gather")
+                ids = relax.const(np.zeros((2,), "int64"))
+                g = bb.emit(relax.call_tir(gg, [ids, codes, scale, zero], relax.TensorType([2, k], "float32")))
+                y = bb.emit(relax.op.add(y, relax.op.sum(g)))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get(), layer
+
+
+def test_prelay_stores_8bit_codes_as_the_kernels_words():
+    """cpu.rewrite with int8 activations: the 8-bit layer calls the words kernel with its codes
+    laid out once (words_layout of the record's codes); numpy's int8 math agrees on the result."""
+    from fq_tvm.numerics.record import apply
+    from fq_tvm.schedules import cpu
+
+    mod, layer = _int8_module(64, 200)
+    assert layer.act_group == 256  # int8 keeps outlier channels: 256-column activation groups
+    out = cpu.rewrite(mod, HOST, 8)
+    call = out["main"].body.blocks[0].bindings[0].value
+    func = out[call.args[0]]
+    assert call.args[0].name_hint == "dq_words" and str(func.attrs["fq_kernel"]) == cpu_int8.KIND
+    plan = cpu_int8.plan(64, 200, 8, 0, HOST, act_cols=256, words=True)
+    np.testing.assert_array_equal(call.args[1].fields[1].value.numpy(), cpu_int8.words_layout(layer.packed, plan))
+    assert "dq_words" not in [g.name_hint for g in cpu.rewrite(mod, HOST, 32).get_global_vars()]
+
+
+def test_prelay_leaves_codes_that_a_gather_also_reads():
+    from fq_tvm.schedules import cpu
+
+    mod, _ = _int8_module(64, 200, shared_gather=True)
+    names = [g.name_hint for g in cpu.rewrite(mod, HOST, 8).get_global_vars()]
+    assert "dq" in names and "dq_words" not in names  # one copy of the table: the byte layout
+
+
+def test_compiled_int8_layer_matches_numpy_at_every_row_count(fq2_linear, tmp_path):
+    """The int8 scheme (8-bit codes pre-laid as words, 256-column activation groups) end to end."""
+    out, _ = fq2_linear
+    records = {}
+    int8 = fq_tvm.compile(out.parent / "linear.onnx", "host", tmp_path / "int8", scheme="int8", quiet=True,
+                          records=records)
+    (record,) = records.values()
+    model = fq_tvm.load(int8)
+    for shape in ((1, 1, 1000), (2, 7, 1000), (1, 70, 1000)):
+        x = np.random.default_rng(shape[1]).standard_normal(shape).astype(np.float32)
+        assert int8_rows_match(model.run({"x": x})["y"], apply(record, x, act_bits=8)), shape
