@@ -95,11 +95,12 @@ class Isa:
     gemm: tuple[int, int] | None = None
     words: dict | None = None  # bits -> words per dot call in the many-row path
     in_place: bool = False  # lone rows take codes masked in place (no shifts): needs an int32 4-way dot
+    pdep: bool = False  # the many-row decode spreads a word's code bits with BMI2 `pdep` (no table)
 
 
 ISAS = [
-    Isa("avx512-vnni", ("avx512bw", "avx512vnni"), 64, 16, (4, 2), {2: 4, 4: 4, 8: 4}, _dot_vnni512, {2: 0, 4: 0, 8: 0},
-        gemm=(4, 4), words={2: 4, 4: 4, 8: 4}, in_place=True),
+    Isa("avx512-vnni", ("avx512bw", "avx512vnni", "bmi2"), 64, 16, (4, 2), {2: 4, 4: 4, 8: 4}, _dot_vnni512,
+        {2: 0, 4: 0, 8: 0}, gemm=(4, 4), words={2: 4, 4: 4, 8: 4}, in_place=True, pdep=True),
     # words: vpmaddubsw pairs summed in int16 (2-bit: 4 * 2 * 3 * 128, 4-bit: 4 * 2 * 15 * 128)
     # lone rows: one for 4- and 8-bit codes, whose 4 interleaved weight-row streams halved a
     # one-row product's bandwidth (Zen 3: SmolLM2's int8 head 6.6 -> 2.9 ms from memory, a
@@ -306,6 +307,8 @@ def gemm_part(p: Plan):
     NA = -(-K // p.act_cols)
     K4P = p.words
     pre = p.prelaid
+    spread = isa.pdep and not offset  # decode by pdep, else by a 256-entry table
+    mask = (1 << p.bits) - 1
     SW = _span_words(AG4, GEMM_CHUNK_COLS // 4, S)  # words per flush: a group, or an equal part of one
     SPC = max(1, GEMM_CHUNK_COLS // 4 // SW)  # spans per cache block
     KC4 = SPC * SW
@@ -333,6 +336,13 @@ def gemm_part(p: Plan):
                    [x_bcast(xn, i, xw + u) for u in range(S)])
 
     def packed_word(packed, lut, n, k4):  # the 4 codes of word k4 of weight row n
+        if spread:  # the word's packed bits, each code's spread into its own byte
+            bits = T.uint32(0)
+            for j in range(BPW):
+                b = k4 * BPW + j
+                byte = T.if_then_else(b < Bw, T.Cast("uint32", packed[n, T.min(b, Bw - 1)]), T.uint32(0))
+                bits = bits | (byte << T.uint32(8 * j)) if j else byte
+            return T.call_llvm_pure_intrin("uint32", "llvm.x86.bmi.pdep.32", bits, T.uint32(mask * 0x01010101))
         word = T.uint32(0)
         for j in range(BPW):
             b = k4 * BPW + j
@@ -378,7 +388,7 @@ def gemm_part(p: Plan):
     @T.macro
     def prepare(packed, lut, wdec, nc, kc):  # the chunk's words: decoded here, or pre-laid already
         if not pre:
-            if kc == 0:
+            if kc == 0 and not spread:
                 for b in range(256):
                     lut[b] = _lut_word(b, p.bits, offset)
             decode(packed, lut, wdec, nc, kc)
