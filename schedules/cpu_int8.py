@@ -308,6 +308,7 @@ def gemm_part(p: Plan):
     K4P = p.words
     pre = p.prelaid
     spread = isa.pdep and not offset  # decode by pdep, else by a 256-entry table
+    fast = spread and p.bits == 2 and L == 16  # 2-bit on AVX-512: decode 16 x 16 words in vectors
     mask = (1 << p.bits) - 1
     SW = _span_words(AG4, GEMM_CHUNK_COLS // 4, S)  # words per flush: a group, or an equal part of one
     SPC = max(1, GEMM_CHUNK_COLS // 4 // SW)  # spans per cache block
@@ -335,6 +336,20 @@ def gemm_part(p: Plan):
         return dot(acc, [word_vec(wdec, nc, vec, w + u, xw + u) for u in range(S)],
                    [x_bcast(xn, i, xw + u) for u in range(S)])
 
+    def block_words(packed, n0, b0):
+        """Words b0 .. b0+15 (2-bit: one byte each) of rows n0 .. n0+15 as one [word][row] vector:
+        16 byte loads, a 16 x 16 byte transpose in four rounds of interleaves, each byte's four
+        codes spread into the bytes of a uint32."""
+        vecs = [packed.vload([n0 + r, b0], "uint8x16") for r in range(16)]
+        lo, hi = _idx(v for j in range(8) for v in (j, 16 + j)), _idx(v for j in range(8, 16) for v in (j, 16 + j))
+        for _ in range(4):
+            vecs = [tvm.tirx.Shuffle([vecs[i // 2], vecs[i // 2 + 8]], lo if i % 2 == 0 else hi) for i in range(16)]
+        b = T.Cast("uint32x256", tvm.tirx.Shuffle(vecs, _idx(range(256))))
+        words = b & T.Broadcast(T.uint32(3), 256)
+        for t in range(1, 4):
+            words = words | ((b << T.Broadcast(T.uint32(6 * t), 256)) & T.Broadcast(T.uint32(3 << (8 * t)), 256))
+        return words
+
     def packed_word(packed, lut, n, k4):  # the 4 codes of word k4 of weight row n
         if spread:  # the word's packed bits, each code's spread into its own byte
             bits = T.uint32(0)
@@ -352,9 +367,25 @@ def gemm_part(p: Plan):
 
     @T.macro
     def decode(packed, lut, wdec, nc, kc):
-        for nl in range(T.min(NC, N - nc * NC)):
-            for w in range(KC4):
-                wdec[((nl // L) * KC4 + w) * L + nl % L] = packed_word(packed, lut, nc * NC + nl, kc * KC4 + w)
+        if fast:  # blocks of 16 rows x 16 words in vectors, the rest (and a row's end) word by word
+            for vec in range(T.min(NC, N - nc * NC) // L):
+                for wb in range(KC4 // 16):
+                    if kc * KC4 + wb * 16 + 16 <= Bw:
+                        wdec[T.ramp((vec * KC4 + wb * 16) * L, 1, 256)] = block_words(
+                            packed, nc * NC + vec * L, kc * KC4 + wb * 16)
+                    else:
+                        for r in range(16):
+                            for w in range(16):
+                                wdec[(vec * KC4 + wb * 16 + w) * L + r] = packed_word(
+                                    packed, lut, nc * NC + vec * L + r, kc * KC4 + wb * 16 + w)
+                for r in range(16):
+                    for w in range(KC4 % 16):
+                        wdec[(vec * KC4 + KC4 // 16 * 16 + w) * L + r] = packed_word(
+                            packed, lut, nc * NC + vec * L + r, kc * KC4 + KC4 // 16 * 16 + w)
+        else:
+            for nl in range(T.min(NC, N - nc * NC)):
+                for w in range(KC4):
+                    wdec[((nl // L) * KC4 + w) * L + nl % L] = packed_word(packed, lut, nc * NC + nl, kc * KC4 + w)
 
     def zero_term(axs, i, a, sp):  # the group's zero-point term, taken by its first span
         if SW == AG4:
