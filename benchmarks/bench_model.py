@@ -14,7 +14,8 @@ artifacts of another work dir (an earlier build) in the same run, as "fq-tvm SCH
 --rounds N repeats the sequence of blocks N times and reports each runner's median block (on a
 shared machine a neighbour's burst then spoils one block, not one runner's figure); --threads N
 runs both runtimes on N threads (default: TVM one per physical core, ORT its default). A scheme
-written SCHEME+head (fq2+head) compiles with --quantize-head (SmolLM2's tied head quantized too).
+written SCHEME+head (fq2+head) compiles with --quantize-head (SmolLM2's tied head quantized too),
+SCHEME+head:HEAD (fq2+head:int8) with --head-scheme HEAD.
 """
 
 from __future__ import annotations
@@ -59,11 +60,12 @@ def runners(work: Path, schemes, model: str = "minilm", reuse: bool = False, bef
     out = {}
     for scheme in schemes:
         path = work / f"bench.{model}.{scheme}"
-        name, head = scheme.removesuffix("+head"), scheme.endswith("+head")  # fq2+head: --quantize-head
+        name, head, head_scheme = scheme.partition("+head")  # fq2+head: --quantize-head; fq2+head:int8
+        head_scheme = head_scheme.removeprefix(":") or None
         if not reuse:
             t0 = time.perf_counter()
             fq_tvm.compile(onnx_path, "host", path, scheme=name, calib=calib if uses_calibration(name) else None,
-                           force=True, quiet=True, quantize_head=head, **options)
+                           force=True, quiet=True, quantize_head=bool(head), head_scheme=head_scheme, **options)
             print(f"compiled {scheme} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         if before is not None:
             out[f"fq-tvm {scheme} (before)"] = evaluate.artifact_runner(before / f"bench.{model}.{scheme}")
