@@ -104,8 +104,8 @@ def prelay(mod: tvm.IRModule, target) -> tvm.IRModule:
         p = cpu_int8.plan(int(a["fq_rows"]), int(a["fq_cols"]), int(a["fq_bits"]), int(a.get("fq_group", 0)), target,
                           act_cols=int(a.get("fq_act_group", 0)), words=True)
         codes = call.args[1].fields[1]
-        ok = p is not None and p.prelaid and isinstance(codes, tvm.ir.expr.Constant) and readers[codes] == {"dequant_matmul"}
-        return p if ok else None
+        alone = isinstance(codes, tvm.ir.expr.Constant) and readers[codes] == {"dequant_matmul"}
+        return p if p is not None and p.prelaid and alone else None
 
     @relax.expr_functor.mutator
     class _Prelay(relax.PyExprMutator):

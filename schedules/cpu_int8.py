@@ -2,15 +2,18 @@
 codes widened to bytes in registers, products accumulated in int32 by the ISA's dot instruction.
 
 Same buffers as `kernels.dequant_matmul` (x, packed, scale, zero -> y), so `cpu.variant` can swap
-it in. Three stages in one PrimFunc:
-1. quantize: per row i and activation group a, `xq = rint(x / ax)` with `ax = max|x| / 127`,
-   stored so that code t of packed byte b meets its activation with unit stride (the layout of
-   `kernels.dequant_matmul`'s `xp`); `axs[i, a] = ax * sum(xq)` for the zero-point term;
+it in; a `prelaid` plan instead reads 8-bit codes as words laid out at compile time
+(`words_layout`, `cpu.prelay`). Three stages in one PrimFunc:
+1. quantize: per row i and activation group a (numerics.act_group), `xq = rint(x / ax)` with
+   `ax = max|x| / 127`, stored so that code t of packed byte b meets its activation with unit
+   stride (the layout of `kernels.dequant_matmul`'s `xp`); `axs[i, a] = ax * sum(xq)` for the
+   zero-point term;
 2. integer products: a register tile of MR activation rows x NR weight rows; per block of V packed
    bytes, each weight row is loaded once, widened to V codes per bit position t, and dotted with
-   the MR rows (`Isa.dot`, int32 lanes);
+   the MR rows (`Isa.dot`, int32 lanes); a lone row masks its codes in place instead (`part_dot`);
 3. per group, the int32 lanes become float and take the scales: with codes offset by c for a
    signed dot, `y = sum_a sum_g s (ax (sum (q - c) xq) - (z - c) axs)`.
+From GEMM_ROWS rows (every row count where prelaid) the many-row path (`gemm_part`) replaces 2 and 3.
 
 The last block of a row re-reads the V bytes ending at the row's end; its activations are zero
 where a byte was already counted, so no code beyond the row is read and no padding is stored.
@@ -293,10 +296,12 @@ def gemm_part(p: Plan):
     """The many-row path as a macro over (x words, packed, scale, zero, y, ax, axs, m).
 
     Per task of GEMM_TASK_ROWS weight rows and cache block of columns, the codes are decoded once
-    (a 256-entry table per byte) into 4-code words laid out [row vector][word][lane]; a register
-    tile of MR activation rows x NV vectors of weight rows then broadcasts 4 activation bytes per
-    row against a vector of words (the ISA's dot adds the 4 products per int32 lane), and each
-    activation group flushes into y with the scales: y += ax s sum(q xq) - axs s z."""
+    into 4-code words laid out [row vector][word][lane] (`block_words`, BMI2 pdep or a 256-entry
+    table; pre-laid 8-bit codes are read as they are); a register tile of MR activation rows x NV
+    vectors of weight rows then broadcasts 4 activation bytes per row against a vector of words
+    (the ISA's dot adds the 4 products per int32 lane), and each span (an activation group, or an
+    equal part of one) flushes into y with the scales: y += ax s sum(q xq), and the group's first
+    span - axs s z."""
     isa = p.isa
     N, K, Bw, G, P, L = p.rows, p.cols, p.width, p.ngroups, p.per, isa.lanes
     MR, NV = p.gemm_tile

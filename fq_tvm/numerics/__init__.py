@@ -41,7 +41,8 @@ from .transforms import Chain
 
 __all__ = [
     "Candidate", "auto_damp", "candidates", "choose", "output_error",
-    "ACT_BITS", "ACT_GROUP", "act_group", "quantize_activations", "SCHEMES", "Chain", "DenseLayer", "FusionFrame", "Hadamard", "HessianStat", "QuantConfig",
+    "ACT_BITS", "ACT_GROUP", "act_group", "quantize_activations", "SCHEMES", "Chain", "DenseLayer", "FusionFrame",
+    "Hadamard", "HessianStat", "QuantConfig",
     "QuantizedLinear", "apply", "bits_per_weight", "calibrate", "codes", "dequantize",
     "effective_weight", "find_dense_layers", "frame_block", "frame_k", "framequant", "from_state",
     "fwht", "gather_rows", "get_scheme", "gptq", "grid_params", "input_transforms", "inverse_hessian_factor",
