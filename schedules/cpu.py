@@ -86,26 +86,19 @@ def rewrite(mod: tvm.IRModule, target, act_bits: int = 8) -> tvm.IRModule:
 
 
 def prelay(mod: tvm.IRModule, target) -> tvm.IRModule:
-    """Dequant-matmuls whose int8 plan is `prelaid` (8-bit codes) call that kernel with their codes
-    as a constant in its word layout (`cpu_int8.words_layout`), laid out here once. A code table
-    that anything else reads too (a tied embedding's gather) stays as it is: no copy is stored twice."""
+    """Dequant-matmuls whose int8 plan is `prelaid` (8-bit codes) read their codes as a constant in
+    that kernel's word layout (`cpu_int8.words_layout`), laid out here once; a code gather on the
+    same table (a tied embedding) reads the words too (`cpu_int8.gather_words`), so the table is
+    still stored once. A table that any other call reads keeps its byte layout."""
     from tvm import relax
 
     from .chains import callee, drop_unused
     from .common import mutate_relax_functions
 
-    readers = _const_readers(mod)
-
-    def plan_of(call):
-        func = callee(mod, call)
-        if func is None or str(func.attrs["fq_kernel"]) != "dequant_matmul":
-            return None
-        a = func.attrs
-        p = cpu_int8.plan(int(a["fq_rows"]), int(a["fq_cols"]), int(a["fq_bits"]), int(a.get("fq_group", 0)), target,
-                          act_cols=int(a.get("fq_act_group", 0)), words=True)
-        codes = call.args[1].fields[1]
-        alone = isinstance(codes, tvm.ir.expr.Constant) and readers[codes] == {"dequant_matmul"}
-        return p if p is not None and p.prelaid and alone else None
+    plans = _word_plans(mod, target)
+    if not plans:
+        return mod
+    build = {"dequant_matmul": cpu_int8.dequant_matmul, "code_gather": cpu_int8.gather_words}
 
     @relax.expr_functor.mutator
     class _Prelay(relax.PyExprMutator):
@@ -114,19 +107,45 @@ def prelay(mod: tvm.IRModule, target) -> tvm.IRModule:
             self.funcs, self.words = {}, {}
 
         def visit_call_(self, call):
-            p = plan_of(call)
-            if p is None:
+            func = callee(mod, call)
+            if func is None or str(func.attrs["fq_kernel"]) not in build or call.args[1].fields[1] not in plans:
                 return super().visit_call_(call)
+            first, codes, scale, zero = call.args[1].fields
+            p = plans[codes]
             name = call.args[0].name_hint + "_words"
             if name not in self.funcs:
-                func = cpu_int8.dequant_matmul(p).with_attr("global_symbol", name)
-                self.funcs[name] = self.builder_.add_func(func, name)
-            x, codes, scale, zero = call.args[1].fields
+                kernel = build[str(func.attrs["fq_kernel"])](p).with_attr("global_symbol", name)
+                self.funcs[name] = self.builder_.add_func(kernel, name)
             if codes not in self.words:
                 self.words[codes] = relax.const(cpu_int8.words_layout(codes.value.numpy(), p))
-            return relax.call_tir(self.funcs[name], [self.visit_expr(x), self.words[codes], scale, zero], call.ty)
+            return relax.call_tir(self.funcs[name], [self.visit_expr(first), self.words[codes], scale, zero], call.ty)
 
     return drop_unused(mutate_relax_functions(mod, _Prelay(mod)))
+
+
+def _word_plans(mod, target) -> dict:
+    """{code table: its prelaid int8 plan} for the constant tables that only dequant-matmuls with
+    such a plan (and code gathers) read."""
+    from tvm import relax
+
+    from .chains import callee
+
+    readers, plans = _const_readers(mod), {}
+    for func in mod.functions.values():
+        if not isinstance(func, relax.Function):
+            continue
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                kernel = callee(mod, binding.value) if isinstance(binding.value, relax.Call) else None
+                if kernel is None or str(kernel.attrs["fq_kernel"]) != "dequant_matmul":
+                    continue
+                a, codes = kernel.attrs, binding.value.args[1].fields[1]
+                p = cpu_int8.plan(int(a["fq_rows"]), int(a["fq_cols"]), int(a["fq_bits"]), int(a.get("fq_group", 0)),
+                                  target, act_cols=int(a.get("fq_act_group", 0)), words=True)
+                if p is not None and p.prelaid and isinstance(codes, tvm.ir.expr.Constant) \
+                        and readers[codes] <= {"dequant_matmul", "code_gather"}:
+                    plans[codes] = p
+    return plans
 
 
 def _const_readers(mod) -> dict:
