@@ -209,8 +209,9 @@ def _fuse_transforms(mod: tvm.IRModule, target) -> tvm.IRModule:
 
 def variant(func, target, act_bits: int):
     """Kernels written for CPUs with the same buffers: the Hadamard and the frame (and its
-    transpose) one row at a time (`cpu_hadamard`, `cpu_frame`); with int8 activations, a dequant-matmul runs `cpu_int8` where
-    the target has an ISA for it and the layer fits its blocks, else the float kernel above."""
+    transpose) one row at a time (`cpu_hadamard`, `cpu_frame`); with int8 activations, a
+    dequant-matmul runs `cpu_int8` where the target has an ISA for it and the layer fits its
+    blocks, else the float kernel above (`prelay` has already swapped in the pre-laid ones)."""
     written = _written(func.attrs, target, act_bits)
     return func if written is None else written.with_attr("global_symbol", func.attrs["global_symbol"])
 
