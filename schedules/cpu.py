@@ -142,7 +142,7 @@ def _word_plans(mod, target) -> dict:
                 a, codes = kernel.attrs, binding.value.args[1].fields[1]
                 p = cpu_int8.plan(int(a["fq_rows"]), int(a["fq_cols"]), int(a["fq_bits"]), int(a.get("fq_group", 0)),
                                   target, act_cols=int(a.get("fq_act_group", 0)), words=True)
-                if p is not None and p.prelaid and isinstance(codes, tvm.ir.expr.Constant) \
+                if p is not None and p.prelaid and p.isa.prelay and isinstance(codes, tvm.ir.expr.Constant) \
                         and readers[codes] <= {"dequant_matmul", "code_gather"}:
                     plans[codes] = p
     return plans

@@ -99,16 +99,18 @@ class Isa:
     words: dict | None = None  # bits -> words per dot call in the many-row path
     in_place: bool = False  # lone rows take codes masked in place (no shifts): needs an int32 4-way dot
     pdep: bool = False  # the many-row decode spreads a word's code bits with BMI2 `pdep` (no table)
+    prelay: bool = False  # compiles pre-lay 8-bit codes as words (cpu.prelay): measured faster here
 
 
 ISAS = [
     Isa("avx512-vnni", ("avx512bw", "avx512vnni", "bmi2"), 64, 16, (4, 2), {2: 4, 4: 4, 8: 4}, _dot_vnni512,
-        {2: 0, 4: 0, 8: 0}, gemm=(4, 4), words={2: 4, 4: 4, 8: 4}, in_place=True, pdep=True),
+        {2: 0, 4: 0, 8: 0}, gemm=(4, 4), words={2: 4, 4: 4, 8: 4}, in_place=True, pdep=True, prelay=True),
     # words: vpmaddubsw pairs summed in int16 (2-bit: 4 * 2 * 3 * 128, 4-bit: 4 * 2 * 15 * 128)
     # lone rows: one for 4- and 8-bit codes, whose 4 interleaved weight-row streams halved a
     # one-row product's bandwidth (Zen 3: SmolLM2's int8 head 6.6 -> 2.9 ms from memory, a
     # 4096^2 int8 layer 1.72 -> 0.93 ms from cache); four for 2-bit, whose activation loads the
-    # 4 rows share (1536 x 648 from cache: 26 us with 4, 62 with 1)
+    # 4 rows share (1536 x 648 from cache: 26 us with 4, 62 with 1); no pre-laid 8-bit words by
+    # default: 4096^2 at M = 1, one thread, 0.36 -> 0.46 ms with them (znver3 code on Zen 4)
     Isa("avx2", ("avx2",), 32, 8, (4, 1), {2: 4, 4: 1, 8: 1}, _dot_avx2, {2: 0, 4: 0, 8: 128}, _dot_avx2_signed,
         gemm=(4, 1), words={2: 4, 4: 4, 8: 1}),
     Isa("neon-dotprod", ("neon", "dotprod"), 16, 4, (4, 2), {2: 4, 4: 4, 8: 4}, _dot_sdot, {2: 2, 4: 8, 8: 128},

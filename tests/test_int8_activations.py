@@ -215,6 +215,15 @@ def test_prelay_stores_8bit_codes_as_the_kernels_words():
     assert "dq_words" not in [g.name_hint for g in cpu.rewrite(mod, HOST, 32).get_global_vars()]
 
 
+def test_prelay_only_where_the_isa_gains_from_it():
+    """AVX2 keeps the byte layout (its one-row 8-bit product read slower from the words)."""
+    from fq_tvm.schedules import cpu
+
+    mod, _ = _int8_module(64, 200)
+    assert "dq_words" not in [g.name_hint for g in cpu.rewrite(mod, X86_AVX2, 8).get_global_vars()]
+    assert cpu_int8.plan(64, 200, 8, 0, X86_AVX2, words=True).prelaid  # the kernel itself exists
+
+
 def test_prelay_lays_out_a_table_that_a_gather_also_reads_once():
     """A tied table (gathered as the embedding, multiplied as the head): both calls read the one
     words constant."""
