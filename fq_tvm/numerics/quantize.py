@@ -44,6 +44,9 @@ class QuantConfig:
     guard_refit: bool = True  # guard: requantize the chosen option on all rows (else keep the fit-rows result)
     sequential: bool = False  # gptq / framequant: calibrate each layer on the model with earlier layers quantized
     denoise: bool = False  # gptq / framequant: a least-squares gain per stored row (denoise.py), kept if it helps
+    fp_target: bool = False  # sequential: fit each layer to the fp32 model's outputs (sequential.fp_target_weight)
+    fp_residual: bool = False  # with fp_target: also correct the residual the layer's output is added to
+    refine: int = 0  # gptq / framequant: rounds of grid refit + code coordinate descent after GPTQ (refine.py)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -68,6 +71,8 @@ class QuantConfig:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if not (math.isfinite(self.percdamp) and self.percdamp >= 0):
             raise ValueError(f"percdamp must be >= 0, got {self.percdamp!r}")
+        if not (isinstance(self.refine, int) and self.refine >= 0):
+            raise ValueError(f"refine must be an int >= 0, got {self.refine!r}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
 
