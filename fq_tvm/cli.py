@@ -117,7 +117,8 @@ def _compile_parser() -> argparse.ArgumentParser:
                         "it lowers the held-out error; default: the scheme's choice")
     p.add_argument("--fp-target", action=argparse.BooleanOptionalAction, default=None,
                    help="with sequential calibration, fit each layer to the fp32 model's outputs (the fp32 model "
-                        "runs alongside: calibration costs twice the forward passes); default: the scheme's choice")
+                        "runs alongside: calibration costs twice the forward passes), and layers feeding a residual "
+                        "Add also to the fp32 residual stream (the scheme's fp_residual); default: the scheme's choice")
     p.add_argument("--refine", type=int, metavar="N",
                    help="rounds of per-row grid refit and code coordinate descent after GPTQ (0: off); default: "
                         "the scheme's choice")
@@ -168,6 +169,7 @@ def _list_schemes() -> None:
         extra += " sequential calibration" if cfg.sequential else ""
         extra += " denoise" if cfg.denoise else ""
         extra += " fp32-target" if cfg.fp_target else ""
+        extra += " +residual" if cfg.fp_target and cfg.fp_residual else ""
         extra += f" refine {cfg.refine}" if cfg.refine else ""
         print(f"{cfg.name:7} {cfg.method:10} {cfg.bits:2d}-bit{extra}")
 

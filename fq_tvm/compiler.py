@@ -67,8 +67,9 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     default (numerics QuantConfig.sequential). denoise: True fits one least-squares gain per stored
     row, kept where it lowers the held-out error (numerics/denoise.py, `--denoise`), False does not;
     None: the scheme's default. fp_target: with sequential calibration, fit each layer to the fp32
-    model's outputs rather than to its own on the quantized inputs (numerics/sequential.py
-    fp_target_weight, `--fp-target`); None: the scheme's default. refine: rounds of per-row grid
+    model's outputs rather than to its own on the quantized inputs, and a layer feeding a residual
+    Add to the fp32 residual stream too (numerics/sequential.py fp_target_weight; sets QuantConfig
+    fp_target and fp_residual; `--fp-target`); None: the scheme's default. refine: rounds of per-row grid
     refit and code coordinate descent after GPTQ (numerics/refine.py, `--refine N`, 0 off); None:
     the scheme's default. bits: FrameQuant schemes only (`--bits`): per group
     of layers reading one activation, choose among numerics.allocation_options (redundancy 1.0, the
@@ -100,7 +101,8 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
         cfg = scheme_config(scheme, redundancy=redundancy, l_den=l_den,
                             sequential=None if calib_sequential is None else bool(calib_sequential),
                             denoise=None if denoise is None else bool(denoise),
-                            fp_target=None if fp_target is None else bool(fp_target), refine=refine)
+                            fp_target=None if fp_target is None else bool(fp_target),
+                            fp_residual=None if fp_target is None else bool(fp_target), refine=refine)
     check_bits(cfg, bits)
     if act_bits not in ACT_BITS:
         raise FqError(f"--act-bits must be one of {', '.join(map(str, ACT_BITS))}, not {act_bits}")

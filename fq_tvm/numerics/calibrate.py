@@ -52,7 +52,7 @@ class HessianStat:
     count: float
     held_xtx: np.ndarray | None = None
     held_count: float = 0.0
-    cross: np.ndarray | None = None  # sequential with fp_target: sum of x_fp32 x^T over all rows
+    cross: np.ndarray | None = None  # sequential with fp_target: sum of (x_fp32 - x) x^T over all rows
     resid: np.ndarray | None = None  # with fp_residual: sum of (r_fp32 - r) x^T, r the residual added to the output
 
     def hessian(self) -> np.ndarray:

@@ -130,7 +130,7 @@ def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8,
     in every later segment (same layout as the model's), kept until their last reader has run.
     keep_stats False: each HessianStat is dropped once quantize has seen it (returns {}).
     fp_target: the fp32 model runs alongside (its live tensors kept the same way) and each
-    HessianStat also gets `cross`, the sum of x_fp32 x^T (fp_target_weight). residuals
+    HessianStat also gets `cross`, the sum of (x_fp32 - x) x^T (fp_target_weight). residuals
     ({tensor: residual tensor}, with fp_target; residual_inputs): `resid` too, the sum of
     (r_fp32 - r) x^T."""
     model = _load(model)
@@ -174,7 +174,7 @@ def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8,
                     fp_live = fp_store.get(b)
                     fp_live = {**fp_live, **run_fp(fp_live)}
                     for name in names:
-                        _accumulate_cross(stats[name], fp_live[name], live[name], mask)
+                        _accumulate_cross(stats[name], fp_live[name] - live[name], live[name], mask)
                         if name in (residuals or {}):
                             r = residuals[name]
                             _accumulate_cross(stats[name], fp_live[r] - live[r], live[name], mask, "resid")
@@ -197,33 +197,35 @@ def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8,
 
 def _accumulate_cross(stat: HessianStat, other, act, mask, field: str = "cross") -> None:
     """stat.<field> += sum over rows of y x^T (y: `other`, x: `act`), mask-weighted like the Hessian
-    (calibrate._accumulate)."""
-    act = np.asarray(act, dtype=np.float64)
-    w = None
-    if mask is not None and act.shape[:-1] == np.shape(mask):
-        w = np.asarray(mask, dtype=np.float64).reshape(-1, 1)
-    other = np.asarray(other, dtype=np.float64)
-    other = other.reshape(-1, other.shape[-1])
-    act = act.reshape(-1, act.shape[-1])
-    total = (other if w is None else other * w).T @ act
+    (calibrate._accumulate). y is a difference of fp32 and quantized-model tensors, small against x,
+    so float32 products per batch are accurate enough; the sum is float64."""
+    other = np.asarray(other, dtype=np.float32).reshape(-1, np.shape(other)[-1])
+    weighted = mask is not None and np.shape(act)[:-1] == np.shape(mask)
+    act = np.asarray(act, dtype=np.float32).reshape(-1, np.shape(act)[-1])
+    if weighted:  # padding adds nothing: skip its rows
+        w = np.asarray(mask, dtype=np.float32).reshape(-1)
+        keep = w != 0
+        other, act = other[keep] * w[keep, None], act[keep]
+    total = (other.T @ act).astype(np.float64)
     setattr(stat, field, total if getattr(stat, field) is None else getattr(stat, field) + total)
 
 
 FP_TARGET_DAMP = 0.01  # fp_target_weight: damping of the correction, fraction of the mean diagonal
 
 
-def fp_target_weight(W: np.ndarray, stat: HessianStat, percdamp: float = FP_TARGET_DAMP) -> np.ndarray:
+def fp_target_weight(W: np.ndarray, stat: HessianStat, percdamp: float | None = None) -> np.ndarray:
     """The weight whose outputs on the quantized model's inputs X best match the fp32 model's:
-    argmin_V ||W X_fp + R_fp - V X - R|| = (W B + D) A^-1 with A = X X^T, B = X_fp X^T and
-    D = (R_fp - R) X^T (stat.resid: the residual added to the layer's output, when known, else 0),
-    written W + (W (B - A) + D) (A + d I)^-1 so that damping (d = percdamp x mean diag A) only
-    shrinks the correction. Asymmetric calibration, as in GPTAQ (Li et al. 2025)."""
+    argmin_V ||W X_fp + R_fp - V X - R|| = W + (W E + D) A^-1 with A = X X^T, E = (X_fp - X) X^T
+    (stat.cross) and D = (R_fp - R) X^T (stat.resid: the residual added to the layer's output, when
+    known, else 0); A is damped by d = percdamp x its mean diagonal (None: FP_TARGET_DAMP), which
+    only shrinks the correction. Asymmetric calibration, as in GPTAQ (Li et al. 2025)."""
     W = np.asarray(W, dtype=np.float64)
     if stat.cross is None:
         return W
+    percdamp = FP_TARGET_DAMP if percdamp is None else percdamp
     A = stat.xtx
     Ad = A + percdamp * float(np.mean(np.diag(A))) * np.eye(len(A))
-    rhs = (stat.cross - A).T @ W.T
+    rhs = stat.cross.T @ W.T
     if stat.resid is not None:
         rhs += stat.resid.T
     return W + np.linalg.solve(Ad, rhs).T
