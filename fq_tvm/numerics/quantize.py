@@ -102,7 +102,10 @@ SCHEMES = {
     # 2-bit sigma grids clip at 1.75 sigma, not the paper's 2: with the clipping error fed back
     # (gptq.py) it measured better on SmolLM2 and MiniLM at r = 1.0 and 1.1 (docs/numerics.md).
     "had2": QuantConfig("had2", "framequant", bits=2, clip_sigma=CLIP_SIGMA_2BIT, redundancy=1.0, sequential=True),
-    "fq2": QuantConfig("fq2", "framequant", bits=2, clip_sigma=CLIP_SIGMA_2BIT, redundancy=1.1, sequential=True),
+    # fq2 also fits each layer to the fp32 model's outputs and residual stream (sequential.fp_target_weight):
+    # MiniLM cosine .864 -> .909, SmolLM2 perplexity (docs/numerics.md, "Fitting to the fp32 model").
+    "fq2": QuantConfig("fq2", "framequant", bits=2, clip_sigma=CLIP_SIGMA_2BIT, redundancy=1.1, sequential=True,
+                       fp_target=True, fp_residual=True),
     "fq2r1": QuantConfig("fq2r1", "framequant", bits=2, clip_sigma=CLIP_SIGMA_2BIT, redundancy=1.0,
                          sequential=True),
     "fq4": QuantConfig("fq4", "framequant", bits=4, clip_sigma=3.0, redundancy=1.0),
