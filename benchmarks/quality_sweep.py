@@ -13,7 +13,8 @@ Hessian sums are cached on disk. Each configuration is quantized exactly as fq_t
 Runtime:
 - smollm2: perplexity on Pride and Prejudice, 2 windows x 512 tokens (evaluate.austen_windows);
 - minilm: Lee Spearman, WordSim353, SimLex999, polarity accuracy and mean cosine of the Lee
-  embeddings to fp32 (evaluate.evaluate_minilm).
+  embeddings to fp32 (evaluate.evaluate_minilm). `--calib NxSEQ+S` adds S short samples (the
+  first 1-12 words of other passages, realmodels.short_texts).
 `--bits B` chooses per group of layers among redundancies and 4-bit codes within B bits per weight
 (fq_tvm.quantize.quantize_allocated, what `fq-compile --bits` does). `--seq` calibrates sequentially (fq_tvm.quantize.quantize_sequential, what `fq-compile --calib-sequential`
 does): each layer's Hessian from the model with the layers before it already quantized. Without it
@@ -83,13 +84,13 @@ def load_model(model: str, work: Path):
     return onnx.load(str(path))
 
 
-def calib_file(model: str, work: Path, n: int, seq: int) -> Path:
-    path = work / f"{model}.calib.{n}x{seq}.npz"
+def calib_file(model: str, work: Path, n: int, seq: int, short: int = 0) -> Path:
+    path = work / f"{model}.calib.{n}x{seq}{f'+{short}' if short else ''}.npz"
     if not path.exists():
         if model == "smollm2":
             realmodels.smollm2_calib(path, n=n, seq=seq)
         else:
-            realmodels.minilm_calib(path, n=n, max_len=seq)
+            realmodels.minilm_calib(path, n=n, max_len=seq, short=short)
     return path
 
 
@@ -240,7 +241,9 @@ def main(argv=None):
     plan = plan_layers(proto, SKIP[args.model])
     evaluator = Evaluator(args.model, work, proto)
     for cspec in calibs:
-        n, seq = (int(v) for v in cspec.lower().split("x"))
+        size, _, short = cspec.lower().partition("+")  # minilm NxSEQ+S: S short samples more
+        n, seq = (int(v) for v in size.split("x"))
+        short = int(short or 0)
         hess = None
         for spec in args.configs:
             cfg = sweep_config(spec, args.seq)
@@ -252,13 +255,13 @@ def main(argv=None):
             else:
                 sequential = (args.seq or cfg.sequential) and cfg.method != "rtn"
                 if cfg.method != "rtn" and hess is None and (args.bits or not sequential):
-                    calib = calib_file(args.model, work, n, seq)
-                    hess = hessians_cached(proto, plan.chosen, calib, work / f"{args.model}.hess-split.{n}x{seq}.npz")
+                    calib = calib_file(args.model, work, n, seq, short)
+                    hess = hessians_cached(proto, plan.chosen, calib, work / f"{args.model}.hess-split.{cspec.lower()}.npz")
                 configs = None
                 if args.bits:
                     configs, row["allocation"] = quantize_allocated(proto, plan, cfg, hess, args.bits, progress=False)
                 if sequential:
-                    records = quantize_sequential(proto, plan, cfg, calib_file(args.model, work, n, seq), progress=False,
+                    records = quantize_sequential(proto, plan, cfg, calib_file(args.model, work, n, seq, short), progress=False,
                                                   configs=configs)
                 else:
                     records = quantize_layers(proto, plan, cfg, hess if cfg.method != "rtn" else None, progress=False,

@@ -115,6 +115,13 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=None,
                    help="fit one least-squares gain per stored row of each layer (folded into its scales), kept where "
                         "it lowers the held-out error; default: the scheme's choice")
+    p.add_argument("--fp-target", action=argparse.BooleanOptionalAction, default=None,
+                   help="with sequential calibration, fit each layer to the fp32 model's outputs (the fp32 model "
+                        "runs alongside: calibration costs twice the forward passes), and layers feeding a residual "
+                        "Add also to the fp32 residual stream (the scheme's fp_residual); default: the scheme's choice")
+    p.add_argument("--refine", type=int, metavar="N",
+                   help="rounds of per-row grid refit and code coordinate descent after GPTQ (0: off); default: "
+                        "the scheme's choice")
     p.add_argument("--tokenizer", metavar="DIR", help="directory with tokenizer.json (or the file) for --calib-text")
     p.add_argument("--input-shape", action="append", metavar="NAME=DIMS",
                    help="pin a dynamic input before import, by input name (pixel_values=1,3,224,224) or by "
@@ -161,6 +168,9 @@ def _list_schemes() -> None:
         extra = f" r={cfg.redundancy}" if cfg.method == "framequant" else ""
         extra += " sequential calibration" if cfg.sequential else ""
         extra += " denoise" if cfg.denoise else ""
+        extra += " fp32-target" if cfg.fp_target else ""
+        extra += " +residual" if cfg.fp_target and cfg.fp_residual else ""
+        extra += f" refine {cfg.refine}" if cfg.refine else ""
         print(f"{cfg.name:7} {cfg.method:10} {cfg.bits:2d}-bit{extra}")
 
 
@@ -191,6 +201,7 @@ def compile_main(argv=None):
             _check_text_calibration(args)
         given = {"--calib": args.calib, "--calib-text": args.calib_text, "--calib-samples": args.calib_samples,
                  "--calib-sequential": args.calib_sequential or None, "--denoise": args.denoise or None,
+                 "--fp-target": args.fp_target or None, "--refine": args.refine or None,
                  "--pad-small": args.pad_small, "--quantize-head": args.quantize_head,
                  "--head-scheme": args.head_scheme}
         for text in ignored_options(cfg, given):
@@ -207,7 +218,9 @@ def compile_main(argv=None):
                             tuning_db=args.tuning_db, quantize_head=args.quantize_head and cfg.method != "none",
                             head_scheme=args.head_scheme if cfg.method != "none" else None,
                             calib_sequential=args.calib_sequential if calibrates(cfg) else None,
-                            denoise=args.denoise if calibrates(cfg) else None, bits=args.bits)
+                            denoise=args.denoise if calibrates(cfg) else None, bits=args.bits,
+                            fp_target=args.fp_target if calibrates(cfg) else None,
+                            refine=args.refine if calibrates(cfg) else None)
     info = summary(out, time.monotonic() - start)
     if args.json:
         print(json.dumps(info, indent=2))

@@ -40,7 +40,8 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
             force: bool = False, quiet: bool = False, records: dict | None = None, act_bits: int = 8,
             input_shapes=None, calib_samples: int | None = None, pad_small: bool = False,
             tuning_db=None, quantize_head: bool = False, head_scheme: str | None = None,
-            calib_sequential: bool | None = None, denoise: bool | None = None, bits: float | None = None) -> Path:
+            calib_sequential: bool | None = None, denoise: bool | None = None, bits: float | None = None,
+            fp_target: bool | None = None, refine: int | None = None) -> Path:
     """Compile an ONNX model for `target` into an artifact directory; return its path.
 
     model: path to an .onnx file. target: a preset name (`fq-compile --list-targets`) or a TVM
@@ -65,7 +66,12 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     `--calib-sequential`), False on the fp32 model (`--no-calib-sequential`); None: the scheme's
     default (numerics QuantConfig.sequential). denoise: True fits one least-squares gain per stored
     row, kept where it lowers the held-out error (numerics/denoise.py, `--denoise`), False does not;
-    None: the scheme's default. bits: FrameQuant schemes only (`--bits`): per group
+    None: the scheme's default. fp_target: with sequential calibration, fit each layer to the fp32
+    model's outputs rather than to its own on the quantized inputs, and a layer feeding a residual
+    Add to the fp32 residual stream too (numerics/sequential.py fp_target_weight; sets QuantConfig
+    fp_target and fp_residual; `--fp-target`); None: the scheme's default. refine: rounds of per-row grid
+    refit and code coordinate descent after GPTQ (numerics/refine.py, `--refine N`, 0 off); None:
+    the scheme's default. bits: FrameQuant schemes only (`--bits`): per group
     of layers reading one activation, choose among numerics.allocation_options (redundancy 1.0, the
     scheme's, 1.25, 1.5; 4-bit codes) the least summed held-out error within `bits` stored bits per
     weight on average (quantize.quantize_allocated). records: if a dict, filled with {ONNX weight name: numerics.QuantizedLinear} of the
@@ -84,16 +90,19 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     cfg = scheme_config(scheme, redundancy=redundancy, l_den=l_den)
     quantize_head = quantize_head or head_scheme is not None
     given = {"calib=": calib, "calib_samples=": calib_samples, "calib_sequential=": calib_sequential or None,
-             "denoise=": denoise or None, "pad_small=": pad_small, "quantize_head=": quantize_head}
+             "denoise=": denoise or None, "fp_target=": fp_target or None, "refine=": refine or None,
+             "pad_small=": pad_small, "quantize_head=": quantize_head}
     for text in ignored_options(cfg, given):
         warn(text)
     head_cfg = _head_config(cfg, head_scheme) if quantize_head and cfg.method != "none" else None
     if not calibrates(cfg):
         calib = calib_samples = None
-    elif calib_sequential is not None or denoise is not None:
+    elif any(v is not None for v in (calib_sequential, denoise, fp_target, refine)):
         cfg = scheme_config(scheme, redundancy=redundancy, l_den=l_den,
                             sequential=None if calib_sequential is None else bool(calib_sequential),
-                            denoise=None if denoise is None else bool(denoise))
+                            denoise=None if denoise is None else bool(denoise),
+                            fp_target=None if fp_target is None else bool(fp_target),
+                            fp_residual=None if fp_target is None else bool(fp_target), refine=refine)
     check_bits(cfg, bits)
     if act_bits not in ACT_BITS:
         raise FqError(f"--act-bits must be one of {', '.join(map(str, ACT_BITS))}, not {act_bits}")
@@ -224,8 +233,8 @@ def ignored_options(cfg, given: dict) -> list[str]:
 
 
 def _calibration_option(name: str) -> bool:
-    """Options that only calibrating schemes use (--calib*, --denoise)."""
-    return "calib" in name or "denoise" in name
+    """Options that only calibrating schemes use (--calib*, --denoise, --fp-target, --refine)."""
+    return any(word in name for word in ("calib", "denoise", "fp_target", "fp-target", "refine"))
 
 
 def check_bits(cfg, bits) -> None:

@@ -343,6 +343,10 @@ def _quantize_one(proto, plan: Plan, layer, cfg, h, head_cfg=None):
     w = weight_matrix(proto, layer)
     if layer.alpha != 1.0:  # Relax applies Gemm's alpha to the activation, keep W raw
         w = w / np.float32(layer.alpha)
+    if getattr(h, "cross", None) is not None:  # sequential with fp_target: aim at the fp32 outputs
+        from .numerics.sequential import fp_target_weight
+
+        w = fp_target_weight(w, h)
     return quantize_layer(
         plan.names[layer.node], w, h, head_cfg if head_cfg is not None and layer.weight in plan.tied else cfg,
         input_seed=seed_for(layer.activation + ":in", cfg.seed),
@@ -361,7 +365,7 @@ def quantize_sequential(proto, plan: Plan, cfg, calib, progress: bool = True, sa
 
     from . import calib_data
     from .numerics import effective_weight
-    from .numerics.sequential import sequential_calibrate
+    from .numerics.sequential import residual_inputs, sequential_calibrate
 
     data, batch, notes = calib_data.validate(proto, calib_data.read(calib), samples)
     for note in notes if progress else []:
@@ -387,7 +391,8 @@ def quantize_sequential(proto, plan: Plan, cfg, calib, progress: bool = True, sa
     tensors = list(dict.fromkeys(use.activation for use in plan.all_uses(plan.chosen)))
     try:
         sequential_calibrate(proto, data, tensors, quantize, batch_size=batch, mask_input=mask, progress=progress,
-                             keep_stats=False)
+                             keep_stats=False, fp_target=cfg.fp_target,
+                             residuals=residual_inputs(proto, plan.chosen) if cfg.fp_residual else None)
     except ValueError as err:
         raise FqError(f"calibration failed: {err}") from None
     return {layer.weight: records[layer.weight] for layer in plan.chosen}

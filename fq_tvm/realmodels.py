@@ -328,17 +328,29 @@ def _check_minilm(model, tok, onnx_path) -> float:
     return diff
 
 
-def minilm_calib(path, n: int = 256, max_len: int = 128) -> Path:
+def minilm_calib(path, n: int = 256, max_len: int = 128, short: int = 0) -> Path:
     """Calibration .npz for MiniLM from Wikipedia: n passages (whole paragraphs, truncated at max_len
     tokens), padded to max_len, keyed by the ONNX input names. Deterministic (evenly spaced
     paragraphs of the sample, in file order). The default 256 (was 64) raised fq2's cosine to the
-    fp32 embeddings 0.833 -> 0.852 (docs/numerics.md, "Measured")."""
+    fp32 embeddings 0.833 -> 0.852 (docs/numerics.md, "Measured"). short: that many more samples,
+    each the first 1-12 words (cycling) of another paragraph: inputs as short as the word-similarity
+    sets' (short_texts)."""
     paras = wiki_paragraphs()
     picks = np.linspace(0, len(paras) - 1, n).round().astype(int)
-    feed = tokenize_minilm(minilm_tokenizer(), [paras[i] for i in picks], pad_to=max_len)
+    texts = [paras[i] for i in picks] + short_texts(paras, short)
+    feed = tokenize_minilm(minilm_tokenizer(), texts, pad_to=max_len)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **feed)
     return Path(path)
+
+
+def short_texts(paras: list[str], n: int) -> list[str]:
+    """n short texts: the first 1 + (i % 12) words of evenly spaced paragraphs (offset from
+    minilm_calib's picks by half a step)."""
+    if n <= 0:
+        return []
+    picks = (np.linspace(0, len(paras) - 1, n + 1)[:-1] + (len(paras) - 1) / (2 * n)).round().astype(int)
+    return [" ".join(paras[p].split()[: 1 + i % 12]) for i, p in enumerate(picks)]
 
 
 # ---- SmolLM2 -----------------------------------------------------------------------------------

@@ -62,17 +62,23 @@ def _rounded(w):
     return (np.round(np.asarray(w, np.float64) * 4) / 4).astype(np.float32)
 
 
-def _numpy_stats(samples, quantized: bool):
-    """{activation: (xtx, count, held_xtx, held_count)} from a float64 numpy forward pass, every
-    weight rounded when quantized (each layer's input then comes from rounded weights before it)."""
+def _numpy_acts(samples, quantized: bool):
+    """{activation: array} from a float64 numpy forward pass, every weight rounded when quantized
+    (each layer's input then comes from rounded weights before it)."""
     q = {k: (_rounded(v) if quantized else np.float32(v)).astype(np.float64) for k, v in W.items()}
     x, mask = samples["x"].astype(np.float64), samples["mask"].astype(np.float64)
     h1 = np.maximum(x @ q["w1"] + np.float32(B1), 0)
     h2 = np.tanh(h1 @ q["w2"] + h1)
     m = (h2 @ q["w3"]) * (h2 @ q["w4"]) * mask[..., None]
-    held = (np.arange(len(x)) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1)[:, None] * np.ones_like(mask)
+    return {"x": x, "h1": h1, "h2": h2, "m": m}
+
+
+def _numpy_stats(samples, quantized: bool):
+    """{activation: (xtx, count, held_xtx, held_count)} from _numpy_acts."""
+    mask = samples["mask"].astype(np.float64)
+    held = (np.arange(len(mask)) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1)[:, None] * np.ones_like(mask)
     out = {}
-    for name, act in {"x": x, "h1": h1, "h2": h2, "m": m}.items():
+    for name, act in _numpy_acts(samples, quantized).items():
         rows, wts, hrow = act.reshape(-1, act.shape[-1]), mask.reshape(-1), held.reshape(-1).astype(bool)
         out[name] = ((rows * wts[:, None]).T @ rows, wts.sum(), (rows[hrow] * wts[hrow, None]).T @ rows[hrow],
                      wts[hrow].sum())
@@ -119,6 +125,58 @@ def test_hessians_of_the_quantized_prefix_match_numpy(memory_bytes):
     _check(seen, _numpy_stats(samples, quantized=True))
 
 
+def test_fp_target_sums_fp32_times_quantized_inputs():
+    """fp_target: the fp32 model runs alongside; cross = sum of (x_fp32 - x) x^T (mask-weighted)."""
+    def quantize(name, stat):
+        weights = {"x": ["w1"], "h1": ["w2"], "h2": ["w3", "w4"], "m": ["w5"]}[name]
+        return {w: _rounded(W[w]) for w in weights}
+
+    samples = _samples()
+    from fq_tvm.numerics import find_dense_layers
+    from fq_tvm.numerics.sequential import residual_inputs
+
+    model = _graph_model()
+    residuals = residual_inputs(model, find_dense_layers(model))
+    assert residuals == {"h1": "h1"}  # l2's output c is added to h1; l3/l4 share h2, l1 and l5 add nothing
+    samples = _samples()
+    stats = sequential_calibrate(model, samples, ["x", "h1", "h2", "m"], quantize, batch_size=4,
+                                 mask_input="mask", progress=False, memory_bytes=0, fp_target=True,
+                                 residuals=residuals)
+    _check(stats, _numpy_stats(samples, quantized=True))  # the Hessians are unchanged
+    fp, qd = _numpy_acts(samples, False), _numpy_acts(samples, True)
+    wts = samples["mask"].reshape(-1, 1).astype(np.float64)
+
+    def rows(a):
+        return a.reshape(-1, a.shape[-1])
+
+    for name in fp:
+        ref = (rows(fp[name] - qd[name]) * wts).T @ rows(qd[name])
+        np.testing.assert_allclose(stats[name].cross, ref, atol=1e-4 * np.abs(ref).max(), err_msg=name)
+    ref = (rows(fp["h1"] - qd["h1"]) * wts).T @ rows(qd["h1"])
+    np.testing.assert_allclose(stats["h1"].resid, ref, atol=1e-4 * np.abs(ref).max())
+    assert stats["h2"].resid is None
+
+
+def test_fp_target_weight_is_the_least_squares_fit():
+    from fq_tvm.numerics import HessianStat
+    from fq_tvm.numerics.sequential import fp_target_weight
+
+    rng = np.random.default_rng(4)
+    x_fp = rng.standard_normal((300, 12))
+    x_q = x_fp + 0.2 * rng.standard_normal((300, 12))
+    w = rng.standard_normal((5, 12))
+    stat = HessianStat(x_q.T @ x_q, 300.0, cross=(x_fp - x_q).T @ x_q)
+    ref = np.linalg.lstsq(x_q, x_fp @ w.T, rcond=None)[0].T  # argmin ||x_fp W^T - x_q V^T||
+    np.testing.assert_allclose(fp_target_weight(w, stat, percdamp=0.0), ref, rtol=1e-8, atol=1e-10)
+    same = HessianStat(x_fp.T @ x_fp, 300.0, cross=np.zeros((12, 12)))
+    np.testing.assert_allclose(fp_target_weight(w, same), w, atol=1e-12)  # no upstream error: W itself
+    r_fp = rng.standard_normal((300, 5))
+    r_q = r_fp + 0.1 * rng.standard_normal((300, 5))
+    stat.resid = (r_fp - r_q).T @ x_q
+    ref = np.linalg.lstsq(x_q, x_fp @ w.T + r_fp - r_q, rcond=None)[0].T  # argmin ||x_fp W^T + r_fp - x_q V^T - r_q||
+    np.testing.assert_allclose(fp_target_weight(w, stat, percdamp=0.0), ref, rtol=1e-8, atol=1e-10)
+
+
 def test_without_replacements_it_is_plain_calibration():
     samples = _samples(7)
     model = _graph_model()
@@ -151,7 +209,7 @@ def test_quantize_sequential_equals_layer_by_layer_reference(tmp_path):
     np.savez(tmp_path / "calib.npz", x=x)
     plan = plan_layers(proto)
     assert len(plan.chosen) == 3
-    cfg = get_scheme("fq2", sequential=True)
+    cfg = get_scheme("fq2", sequential=True, fp_target=False)  # the fp32 target has its own tests
     records = quantize_sequential(proto, plan, cfg, tmp_path / "calib.npz", progress=False)
     ref = {}
     for layer in plan.chosen:
@@ -178,12 +236,16 @@ def test_cli_flag_mirrors_the_keyword():
     assert parser.parse_args(["m.onnx"]).denoise is None
     assert parser.parse_args(["m.onnx", "--denoise"]).denoise is True
     assert parser.parse_args(["m.onnx", "--no-denoise"]).denoise is False
+    assert parser.parse_args(["m.onnx"]).fp_target is None
+    assert parser.parse_args(["m.onnx", "--no-fp-target"]).fp_target is False
+    assert parser.parse_args(["m.onnx"]).refine is None
+    assert parser.parse_args(["m.onnx", "--refine", "0"]).refine == 0
 
 
 @pytest.mark.build
 def test_compile_calibrates_sequentially(tmp_path):
-    """compile(calib_sequential=True, denoise=True) stores what quantize_sequential gives under that
-    config; the manifest says so."""
+    """compile(calib_sequential=True, denoise=True, fp_target=True, refine=1) stores what
+    quantize_sequential gives under that config; the manifest says so."""
     import json
 
     import fq_tvm
@@ -195,12 +257,13 @@ def test_compile_calibrates_sequentially(tmp_path):
     np.savez(tmp_path / "calib.npz", x=x)
     records = {}
     out = fq_tvm.compile(path, "host", tmp_path / "seq", scheme="gptq2", calib=tmp_path / "calib.npz", quiet=True,
-                         records=records, calib_sequential=True, denoise=True)
+                         records=records, calib_sequential=True, denoise=True, fp_target=True, refine=1)
     scheme = json.loads((out / "manifest.json").read_text())["scheme"]
     assert scheme["sequential"] is True and scheme["denoise"] is True
+    assert scheme["fp_target"] is True and scheme["fp_residual"] is True and scheme["refine"] == 1
     proto = onnx.load(str(path))
-    ref = quantize_sequential(proto, plan_layers(proto), get_scheme("gptq2", denoise=True), tmp_path / "calib.npz",
-                              progress=False)
+    cfg = get_scheme("gptq2", denoise=True, fp_target=True, fp_residual=True, refine=1)
+    ref = quantize_sequential(proto, plan_layers(proto), cfg, tmp_path / "calib.npz", progress=False)
     assert list(records) == list(ref)
     for name in ref:
         np.testing.assert_array_equal(records[name].packed, ref[name].packed)

@@ -19,6 +19,7 @@ from .guard import Candidate, auto_damp, choose, output_energy, output_error
 from .hadamard import Hadamard, seed_for
 from .quantize import QuantConfig, get_scheme, rtn
 from .record import QuantizedLinear, effective_weight
+from .refine import refine
 from .transforms import Chain
 
 NORM_DAMP = 0.01  # the reference's H <- H K / tr(H) + 0.01 I, before the transform
@@ -82,7 +83,11 @@ class _Layer:
     def solve(self, cand: Candidate, Hc):
         if cand.solver == "rtn":
             return rtn(self.C, self.cfg)
-        return gptq(self.C, Hc, self.cfg, percdamp=cand.percdamp, act_order=cand.act_order)
+        codes, scale, zero = gptq(self.C, Hc, self.cfg, percdamp=cand.percdamp, act_order=cand.act_order)
+        if self.cfg.refine:
+            codes, scale, zero = refine(self.C, Hc, codes, scale, zero, self.cfg.maxq, self.cfg.group_size,
+                                        self.cfg.refine, cand.percdamp)
+        return codes, scale, zero
 
     def record(self, codes, scale, zero, guard=None) -> QuantizedLinear:
         N, K = self.W.shape

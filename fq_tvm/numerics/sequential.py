@@ -120,14 +120,19 @@ class _Store:
 
 def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8, mask_input: str | None = None,
                          progress: bool = True, memory_bytes: int = MEMORY_BYTES,
-                         keep_stats: bool = True) -> dict[str, HessianStat]:
+                         keep_stats: bool = True, fp_target: bool = False,
+                         residuals: dict | None = None) -> dict[str, HessianStat]:
     """{tensor: HessianStat} like calibrate(), each tensor measured on the model as it stands
     after the earlier `quantize` calls.
 
     quantize(name, stat) is called once per tensor, in graph order, as soon as its statistics are
     complete; it returns {initializer name: array} (possibly empty) that replace those initializers
     in every later segment (same layout as the model's), kept until their last reader has run.
-    keep_stats False: each HessianStat is dropped once quantize has seen it (returns {})."""
+    keep_stats False: each HessianStat is dropped once quantize has seen it (returns {}).
+    fp_target: the fp32 model runs alongside (its live tensors kept the same way) and each
+    HessianStat also gets `cross`, the sum of (x_fp32 - x) x^T (fp_target_weight). residuals
+    ({tensor: residual tensor}, with fp_target; residual_inputs): `resid` too, the sum of
+    (r_fp32 - r) x^T."""
     model = _load(model)
     data = _samples(samples)
     graph = model.graph
@@ -145,15 +150,18 @@ def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8,
     types = _elem_types(model)
     replaced: dict[str, np.ndarray] = {}
     store = _Store(memory_bytes)
+    fp_store = _Store(memory_bytes) if fp_target else None
     starts = list(range(0, total, batch_size))
     for b, start in enumerate(starts):
-        store.put(b, {name: data[name][start : start + batch_size] for name in graph_inputs})
+        for st in filter(None, (store, fp_store)):
+            st.put(b, {name: data[name][start : start + batch_size] for name in graph_inputs})
     stats: dict[str, HessianStat] = {}
     bar = _progress(len(tensors), progress)
     try:
         for first, stop, names in segments(model, tensors):
             keep = {n for n, last in last_use.items() if last >= stop} | set(names)
             run = _segment_runner(model, first, stop, keep, inits, replaced, types)
+            run_fp = _segment_runner(model, first, stop, keep, inits, {}, types) if fp_target else None
             for b, start in enumerate(starts):
                 live = store.get(b)
                 live = {**live, **run(live)}
@@ -162,6 +170,15 @@ def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8,
                 for name in names:
                     _accumulate(stats, name, live[name], mask, held)
                 store.put(b, {n: a for n, a in live.items() if n in keep})
+                if fp_target:
+                    fp_live = fp_store.get(b)
+                    fp_live = {**fp_live, **run_fp(fp_live)}
+                    for name in names:
+                        _accumulate_cross(stats[name], fp_live[name] - live[name], live[name], mask)
+                        if name in (residuals or {}):
+                            r = residuals[name]
+                            _accumulate_cross(stats[name], fp_live[r] - live[r], live[name], mask, "resid")
+                    fp_store.put(b, {n: a for n, a in fp_live.items() if n in keep})
             replaced = {n: a for n, a in replaced.items() if last_use.get(n, -1) >= stop}
             for name in names:
                 replaced.update(quantize(name, stats[name]) or {})
@@ -171,9 +188,74 @@ def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8,
                     bar.update(1)
     finally:
         store.close()
+        if fp_store is not None:
+            fp_store.close()
         if bar is not None:
             bar.close()
     return stats
+
+
+def _accumulate_cross(stat: HessianStat, other, act, mask, field: str = "cross") -> None:
+    """stat.<field> += sum over rows of y x^T (y: `other`, x: `act`), mask-weighted like the Hessian
+    (calibrate._accumulate). y is a difference of fp32 and quantized-model tensors, small against x,
+    so float32 products per batch are accurate enough; the sum is float64."""
+    other = np.asarray(other, dtype=np.float32).reshape(-1, np.shape(other)[-1])
+    weighted = mask is not None and np.shape(act)[:-1] == np.shape(mask)
+    act = np.asarray(act, dtype=np.float32).reshape(-1, np.shape(act)[-1])
+    if weighted:  # padding adds nothing: skip its rows
+        w = np.asarray(mask, dtype=np.float32).reshape(-1)
+        keep = w != 0
+        other, act = other[keep] * w[keep, None], act[keep]
+    total = (other.T @ act).astype(np.float64)
+    setattr(stat, field, total if getattr(stat, field) is None else getattr(stat, field) + total)
+
+
+FP_TARGET_DAMP = 0.01  # fp_target_weight: damping of the correction, fraction of the mean diagonal
+
+
+def fp_target_weight(W: np.ndarray, stat: HessianStat, percdamp: float | None = None) -> np.ndarray:
+    """The weight whose outputs on the quantized model's inputs X best match the fp32 model's:
+    argmin_V ||W X_fp + R_fp - V X - R|| = W + (W E + D) A^-1 with A = X X^T, E = (X_fp - X) X^T
+    (stat.cross) and D = (R_fp - R) X^T (stat.resid: the residual added to the layer's output, when
+    known, else 0); A is damped by d = percdamp x its mean diagonal (None: FP_TARGET_DAMP), which
+    only shrinks the correction. Asymmetric calibration, as in GPTAQ (Li et al. 2025)."""
+    W = np.asarray(W, dtype=np.float64)
+    if stat.cross is None:
+        return W
+    percdamp = FP_TARGET_DAMP if percdamp is None else percdamp
+    A = stat.xtx
+    Ad = A + percdamp * float(np.mean(np.diag(A))) * np.eye(len(A))
+    rhs = stat.cross.T @ W.T
+    if stat.resid is not None:
+        rhs += stat.resid.T
+    return W + np.linalg.solve(Ad, rhs).T
+
+
+def residual_inputs(model, layers) -> dict[str, str]:
+    """{activation: r} for the layers that alone read their activation and whose output (after
+    their bias Add, if any) goes only into an Add with another tensor r: the residual connection
+    whose upstream error fp_residual lets the layer correct."""
+    users: dict = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    inits = {t.name for t in model.graph.initializer}
+    readers: dict = {}
+    for layer in layers:
+        readers.setdefault(layer.activation, set()).add(layer.weight)
+    out = {}
+    for layer in layers:
+        if len(readers[layer.activation]) != 1:
+            continue
+        y = layer.output
+        nxt = users.get(y, [])
+        if layer.bias is not None and len(nxt) == 1 and nxt[0].op_type == "Add" and layer.bias in nxt[0].input:
+            y, nxt = nxt[0].output[0], users.get(nxt[0].output[0], [])
+        if len(nxt) == 1 and nxt[0].op_type == "Add" and len(nxt[0].input) == 2:
+            r = [n for n in nxt[0].input if n != y]
+            if len(r) == 1 and r[0] not in inits:
+                out[layer.activation] = r[0]
+    return out
 
 
 def _last_use(graph) -> dict[str, int]:
