@@ -87,9 +87,10 @@ def rewrite(mod: tvm.IRModule, target, act_bits: int = 8) -> tvm.IRModule:
 
 def prelay(mod: tvm.IRModule, target) -> tvm.IRModule:
     """Dequant-matmuls whose int8 plan is `prelaid` (8-bit codes) read their codes as a constant in
-    that kernel's word layout (`cpu_int8.words_layout`), laid out here once; a code gather on the
-    same table (a tied embedding) reads the words too (`cpu_int8.gather_words`), so the table is
-    still stored once. A table that any other call reads keeps its byte layout."""
+    that kernel's word layout (`cpu_int8.words_layout`), laid out here once. A table that another
+    call reads too keeps its byte layout, so nothing is stored twice: a tied int8 head (its
+    embedding gathers the codes), whose one-row product read slower from words (SmolLM2 decode at
+    two threads 182 -> 162 tokens/s with a gather on words)."""
     from tvm import relax
 
     from .chains import callee, drop_unused
@@ -98,7 +99,7 @@ def prelay(mod: tvm.IRModule, target) -> tvm.IRModule:
     plans = _word_plans(mod, target)
     if not plans:
         return mod
-    build = {"dequant_matmul": cpu_int8.dequant_matmul, "code_gather": cpu_int8.gather_words}
+    build = {"dequant_matmul": cpu_int8.dequant_matmul}
 
     @relax.expr_functor.mutator
     class _Prelay(relax.PyExprMutator):
@@ -125,7 +126,7 @@ def prelay(mod: tvm.IRModule, target) -> tvm.IRModule:
 
 def _word_plans(mod, target) -> dict:
     """{code table: its prelaid int8 plan} for the constant tables that only dequant-matmuls with
-    such a plan (and code gathers) read."""
+    such a plan read."""
     from tvm import relax
 
     from .chains import callee
@@ -143,7 +144,7 @@ def _word_plans(mod, target) -> dict:
                 p = cpu_int8.plan(int(a["fq_rows"]), int(a["fq_cols"]), int(a["fq_bits"]), int(a.get("fq_group", 0)),
                                   target, act_cols=int(a.get("fq_act_group", 0)), words=True)
                 if p is not None and p.prelaid and p.isa.prelay and isinstance(codes, tvm.ir.expr.Constant) \
-                        and readers[codes] <= {"dequant_matmul", "code_gather"}:
+                        and readers[codes] == {"dequant_matmul"}:
                     plans[codes] = p
     return plans
 

@@ -277,34 +277,6 @@ def words_layout(packed: np.ndarray, p: Plan) -> np.ndarray:
     return np.ascontiguousarray(laid).view("<u4").reshape(rows // L, p.words, L)
 
 
-def gather_words(p: Plan) -> tvm.tirx.PrimFunc:
-    """`kernels.code_gather` (y[m, cols] = rows `ids` of the table, (q - zero) * scale) reading
-    the pre-laid words of `words_layout` instead of packed bytes: a tied embedding whose table the
-    head's kernel reads as words."""
-    from tvm import te
-
-    from .kernels import _finish, _i64
-
-    N, K, L, G, W = p.rows, p.cols, p.isa.lanes, p.ngroups, p.words
-    GS = p.group_cols or K
-    offset = p.isa.offsets[p.bits]
-    m = tvm.tirx.Var("m", "int64")
-    ids = te.placeholder((m,), "int64", "ids")
-    words = te.placeholder((N // L, W, L), "uint32", "packed")
-    scale = te.placeholder((N, G), "float32", "scale")
-    zero = te.placeholder((N, G), "float32", "zero")
-
-    def body(i, c):
-        row = te.max(te.min(ids[i], _i64(N - 1)), _i64(0))
-        word = words[row // L, c // 4, row % L]
-        byte = (word >> (8 * (c % 4)).astype("uint32")) + tvm.tirx.const(offset, "uint32")
-        code = byte & tvm.tirx.const(255, "uint32")
-        return (code.astype("float32") - zero[row, c // GS]) * scale[row, c // GS]
-
-    y = te.compute((m, K), body, name="y")
-    return _finish([ids, words, scale, zero, y], "code_gather", rows=N, cols=K, bits=p.bits, group=GS, words=1)
-
-
 def _lut_word(byte, bits: int, offset: int):
     """The codes of one packed byte, each less `offset`, as bytes of a uint32 (lowest first)."""
     word = T.uint32(0)
