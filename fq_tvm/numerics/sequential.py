@@ -175,8 +175,8 @@ def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8,
                     fp_live = {**fp_live, **run_fp(fp_live)}
                     for name in names:
                         _accumulate_cross(stats[name], fp_live[name] - live[name], live[name], mask)
-                        if name in (residuals or {}):
-                            r = residuals[name]
+                        r = (residuals or {}).get(name)
+                        if r in live and r in fp_live:  # (a residual this segment does not hold: no fit to it)
                             _accumulate_cross(stats[name], fp_live[r] - live[r], live[name], mask, "resid")
                     fp_store.put(b, {n: a for n, a in fp_live.items() if n in keep})
             replaced = {n: a for n, a in replaced.items() if last_use.get(n, -1) >= stop}
