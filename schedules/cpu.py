@@ -99,7 +99,6 @@ def prelay(mod: tvm.IRModule, target) -> tvm.IRModule:
     plans = _word_plans(mod, target)
     if not plans:
         return mod
-    build = {"dequant_matmul": cpu_int8.dequant_matmul}
 
     @relax.expr_functor.mutator
     class _Prelay(relax.PyExprMutator):
@@ -109,13 +108,13 @@ def prelay(mod: tvm.IRModule, target) -> tvm.IRModule:
 
         def visit_call_(self, call):
             func = callee(mod, call)
-            if func is None or str(func.attrs["fq_kernel"]) not in build or call.args[1].fields[1] not in plans:
+            if func is None or str(func.attrs["fq_kernel"]) != "dequant_matmul" or call.args[1].fields[1] not in plans:
                 return super().visit_call_(call)
             first, codes, scale, zero = call.args[1].fields
             p = plans[codes]
             name = call.args[0].name_hint + "_words"
             if name not in self.funcs:
-                kernel = build[str(func.attrs["fq_kernel"])](p).with_attr("global_symbol", name)
+                kernel = cpu_int8.dequant_matmul(p).with_attr("global_symbol", name)
                 self.funcs[name] = self.builder_.add_func(kernel, name)
             if codes not in self.words:
                 self.words[codes] = relax.const(cpu_int8.words_layout(codes.value.numpy(), p))
@@ -127,49 +126,45 @@ def prelay(mod: tvm.IRModule, target) -> tvm.IRModule:
 def _word_plans(mod, target) -> dict:
     """{code table: its prelaid int8 plan} for the constant tables that only dequant-matmuls with
     such a plan read."""
-    from tvm import relax
-
-    from .chains import callee
-
     readers, plans = _const_readers(mod), {}
-    for func in mod.functions.values():
-        if not isinstance(func, relax.Function):
+    for call, kernel in _calls(mod):
+        if kernel is None or str(kernel.attrs["fq_kernel"]) != "dequant_matmul":
             continue
-        for block in func.body.blocks:
-            for binding in block.bindings:
-                kernel = callee(mod, binding.value) if isinstance(binding.value, relax.Call) else None
-                if kernel is None or str(kernel.attrs["fq_kernel"]) != "dequant_matmul":
-                    continue
-                a, codes = kernel.attrs, binding.value.args[1].fields[1]
-                p = cpu_int8.plan(int(a["fq_rows"]), int(a["fq_cols"]), int(a["fq_bits"]), int(a.get("fq_group", 0)),
-                                  target, act_cols=int(a.get("fq_act_group", 0)), words=True)
-                if p is not None and p.prelaid and p.isa.prelay and isinstance(codes, tvm.ir.expr.Constant) \
-                        and readers[codes] == {"dequant_matmul"}:
-                    plans[codes] = p
+        p, codes = _int8_plan(kernel.attrs, target, words=True), call.args[1].fields[1]
+        if p is not None and p.prelaid and p.isa.prelay and isinstance(codes, tvm.ir.expr.Constant) \
+                and readers[codes] == {"dequant_matmul"}:
+            plans[codes] = p
     return plans
 
 
 def _const_readers(mod) -> dict:
     """{constant: the kinds of our kernels that read it, "" for any other call}."""
+    readers = {}
+    for call, kernel in _calls(mod):
+        for arg in list(call.args[1].fields) if kernel is not None else list(call.args):
+            if isinstance(arg, tvm.ir.expr.Constant):
+                readers.setdefault(arg, set()).add(str(kernel.attrs["fq_kernel"]) if kernel is not None else "")
+    return readers
+
+
+def _calls(mod):
+    """(call, our kernel it calls or None) for every call bound in the Relax functions of `mod`."""
     from tvm import relax
 
     from .chains import callee
 
-    readers = {}
     for func in mod.functions.values():
-        if not isinstance(func, relax.Function):
-            continue
-        for block in func.body.blocks:
-            for binding in block.bindings:
-                value = binding.value
-                if not isinstance(value, relax.Call):
-                    continue
-                kernel = callee(mod, value)
-                args = list(value.args[1].fields) if kernel is not None else list(value.args)
-                for arg in args:
-                    if isinstance(arg, tvm.ir.expr.Constant):
-                        readers.setdefault(arg, set()).add(str(kernel.attrs["fq_kernel"]) if kernel is not None else "")
-    return readers
+        if isinstance(func, relax.Function):
+            for block in func.body.blocks:
+                for binding in block.bindings:
+                    if isinstance(binding.value, relax.Call):
+                        yield binding.value, callee(mod, binding.value)
+
+
+def _int8_plan(attrs, target, words: bool = False):
+    """cpu_int8's plan for a `dequant_matmul` kernel's attributes (None where none applies)."""
+    return cpu_int8.plan(int(attrs["fq_rows"]), int(attrs["fq_cols"]), int(attrs["fq_bits"]),
+                         int(attrs.get("fq_group", 0)), target, act_cols=int(attrs.get("fq_act_group", 0)), words=words)
 
 
 def _fuse_transforms(mod: tvm.IRModule, target) -> tvm.IRModule:
@@ -227,8 +222,7 @@ def _written(attrs, target, act_bits: int):
     if kind == "frame_synthesis":
         return cpu_frame.frame_synthesis(*(int(attrs[f"fq_{k}"]) for k in ("nblk", "two_l", "two_k", "tail")))
     if kind == "dequant_matmul" and act_bits == 8:
-        plan = cpu_int8.plan(int(attrs["fq_rows"]), int(attrs["fq_cols"]), int(attrs["fq_bits"]),
-                             int(attrs.get("fq_group", 0)), target, act_cols=int(attrs.get("fq_act_group", 0)))
+        plan = _int8_plan(attrs, target)
         return None if plan is None else cpu_int8.dequant_matmul(plan)
     return None
 

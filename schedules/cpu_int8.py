@@ -315,6 +315,7 @@ def gemm_part(p: Plan):
     K4P = p.words
     pre = p.prelaid
     spread = isa.pdep and not offset  # decode by pdep, else by a 256-entry table
+    table = not pre and not spread
     fast = spread and p.bits == 2 and L == 16  # 2-bit on AVX-512: decode 16 x 16 words in vectors
     mask = (1 << p.bits) - 1
     SW = _span_words(AG4, GEMM_CHUNK_COLS // 4, S)  # words per flush: a group, or an equal part of one
@@ -426,7 +427,7 @@ def gemm_part(p: Plan):
     @T.macro
     def prepare(packed, lut, wdec, nc, kc):  # the chunk's words: decoded here, or pre-laid already
         if not pre:
-            if kc == 0 and not spread:
+            if kc == 0 and table:
                 for b in range(256):
                     lut[b] = _lut_word(b, p.bits, offset)
             decode(packed, lut, wdec, nc, kc)
@@ -434,7 +435,7 @@ def gemm_part(p: Plan):
     @T.macro
     def run(xn, packed, scale, zero, y, ax, axs, m):
         for nc in T.parallel(NTASK):
-            lut = T.alloc_buffer((1 if pre else 256,), "uint32", annotations=STACK)
+            lut = T.alloc_buffer((256 if table else 1,), "uint32", annotations=STACK)
             wdec = T.alloc_buffer((1 if pre else NC * KC4,), "uint32")
             scs = T.alloc_buffer((G * NC,), "float32")
             zss = T.alloc_buffer((G * NC,), "float32")
