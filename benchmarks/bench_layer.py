@@ -4,16 +4,17 @@ ONNX Runtime fp32, dynamic int8 and MatMulNBits 2/4-bit (accuracy_level 4).
     python benchmarks/bench_layer.py [--shapes 4096x4096 11008x4096 1536x384] [--rows 1 16 128]
 
 Shapes are N x K (outputs x inputs). Prints median latency per call (ms) and the ratio to ORT
-fp32. Each runner is timed in a block of calls (2 s) before the next starts: ORT's and TVM's thread
-pools spin after a call, so alternating call by call would make each steal the other's cores.
-Timings on a shared 2-core machine are noisy: compare ratios within one run, not across runs.
+fp32. Runners take turns in blocks of calls (`fq_tvm.timing.interleaved`: --rounds blocks of
+--seconds / --rounds each, after a warm-up block): ORT's and TVM's thread pools spin after a call,
+so alternating call by call would make each steal the other's cores, and one block per runner
+(as before 2026-11-27; at most 200 calls, 20 ms at M = 1) caught whatever the machine was doing
+then. Timings on a shared 2-core machine are noisy: compare ratios within one run, not across runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -28,19 +29,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import ort_baselines  # noqa: E402
 
 import fq_tvm  # noqa: E402
-from fq_tvm import models  # noqa: E402
+from fq_tvm import models, timing  # noqa: E402
 from fq_tvm.numerics import find_dense_layers, weight_matrix  # noqa: E402
-
-
-def median_ms(fn, warmup: int = 3, seconds: float = 2.0, max_runs: int = 200) -> float:
-    for _ in range(warmup):
-        fn()
-    times, start = [], time.perf_counter()
-    while len(times) < max_runs and (time.perf_counter() - start < seconds or len(times) < 5):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def ort_runner(path: Path, threads: int = 0):
@@ -83,6 +73,8 @@ def main(argv=None) -> None:
     p.add_argument("--target", default="host")
     p.add_argument("--schemes", nargs="+", default=["fq2", "int8", "fp32"])
     p.add_argument("--threads", type=int, default=0, help="threads of both runtimes (0: their defaults)")
+    p.add_argument("--seconds", type=float, default=4.0, help="time per runner and row count (default 4)")
+    p.add_argument("--rounds", type=int, default=4, help="blocks per runner and row count (default 4)")
     args = p.parse_args(argv)
     if args.threads:
         os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's pool starts (first run)
@@ -93,9 +85,11 @@ def main(argv=None) -> None:
             rng = np.random.default_rng(1)
             print(f"\n{n}x{k} layer (N x K), median ms per call ({args.target}, {cpu_name()})")
             print(f"{'':24}" + "".join(f"{'M=' + str(m):>18}" for m in args.rows))
-            table = {label: [median_ms(lambda: fn(x)) for x in
-                             (rng.standard_normal((m, k)).astype(np.float32) for m in args.rows)]
-                     for label, fn in runners.items()}
+            xs = [rng.standard_normal((m, k)).astype(np.float32) for m in args.rows]
+            blocks = {(label, j): timing.local_block(lambda fn=fn, x=x: fn(x))
+                      for label, fn in runners.items() for j, x in enumerate(xs)}
+            medians = timing.interleaved(blocks, seconds=args.seconds, rounds=args.rounds)
+            table = {label: [medians[label, j]["median_ms"] for j in range(len(xs))] for label in runners}
             base = table["ORT fp32"]
             for label, row in table.items():
                 cells = "".join(f"{t:9.3f} ({t / b:5.2f}x)" for t, b in zip(row, base))

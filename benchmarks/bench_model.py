@@ -7,12 +7,13 @@ Runtime fp32 and dynamic int8 on the same ONNX file and the same inputs.
 minilm: all-MiniLM-L6-v2 (exported and calibrated as fq-report does); inputs are Lee documents
 truncated or padded to the sequence length. smollm2: SmolLM2-135M, one forward pass (logits for
 every position, no KV cache) over Pride and Prejudice tokens; calibration 16 x 256 Wikipedia
-tokens, the tied lm_head kept fp32 (as in fq-report). Each runner is timed in its own block of
-calls (bench_layer.median_ms) so that thread pools do not steal each other's cores.
+tokens, the tied lm_head kept fp32 (as in fq-report). Runners take turns in blocks of calls
+(`fq_tvm.timing.interleaved`, 2 s per runner and shape per round) so that thread pools do not
+steal each other's cores.
 --reuse times the artifacts already in --work instead of compiling; --before DIR also times the
 artifacts of another work dir (an earlier build) in the same run, as "fq-tvm SCHEME (before)";
---rounds N repeats the sequence of blocks N times and reports each runner's median block (on a
-shared machine a neighbour's burst then spoils one block, not one runner's figure); --threads N
+--rounds N repeats the sequence of blocks N times and reports each runner's median call over
+them (on a shared machine a neighbour's burst then spoils one block, not one runner's figure); --threads N
 runs both runtimes on N threads (default: TVM one per physical core, ORT its default). A scheme
 written SCHEME+head (fq2+head) compiles with --quantize-head (SmolLM2's tied head quantized too),
 SCHEME+head:HEAD (fq2+head:int8) with --head-scheme HEAD.
@@ -23,16 +24,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_layer import cpu_name, median_ms  # noqa: E402
+from bench_layer import cpu_name  # noqa: E402
 
 import fq_tvm  # noqa: E402
-from fq_tvm import evaluate, realmodels  # noqa: E402
+from fq_tvm import evaluate, realmodels, timing  # noqa: E402
 
 
 def _model(name: str, work: Path):
@@ -112,12 +112,11 @@ def main(argv=None) -> None:
     threads = f", {args.threads} thread(s)" if args.threads else ""
     print(f"\n{name}, median ms per call ({cpu_name()}{threads})")
     print(f"{'':28}" + "".join(f"{f'{b}x{s}':>18}" for b, s in shapes))
-    blocks = {label: [[] for _ in inputs] for label in table}
-    for _ in range(max(1, args.rounds)):
-        for label, run in table.items():
-            for times, feed in zip(blocks[label], inputs):
-                times.append(median_ms(lambda: run(feed)))
-    results = {label: [statistics.median(times) for times in rows] for label, rows in blocks.items()}
+    rounds = max(1, args.rounds)
+    blocks = {(label, j): timing.local_block(lambda run=run, feed=feed: run(feed))
+              for label, run in table.items() for j, feed in enumerate(inputs)}
+    medians = timing.interleaved(blocks, seconds=2.0 * rounds, rounds=rounds)
+    results = {label: [medians[label, j]["median_ms"] for j in range(len(inputs))] for label in table}
     base = results["ORT fp32"]
     for label, row in results.items():
         print(f"{label:28}" + "".join(f"{t:9.2f} ({t / b:5.2f}x)" for t, b in zip(row, base)), flush=True)
