@@ -402,9 +402,10 @@ def _import(proto, layers=None, report=None, quiet=True, imported=None):
     if report and not quiet:
         for entry in report["skipped"]:
             print(f"    kept fp32: {entry['name']} {entry['shape']}: {entry['reason']}", file=sys.stderr)
+    from .passes.rms_norm import FuseRMSNorm
     from .passes.tied_weights import StoreTiedWeightsOnce
 
-    return StoreTiedWeightsOnce()(bind_weights(mod, weights))
+    return FuseRMSNorm()(StoreTiedWeightsOnce()(bind_weights(mod, weights)))
 
 
 def _unmatched(report, params) -> None:

@@ -70,7 +70,7 @@ def relax_pipeline(target, counts: dict | None = None, notes: list | None = None
                                            + _reshapes_as_views())(mod)
             for func in mod.functions.values():  # kernels the legalization wrote (cpu_ops)
                 kind = str(func.attrs.get("fq_kernel", "")) if isinstance(func, tvm.tirx.PrimFunc) and func.attrs else ""
-                if kind in (cpu_softmax.KIND, cpu_layer_norm.KIND):
+                if kind in (cpu_softmax.KIND, cpu_layer_norm.KIND, cpu_layer_norm.RMS_KIND):
                     tally[kind] = tally.get(kind, 0) + 1
             if before_fallback is not None:
                 mod = before_fallback(mod)

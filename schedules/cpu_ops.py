@@ -6,7 +6,8 @@
   polynomial exp (`exp_f32`) that LLVM vectorises: the default calls libm's scalar `expf`. Other
   axes keep the four TE stages (max, exp, sum, divide) with the same exp. NaN stays NaN (an all
   -inf row too, like ORT).
-- layer norm over a static last axis as `cpu_layer_norm`'s row kernel on a [rows, n] view.
+- layer norm and RMS norm over a static last axis as `cpu_layer_norm`'s row kernels on a [rows, n]
+  view.
 - sigmoid as `1 / (1 + exp(-x))` with the same exp (SiLU's sigmoid with libm's `expf` was 4% of
   the SmolLM2 fp32 forward, more than its attention P @ V).
 - concat on any axis but the last (a KV cache's past + new keys) as row copies: one parallel loop
@@ -29,7 +30,7 @@ EXP_MAX = 88.3762626647949  # exp overflows float32 above this
 
 def overrides() -> dict:
     return {"relax.nn.relu": _relu, "relax.nn.softmax": _softmax, "relax.sigmoid": _sigmoid,
-            "relax.concat": _concat, "relax.nn.layer_norm": _layer_norm}
+            "relax.concat": _concat, "relax.nn.layer_norm": _layer_norm, "relax.nn.rms_norm": _rms_norm}
 
 
 def _relu(bb, call):
@@ -87,6 +88,20 @@ def _layer_norm(bb, call):
         func = cpu_layer_norm.layer_norm(int(shape[-1]), float(attrs.epsilon), _lanes())
         return _on_rows(bb, x, shape, func, "layer_norm_rows", gamma, beta)
     return tvm.ir.Op.get("relax.nn.layer_norm").get_attr("FLegalize")(bb, call)
+
+
+def _rms_norm(bb, call):
+    """float32 over a static last axis: `cpu_layer_norm.rms_norm` on a [rows, n] view; else TVM's
+    lowering."""
+    from . import cpu_layer_norm
+
+    x, weight = call.args
+    shape, attrs = _shape(x), call.attrs
+    if (_rows_of(x, shape) and [int(a) % len(shape) for a in attrs.axes] == [len(shape) - 1]
+            and isinstance(shape[-1], tirx.IntImm) and len(_shape(weight)) == 1):
+        func = cpu_layer_norm.rms_norm(int(shape[-1]), float(attrs.epsilon), _lanes())
+        return _on_rows(bb, x, shape, func, "rms_norm_rows", weight)
+    return tvm.ir.Op.get("relax.nn.rms_norm").get_attr("FLegalize")(bb, call)
 
 
 def _shape(x) -> list:
