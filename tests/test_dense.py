@@ -1,5 +1,6 @@
 """The fp32 dense kernel (schedules/cpu_dense.py) against numpy, and its Relax dispatch: which
-matmuls it takes, that a tied table is read in place (stored once), and compiled models against
+matmuls it takes, that a tied table is stored once (packed, its gathers reading the panels), and
+compiled models against
 ONNX Runtime."""
 
 import json
@@ -61,31 +62,52 @@ def _calls(mod, function: str = "main") -> list[str]:
     return names
 
 
-def _module(w: np.ndarray, also_gather: bool, bound: bool = False):
+def _module(w: np.ndarray, other: str | None, bound: bool = False):
+    """main(x, ids): x @ W, and with `other` W read once more: "columns" take(W, ids, axis=1) (a
+    tied embedding), "rows" take(W, ids, axis=0)."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType([tvm.tirx.Var("b", "int64"), 5, w.shape[0]], "float32"))
-    ids = relax.Var("ids", relax.TensorType([3], "int64"))
+    ids = relax.Var("ids", relax.TensorType([3, 2], "int64"))
     with bb.function("main", [x, ids]):
         with bb.dataflow():
             table = bb.emit(relax.const(w)) if bound else relax.const(w)  # bound: SmolLM2's tied head
             y = bb.emit(relax.op.matmul(x, table))
-            out = bb.emit_output(relax.op.take(table, ids, axis=1) if also_gather else y)
-        bb.emit_func_output(relax.Tuple([y, out]) if also_gather else out)
+            if other is not None:
+                gathered = bb.emit(relax.op.take(table, ids, axis=1 if other == "columns" else 0))
+            out = bb.emit_output(relax.Tuple([y, gathered]) if other else y)
+        bb.emit_func_output(out)
     return bb.get()
 
 
 @pytest.mark.parametrize("bound", [False, True])
-@pytest.mark.parametrize("also_gather", [False, True])
-def test_dispatch_takes_constant_matmuls(also_gather, bound):
+@pytest.mark.parametrize("other", [None, "columns", "rows"])
+def test_dispatch_takes_constant_matmuls(other, bound):
+    """W is stored once: packed, and a column gather reads the panels; W read any other way stays
+    in place."""
     w = np.random.default_rng(0).standard_normal((40, 4 * cpu_dense.panel_cols(LANES))).astype(np.float32)
     counts = {}
-    out = cpu_dense.dispatch(LANES, counts)(_module(w, also_gather, bound))
+    out = cpu_dense.dispatch(LANES, counts)(_module(w, other, bound))
     calls = _calls(out)
-    suffix = "_in_place" if also_gather else ""
+    suffix = "_in_place" if other == "rows" else ""
     assert f"fq_dense_40_{w.shape[1]}{suffix}" in calls and "relax.matmul" not in calls
+    assert ("relax.take" in calls) == (other == "rows")
+    assert (f"fq_gather_columns_40_{w.shape[1]}" in calls) == (other == "columns")
     assert counts == {cpu_dense.KIND: 1}
     sizes = sorted(tuple(c.value.shape) for c in _constants(out))
-    assert sizes == ([w.shape] if also_gather else [cpu_dense.pack(w, LANES).shape])  # one copy of W
+    assert sizes == ([w.shape] if other == "rows" else [cpu_dense.pack(w, LANES).shape])  # one copy of W
+
+
+def test_packed_table_gathers_match_numpy():
+    """The dispatched module (dense on the panels, column gather on the same panels) runs and
+    matches numpy; ids outside the table read its first or last column."""
+    w = np.random.default_rng(1).standard_normal((40, 4 * cpu_dense.panel_cols(LANES))).astype(np.float32)
+    mod = cpu_dense.dispatch(LANES, {})(_module(w, "columns"))
+    vm = relax.VirtualMachine(tvm.compile(mod, HOST), tvm.cpu())
+    x = np.random.default_rng(2).standard_normal((2, 5, 40)).astype(np.float32)
+    ids = np.array([[0, w.shape[1] - 1], [77 % w.shape[1], 5], [-3, w.shape[1] + 9]], np.int64)
+    y, cols = (t.numpy() for t in vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(ids)))
+    assert max_rel_err(y, x.astype(np.float64) @ w) < 1e-5
+    assert np.array_equal(cols, w[:, np.clip(ids, 0, w.shape[1] - 1)])
 
 
 def test_dispatch_packs_a_weight_of_two_functions_once():
@@ -116,7 +138,7 @@ def test_dispatch_packs_a_weight_of_two_functions_once():
 def test_dispatch_leaves_odd_widths_and_activation_matmuls():
     w = np.ones((40, cpu_dense.panel_cols(LANES) + 1), np.float32)
     counts = {}
-    out = cpu_dense.dispatch(LANES, counts)(_module(w, False))
+    out = cpu_dense.dispatch(LANES, counts)(_module(w, None))
     assert "relax.matmul" in _calls(out) and counts == {}
 
 
