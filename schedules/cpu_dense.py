@@ -227,8 +227,9 @@ class _Uses(relax.PyExprVisitor):
 
 @relax.expr_functor.mutator
 class _Dispatch(relax.PyExprMutator):
-    """Weights used elsewhere too (a tied embedding table) are read in place: packing a copy would
-    store them twice. A weight of several matmuls (in `main` and `main_last`) is packed once."""
+    """Weights are packed once (a weight of several matmuls, in `main` and `main_last`, shares the
+    packed constant), a tied table's column gathers included; a weight read any other way too is
+    read in place, since packing a copy would store it twice."""
 
     def __init__(self, mod, lanes: int, uses: "_Uses"):
         super().__init__(mod)
@@ -282,7 +283,6 @@ class _Dispatch(relax.PyExprMutator):
         self.count += 1
         return y if len(shape) == 2 else relax.op.reshape(y, shape[:-1] + [N])
 
-
     def _packed(self, const, w):
         if const not in self.packed:
             self.packed[const] = relax.const(pack(w, self.lanes))
@@ -297,7 +297,7 @@ class _Dispatch(relax.PyExprMutator):
         ids_ty = ids.ty
         if (w is None or transposed or self.uses.get(const, 0) or const not in self.weights
                 or w.shape[1] % panel_cols(self.lanes) or not isinstance(ids_ty, relax.TensorType)
-                or ids_ty.shape is None or ids_ty.dtype not in ("int32", "int64")):
+                or ids_ty.shape is None or not len(ids_ty.shape) or ids_ty.dtype not in ("int32", "int64")):
             return call
         K, N = w.shape
         key = ("gather", K, N, ids_ty.dtype)
