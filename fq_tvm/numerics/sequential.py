@@ -210,7 +210,7 @@ def _accumulate_cross(stat: HessianStat, other, act, mask, field: str = "cross")
     setattr(stat, field, total if getattr(stat, field) is None else getattr(stat, field) + total)
 
 
-FP_TARGET_DAMP = 0.01  # fp_target_weight: damping of the correction, fraction of the mean diagonal
+FP_TARGET_DAMP = 0.01  # fp_target_weight's default damping (QuantConfig.fp_target_damp), fraction of the mean diagonal
 
 
 def fp_target_weight(W: np.ndarray, stat: HessianStat, percdamp: float | None = None) -> np.ndarray:
