@@ -268,9 +268,6 @@ def main(argv=None):
                                               configs=configs)
                 sim = simulated_model(proto, records)
                 row["bits"] = round(model_bits_per_weight(records.values()), 4)
-                damps = [r.guard["fp_target_damp"] for r in records.values() if r.guard and "fp_target_damp" in r.guard]
-                if damps:  # fp_target's damping per layer (chosen on held-out rows with fp_target_damp=None)
-                    row["fp_target_damp"] = {str(d): damps.count(d) for d in sorted(set(damps))}
             row["quant_s"] = round(time.time() - t, 1)
             t = time.time()
             row.update(evaluator(sim))

@@ -343,22 +343,15 @@ def _quantize_one(proto, plan: Plan, layer, cfg, h, head_cfg=None):
     w = weight_matrix(proto, layer)
     if layer.alpha != 1.0:  # Relax applies Gemm's alpha to the activation, keep W raw
         w = w / np.float32(layer.alpha)
-    damp = None
     if getattr(h, "cross", None) is not None:  # sequential with fp_target: aim at the fp32 outputs
-        from .numerics.sequential import FP_TARGET_DAMP, choose_fp_target_damp, fp_target_weight
+        from .numerics.sequential import fp_target_weight
 
-        damp = cfg.fp_target_damp
-        if damp is None:
-            damp = choose_fp_target_damp(w, h) or FP_TARGET_DAMP
-        w = fp_target_weight(w, h, damp)
-    rec = quantize_layer(
+        w = fp_target_weight(w, h, cfg.fp_target_damp)
+    return quantize_layer(
         plan.names[layer.node], w, h, head_cfg if head_cfg is not None and layer.weight in plan.tied else cfg,
         input_seed=seed_for(layer.activation + ":in", cfg.seed),
         output_seed=seed_for(layer.weight + ":out", cfg.seed),
         output_rotation=layer.weight not in plan.tied)  # a tied table gathers its rows
-    if damp is not None and rec.guard is not None:
-        rec.guard["fp_target_damp"] = damp
-    return rec
 
 
 def quantize_sequential(proto, plan: Plan, cfg, calib, progress: bool = True, samples: int | None = None,

@@ -54,8 +54,6 @@ class HessianStat:
     held_count: float = 0.0
     cross: np.ndarray | None = None  # sequential with fp_target: sum of (x_fp32 - x) x^T over all rows
     resid: np.ndarray | None = None  # with fp_residual: sum of (r_fp32 - r) x^T, r the residual added to the output
-    held_cross: np.ndarray | None = None  # the held-out rows' part of cross
-    held_resid: np.ndarray | None = None  # the held-out rows' part of resid
 
     def hessian(self) -> np.ndarray:
         """H = (2 / S) X X^T over all rows, the GPTQ convention."""
@@ -85,11 +83,9 @@ class HessianStat:
         stats = list(stats)
         held = [s.held_xtx for s in stats if s.held_xtx is not None]
         cross = [s.cross for s in stats]
-        held_cross = [s.held_cross for s in stats]
         return cls(sum(s.xtx for s in stats), sum(s.count for s in stats),
                    sum(held) if held else None, sum(s.held_count for s in stats),
-                   sum(cross) if all(c is not None for c in cross) else None,
-                   held_cross=sum(held_cross) if all(c is not None for c in held_cross) else None)
+                   sum(cross) if all(c is not None for c in cross) else None)
 
 
 def _scaled(xtx, count):

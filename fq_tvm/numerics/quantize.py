@@ -46,8 +46,7 @@ class QuantConfig:
     denoise: bool = False  # gptq / framequant: a least-squares gain per stored row (denoise.py), kept if it helps
     fp_target: bool = False  # sequential: fit each layer to the fp32 model's outputs (sequential.fp_target_weight)
     fp_residual: bool = False  # with fp_target: also correct the residual the layer's output is added to
-    fp_target_damp: float | None = 0.01  # fp_target: damping of the correction, fraction of the mean Hessian
-    # diagonal; None: chosen per layer on the held-out rows (sequential.choose_fp_target_damp)
+    fp_target_damp: float = 0.01  # fp_target: damping of the correction, fraction of the mean Hessian diagonal
     refine: int = 0  # gptq / framequant: rounds of grid refit + code coordinate descent after GPTQ (refine.py)
 
     def __post_init__(self):
@@ -73,7 +72,7 @@ class QuantConfig:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if not (math.isfinite(self.percdamp) and self.percdamp >= 0):
             raise ValueError(f"percdamp must be >= 0, got {self.percdamp!r}")
-        if self.fp_target_damp is not None and not (math.isfinite(self.fp_target_damp) and self.fp_target_damp >= 0):
+        if not (math.isfinite(self.fp_target_damp) and self.fp_target_damp >= 0):
             raise ValueError(f"fp_target_damp must be >= 0, got {self.fp_target_damp!r}")
         if not (isinstance(self.refine, int) and self.refine >= 0):
             raise ValueError(f"refine must be an int >= 0, got {self.refine!r}")

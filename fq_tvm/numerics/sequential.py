@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibrate import HessianStat, _accumulate, _held_rows, _load, _progress, _samples, _session, held_out_samples
+from .calibrate import HessianStat, _accumulate, _load, _progress, _samples, _session, held_out_samples
 
 MEMORY_BYTES = 1 << 30  # live activations kept in memory between segments; beyond it, on disk
 
@@ -174,10 +174,10 @@ def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8,
                     fp_live = fp_store.get(b)
                     fp_live = {**fp_live, **run_fp(fp_live)}
                     for name in names:
-                        _accumulate_cross(stats[name], fp_live[name] - live[name], live[name], mask, "cross", held)
+                        _accumulate_cross(stats[name], fp_live[name] - live[name], live[name], mask)
                         r = (residuals or {}).get(name)
                         if r in live and r in fp_live:  # (a residual this segment does not hold: no fit to it)
-                            _accumulate_cross(stats[name], fp_live[r] - live[r], live[name], mask, "resid", held)
+                            _accumulate_cross(stats[name], fp_live[r] - live[r], live[name], mask, "resid")
                     fp_store.put(b, {n: a for n, a in fp_live.items() if n in keep})
             replaced = {n: a for n, a in replaced.items() if last_use.get(n, -1) >= stop}
             for name in names:
@@ -195,23 +195,19 @@ def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8,
     return stats
 
 
-def _accumulate_cross(stat: HessianStat, other, act, mask, field: str = "cross", held_samples=None) -> None:
+def _accumulate_cross(stat: HessianStat, other, act, mask, field: str = "cross") -> None:
     """stat.<field> += sum over rows of y x^T (y: `other`, x: `act`), mask-weighted like the Hessian
-    (calibrate._accumulate), and stat.held_<field> += the held-out rows' part (the same split).
-    y is a difference of fp32 and quantized-model tensors, small against x, so float32 products
-    per batch are accurate enough; the sums are float64."""
+    (calibrate._accumulate). y is a difference of fp32 and quantized-model tensors, small against x,
+    so float32 products per batch are accurate enough; the sum is float64."""
     other = np.asarray(other, dtype=np.float32).reshape(-1, np.shape(other)[-1])
     weighted = mask is not None and np.shape(act)[:-1] == np.shape(mask)
     act = np.asarray(act, dtype=np.float32).reshape(-1, np.shape(act)[-1])
-    held = _held_rows(held_samples, len(act))
     if weighted:  # padding adds nothing: skip its rows
         w = np.asarray(mask, dtype=np.float32).reshape(-1)
         keep = w != 0
-        other, act, held = other[keep] * w[keep, None], act[keep], held[keep]
-    held_part = (other[held].T @ act[held]).astype(np.float64)
-    total = (other[~held].T @ act[~held]).astype(np.float64) + held_part
-    for key, part in ((field, total), ("held_" + field, held_part)):
-        setattr(stat, key, part if getattr(stat, key) is None else getattr(stat, key) + part)
+        other, act = other[keep] * w[keep, None], act[keep]
+    total = (other.T @ act).astype(np.float64)
+    setattr(stat, field, total if getattr(stat, field) is None else getattr(stat, field) + total)
 
 
 FP_TARGET_DAMP = 0.01  # fp_target_weight's default damping (QuantConfig.fp_target_damp), fraction of the mean diagonal
@@ -233,29 +229,6 @@ def fp_target_weight(W: np.ndarray, stat: HessianStat, percdamp: float | None = 
     if stat.resid is not None:
         rhs += stat.resid.T
     return W + np.linalg.solve(Ad, rhs).T
-
-
-FP_TARGET_DAMPS = (0.01, 0.03, 0.1, 0.3, 1.0)  # choose_fp_target_damp's candidates
-
-
-def choose_fp_target_damp(W: np.ndarray, stat: HessianStat, damps=FP_TARGET_DAMPS) -> float | None:
-    """The damping of fp_target_weight whose target, fitted on the fit rows, best matches the fp32
-    model's outputs on the held-out rows: min over V of ||W X_fp + R_fp - V X - R||^2 on them, i.e.
-    tr(V A_h V^T) - 2 tr(V C_h^T) with C_h = W (A_h + E_h) + D_h (ridge regression with the ridge
-    chosen on held-out data). None without held-out rows. Ties keep the smaller damping."""
-    if stat.cross is None or stat.held_cross is None or not stat.has_holdout:
-        return None
-    W = np.asarray(W, dtype=np.float64)
-    A_h, E_h = stat.held_xtx, stat.held_cross
-    D_h = 0.0 if stat.resid is None or stat.held_resid is None else stat.held_resid
-    fit = HessianStat(stat.xtx - A_h, stat.fit_count, cross=stat.cross - E_h,
-                      resid=None if stat.resid is None or stat.held_resid is None else stat.resid - stat.held_resid)
-    C_h = W @ (A_h + E_h) + D_h
-    scores = []
-    for d in damps:
-        V = fp_target_weight(W, fit, d)
-        scores.append(float(np.sum((V @ A_h) * V) - 2.0 * np.sum(V * C_h)))
-    return damps[int(np.argmin(scores))]
 
 
 def residual_inputs(model, layers) -> dict[str, str]:
