@@ -22,6 +22,9 @@ import numpy as np
 from .packing import SUPPORTED_BITS
 
 METHODS = ("none", "rtn", "gptq", "framequant")
+# fp_target's damping (QuantConfig.fp_target_damp, sequential.fp_target_weight), fraction of the mean Hessian
+# diagonal: 0.1-1.0 measured better than 0.01 on MiniLM fq2 and 0.1 no worse on SmolLM2 (docs/numerics.md)
+FP_TARGET_DAMP = 0.1
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class QuantConfig:
     denoise: bool = False  # gptq / framequant: a least-squares gain per stored row (denoise.py), kept if it helps
     fp_target: bool = False  # sequential: fit each layer to the fp32 model's outputs (sequential.fp_target_weight)
     fp_residual: bool = False  # with fp_target: also correct the residual the layer's output is added to
-    fp_target_damp: float = 0.01  # fp_target: damping of the correction, fraction of the mean Hessian diagonal
+    fp_target_damp: float = FP_TARGET_DAMP  # fp_target: damping of the correction, fraction of the mean Hessian diagonal
     refine: int = 0  # gptq / framequant: rounds of grid refit + code coordinate descent after GPTQ (refine.py)
 
     def __post_init__(self):
