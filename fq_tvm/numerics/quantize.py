@@ -23,7 +23,8 @@ from .packing import SUPPORTED_BITS
 
 METHODS = ("none", "rtn", "gptq", "framequant")
 # fp_target's damping (QuantConfig.fp_target_damp, sequential.fp_target_weight), fraction of the mean Hessian
-# diagonal: 0.1-1.0 measured better than 0.01 on MiniLM fq2 and 0.1 no worse on SmolLM2 (docs/numerics.md)
+# diagonal: 0.1-1.0 measured better than 0.01 on MiniLM fq2, 0.1 also on SmolLM2 and the synthetic blocks
+# (docs/numerics.md, "fp32-target damping")
 FP_TARGET_DAMP = 0.1
 
 
@@ -109,7 +110,8 @@ SCHEMES = {
     # (gptq.py) it measured better on SmolLM2 and MiniLM at r = 1.0 and 1.1 (docs/numerics.md).
     "had2": QuantConfig("had2", "framequant", bits=2, clip_sigma=CLIP_SIGMA_2BIT, redundancy=1.0, sequential=True),
     # fq2 also fits each layer to the fp32 model's outputs and residual stream (sequential.fp_target_weight):
-    # MiniLM cosine .864 -> .909, SmolLM2 perplexity (docs/numerics.md, "Fitting to the fp32 model").
+    # MiniLM cosine .864 -> .916, SmolLM2 perplexity (docs/numerics.md, "Fitting to the fp32 model"). fq2r1 and
+    # gptq2 do not: with it they gained on MiniLM but lost on the synthetic llama block (same section).
     "fq2": QuantConfig("fq2", "framequant", bits=2, clip_sigma=CLIP_SIGMA_2BIT, redundancy=1.1, sequential=True,
                        fp_target=True, fp_residual=True),
     "fq2r1": QuantConfig("fq2r1", "framequant", bits=2, clip_sigma=CLIP_SIGMA_2BIT, redundancy=1.0,
