@@ -177,6 +177,36 @@ def test_fp_target_weight_is_the_least_squares_fit():
     np.testing.assert_allclose(fp_target_weight(w, stat, percdamp=0.0), ref, rtol=1e-8, atol=1e-10)
 
 
+def test_fp_target_damp_is_the_config_field(tmp_path):
+    """QuantConfig.fp_target_damp reaches fp_target_weight: the record equals quantizing the damped
+    target by hand; a negative value is refused."""
+    from fq_tvm import models
+    from fq_tvm.numerics import HessianStat
+    from fq_tvm.numerics.sequential import fp_target_weight
+    from fq_tvm.quantize import _quantize_one, plan_layers
+
+    proto = onnx.load(str(models.mlp_gemm(tmp_path / "mlp.onnx", sizes=(64, 48, 40))))
+    plan = plan_layers(proto)
+    layer = plan.chosen[0]
+    rng = np.random.default_rng(5)
+    x_q = rng.standard_normal((200, 64))
+    x_fp = x_q + 0.3 * rng.standard_normal((200, 64))
+    stat = HessianStat(x_q.T @ x_q, 200.0, (x_q[::5].T @ x_q[::5]), 40.0, cross=(x_fp - x_q).T @ x_q)
+    w = weight_matrix(proto, layer)
+    for damp in (0.01, 0.3):
+        cfg = get_scheme("fq2", fp_target_damp=damp)
+        rec = _quantize_one(proto, plan, layer, cfg, stat)
+        ref = quantize_layer(plan.names[layer.node], fp_target_weight(w, stat, percdamp=damp), stat, cfg,
+                             input_seed=seed_for(layer.activation + ":in", cfg.seed),
+                             output_seed=seed_for(layer.weight + ":out", cfg.seed))
+        np.testing.assert_array_equal(rec.packed, ref.packed)
+        np.testing.assert_allclose(rec.scale, ref.scale, rtol=1e-7)
+    low = _quantize_one(proto, plan, layer, get_scheme("fq2", fp_target_damp=0.01), stat)
+    assert np.any(low.packed != rec.packed) or not np.allclose(low.scale, rec.scale)  # the damping matters
+    with pytest.raises(ValueError, match="fp_target_damp must be >= 0"):
+        get_scheme("fq2", fp_target_damp=-0.1)
+
+
 def test_without_replacements_it_is_plain_calibration():
     samples = _samples(7)
     model = _graph_model()

@@ -22,6 +22,10 @@ import numpy as np
 from .packing import SUPPORTED_BITS
 
 METHODS = ("none", "rtn", "gptq", "framequant")
+# fp_target's damping (QuantConfig.fp_target_damp, sequential.fp_target_weight), fraction of the mean Hessian
+# diagonal: 0.1-1.0 measured better than 0.01 on MiniLM fq2, 0.1 also on SmolLM2 and the synthetic blocks
+# (docs/numerics.md, "fp32-target damping")
+FP_TARGET_DAMP = 0.1
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class QuantConfig:
     denoise: bool = False  # gptq / framequant: a least-squares gain per stored row (denoise.py), kept if it helps
     fp_target: bool = False  # sequential: fit each layer to the fp32 model's outputs (sequential.fp_target_weight)
     fp_residual: bool = False  # with fp_target: also correct the residual the layer's output is added to
+    fp_target_damp: float = FP_TARGET_DAMP  # fp_target: damping of the correction, fraction of the mean Hessian diagonal
     refine: int = 0  # gptq / framequant: rounds of grid refit + code coordinate descent after GPTQ (refine.py)
 
     def __post_init__(self):
@@ -71,6 +76,8 @@ class QuantConfig:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if not (math.isfinite(self.percdamp) and self.percdamp >= 0):
             raise ValueError(f"percdamp must be >= 0, got {self.percdamp!r}")
+        if not (math.isfinite(self.fp_target_damp) and self.fp_target_damp >= 0):
+            raise ValueError(f"fp_target_damp must be >= 0, got {self.fp_target_damp!r}")
         if not (isinstance(self.refine, int) and self.refine >= 0):
             raise ValueError(f"refine must be an int >= 0, got {self.refine!r}")
         if not 0 <= self.seed < 2**63:
@@ -103,7 +110,8 @@ SCHEMES = {
     # (gptq.py) it measured better on SmolLM2 and MiniLM at r = 1.0 and 1.1 (docs/numerics.md).
     "had2": QuantConfig("had2", "framequant", bits=2, clip_sigma=CLIP_SIGMA_2BIT, redundancy=1.0, sequential=True),
     # fq2 also fits each layer to the fp32 model's outputs and residual stream (sequential.fp_target_weight):
-    # MiniLM cosine .864 -> .909, SmolLM2 perplexity (docs/numerics.md, "Fitting to the fp32 model").
+    # MiniLM cosine .864 -> .916, SmolLM2 perplexity (docs/numerics.md, "Fitting to the fp32 model"). fq2r1 and
+    # gptq2 do not: with it they gained on MiniLM but lost on the synthetic llama block (same section).
     "fq2": QuantConfig("fq2", "framequant", bits=2, clip_sigma=CLIP_SIGMA_2BIT, redundancy=1.1, sequential=True,
                        fp_target=True, fp_residual=True),
     "fq2r1": QuantConfig("fq2r1", "framequant", bits=2, clip_sigma=CLIP_SIGMA_2BIT, redundancy=1.0,

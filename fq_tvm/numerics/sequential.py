@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .calibrate import HessianStat, _accumulate, _load, _progress, _samples, _session, held_out_samples
+from .quantize import FP_TARGET_DAMP
 
 MEMORY_BYTES = 1 << 30  # live activations kept in memory between segments; beyond it, on disk
 
@@ -210,7 +211,6 @@ def _accumulate_cross(stat: HessianStat, other, act, mask, field: str = "cross")
     setattr(stat, field, total if getattr(stat, field) is None else getattr(stat, field) + total)
 
 
-FP_TARGET_DAMP = 0.01  # fp_target_weight: damping of the correction, fraction of the mean diagonal
 
 
 def fp_target_weight(W: np.ndarray, stat: HessianStat, percdamp: float | None = None) -> np.ndarray:
