@@ -111,7 +111,7 @@ SCHEMES = {
     # (gptq.py) it measured better on SmolLM2 and MiniLM at r = 1.0 and 1.1 (docs/numerics.md).
     "had2": QuantConfig("had2", "framequant", bits=2, clip_sigma=CLIP_SIGMA_2BIT, redundancy=1.0, sequential=True),
     # fq2 also fits each layer to the fp32 model's outputs and residual stream (sequential.fp_target_weight):
-    # MiniLM cosine .864 -> .916, SmolLM2 perplexity (docs/numerics.md, "Fitting to the fp32 model"). fq2r1 and
+    # MiniLM cosine .864 -> .914, SmolLM2 perplexity (docs/numerics.md, "Fitting to the fp32 model"). fq2r1 and
     # gptq2 do not: with it they gained on MiniLM but lost on the synthetic llama block (same section).
     "fq2": QuantConfig("fq2", "framequant", bits=2, clip_sigma=CLIP_SIGMA_2BIT, redundancy=1.1, sequential=True,
                        fp_target=True, fp_residual=True),

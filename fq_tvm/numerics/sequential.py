@@ -211,8 +211,6 @@ def _accumulate_cross(stat: HessianStat, other, act, mask, field: str = "cross")
     setattr(stat, field, total if getattr(stat, field) is None else getattr(stat, field) + total)
 
 
-
-
 def fp_target_weight(W: np.ndarray, stat: HessianStat, percdamp: float | None = None) -> np.ndarray:
     """The weight whose outputs on the quantized model's inputs X best match the fp32 model's:
     argmin_V ||W X_fp + R_fp - V X - R|| = W + (W E + D) A^-1 with A = X X^T, E = (X_fp - X) X^T
