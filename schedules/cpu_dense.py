@@ -179,9 +179,10 @@ def gather_columns(K: int, N: int, lanes: int, ids_dtype: str) -> tvm.tirx.PrimF
     return func.with_attrs({"fq_kernel": "gather_columns", "op_pattern": OPAQUE, "tirx.is_scheduled": True})
 
 
-def _weight(expr) -> np.ndarray | None:
+def _dims(expr) -> tuple | None:
+    """(rows, cols) of a 2-D float32 constant, else None; its values are read only to pack them."""
     if isinstance(expr, GenericConst) and expr.value.dtype == "float32" and len(expr.value.shape) == 2:
-        return expr.value.numpy()
+        return tuple(int(d) for d in expr.value.shape)
     return None
 
 
@@ -247,14 +248,14 @@ class _Dispatch(relax.PyExprMutator):
         if call.op != tvm.ir.Op.get("relax.matmul"):
             return call
         const, transposed = self._constant(call.args[1])
-        w, shape = _weight(const), _shape(call.args[0])
-        if w is None or shape is None:
+        dims, shape = _dims(const), _shape(call.args[0])
+        if dims is None or shape is None:
             return call
-        w = w.T if transposed else w
+        K, N = dims[::-1] if transposed else dims
         shared = self.uses.get(const, 0) != 0
-        if int(shape[-1]) != w.shape[0] or w.shape[1] % panel_cols(self.lanes) or (shared and transposed):
+        if int(shape[-1]) != K or N % panel_cols(self.lanes) or (shared and transposed):
             return call
-        return self._dense(call.args[0], shape, w, const, shared)
+        return self._dense(call.args[0], shape, (K, N), const, transposed, shared)
 
     def _constant(self, expr):
         """(the constant, whether transposed) behind a matmul's weight: a constant, a variable bound
@@ -269,13 +270,13 @@ class _Dispatch(relax.PyExprMutator):
                 return bound.args[0], True
         return expr, False
 
-    def _dense(self, x, shape, w, const, shared: bool):
-        K, N = w.shape
+    def _dense(self, x, shape, dims, const, transposed: bool, shared: bool):
+        K, N = dims
         key = (K, N, not shared)
         if key not in self.kernels:
             name = f"fq_dense_{K}_{N}" + ("_in_place" if shared else "")
             self.kernels[key] = self.builder_.add_func(dense(K, N, self.lanes, packed=not shared), name)
-        weight = const if shared else self._packed(const, w)
+        weight = const if shared else self._packed(const, transposed)
         flat = self.builder_.emit(relax.op.reshape(x, [-1, K])) if len(shape) != 2 else x
         rows = flat.ty.shape[0]
         y = self.builder_.emit(relax.call_tir(self.kernels[key], [flat, weight],
@@ -283,9 +284,11 @@ class _Dispatch(relax.PyExprMutator):
         self.count += 1
         return y if len(shape) == 2 else relax.op.reshape(y, shape[:-1] + [N])
 
-    def _packed(self, const, w):
+    def _packed(self, const, transposed: bool = False):
+        """The packed constant of `const` (W, or W^T where transposed), packed on first use."""
         if const not in self.packed:
-            self.packed[const] = relax.const(pack(w, self.lanes))
+            w = const.value.numpy()
+            self.packed[const] = relax.const(pack(w.T if transposed else w, self.lanes))
         return self.packed[const]
 
     def _gather(self, call):
@@ -293,13 +296,13 @@ class _Dispatch(relax.PyExprMutator):
         The table is packed here if the gather comes first; a table that no matmul reads packed
         (its columns not whole panels, or read some other way too) keeps TVM's take."""
         const, transposed = self._constant(call.args[0])
-        w, ids = _weight(const), call.args[1]
+        dims, ids = _dims(const), call.args[1]
         ids_ty = ids.ty
-        if (w is None or transposed or self.uses.get(const, 0) or const not in self.weights
-                or w.shape[1] % panel_cols(self.lanes) or not isinstance(ids_ty, relax.TensorType)
+        if (dims is None or transposed or self.uses.get(const, 0) or const not in self.weights
+                or dims[1] % panel_cols(self.lanes) or not isinstance(ids_ty, relax.TensorType)
                 or ids_ty.shape is None or not len(ids_ty.shape) or ids_ty.dtype not in ("int32", "int64")):
             return call
-        K, N = w.shape
+        K, N = dims
         key = ("gather", K, N, ids_ty.dtype)
         if key not in self.kernels:
             self.kernels[key] = self.builder_.add_func(gather_columns(K, N, self.lanes, ids_ty.dtype),
@@ -309,7 +312,7 @@ class _Dispatch(relax.PyExprMutator):
         for extent in shape[1:]:
             count = count * extent
         flat = self.builder_.emit(relax.op.reshape(ids, [count])) if len(shape) != 1 else ids
-        cols = self.builder_.emit(relax.call_tir(self.kernels[key], [flat, self._packed(const, w)],
+        cols = self.builder_.emit(relax.call_tir(self.kernels[key], [flat, self._packed(const)],
                                                  relax.TensorType([K, count], "float32")))
         return cols if len(shape) == 1 else relax.op.reshape(cols, [K] + shape)
 

@@ -24,17 +24,24 @@ KIND = "layer_norm_rows"
 RMS_KIND = "rms_norm_rows"
 
 
+def _lane_sum(L: int):
+    """A macro vsum(acc, s): s[0] = the L lanes of acc added."""
+
+    @T.macro
+    def vsum(acc, s):
+        s[0] = T.float32(0)
+        for v in range(L):
+            s[0] = s[0] + acc[v]
+
+    return vsum
+
+
 def layer_norm(n: int, epsilon: float, lanes: int) -> tvm.tirx.PrimFunc:
     """x [rows, n], gamma [n], beta [n] -> y [rows, n], float32; rows symbolic, n static."""
     L = min(lanes, n)
     full = n // L * L
     eps = T.float32(epsilon)
-
-    @T.macro
-    def vsum(acc, s):  # s[0] = the lanes of acc added
-        s[0] = T.float32(0)
-        for v in range(L):
-            s[0] = s[0] + acc[v]
+    vsum = _lane_sum(L)
 
     @T.macro
     def row(i, x, gamma, beta, y, acc, s):
@@ -85,15 +92,14 @@ def rms_norm(n: int, epsilon: float, lanes: int) -> tvm.tirx.PrimFunc:
     L = min(lanes, n)
     full = n // L * L
     eps = T.float32(epsilon)
+    vsum = _lane_sum(L)
 
     @T.macro
     def row(i, x, w, y, acc, s):
         acc[T.ramp(0, 1, L)] = T.Broadcast(T.float32(0), L)
         for jo in range(n // L):
             acc[T.ramp(0, 1, L)] = acc[T.ramp(0, 1, L)] + x[i, T.ramp(jo * L, 1, L)] * x[i, T.ramp(jo * L, 1, L)]
-        s[0] = T.float32(0)
-        for v in range(L):
-            s[0] = s[0] + acc[v]
+        vsum(acc, s)
         for j in range(full, n):
             s[0] = s[0] + x[i, j] * x[i, j]
         rstd: T.let = T.float32(1) / T.sqrt(s[0] / T.float32(n) + eps)

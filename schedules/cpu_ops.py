@@ -83,8 +83,7 @@ def _layer_norm(bb, call):
 
     x, gamma, beta = call.args
     shape, attrs = _shape(x), call.attrs
-    if (_rows_of(x, shape) and [int(a) % len(shape) for a in attrs.axes] == [len(shape) - 1]
-            and isinstance(shape[-1], tirx.IntImm) and attrs.center and attrs.scale):
+    if _static_last_axis(x, shape, attrs.axes) and attrs.center and attrs.scale:
         func = cpu_layer_norm.layer_norm(int(shape[-1]), float(attrs.epsilon), _lanes())
         return _on_rows(bb, x, shape, func, "layer_norm_rows", gamma, beta)
     return tvm.ir.Op.get("relax.nn.layer_norm").get_attr("FLegalize")(bb, call)
@@ -97,11 +96,16 @@ def _rms_norm(bb, call):
 
     x, weight = call.args
     shape, attrs = _shape(x), call.attrs
-    if (_rows_of(x, shape) and [int(a) % len(shape) for a in attrs.axes] == [len(shape) - 1]
-            and isinstance(shape[-1], tirx.IntImm) and len(_shape(weight)) == 1):
+    if _static_last_axis(x, shape, attrs.axes) and len(_shape(weight)) == 1:
         func = cpu_layer_norm.rms_norm(int(shape[-1]), float(attrs.epsilon), _lanes())
         return _on_rows(bb, x, shape, func, "rms_norm_rows", weight)
     return tvm.ir.Op.get("relax.nn.rms_norm").get_attr("FLegalize")(bb, call)
+
+
+def _static_last_axis(x, shape: list, axes) -> bool:
+    """A norm over the static last axis only, of float32 x with at least 2 axes (a row kernel)."""
+    return (_rows_of(x, shape) and [int(a) % len(shape) for a in axes] == [len(shape) - 1]
+            and isinstance(shape[-1], tirx.IntImm))
 
 
 def _shape(x) -> list:
