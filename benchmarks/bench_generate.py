@@ -6,6 +6,8 @@ Runtime fp32 / dynamic int8 (quantize_dynamic: QInt8 MatMul weights, per tensor)
 graph with the same loop written over numpy. Each (engine, threads) runs in its own process, since
 TVM's thread pool size is fixed when it starts. The prompt is the start of Pride and Prejudice
 (if the Austen data is installed, else a fixed English text), tokenized with the artifact's tokenizer.
+--rounds R runs the whole set of engines R times in turn and reports medians over all runs, so that a
+slow spell of a shared machine falls on every engine rather than on one.
 --ppl-windows N adds each engine's perplexity on N windows of 512 tokens of the same book.
 
   python benchmarks/bench_generate.py --onnx smol/smollm2_kv.onnx \\
@@ -220,6 +222,8 @@ def main(argv=None) -> int:
     p.add_argument("--prefill", type=int, default=128)
     p.add_argument("--decode", type=int, default=128)
     p.add_argument("--repeat", type=int, default=3, help="timed runs per engine and thread count (0: no timing)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every engine this many times in turn (fresh processes), medians over all runs")
     p.add_argument("--ppl-windows", type=int, default=0, metavar="N",
                    help="also the perplexity on N x 512 tokens of Pride and Prejudice (at the first thread count)")
     p.add_argument("--json", metavar="FILE", help="also write the results here")
@@ -234,26 +238,37 @@ def main(argv=None) -> int:
     for spec in args.llama_cpp:
         name, _, gguf = spec.rpartition("=")
         engines.append((f"llama.cpp {name or Path(gguf).stem}", "llama", Path(gguf)))
-    results = []
-    for label, kind, path in engines:
-        for threads in args.threads:
-            env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
-            cmd = [sys.executable, __file__, "--onnx", str(onnx_path), "--prefill", str(args.prefill), "--decode",
-                   str(args.decode), "--repeat", str(args.repeat), "--one", kind, str(path), str(threads),
-                   "--ppl-windows", str(args.ppl_windows if threads == args.threads[0] else 0)]
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(f"{label} x{threads}: failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-                continue
-            row = {"engine": label, "threads": threads, **json.loads(done.stdout.strip().splitlines()[-1])}
-            results.append(row)
-            speed = (f"prefill {row['prefill_tokens_per_s']:8.1f} tokens/s, decode {row['decode_tokens_per_s']:7.1f} "
-                     f"tokens/s" if "decode_tokens_per_s" in row else "")
-            ppl = f" perplexity {row['perplexity']:.3f}" if "perplexity" in row else ""
-            print(f"{label:18} {threads} thread(s): {speed}{ppl}", flush=True)
+    rows = {}  # (engine, threads) -> its row, runs gathered over the rounds
+    for rnd in range(args.rounds):  # rounds interleave the engines, so a slow spell of the machine hits them all
+        for label, kind, path in engines:
+            for threads in args.threads:
+                ppl = args.ppl_windows if threads == args.threads[0] and rnd == 0 else 0
+                env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+                cmd = [sys.executable, __file__, "--onnx", str(onnx_path), "--prefill", str(args.prefill), "--decode",
+                       str(args.decode), "--repeat", str(args.repeat), "--one", kind, str(path), str(threads),
+                       "--ppl-windows", str(ppl)]
+                done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if done.returncode != 0:
+                    print(f"{label} x{threads}: failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                    continue
+                got = json.loads(done.stdout.strip().splitlines()[-1])
+                row = rows.setdefault((label, threads), {"engine": label, "threads": threads, "prefill_runs": [],
+                                                         "decode_runs": []})
+                row.update({k: v for k, v in got.items() if k == "perplexity"})
+                row["prefill_runs"] += got.get("prefill_runs", [])
+                row["decode_runs"] += got.get("decode_runs", [])
+                if row["decode_runs"]:
+                    row["prefill_tokens_per_s"] = round(statistics.median(row["prefill_runs"]), 2)
+                    row["decode_tokens_per_s"] = round(statistics.median(row["decode_runs"]), 2)
+                speed = (f"prefill {row['prefill_tokens_per_s']:8.1f} tokens/s, decode "
+                         f"{row['decode_tokens_per_s']:7.1f} tokens/s" if "decode_tokens_per_s" in row else "")
+                perp = f" perplexity {row['perplexity']:.3f}" if "perplexity" in row else ""
+                tag = f" (medians of {len(row['decode_runs'])} runs, round {rnd + 1})" if args.rounds > 1 else ""
+                print(f"{label:18} {threads} thread(s): {speed}{perp}{tag}", flush=True)
+    results = list(rows.values())
     if args.json:
         Path(args.json).write_text(json.dumps({"prefill": args.prefill, "decode": args.decode, "repeat": args.repeat,
-                                               "results": results}, indent=2) + "\n")
+                                               "rounds": args.rounds, "results": results}, indent=2) + "\n")
     return 0
 
 

@@ -132,9 +132,15 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     if generation is not None:  # a prefill needs only the last position's logits
         from .passes.last_logits import NAME, AddLastLogits
 
+        from .passes.kv_cache import NAME as KV_NAME, AddCacheInPlace
+
         mod = AddLastLogits()(mod)
-        if NAME in [gvar.name_hint for gvar in mod.get_global_vars()]:
+        mod = AddCacheInPlace(2 * generation["layers"])(mod)
+        names = [gvar.name_hint for gvar in mod.get_global_vars()]
+        if NAME in names:
             generation["last_logits"] = NAME
+        if KV_NAME in names:  # generate's function: the cache seq-major, appended in place
+            generation["kv_in_place"] = KV_NAME
     if records is not None:  # only what the artifact really runs quantized
         kept = {entry["weight"] for entry in layer_report.get("layers", [])}
         records.update({name: rec for name, rec in quantized.items() if name in kept})

@@ -107,7 +107,8 @@ def generate(model, prompt, max_new_tokens: int = 64, temperature: float = 0.0, 
                       f"context limit of {g['context']}; ask for at most {g['context'] - len(ids)} new tokens")
     out = Generation(prompt_tokens=len(ids))
     piece = _Streamer(tok, stream) if stream is not None else None
-    step, rng, eos = _Stepper(model, g), np.random.default_rng(seed), set(g["eos_ids"]) if stop_at_eos else set()
+    step, rng = _Stepper(model, g, len(ids) + max_new_tokens), np.random.default_rng(seed)
+    eos = set(g["eos_ids"]) if stop_at_eos else set()
     start = time.perf_counter()
     logits = step(ids)
     out.prefill_seconds = time.perf_counter() - start
@@ -185,33 +186,47 @@ def _keep_freed_memory() -> None:
 
 
 class _Stepper:
-    """Runs the artifact one call at a time, keeping the KV cache on the device between calls."""
+    """Runs the artifact one call at a time, keeping the KV cache on the device between calls.
 
-    def __init__(self, model, g: dict):
+    Where the artifact has `main_kv` (passes/kv_cache.py), each cache tensor is one buffer of
+    `capacity` rows, seq-major, that the call appends to in place; it is passed as a view of its
+    first past + new rows. Otherwise each call returns the present keys and values, copied from
+    the past (`main_last`)."""
+
+    def __init__(self, model, g: dict, capacity: int):
         import tvm
 
         self.device, self.tensor = model._device, model._tensor
+        self.in_place = "kv_in_place" in g
         # the artifact's function computing only the last position's logits, where it has one
-        self.main = model._vm[g.get("last_logits", "main")]
-        # The VM's pooled allocator keeps every freed buffer for reuse by size, and the cache grows
-        # one token a step: without a release, 1000 decode steps of SmolLM2 grew the process from
-        # 0.6 to 11.5 GB and slowed steps 3x. Releasing the idle buffers after each call keeps it flat.
+        self.main = model._vm[g["kv_in_place"] if self.in_place else g.get("last_logits", "main")]
+        # The VM's pooled allocator keeps every freed buffer for reuse by size, and the attention
+        # buffers grow one token a step: without a release, 1000 decode steps of SmolLM2 (cache
+        # copied each step) grew the process from 0.6 to 11.5 GB and slowed steps 3x.
         self.release = tvm.get_global_func("vm.builtin.memory_manager.clear", allow_missing=True)
         self.cpu, self.calls = model._cpu, 0
         self.release_every = 1 if self.cpu else 64  # a GPU pays cudaMalloc for each re-allocation
         if self.cpu:
             _keep_freed_memory()
-        shape = (1, g["kv_heads"], 0, g["head_dim"])
-        self.cache = [tvm.runtime.tensor(np.zeros(shape, np.float32), self.device) for _ in range(2 * g["layers"])]
+        heads, dim = g["kv_heads"], g["head_dim"]
+        shape = (1, capacity, heads, dim) if self.in_place else (1, heads, 0, dim)
+        self.row_shape = (heads, dim)
+        self.cache = [tvm.runtime.empty(shape, "float32", self.device) if self.in_place else
+                      tvm.runtime.tensor(np.zeros(shape, np.float32), self.device) for _ in range(2 * g["layers"])]
         self.position = 0
 
     def __call__(self, ids: list[int]) -> np.ndarray:
         """Logits of the last of `ids` after appending them to the cache."""
         n = len(ids)
         positions = np.arange(self.position, self.position + n, dtype=np.int64)[None]
-        result = self.main(self.tensor(np.asarray([ids], np.int64)), self.tensor(positions), *self.cache)
-        logits, *self.cache = list(result)
-        del result
+        inputs = self.tensor(np.asarray([ids], np.int64)), self.tensor(positions)
+        if self.in_place:
+            views = [c._create_view((1, self.position + n, *self.row_shape)) for c in self.cache]
+            logits = self.main(*inputs, *views)
+        else:
+            result = self.main(*inputs, *self.cache)
+            logits, *self.cache = list(result)
+            del result
         self.calls += 1
         if self.release is not None and self.calls % self.release_every == 0:
             self.release()

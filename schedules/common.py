@@ -75,6 +75,15 @@ SERIAL_ROWS = 2  # under this many rows a row loop runs without a parallel launc
 # spent most of its time there).
 STACK = {"disable_lower_builtin": True}
 
+LINE = 64  # cache line bytes
+AHEAD = 2048  # bytes a streaming loop prefetches ahead where the hardware prefetcher falls behind
+
+
+def prefetch(load):
+    """Read prefetch into every cache level of the address of `load` (a buffer element)."""
+    return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(load), T.int32(0), T.int32(3),
+                                         T.int32(1)))
+
 
 def same_row(row):
     """A macro row(i, x, p, y) from a macro row(xi, x, p, yi, y) that reads and writes row i."""

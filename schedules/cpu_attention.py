@@ -28,7 +28,7 @@ from tvm import relax
 from tvm_ffi import structural_equal
 from tvm.script import tirx as T
 
-from .common import STACK, dispatch_pass
+from .common import AHEAD, LINE, STACK, dispatch_pass, prefetch
 from .kernels import OPAQUE
 
 KIND = "attention_scores"
@@ -95,9 +95,14 @@ def scores(H: int, D: int, lanes: int, q_seq: bool = True, k_seq: bool = True, g
         for a in T.unroll(n):
             o[b, h, i, j0 + a] = total(acc, a)
 
+    KEYS_AHEAD = max(1, AHEAD // (4 * D))  # a cache read in place comes from DRAM, rows apart when seq-major
+
     @T.macro
     def dots(i, b, h, q, k, o, acc, sk):  # few query rows: DK independent dots at a time
         for jb in range(sk // DK):
+            for a in T.unroll(DK):
+                for line in T.unroll(max(1, 4 * D // LINE)):
+                    prefetch(at(k, k_seq, b, T.min(jb * DK + a + KEYS_AHEAD, sk - 1), h // group, line * LINE // 4))
             keys(DK, jb * DK, i, b, h, q, k, o, acc)
         for j in range(sk % DK):
             keys(1, sk // DK * DK + j, i, b, h, q, k, o, acc)

@@ -18,7 +18,7 @@ from tvm import relax
 from tvm_ffi import structural_equal
 from tvm.script import tirx as T
 
-from .common import STACK, dispatch_pass
+from .common import AHEAD, LINE, STACK, dispatch_pass, prefetch
 from .cpu_attention import at, heads_view, layout
 from .kernels import OPAQUE
 
@@ -53,6 +53,21 @@ def values(H: int, D: int, lanes: int, v_seq: bool = True, group: int = 1) -> tv
             for w in T.unroll(NV):
                 o[b, i0 + r, h, T.ramp(c0 + w * L, 1, L)] = acc[T.ramp((r * NV + w) * L, 1, L)]
 
+    ROWS_AHEAD = max(1, AHEAD // (4 * D))
+
+    @T.macro
+    def row_in_place(i, b, h, p, v, o, acc, sk):  # one row of p (decoding): v read in place, prefetched
+        for w in T.unroll(D // L):
+            acc[T.ramp(w * L, 1, L)] = T.Broadcast(T.float32(0), L)
+        for j in range(sk):
+            for line in T.unroll(max(1, 4 * D // LINE)):
+                prefetch(at(v, v_seq, b, T.min(j + ROWS_AHEAD, sk - 1), h // group, line * LINE // 4))
+            for w in T.unroll(D // L):
+                acc[T.ramp(w * L, 1, L)] = acc[T.ramp(w * L, 1, L)] + T.Broadcast(p[b, h, i, j], L) * at(
+                    v, v_seq, b, j, h // group, T.ramp(w * L, 1, L))
+        for w in T.unroll(D // L):
+            o[b, i, h, T.ramp(w * L, 1, L)] = acc[T.ramp(w * L, 1, L)]
+
     @T.prim_func(private=True)
     def func(p_h: T.handle, v_h: T.handle, o_h: T.handle):
         T.func_attr({"tirx.noalias": True})
@@ -61,17 +76,21 @@ def values(H: int, D: int, lanes: int, v_seq: bool = True, group: int = 1) -> tv
         v = T.match_buffer(v_h, layout(v_seq, batch, sk, HK, D), "float32")
         o = T.match_buffer(o_h, (batch, sq, H, D), "float32")
         for bh in T.parallel(batch * H):
-            acc = T.alloc_buffer((MR * C,), "float32", annotations=STACK)
-            vloc = T.alloc_buffer((sk * D,), "float32")
-            for j in range(sk):  # the head's values, contiguous: in place, their rows HK * D apart
-                for c in T.vectorized(D):  # fall into few L1 sets and were re-read from L2 per tile
-                    vloc[j * D + c] = at(v, v_seq, bh // H, j, bh % H // group, c)
-            for it in range(sq // MR):
-                for ct in range(D // C):
-                    tile(MR, it * MR, ct * C, bh // H, bh % H, p, vloc, o, acc, sk)
-            for i in range(sq % MR):
-                for ct in range(D // C):
-                    tile(1, sq // MR * MR + i, ct * C, bh // H, bh % H, p, vloc, o, acc, sk)
+            acc = T.alloc_buffer((max(MR * C, D),), "float32", annotations=STACK)
+            if sq < MR:  # decoding: each value row is used once per query row, so no copy
+                for i in range(sq):
+                    row_in_place(i, bh // H, bh % H, p, v, o, acc, sk)
+            else:
+                vloc = T.alloc_buffer((sk * D,), "float32")
+                for j in range(sk):  # the head's values, contiguous: in place, their rows HK * D apart
+                    for c in T.vectorized(D):  # fall into few L1 sets and were re-read from L2 per tile
+                        vloc[j * D + c] = at(v, v_seq, bh // H, j, bh % H // group, c)
+                for it in range(sq // MR):
+                    for ct in range(D // C):
+                        tile(MR, it * MR, ct * C, bh // H, bh % H, p, vloc, o, acc, sk)
+                for i in range(sq % MR):
+                    for ct in range(D // C):
+                        tile(1, sq // MR * MR + i, ct * C, bh // H, bh % H, p, vloc, o, acc, sk)
 
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE, "tirx.is_scheduled": True})
 

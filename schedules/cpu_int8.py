@@ -30,7 +30,7 @@ from tvm.script import tirx as T
 
 from ..numerics.activations import act_group
 from ..numerics.packing import packed_width
-from .common import SERIAL_ROWS, STACK
+from .common import AHEAD, LINE, SERIAL_ROWS, STACK, prefetch
 from .kernels import OPAQUE
 
 KIND = "dequant_matmul_int8"
@@ -596,8 +596,16 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
                             tvm.tirx.all(start(kb) + v >= kb * V, col < K), qrow[T.min(col, K - 1)],
                             T.int8(0))
 
+    TILE1 = NR1 * Bw  # bytes of a lone row's tile (whole rows: NKC == 1)
+    TILES_AHEAD = -(-AHEAD // TILE1) if NKC == 1 else 0  # lone-row tiles prefetched ahead
+
     @T.macro
-    def few_rows(packed, sflat, zflat, y, xq, ax, axs, m):  # register tiles over the packed bytes
+    def prefetch_tiles(pflat, n0, ntiles):  # the lines of ntiles lone-row tiles from weight row n0
+        for line in range((ntiles * TILE1 + LINE - 1) // LINE + 1):
+            prefetch(pflat[T.min(n0 * Bw + line * LINE, N * Bw - 1)])
+
+    @T.macro
+    def few_rows(packed, pflat, sflat, zflat, y, xq, ax, axs, m):  # register tiles over the packed bytes
         for nc in T.parallel((N + NC - 1) // NC):
             facc = T.alloc_buffer((MR * max(NR, NR1) * L,), "float32", annotations=STACK)
             zacc = T.alloc_buffer((MR * max(NR, NR1),), "float32", annotations=STACK)
@@ -609,6 +617,10 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
                              facc, zacc, iacc)
                 for ir in range(m % MR):
                     for nt in range(T.min(NC, N - nc * NC) // NR1):
+                        if TILES_AHEAD > 0:  # a lone row is latency-bound on weights from DRAM
+                            if nt == 0:
+                                prefetch_tiles(pflat, nc * NC, TILES_AHEAD)
+                            prefetch_tiles(pflat, nc * NC + (nt + TILES_AHEAD) * NR1, 1)
                         tile(1, NR1, SP1, m // MR * MR + ir, nc * NC + nt * NR1, kc, packed, sflat, zflat, y, xq,
                              ax, axs, facc, zacc, iacc)
 
@@ -621,6 +633,7 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
         y = T.match_buffer(y_h, (m, N), "float32")
         sflat = T.decl_buffer((N * G,), "float32", data=scale.data)  # flat views: NT scales in one load
         zflat = T.decl_buffer((N * G,), "float32", data=zero.data)
+        pflat = T.decl_buffer((N * Bw,), "uint8", data=packed.data)  # (byte layout only: unused where pre-laid)
         xq = T.alloc_buffer((T.if_then_else(m < many, m, T.int64(0)) * NB * step,), "int8")
         xn = T.alloc_buffer((T.if_then_else(m < many, T.int64(0), m) * K4P * 4,), "int8")
         ax = T.alloc_buffer((m * NA,), "float32")
@@ -636,6 +649,6 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
         elif m >= many:
             gemm(xn, packed, scale, zero, y, ax, axs, m)
         else:
-            few_rows(packed, sflat, zflat, y, xq, ax, axs, m)
+            few_rows(packed, pflat, sflat, zflat, y, xq, ax, axs, m)
 
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE, "fq_isa": isa.name})

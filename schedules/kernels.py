@@ -358,3 +358,38 @@ def transform(steps: list[tuple]) -> tvm.tirx.PrimFunc:
             raise ValueError(f"unknown transform step {kind!r}")
         widths.append(int(cur.shape[1]))
     return _finish(params + [cur], "transform", dim=max(widths), steps=len(steps))
+
+
+def kv_append(heads: int, dim: int, seq_major: bool) -> tvm.tirx.PrimFunc:
+    """In place (`R.call_tir_inplace`, argument 0): a KV cache [batch, total, heads, dim] gets the
+    new keys or values [batch, seq, heads, dim] (seq_major) or [batch, heads, seq, dim] as its
+    rows total - seq .. total - 1; the rows before them are not touched."""
+    from tvm.script import tirx as T
+
+    if seq_major:
+        @T.prim_func(private=True, check_well_formed=False)  # blocks, for the targets' schedule rules
+        def func(cache_h: T.handle, new_h: T.handle):
+            batch, total, seq = T.int64(), T.int64(), T.int64()
+            cache = T.match_buffer(cache_h, (batch, total, heads, dim), "float32")
+            new = T.match_buffer(new_h, (batch, seq, heads, dim), "float32")
+            with T.sblock("root"):
+                for b, s, h, d in T.grid(batch, seq, heads, dim):
+                    with T.sblock("append"):
+                        vb, vs, vh, vd = T.axis.remap("SSSS", [b, s, h, d])
+                        T.reads(new[vb, vs, vh, vd])
+                        T.writes(cache[vb, total - seq + vs, vh, vd])
+                        cache[vb, total - seq + vs, vh, vd] = new[vb, vs, vh, vd]
+    else:
+        @T.prim_func(private=True, check_well_formed=False)  # blocks, for the targets' schedule rules
+        def func(cache_h: T.handle, new_h: T.handle):
+            batch, total, seq = T.int64(), T.int64(), T.int64()
+            cache = T.match_buffer(cache_h, (batch, total, heads, dim), "float32")
+            new = T.match_buffer(new_h, (batch, heads, seq, dim), "float32")
+            with T.sblock("root"):
+                for b, s, h, d in T.grid(batch, seq, heads, dim):
+                    with T.sblock("append"):
+                        vb, vs, vh, vd = T.axis.remap("SSSS", [b, s, h, d])
+                        T.reads(new[vb, vh, vs, vd])
+                        T.writes(cache[vb, total - seq + vs, vh, vd])
+                        cache[vb, total - seq + vs, vh, vd] = new[vb, vh, vs, vd]
+    return func.with_attrs({"fq_kernel": "kv_append", "op_pattern": OPAQUE})

@@ -103,6 +103,7 @@ def test_scores_heads_major_and_grouped_keys(batch, sq, sk, kv_heads, dim, q_seq
     (1, 128, 128, 4, 32),  # whole tiles
     (2, 37, 53, 1, 24),  # rows not whole tiles; head_dim 3 vectors of 8 (one-vector tiles)
     (1, 1, 77, 2, 64),  # one decoding step
+    (1, 3, 9, 1, 24),  # three query rows read v in place (decoding path), 3 vectors of 8
     (3, 6, 2, 1, 8),  # two keys
 ])
 def test_values_match_numpy(batch, sq, sk, kv_heads, dim, v_seq, group, lanes):

@@ -121,6 +121,32 @@ def test_prefill_function_computes_the_last_logits_only(tiny):
         np.testing.assert_array_equal(value.numpy(), full[spec["name"]])
 
 
+def test_in_place_cache_function_matches_the_copying_one(tiny):
+    """`main_kv` (passes/kv_cache.py) appends to seq-major cache buffers in place: a prefill and
+    decode steps through views of one buffer give main_last's logits exactly, the buffer's rows are
+    the present keys, and rows past the view (NaN here) are never read."""
+    import tvm
+
+    _, onnx_path, artifact, _ = tiny
+    model, info = fq_tvm.load(artifact), _info(onnx_path)
+    assert model.manifest["generation"]["kv_in_place"] == "main_kv"
+    heads, dim, n = info["kv_heads"], info["head_dim"], 2 * info["layers"]
+    past = [tvm.runtime.tensor(np.zeros((1, heads, 0, dim), np.float32)) for _ in range(n)]
+    bufs = [tvm.runtime.tensor(np.full((1, 20, heads, dim), np.nan, np.float32)) for _ in range(n)]
+    ids, pos = _ids(14)[0], 0
+    for chunk in (ids[:9], *[[t] for t in ids[9:]]):
+        feed = [tvm.runtime.tensor(np.asarray([chunk], np.int64)),
+                tvm.runtime.tensor(np.arange(pos, pos + len(chunk))[None])]
+        copied = list(model._vm["main_last"](*feed, *past))
+        past = copied[1:]
+        pos += len(chunk)
+        in_place = model._vm["main_kv"](*feed, *[b._create_view((1, pos, heads, dim)) for b in bufs])
+        np.testing.assert_array_equal(in_place.numpy(), copied[0].numpy())
+    for buf, present in zip(bufs, past):
+        np.testing.assert_array_equal(buf.numpy()[0, :pos].transpose(1, 0, 2), present.numpy()[0])
+        assert np.isnan(buf.numpy()[0, pos:]).all()
+
+
 def test_positions_past_the_context_are_refused_by_run(tiny):
     _, onnx_path, artifact, _ = tiny
     feed = {"input_ids": np.ones((1, 1), np.int64), "position_ids": np.full((1, 1), 128, np.int64),

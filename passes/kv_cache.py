@@ -1,0 +1,140 @@
+"""A third entry point of a causal LM with a KV cache that appends to the cache in place.
+
+The exported graph (fq_tvm/kvcache.py) takes the past keys and values [batch, kv_heads, past,
+head_dim] and returns the present ones, `concat(past, new)`: every decode step copies the whole
+cache of every layer into freshly allocated tensors (SmolLM2 at 192 tokens of past: 8.8 MB per
+token). This pass adds `main_kv`, built from `main_last` (or `main`), whose cache arguments are
+[batch, total, kv_heads, head_dim] (seq-major, total = past + seq) already holding the past in
+their first rows: each concat becomes a `call_tir_inplace` of `kv_append` writing the new rows
+total - seq .. total - 1, and attention reads the cache through `permute_dims` (no copy on CPU:
+`cpu_attention` reads seq-major heads in place). `main_kv` returns the logits only. The caller
+keeps one buffer of the cache's capacity per tensor and passes views of its first `total` rows
+(fq_tvm/generate.py); a seq-major layout makes that prefix contiguous.
+
+Runs on the bound module after AddLastLogits; a module whose past inputs do not all feed one
+concat along the sequence axis is returned unchanged.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from .last_logits import NAME as LAST, _own_symbolic_vars
+
+NAME = "main_kv"
+
+
+def _kernels():
+    from ..schedules import kernels
+
+    return kernels
+
+
+def AddCacheInPlace(past_inputs: int):  # noqa: N802 - a pass, named like TVM's
+    """Add `main_kv` to a module whose entry takes (input_ids, position_ids, *past) with
+    `past_inputs` past tensors, each used once by `concat((past, new), axis=2)`."""
+
+    @tvm.transform.module_pass(opt_level=0, name="fq.AddCacheInPlace")
+    def _pass(mod, _ctx):
+        names = [gvar.name_hint for gvar in mod.get_global_vars()]
+        source = mod[LAST] if LAST in names else mod["main"]
+        found = _concats(source, past_inputs)
+        if found is None:
+            return mod
+        rewrite = _InPlace(mod, found)
+        func = _own_symbolic_vars(relax.analysis.remove_all_unused(rewrite.rewrite(source)))
+        rewrite.builder_.add_func(func.with_attr("global_symbol", NAME), NAME)
+        return rewrite.builder_.get()
+
+    return _pass
+
+
+def _concats(func, count: int):
+    """{concat var: past param} when each of the last `count` params is used exactly once, by a
+    concat along axis 2 with one other operand; else None."""
+    params = list(func.params)
+    if count < 1 or len(params) < count + 1:
+        return None
+    past = params[-count:]
+    uses = {p: [] for p in past}
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            for p in relax.analysis.free_vars(binding.value):
+                if p in uses:
+                    uses[p].append(binding)
+    found = {}
+    for p in past:
+        shape = getattr(p.ty, "shape", None)
+        if len(uses[p]) != 1 or shape is None or len(shape) != 4:
+            return None
+        binding = uses[p][0]
+        value = binding.value
+        if not (isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.concat")
+                and int(value.attrs.axis) == 2 and isinstance(value.args[0], relax.Tuple)
+                and len(value.args[0].fields) == 2 and value.args[0].fields[0].same_as(p)):
+            return None
+        found[binding.var] = p
+    dims = {str(p.ty.shape[2]) for p in past}
+    return found if len(dims) == 1 and isinstance(past[0].ty.shape[2], tvm.tirx.Var) else None
+
+
+@mutator
+class _InPlace(PyExprMutator):
+    """The source function with seq-major cache params, in-place appends, and the logits returned."""
+
+    def __init__(self, mod, found):
+        super().__init__(mod)
+        self.found = found
+        self.kernels = {}
+
+    def rewrite(self, func):
+        past = list(self.found.values())
+        seq_len = past[0].ty.shape[2]
+        total = tvm.tirx.Var("total", "int64")
+        n_new = func.params[0].ty.shape[-1]  # input_ids [batch, seq]
+        self.caches = {}
+        params = list(func.params[:-len(past)])
+        for p in func.params[-len(past):]:
+            batch, heads, _, dim = p.ty.shape
+            cache = relax.Var(p.name.replace("past_", "cache_"),
+                              relax.TensorType([batch, total, heads, dim], p.ty.dtype))
+            self.caches[p] = cache
+            params.append(cache)
+        body = self.visit_expr(func.body)
+        # past = total - seq: bound while the old past params still define it, then dropped (unused)
+        bound = relax.Function(params + past, body, None, func.is_pure, func.attrs)
+        bound = bound.bind_symbolic_vars({seq_len: total - n_new})
+        return relax.Function(list(bound.params[:len(params)]), bound.body, None, func.is_pure, func.attrs)
+
+    def visit_var_binding_(self, binding):
+        if binding.var not in self.found:
+            return super().visit_var_binding_(binding)
+        cache = self.caches[self.found[binding.var]]
+        new = self.visit_expr(binding.value.args[0].fields[1])
+        new, seq_major = self._seq_major(new)
+        heads, dim = int(cache.ty.shape[2]), int(cache.ty.shape[3])
+        key = (heads, dim, seq_major)
+        if key not in self.kernels:
+            name = f"kv_append_{heads}x{dim}{'_seq' if seq_major else ''}"
+            self.kernels[key] = self.builder_.add_func(_kernels().kv_append(heads, dim, seq_major), name)
+        written = self.builder_.emit(relax.op.call_tir_inplace(self.kernels[key], [cache, new], [0], cache.ty))
+        heads_major = self.builder_.emit(relax.op.permute_dims(written, [0, 2, 1, 3]))
+        self.set_var_remap(binding.var, heads_major)
+
+    def _seq_major(self, new):
+        """(tensor, True) when `new` is permute_dims(x, [0, 2, 1, 3]) of a seq-major x, else (new, False)."""
+        bound = self.lookup_binding(new) if isinstance(new, relax.Var) else None
+        if (isinstance(bound, relax.Call) and bound.op == tvm.ir.Op.get("relax.permute_dims")
+                and bound.attrs.axes is not None and [int(a) for a in bound.attrs.axes] == [0, 2, 1, 3]):
+            return bound.args[0], True
+        return new, False
+
+    def visit_seq_expr_(self, seq):
+        new = super().visit_seq_expr_(seq)
+        body = new.body
+        value = self.lookup_binding(body) if isinstance(body, relax.Var) else body
+        if isinstance(value, relax.Tuple) and value.fields:
+            return relax.SeqExpr(new.blocks, value.fields[0])
+        return new
