@@ -101,14 +101,63 @@ def code_gather(bb, ids, layer: PackedLinear, shared: dict):
     return relax.op.reshape(e, shape + [layer.in_features])
 
 
+def _transformed_input(bb, x, layer: PackedLinear, shared: dict):
+    key = (x, layer.input_key())
+    if key not in shared:
+        x2 = bb.emit(relax.op.reshape(x, [-1, layer.in_features])) if len(x.ty.shape) != 2 else x
+        shared[key] = input_transform(bb, x2, layer)
+    return shared[key]
+
+
+def joinable(a: PackedLinear, b: PackedLinear) -> bool:
+    """Layers reading one input that can run as one dequant-matmul with their rows stacked: the same
+    input transform and code format, and output rotations (if any) of the same block that divide
+    their rows, with no padding to drop."""
+    ra, rb = a.out_rot, b.out_rot
+    if a.input_key() != b.input_key() or (a.bits, a.group_size, a.act_group) != (b.bits, b.group_size, b.act_group):
+        return False
+    if (ra is None) != (rb is None):
+        return False
+    return all(r is None or (r.padded == r.dim == layer.rows and layer.rows % r.block == 0 and r.block == ra.block)
+               for r, layer in ((ra, a), (rb, b)))
+
+
+def stacked(layers: list[PackedLinear]) -> PackedLinear:
+    """One layer computing the given joinable layers' outputs side by side ([..., sum N])."""
+    first = layers[0]
+    out_rot = None
+    if first.out_rot is not None:
+        n = sum(layer.rows for layer in layers)
+        out_rot = Rotation(n, n, first.out_rot.block, np.concatenate([layer.out_rot.signs for layer in layers]))
+    return PackedLinear(
+        name="+".join(layer.name for layer in layers), in_features=first.in_features,
+        out_features=sum(layer.out_features for layer in layers), bits=first.bits, cols=first.cols,
+        group_size=first.group_size, packed=np.concatenate([layer.packed for layer in layers]),
+        scale=np.concatenate([layer.scale for layer in layers]), zero=np.concatenate([layer.zero for layer in layers]),
+        in_rot=first.in_rot, frame=first.frame, out_rot=out_rot, act_group=first.act_group)
+
+
+def packed_linears(bb, x, layers: list[PackedLinear], shared: dict) -> list:
+    """The outputs [..., N_i] of joinable layers reading x, computed as one stacked layer (one
+    dequant-matmul and one inverse rotation: the blocks of a Hadamard never cross two layers' rows)
+    and sliced apart."""
+    if len(layers) == 1:
+        return [packed_linear(bb, x, layers[0], shared)]
+    layer = shared.setdefault(("stacked", tuple(layer.name for layer in layers)), stacked(layers))  # kept alive:
+    both = packed_linear(bb, x, layer, shared)  # _weights keys its constants by id(layer)
+    both = both if isinstance(both, relax.Var) else bb.emit(both)
+    outs, start = [], 0
+    for layer in layers:
+        outs.append(relax.op.strided_slice(both, axes=[len(x.ty.shape) - 1], begin=[start], end=[start + layer.out_features],
+                                           assume_inbound=True))
+        start += layer.out_features
+    return outs
+
+
 def packed_linear(bb, x, layer: PackedLinear, shared: dict):
     """Bindings computing x @ W_hat^T for x [..., K]; returns the output expr [..., N]."""
     shape = list(x.ty.shape)
-    key = (x, layer.input_key())
-    if key not in shared:
-        x2 = bb.emit(relax.op.reshape(x, [-1, layer.in_features])) if len(shape) != 2 else x
-        shared[key] = input_transform(bb, x2, layer)
-    xf = shared[key]
+    xf = _transformed_input(bb, x, layer, shared)
     rows = xf.ty.shape[0]
     func = _kernels().dequant_matmul(layer.rows, layer.cols, layer.bits, layer.group_size, layer.act_group)
     name = f"fq_dequant_matmul_{layer.rows}_{layer.cols}_b{layer.bits}_g{layer.group_size}_a{layer.act_group}"

@@ -3,7 +3,9 @@
 Matches both imported forms of a Linear layer, `matmul(x, permute_dims(W))` (Gemm transB=1) and
 `matmul(x, W)` with W `[K, N]` (torch's dynamo exporter), where W is a named weight parameter of
 `main` listed in `layers`. x may have any leading dims (dynamic batch/sequence). Layers reading the
-same activation with the same input transform share one transform (Q/K/V).
+same activation with the same input transform share one transform, and where their codes and
+output rotations allow (`emit.joinable`) one dequant-matmul with their rows stacked, sliced apart
+after it (Q/K/V, and an MLP's gate and up): fewer and larger kernels, the same numbers.
 """
 
 from __future__ import annotations
@@ -45,15 +47,50 @@ class _DenseRewriter(PyExprMutator):
         self.rewritten: list[str] = []  # weight parameter names, one per rewritten call
         self.shared: dict = {}
 
+    def visit_function_(self, func):
+        self.groups = _siblings(func, self.layers, self.params)
+        return super().visit_function_(func)
+
     def visit_call_(self, call):
         call = super().visit_call_(call)
         found = match_dense(call, self.lookup_binding)
         if found is None or found[0] not in self.layers or found[0] not in self.params:
             return call
-        layer = self.layers[found[0]]
-        x = call.args[0]
-        self.rewritten.append(found[0])
-        return emit.packed_linear(self.builder_, x, layer, self.shared)
+        name = found[0]
+        self.rewritten.append(name)
+        group = self.groups.get(name)
+        if group is None:
+            return emit.packed_linear(self.builder_, call.args[0], self.layers[name], self.shared)
+        key = ("outputs", group[0])
+        if key not in self.shared:  # the group's first call computes every member
+            outs = emit.packed_linears(self.builder_, call.args[0], [self.layers[n] for n in group], self.shared)
+            self.shared[key] = dict(zip(group, outs))
+        return self.shared[key][name]
+
+
+def _siblings(func, layers: dict, params: set) -> dict[str, list[str]]:
+    """weight name -> the names of the joinable layers reading the same tensor, in order (only
+    names in a group of two or more)."""
+    bindings = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+    readers: dict = {}
+    for value in bindings.values():
+        found = match_dense(value, bindings.get) if isinstance(value, relax.Call) else None
+        if found is not None and found[0] in layers and found[0] in params:
+            readers.setdefault(value.args[0], []).append(found[0])
+    count: dict = {}
+    for names in readers.values():
+        for n in names:
+            count[n] = count.get(n, 0) + 1
+    groups = {}
+    for names in readers.values():
+        names = [n for n in names if count[n] == 1]  # a weight read twice keeps its own kernels
+        while names:
+            first, rest = names[0], names[1:]
+            group = [first] + [n for n in rest if emit.joinable(layers[first], layers[n])]
+            names = [n for n in rest if n not in group]
+            if len(group) > 1:
+                groups.update({n: group for n in group})
+    return groups
 
 
 @tvm.transform.module_pass(opt_level=0, name="fq.QuantizeDense")

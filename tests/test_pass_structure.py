@@ -11,6 +11,8 @@ the build's CanonicalizeBindings removes it), so Expected writes it too. StoreTi
 on a bound module (weights as constants), as in the compile path.
 """
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -179,21 +181,29 @@ def _qkv_rewrite():
     assert rewrite.rewritten_params == ["wq", "wk", "wv"] and rewrite.num_input_transforms == 1
     g = _kernels(out, fq_hadamard_64_64=kernels.hadamard(64, 64, False),
                  fq_frame_4x18x16_0=kernels.frame_analysis(4, 16, 18, 0),
-                 fq_dequant_matmul_64_72_b2_g72_a256=kernels.dequant_matmul(64, 72, 2, 72, 256),
-                 fq_hadamard_inv_64_64=kernels.hadamard(64, 64, True))
+                 fq_dequant_matmul_192_72_b2_g72_a256=kernels.dequant_matmul(192, 72, 2, 72, 256),
+                 fq_hadamard_inv_192_64=kernels.hadamard(192, 64, True))
     return out, layers, g
 
 
+def _stacked_consts(layers):
+    """The three layers' codes, scales, zeros and output signs stacked by rows, q then k then v."""
+    parts = [layers[name] for name in ("wq", "wk", "wv")]
+    return [relax.const(np.concatenate([getattr(layer, field) for layer in parts]))
+            for field in ("packed", "scale", "zero")] + [
+        relax.const(np.concatenate([layer.out_rot.signs for layer in parts]).astype(np.float32))]
+
+
 def test_quantize_dense_qkv_share_one_input_transform():
-    """One Hadamard + frame for the three layers; each its own codes and output signs."""
+    """One Hadamard + frame for the three layers, and one dequant-matmul and inverse Hadamard over
+    their rows stacked (each keeps its codes, scales and output signs), sliced apart."""
     out, layers, g = _qkv_rewrite()
     had, frame, dqmm, had_inv = g.values()
-    s_in, f_blk, *q_consts = _consts(layers["wq"])
-    _, _, *k_consts = _consts(layers["wk"])
-    _, _, *v_consts = _consts(layers["wv"])
+    s_in, f_blk, *_ = _consts(layers["wq"])
+    packed, scale, zero, s_out = _stacked_consts(layers)
     for other in (layers["wk"], layers["wv"]):  # shared means equal: what the pass may reuse
         assert other.input_key() == layers["wq"].input_key()
-    assert not np.array_equal(q_consts[3].value.numpy(), k_consts[3].value.numpy())  # output signs differ
+    assert not np.array_equal(layers["wq"].out_rot.signs, layers["wk"].out_rot.signs)  # output signs differ
 
     @R.function
     def main(x: R.Tensor(("n", 64), "float32"), wq: R.Tensor((64, 64), "float32"),
@@ -202,15 +212,11 @@ def test_quantize_dense_qkv_share_one_input_transform():
         with R.dataflow():
             h = R.call_tir(had, (x, s_in), out_ty=R.Tensor((n, 64), "float32"))
             f = R.call_tir(frame, (h, f_blk), out_ty=R.Tensor((n, 72), "float32"))
-            uq = R.call_tir(dqmm, (f, q_consts[0], q_consts[1], q_consts[2]), out_ty=R.Tensor((n, 64), "float32"))
-            oq = R.call_tir(had_inv, (uq, q_consts[3]), out_ty=R.Tensor((n, 64), "float32"))
-            q = oq
-            uk = R.call_tir(dqmm, (f, k_consts[0], k_consts[1], k_consts[2]), out_ty=R.Tensor((n, 64), "float32"))
-            ok = R.call_tir(had_inv, (uk, k_consts[3]), out_ty=R.Tensor((n, 64), "float32"))
-            k = ok
-            uv = R.call_tir(dqmm, (f, v_consts[0], v_consts[1], v_consts[2]), out_ty=R.Tensor((n, 64), "float32"))
-            ov = R.call_tir(had_inv, (uv, v_consts[3]), out_ty=R.Tensor((n, 64), "float32"))
-            v = ov
+            u = R.call_tir(dqmm, (f, packed, scale, zero), out_ty=R.Tensor((n, 192), "float32"))
+            o = R.call_tir(had_inv, (u, s_out), out_ty=R.Tensor((n, 192), "float32"))
+            q = R.strided_slice(o, [1], [0], [64], assume_inbound=True)
+            k = R.strided_slice(o, [1], [64], [128], assume_inbound=True)
+            v = R.strided_slice(o, [1], [128], [192], assume_inbound=True)
             qk = R.add(q, k)
             y = R.add(qk, v)
             R.output(y)
@@ -219,42 +225,67 @@ def test_quantize_dense_qkv_share_one_input_transform():
     _check_main(out, main)
 
 
-def test_structural_check_catches_an_unshared_transform():
-    """The comparison is not vacuous: Expected with the input transform repeated for K and V
-    (what the pass would emit without sharing, otherwise identical) does not match."""
+def test_structural_check_catches_an_unstacked_rewrite():
+    """The comparison is not vacuous: Expected with one dequant-matmul and inverse Hadamard per
+    layer (the shared input transform kept, otherwise the same numbers) does not match."""
     out, layers, g = _qkv_rewrite()
     had, frame, dqmm, had_inv = g.values()
     s_in, f_blk, *q_consts = _consts(layers["wq"])
     _, _, *k_consts = _consts(layers["wk"])
     _, _, *v_consts = _consts(layers["wv"])
 
-    @R.function
-    def unshared(x: R.Tensor(("n", 64), "float32"), wq: R.Tensor((64, 64), "float32"),
-                 wk: R.Tensor((64, 64), "float32"), wv: R.Tensor((64, 64), "float32")) -> R.Tensor(("n", 64), "float32"):
+    @R.function(check_well_formed=False)  # the module's kernels are the stacked ones: only structure matters here
+    def unstacked(x: R.Tensor(("n", 64), "float32"), wq: R.Tensor((64, 64), "float32"),
+                  wk: R.Tensor((64, 64), "float32"), wv: R.Tensor((64, 64), "float32")) -> R.Tensor(("n", 64), "float32"):
         n = T.int64()
         with R.dataflow():
             h = R.call_tir(had, (x, s_in), out_ty=R.Tensor((n, 64), "float32"))
             f = R.call_tir(frame, (h, f_blk), out_ty=R.Tensor((n, 72), "float32"))
             uq = R.call_tir(dqmm, (f, q_consts[0], q_consts[1], q_consts[2]), out_ty=R.Tensor((n, 64), "float32"))
-            oq = R.call_tir(had_inv, (uq, q_consts[3]), out_ty=R.Tensor((n, 64), "float32"))
-            q = oq
-            hk = R.call_tir(had, (x, s_in), out_ty=R.Tensor((n, 64), "float32"))
-            fk = R.call_tir(frame, (hk, f_blk), out_ty=R.Tensor((n, 72), "float32"))
-            uk = R.call_tir(dqmm, (fk, k_consts[0], k_consts[1], k_consts[2]), out_ty=R.Tensor((n, 64), "float32"))
-            ok = R.call_tir(had_inv, (uk, k_consts[3]), out_ty=R.Tensor((n, 64), "float32"))
-            k = ok
-            hv = R.call_tir(had, (x, s_in), out_ty=R.Tensor((n, 64), "float32"))
-            fv = R.call_tir(frame, (hv, f_blk), out_ty=R.Tensor((n, 72), "float32"))
-            uv = R.call_tir(dqmm, (fv, v_consts[0], v_consts[1], v_consts[2]), out_ty=R.Tensor((n, 64), "float32"))
-            ov = R.call_tir(had_inv, (uv, v_consts[3]), out_ty=R.Tensor((n, 64), "float32"))
-            v = ov
+            q = R.call_tir(had_inv, (uq, q_consts[3]), out_ty=R.Tensor((n, 64), "float32"))
+            uk = R.call_tir(dqmm, (f, k_consts[0], k_consts[1], k_consts[2]), out_ty=R.Tensor((n, 64), "float32"))
+            k = R.call_tir(had_inv, (uk, k_consts[3]), out_ty=R.Tensor((n, 64), "float32"))
+            uv = R.call_tir(dqmm, (f, v_consts[0], v_consts[1], v_consts[2]), out_ty=R.Tensor((n, 64), "float32"))
+            v = R.call_tir(had_inv, (uv, v_consts[3]), out_ty=R.Tensor((n, 64), "float32"))
             qk = R.add(q, k)
             y = R.add(qk, v)
             R.output(y)
         return y
 
     with pytest.raises(ValueError, match="StructuralEqual check failed"):
-        _check_main(out, unshared)
+        _check_main(out, unstacked)
+
+
+def test_layers_stack_only_where_code_format_matches():
+    """V with another activation group (or a weight read by two calls) keeps its own dequant-matmul;
+    Q and K still stack."""
+    import dataclasses
+
+    from fq_tvm.passes import emit
+
+    layers = _qkv()
+    layers["wv"] = dataclasses.replace(layers["wv"], act_group=128)
+    assert emit.joinable(layers["wq"], layers["wk"]) and not emit.joinable(layers["wq"], layers["wv"])
+    text = QuantizeDense(layers)(QKV)["main"].script(show_meta=False)
+    assert re.findall(r"R\.call_tir\((fq_dequant_matmul_\w+)", text) == [
+        "fq_dequant_matmul_128_72_b2_g72_a256", "fq_dequant_matmul_64_72_b2_g72_a128"]
+    assert len(re.findall(r"R\.strided_slice\(", text)) == 2
+
+    @I.ir_module
+    class Twice:
+        @R.function
+        def main(x: R.Tensor(("n", 64), "float32"), wq: R.Tensor((64, 64), "float32"),
+                 wk: R.Tensor((64, 64), "float32")) -> R.Tensor(("n", 64), "float32"):
+            with R.dataflow():
+                q = R.matmul(x, R.permute_dims(wq, [1, 0]))
+                k = R.matmul(x, R.permute_dims(wk, [1, 0]))
+                q2 = R.matmul(q, R.permute_dims(wq, [1, 0]))
+                y = R.add(q2, k)
+                R.output(y)
+            return y
+
+    text = QuantizeDense({name: layers[name] for name in ("wq", "wk")})(Twice)["main"].script(show_meta=False)
+    assert len(re.findall(r"fq_dequant_matmul_64_72", text)) == 3 and "strided_slice" not in text
 
 
 def test_quantize_dense_different_seeds_do_not_share():
