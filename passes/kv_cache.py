@@ -3,13 +3,16 @@
 The exported graph (fq_tvm/kvcache.py) takes the past keys and values [batch, kv_heads, past,
 head_dim] and returns the present ones, `concat(past, new)`: every decode step copies the whole
 cache of every layer into freshly allocated tensors (SmolLM2 at 192 tokens of past: 8.8 MB per
-token). This pass adds `main_kv`, built from `main_last` (or `main`), whose cache arguments are
-[batch, total, kv_heads, head_dim] (seq-major, total = past + seq) already holding the past in
-their first rows: each concat becomes a `call_tir_inplace` of `kv_append` writing the new rows
-total - seq .. total - 1, and attention reads the cache through `permute_dims` (no copy on CPU:
-`cpu_attention` reads seq-major heads in place). `main_kv` returns the logits only. The caller
-keeps one buffer of the cache's capacity per tensor and passes views of its first `total` rows
-(fq_tvm/generate.py); a seq-major layout makes that prefix contiguous.
+token). This pass adds `main_kv`, built from `main_last` (or `main`):
+
+  main_kv(input_ids, position_ids, total: R.Shape([total]), cache_key.0, cache_value.0, ...) -> logits
+
+Each cache argument is one buffer [batch, capacity, kv_heads, head_dim] (seq-major) whose first
+total - seq rows hold the past; `R.memory.view` takes its first `total` rows (a seq-major prefix is
+contiguous; the view checks total <= capacity), each concat becomes a `call_tir_inplace` of
+`kv_append` writing rows total - seq .. total - 1 of the view, and attention reads it through
+`permute_dims` (no copy on CPU: `cpu_attention` reads seq-major heads in place). The caller keeps
+the buffers and passes the length (fq_tvm/generate.py): no view is made in Python per step.
 
 Runs on the bound module after AddLastLogits; a module whose past inputs do not all feed one
 concat along the sequence axis is returned unchanged.
@@ -92,14 +95,14 @@ class _InPlace(PyExprMutator):
     def rewrite(self, func):
         past = list(self.found.values())
         seq_len = past[0].ty.shape[2]
-        total = tvm.tirx.Var("total", "int64")
+        total, capacity = tvm.tirx.Var("total", "int64"), tvm.tirx.Var("capacity", "int64")
         n_new = func.params[0].ty.shape[-1]  # input_ids [batch, seq]
-        self.caches = {}
-        params = list(func.params[:-len(past)])
+        self.caches, self.total = {}, total
+        params = list(func.params[:-len(past)]) + [relax.Var("total", relax.ShapeType([total]))]
         for p in func.params[-len(past):]:
             batch, heads, _, dim = p.ty.shape
             cache = relax.Var(p.name.replace("past_", "cache_"),
-                              relax.TensorType([batch, total, heads, dim], p.ty.dtype))
+                              relax.TensorType([batch, capacity, heads, dim], p.ty.dtype))
             self.caches[p] = cache
             params.append(cache)
         body = self.visit_expr(func.body)
@@ -111,10 +114,12 @@ class _InPlace(PyExprMutator):
     def visit_var_binding_(self, binding):
         if binding.var not in self.found:
             return super().visit_var_binding_(binding)
-        cache = self.caches[self.found[binding.var]]
+        buffer = self.caches[self.found[binding.var]]
+        batch, _, heads, dim = buffer.ty.shape
+        cache = self.builder_.emit(relax.op.memory.view(buffer, relax.ShapeExpr([batch, self.total, heads, dim])))
         new = self.visit_expr(binding.value.args[0].fields[1])
         new, seq_major = self._seq_major(new)
-        heads, dim = int(cache.ty.shape[2]), int(cache.ty.shape[3])
+        heads, dim = int(heads), int(dim)
         key = (heads, dim, seq_major)
         if key not in self.kernels:
             name = f"kv_append_{heads}x{dim}{'_seq' if seq_major else ''}"

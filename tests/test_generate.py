@@ -123,9 +123,11 @@ def test_prefill_function_computes_the_last_logits_only(tiny):
 
 def test_in_place_cache_function_matches_the_copying_one(tiny):
     """`main_kv` (passes/kv_cache.py) appends to seq-major cache buffers in place: a prefill and
-    decode steps through views of one buffer give main_last's logits exactly, the buffer's rows are
-    the present keys, and rows past the view (NaN here) are never read."""
+    decode steps on one buffer of 20 rows give main_last's logits exactly, the buffer's rows are
+    the present keys, rows past the length (NaN here) are never read, and a length past the
+    buffer is refused."""
     import tvm
+    from tvm_ffi import Shape
 
     _, onnx_path, artifact, _ = tiny
     model, info = fq_tvm.load(artifact), _info(onnx_path)
@@ -140,11 +142,13 @@ def test_in_place_cache_function_matches_the_copying_one(tiny):
         copied = list(model._vm["main_last"](*feed, *past))
         past = copied[1:]
         pos += len(chunk)
-        in_place = model._vm["main_kv"](*feed, *[b._create_view((1, pos, heads, dim)) for b in bufs])
+        in_place = model._vm["main_kv"](*feed, Shape((pos,)), *bufs)
         np.testing.assert_array_equal(in_place.numpy(), copied[0].numpy())
     for buf, present in zip(bufs, past):
         np.testing.assert_array_equal(buf.numpy()[0, :pos].transpose(1, 0, 2), present.numpy()[0])
         assert np.isnan(buf.numpy()[0, pos:]).all()
+    with pytest.raises(Exception):
+        model._vm["main_kv"](*feed, Shape((21,)), *bufs)
 
 
 def test_positions_past_the_context_are_refused_by_run(tiny):

@@ -1,5 +1,6 @@
-"""passes/kv_cache.py: a KV-cache graph's concats of past and new keys become in-place appends to a
-seq-major cache (`main_kv`), read by attention through permute_dims. The artifact-level check
+"""passes/kv_cache.py: a KV-cache graph's concats of past and new keys become in-place appends to the
+first `total` rows (a view) of seq-major cache buffers (`main_kv`), read by attention through
+permute_dims. The artifact-level check
 (main_kv against main_last on a tiny Llama, step by step) is in tests/test_generate.py."""
 
 import tvm
@@ -47,8 +48,8 @@ class Expected:
 
     @R.function
     def main_kv(input_ids: R.Tensor(("b", "s"), "int64"), position_ids: R.Tensor(("b", "s"), "int64"),
-                cache_key_0: R.Tensor(("b", "total", 2, 4), "float32"),
-                cache_value_0: R.Tensor(("b", "total", 2, 4), "float32")):
+                length: R.Shape(["total"]), cache_key_0: R.Tensor(("b", "capacity", 2, 4), "float32"),
+                cache_value_0: R.Tensor(("b", "capacity", 2, 4), "float32")):
         R.func_attr({"global_symbol": "main_kv"})
         b, s, total = T.int64(), T.int64(), T.int64()
         cls = Expected
@@ -56,10 +57,13 @@ class Expected:
             x = R.astype(input_ids, "float32")
             k = R.broadcast_to(R.reshape(x, R.shape([b, 1, s, 1])), R.shape([b, 2, s, 4]))
             v_seq = R.broadcast_to(R.reshape(x, R.shape([b, s, 1, 1])), R.shape([b, s, 2, 4]))
-            keys = R.call_tir_inplace(cls.kv_append_2x4, (cache_key_0, k), [0],
-                                      R.Tensor((b, total, 2, 4), "float32"))
+            no_dtype = R.null_value()
+            key_rows = R.memory.view(cache_key_0, R.shape([b, total, 2, 4]), no_dtype, R.tuple())
+            keys = R.call_tir_inplace(cls.kv_append_2x4, (key_rows, k), [0], R.Tensor((b, total, 2, 4), "float32"))
             key = R.permute_dims(keys, [0, 2, 1, 3])
-            values = R.call_tir_inplace(cls.kv_append_2x4_seq, (cache_value_0, v_seq), [0],
+            no_dtype2 = R.null_value()
+            value_rows = R.memory.view(cache_value_0, R.shape([b, total, 2, 4]), no_dtype2, R.tuple())
+            values = R.call_tir_inplace(cls.kv_append_2x4_seq, (value_rows, v_seq), [0],
                                         R.Tensor((b, total, 2, 4), "float32"))
             value = R.permute_dims(values, [0, 2, 1, 3])
             logits = R.sum(R.matmul(key, R.permute_dims(value, [0, 1, 3, 2])), axis=[1, 3])
