@@ -366,30 +366,23 @@ def kv_append(heads: int, dim: int, seq_major: bool) -> tvm.tirx.PrimFunc:
     rows total - seq .. total - 1; the rows before them are not touched."""
     from tvm.script import tirx as T
 
-    if seq_major:
-        @T.prim_func(private=True, check_well_formed=False)  # blocks, for the targets' schedule rules
-        def func(cache_h: T.handle, new_h: T.handle):
-            batch, total, seq = T.int64(), T.int64(), T.int64()
-            cache = T.match_buffer(cache_h, (batch, total, heads, dim), "float32")
-            new = T.match_buffer(new_h, (batch, seq, heads, dim), "float32")
-            with T.sblock("root"):
-                for b, s, h, d in T.grid(batch, seq, heads, dim):
-                    with T.sblock("append"):
-                        vb, vs, vh, vd = T.axis.remap("SSSS", [b, s, h, d])
-                        T.reads(new[vb, vs, vh, vd])
-                        T.writes(cache[vb, total - seq + vs, vh, vd])
-                        cache[vb, total - seq + vs, vh, vd] = new[vb, vs, vh, vd]
-    else:
-        @T.prim_func(private=True, check_well_formed=False)  # blocks, for the targets' schedule rules
-        def func(cache_h: T.handle, new_h: T.handle):
-            batch, total, seq = T.int64(), T.int64(), T.int64()
-            cache = T.match_buffer(cache_h, (batch, total, heads, dim), "float32")
-            new = T.match_buffer(new_h, (batch, heads, seq, dim), "float32")
-            with T.sblock("root"):
-                for b, s, h, d in T.grid(batch, seq, heads, dim):
-                    with T.sblock("append"):
-                        vb, vs, vh, vd = T.axis.remap("SSSS", [b, s, h, d])
-                        T.reads(new[vb, vh, vs, vd])
-                        T.writes(cache[vb, total - seq + vs, vh, vd])
-                        cache[vb, total - seq + vs, vh, vd] = new[vb, vh, vs, vd]
+    def shape(batch, seq):
+        return (batch, seq, heads, dim) if seq_major else (batch, heads, seq, dim)
+
+    def row(new, b, s, h, d):
+        return new[b, s, h, d] if seq_major else new[b, h, s, d]
+
+    @T.prim_func(private=True, check_well_formed=False)  # blocks, for the targets' schedule rules
+    def func(cache_h: T.handle, new_h: T.handle):
+        batch, total, seq = T.int64(), T.int64(), T.int64()
+        cache = T.match_buffer(cache_h, (batch, total, heads, dim), "float32")
+        new = T.match_buffer(new_h, shape(batch, seq), "float32")
+        with T.sblock("root"):
+            for b, s, h, d in T.grid(batch, seq, heads, dim):
+                with T.sblock("append"):
+                    vb, vs, vh, vd = T.axis.remap("SSSS", [b, s, h, d])
+                    T.reads(row(new, vb, vs, vh, vd))
+                    T.writes(cache[vb, total - seq + vs, vh, vd])
+                    cache[vb, total - seq + vs, vh, vd] = row(new, vb, vs, vh, vd)
+
     return func.with_attrs({"fq_kernel": "kv_append", "op_pattern": OPAQUE})
