@@ -70,7 +70,8 @@ def _concats(func, count: int):
     found = {}
     for p in past:
         shape = getattr(p.ty, "shape", None)
-        if len(uses[p]) != 1 or shape is None or len(shape) != 4:
+        if (len(uses[p]) != 1 or shape is None or len(shape) != 4
+                or not all(isinstance(d, tvm.tirx.IntImm) for d in (shape[1], shape[3]))):  # static heads, dim
             return None
         binding = uses[p][0]
         value = binding.value
@@ -106,6 +107,9 @@ class _InPlace(PyExprMutator):
             self.caches[p] = cache
             params.append(cache)
         body = self.visit_expr(func.body)
+        out = self.lookup_binding(body.body) if isinstance(body.body, relax.Var) else body.body
+        if isinstance(out, relax.Tuple) and out.fields:  # the logits only: the caches are written in place
+            body = self.builder_.normalize(relax.SeqExpr(body.blocks, out.fields[0]))
         # past = total - seq: bound while the old past params still define it, then dropped (unused)
         bound = relax.Function(params + past, body, None, func.is_pure, func.attrs)
         bound = bound.bind_symbolic_vars({seq_len: total - n_new})
@@ -135,11 +139,3 @@ class _InPlace(PyExprMutator):
                 and bound.attrs.axes is not None and [int(a) for a in bound.attrs.axes] == [0, 2, 1, 3]):
             return bound.args[0], True
         return new, False
-
-    def visit_seq_expr_(self, seq):
-        new = super().visit_seq_expr_(seq)
-        body = new.body
-        value = self.lookup_binding(body) if isinstance(body, relax.Var) else body
-        if isinstance(value, relax.Tuple) and value.fields:
-            return relax.SeqExpr(new.blocks, value.fields[0])
-        return new
