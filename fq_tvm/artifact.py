@@ -281,6 +281,8 @@ def generation_problem(g, files: dict, inputs: list, outputs: list) -> str | Non
         return "'generation.tokenizer' must name a file listed in 'files' with its sha256"
     if g.get("last_logits", "main_last") != "main_last":
         return "'generation.last_logits' must be 'main_last' (the function computing only the last position's logits)"
+    if g.get("kv_in_place", "main_kv") != "main_kv":
+        return "'generation.kv_in_place' must be 'main_kv' (the function appending to the KV cache in place)"
     past = [f"past_{kind}.{i}" for i in range(g["layers"]) for kind in ("key", "value")]
     if inputs[:2] != ["input_ids", "position_ids"] or inputs[2:] != past:
         return "a causal LM's inputs must be input_ids, position_ids, past_key.0, past_value.0, ..."

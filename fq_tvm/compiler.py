@@ -132,15 +132,18 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     if generation is not None:  # a prefill needs only the last position's logits
         from .passes.last_logits import NAME, AddLastLogits
 
+        import tvm
+
         from .passes.kv_cache import NAME as KV_NAME, AddCacheInPlace
 
-        mod = AddLastLogits()(mod)
-        mod = AddCacheInPlace(2 * generation["layers"])(mod)
+        mod = AddCacheInPlace(2 * generation["layers"])(AddLastLogits()(mod))
         names = [gvar.name_hint for gvar in mod.get_global_vars()]
-        if NAME in names:
-            generation["last_logits"] = NAME
-        if KV_NAME in names:  # generate's function: the cache seq-major, appended in place
+        if KV_NAME in names:  # generate's function (the cache appended in place); it replaces main_last
             generation["kv_in_place"] = KV_NAME
+            mod = tvm.IRModule({gvar: func for gvar, func in mod.functions_items() if gvar.name_hint != NAME},
+                               attrs=mod.attrs, global_infos=mod.global_infos)
+        elif NAME in names:
+            generation["last_logits"] = NAME
     if records is not None:  # only what the artifact really runs quantized
         kept = {entry["weight"] for entry in layer_report.get("layers", [])}
         records.update({name: rec for name, rec in quantized.items() if name in kept})

@@ -102,53 +102,47 @@ def test_manifest_generation_section(tiny):
     assert ranges["position_ids"] == [0, 128]  # the rotary table's rows: fq-run refuses positions past it
 
 
-def test_prefill_function_computes_the_last_logits_only(tiny):
-    """The artifact's `main_last` (passes/last_logits.py): the last position's logits of `main`,
-    one row, for a prefill and for a decode step against the cache."""
-    import tvm
-
-    _, onnx_path, artifact, _ = tiny
-    model, info = fq_tvm.load(artifact), _info(onnx_path)
-    assert json.loads((artifact / "manifest.json").read_text())["generation"]["last_logits"] == "main_last"
-    ids = _ids(9)
-    feed = {"input_ids": ids, "position_ids": np.arange(9)[None], **kvcache.empty_past(info)}
-    full = model.run(feed)
-    args = [tvm.runtime.tensor(np.ascontiguousarray(feed[spec["name"]]).astype(spec["dtype"])) for spec in model.inputs]
-    last = list(model._vm["main_last"](*args))
-    assert last[0].numpy().shape == (1, 1, full["logits"].shape[-1])
-    np.testing.assert_allclose(last[0].numpy()[0, 0], full["logits"][0, -1], rtol=1e-5, atol=1e-5)
-    for spec, value in zip(model.outputs[1:], last[1:]):
-        np.testing.assert_array_equal(value.numpy(), full[spec["name"]])
-
-
-def test_in_place_cache_function_matches_the_copying_one(tiny):
-    """`main_kv` (passes/kv_cache.py) appends to seq-major cache buffers in place: a prefill and
-    decode steps on one buffer of 20 rows give main_last's logits exactly, the buffer's rows are
-    the present keys, rows past the length (NaN here) are never read, and a length past the
-    buffer is refused."""
+def test_in_place_cache_function_matches_main(tiny):
+    """`main_kv` (passes/kv_cache.py, built from passes/last_logits.py's last-row head) appends to
+    seq-major cache buffers in place: a prefill and decode steps on one buffer of 20 rows give the
+    last row of `main`'s logits (which copies the cache), its rows are `main`'s present keys, rows
+    past the length (NaN here) are never read, and a length past the buffer is refused. It replaces
+    `main_last`, which the artifact no longer carries."""
     import tvm
     from tvm_ffi import Shape
 
     _, onnx_path, artifact, _ = tiny
     model, info = fq_tvm.load(artifact), _info(onnx_path)
-    assert model.manifest["generation"]["kv_in_place"] == "main_kv"
+    g = json.loads((artifact / "manifest.json").read_text())["generation"]
+    assert g["kv_in_place"] == "main_kv" and "last_logits" not in g
+    assert _has(model, "main_kv") and not _has(model, "main_last")
     heads, dim, n = info["kv_heads"], info["head_dim"], 2 * info["layers"]
-    past = [tvm.runtime.tensor(np.zeros((1, heads, 0, dim), np.float32)) for _ in range(n)]
+    past = kvcache.empty_past(info)
     bufs = [tvm.runtime.tensor(np.full((1, 20, heads, dim), np.nan, np.float32)) for _ in range(n)]
     ids, pos = _ids(14)[0], 0
     for chunk in (ids[:9], *[[t] for t in ids[9:]]):
-        feed = [tvm.runtime.tensor(np.asarray([chunk], np.int64)),
-                tvm.runtime.tensor(np.arange(pos, pos + len(chunk))[None])]
-        copied = list(model._vm["main_last"](*feed, *past))
-        past = copied[1:]
+        positions = np.arange(pos, pos + len(chunk))[None]
+        full = model.run({"input_ids": np.asarray([chunk]), "position_ids": positions, **past})
+        past = {name.replace("present_", "past_"): value for name, value in full.items() if name != "logits"}
         pos += len(chunk)
-        in_place = model._vm["main_kv"](*feed, Shape((pos,)), *bufs)
-        np.testing.assert_array_equal(in_place.numpy(), copied[0].numpy())
-    for buf, present in zip(bufs, past):
-        np.testing.assert_array_equal(buf.numpy()[0, :pos].transpose(1, 0, 2), present.numpy()[0])
+        last = model._vm["main_kv"](tvm.runtime.tensor(np.asarray([chunk], np.int64)), tvm.runtime.tensor(positions),
+                                    Shape((pos,)), *bufs)
+        assert last.numpy().shape == (1, 1, full["logits"].shape[-1])
+        np.testing.assert_allclose(last.numpy()[0, 0], full["logits"][0, -1], rtol=1e-5, atol=1e-5)
+    for buf, name in zip(bufs, kvcache.kv_names(info["layers"])[0]):
+        np.testing.assert_array_equal(buf.numpy()[0, :pos].transpose(1, 0, 2), past[name][0])
         assert np.isnan(buf.numpy()[0, pos:]).all()
     with pytest.raises(Exception):
-        model._vm["main_kv"](*feed, Shape((21,)), *bufs)
+        model._vm["main_kv"](tvm.runtime.tensor(np.asarray([[1]], np.int64)), tvm.runtime.tensor(np.asarray([[20]])),
+                             Shape((21,)), *bufs)
+
+
+def _has(model, name: str) -> bool:
+    try:
+        model._vm[name]
+        return True
+    except Exception:  # the VM raises its own error type for a missing function
+        return False
 
 
 def test_positions_past_the_context_are_refused_by_run(tiny):
@@ -232,6 +226,11 @@ def test_manifest_generation_is_validated(tiny, tmp_path):
     manifest["generation"]["last_logits"] = "other"  # only main_last computes the last row alone
     write_manifest(copy, manifest, list(manifest["files"]))
     with pytest.raises(ArtifactError, match="'generation.last_logits' must be 'main_last'"):
+        read_manifest(copy)
+    del manifest["generation"]["last_logits"]
+    manifest["generation"]["kv_in_place"] = "main"  # main returns the present tensors: not in place
+    write_manifest(copy, manifest, list(manifest["files"]))
+    with pytest.raises(ArtifactError, match="'generation.kv_in_place' must be 'main_kv'"):
         read_manifest(copy)
 
 
