@@ -183,7 +183,7 @@ def perplexity(kind: str, path: Path, onnx_path: Path, tokenizer_json: Path, win
 
 def measure(kind: str, path: Path, onnx_path: Path, threads: int, prefill: int, decode: int, repeat: int,
             ppl_windows: int = 0) -> dict:
-    tokenizer = (path / "tokenizer.json") if kind == "ours" else onnx_path.parent / "tokenizer.json"
+    tokenizer = onnx_path.parent / "tokenizer.json"  # fq-export's, which the artifacts carry compressed
     result = {}
     if ppl_windows:
         result["perplexity"] = round(perplexity(kind, path, onnx_path, tokenizer, ppl_windows, threads), 3)

@@ -201,12 +201,19 @@ def _generation(proto, model_path: Path) -> dict | None:
 
 
 def _copy_tokenizer(generation: dict, model_path: Path, out: Path) -> list[str]:
-    import shutil
+    """The tokenizer file beside the model, gzip-compressed into the artifact as NAME.gz (no name
+    or time in the header, so the bytes repeat): SmolLM2's tokenizer.json 3.5 -> 0.6 MB. The
+    generation section then names the compressed file and its sha256."""
+    import gzip
+
+    from .artifact import sha256_file
 
     if "tokenizer" not in generation:
         return []
-    name = generation["tokenizer"]["file"]
-    shutil.copyfile(model_path.parent / name, out / name)
+    source = model_path.parent / generation["tokenizer"]["file"]
+    name = Path(generation["tokenizer"]["file"]).name + ".gz"
+    (out / name).write_bytes(gzip.compress(source.read_bytes(), compresslevel=9, mtime=0))
+    generation["tokenizer"] = {"file": name, "sha256": sha256_file(out / name)}
     return [name]
 
 

@@ -63,7 +63,7 @@ def spec(model) -> dict:
 
 def load_tokenizer(model, tokenizer=None):
     """A `tokenizers.Tokenizer`: from `tokenizer` (a tokenizer.json or a directory holding one) or
-    else the artifact's own copy (verified when the artifact was loaded)."""
+    else the artifact's own copy (gzip-compressed; verified when the artifact was loaded)."""
     g = spec(model)
     if tokenizer is not None:
         path = Path(tokenizer)
@@ -80,6 +80,10 @@ def load_tokenizer(model, tokenizer=None):
     except ImportError:
         raise FqError("python package 'tokenizers' is not installed: run `pip install tokenizers`") from None
     try:
+        if path.suffix == ".gz":  # the artifact's copy (fq_tvm/compiler.py compresses it)
+            import gzip
+
+            return Tokenizer.from_str(gzip.decompress(path.read_bytes()).decode("utf-8"))
         return Tokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises its own Exception type for a bad file
         raise FqError(f"{path}: not a readable tokenizer.json ({str(err).splitlines()[0] if str(err) else err})") \

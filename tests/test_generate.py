@@ -1,6 +1,7 @@
 """KV-cache export, fq-generate and Model.generate on a tiny random Llama (2 layers, hidden 64,
 4 heads / 2 KV heads, a 300-token BPE tokenizer trained here): exported once, compiled once."""
 
+import gzip
 import json
 import shutil
 
@@ -93,11 +94,15 @@ def test_artifact_prefill_then_decode_matches_whole_window(tiny):
 
 
 def test_manifest_generation_section(tiny):
-    _, _, artifact, _ = tiny
+    """The generation section, and the tokenizer carried gzip-compressed, byte for byte the export's."""
+    _, onnx_path, artifact, _ = tiny
     manifest = json.loads((artifact / "manifest.json").read_text())
     g = manifest["generation"]
     assert g["kind"] == "causal_lm" and g["layers"] == 2 and g["eos_ids"] == [2]
     assert manifest["files"][g["tokenizer"]["file"]] == g["tokenizer"]["sha256"]
+    assert g["tokenizer"]["file"] == "tokenizer.json.gz"
+    packed = (artifact / "tokenizer.json.gz").read_bytes()
+    assert gzip.decompress(packed) == (onnx_path.parent / "tokenizer.json").read_bytes()
     ranges = {spec["name"]: spec.get("range") for spec in manifest["inputs"]}
     assert ranges["position_ids"] == [0, 128]  # the rotary table's rows: fq-run refuses positions past it
 
