@@ -202,7 +202,7 @@ class _Stepper:
 
         self.device, self.tensor = model._device, model._tensor
         self.in_place = "kv_in_place" in g
-        # the artifact's function computing only the last position's logits, where it has one
+        # main_kv, or else the function computing only the last position's logits (older artifacts)
         self.main = model._vm[g["kv_in_place"] if self.in_place else g.get("last_logits", "main")]
         # The VM's pooled allocator keeps every freed buffer for reuse by size, and the attention
         # buffers grow one token a step: without a release, 1000 decode steps of SmolLM2 (cache

@@ -143,14 +143,16 @@ def packed_linears(bb, x, layers: list[PackedLinear], shared: dict) -> list:
     and sliced apart."""
     if len(layers) == 1:
         return [packed_linear(bb, x, layers[0], shared)]
-    layer = shared.setdefault(("stacked", tuple(layer.name for layer in layers)), stacked(layers))  # kept alive:
-    both = packed_linear(bb, x, layer, shared)  # _weights keys its constants by id(layer)
+    key = ("stacked", tuple(layer.name for layer in layers))
+    if key not in shared:  # kept alive there: _weights keys a layer's constants by id(layer)
+        shared[key] = stacked(layers)
+    both = packed_linear(bb, x, shared[key], shared)
     both = both if isinstance(both, relax.Var) else bb.emit(both)
-    outs, start = [], 0
+    axis, outs, start = len(x.ty.shape) - 1, [], 0
     for layer in layers:
-        outs.append(relax.op.strided_slice(both, axes=[len(x.ty.shape) - 1], begin=[start], end=[start + layer.out_features],
-                                           assume_inbound=True))
-        start += layer.out_features
+        end = start + layer.out_features
+        outs.append(relax.op.strided_slice(both, axes=[axis], begin=[start], end=[end], assume_inbound=True))
+        start = end
     return outs
 
 
