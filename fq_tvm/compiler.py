@@ -129,12 +129,11 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     step("importing into Relax" + (" and rewriting dense layers" if layers else ""))
     pre_bounds = fast_take_bounds(imported[0]["main"])[0]  # a quantized head's gather is no take
     mod = _import(proto, layers, layer_report, quiet, imported)
-    if generation is not None:  # a prefill needs only the last position's logits
-        from .passes.last_logits import NAME, AddLastLogits
-
+    if generation is not None:  # generation's function: the last position's logits, the cache written in place
         import tvm
 
         from .passes.kv_cache import NAME as KV_NAME, AddCacheInPlace
+        from .passes.last_logits import NAME, AddLastLogits
 
         mod = AddCacheInPlace(2 * generation["layers"])(AddLastLogits()(mod))
         names = [gvar.name_hint for gvar in mod.get_global_vars()]

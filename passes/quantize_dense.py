@@ -10,6 +10,8 @@ after it (Q/K/V, and an MLP's gate and up): fewer and larger kernels, the same n
 
 from __future__ import annotations
 
+from collections import Counter
+
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -77,10 +79,7 @@ def _siblings(func, layers: dict, params: set) -> dict[str, list[str]]:
         found = match_dense(value, bindings.get) if isinstance(value, relax.Call) else None
         if found is not None and found[0] in layers and found[0] in params:
             readers.setdefault(value.args[0], []).append(found[0])
-    count: dict = {}
-    for names in readers.values():
-        for n in names:
-            count[n] = count.get(n, 0) + 1
+    count = Counter(n for names in readers.values() for n in names)
     groups = {}
     for names in readers.values():
         names = [n for n in names if count[n] == 1]  # a weight read twice keeps its own kernels

@@ -29,20 +29,25 @@ from tvm_ffi import structural_equal
 from tvm.script import tirx as T
 
 from .common import AHEAD, LINE, STACK, dispatch_pass, prefetch
-from .kernels import OPAQUE
+from .kernels import OPAQUE, at, layout
 
 KIND = "attention_scores"
 MR, NV = 4, 2  # query rows x key vectors: 8 accumulators
 DK = 4  # keys per step of the few-query-rows path (independent dot products)
 
 
-def layout(seq_major: bool, batch, seq, heads: int, D: int) -> tuple:
-    """A heads tensor's buffer shape: [batch, seq, heads, D] or [batch, heads, seq, D]."""
-    return (batch, seq, heads, D) if seq_major else (batch, heads, seq, D)
+def prefetch_rows(D: int, seq_major: bool):
+    """A macro fetch(buf, b, j, h, rows): prefetch the D values of row j + ahead of head h of a heads
+    tensor (the last row past the end). A decoding step reads the cache once, from DRAM, and in a
+    seq-major cache one head's rows lie apart, where the hardware prefetcher falls behind."""
+    ahead = max(1, AHEAD // (4 * D))
 
+    @T.macro
+    def fetch(buf, b, j, h, rows):
+        for line in T.unroll(max(1, 4 * D // LINE)):
+            prefetch(at(buf, seq_major, b, T.min(j + ahead, rows - 1), h, line * LINE // 4))
 
-def at(buf, seq_major: bool, b, i, h, d):
-    return buf[b, i, h, d] if seq_major else buf[b, h, i, d]
+    return fetch
 
 
 def scores(H: int, D: int, lanes: int, q_seq: bool = True, k_seq: bool = True, group: int = 1) -> tvm.tirx.PrimFunc:
@@ -95,14 +100,13 @@ def scores(H: int, D: int, lanes: int, q_seq: bool = True, k_seq: bool = True, g
         for a in T.unroll(n):
             o[b, h, i, j0 + a] = total(acc, a)
 
-    KEYS_AHEAD = max(1, AHEAD // (4 * D))  # a cache read in place comes from DRAM, rows apart when seq-major
+    fetch = prefetch_rows(D, k_seq)
 
     @T.macro
     def dots(i, b, h, q, k, o, acc, sk):  # few query rows: DK independent dots at a time
         for jb in range(sk // DK):
             for a in T.unroll(DK):
-                for line in T.unroll(max(1, 4 * D // LINE)):
-                    prefetch(at(k, k_seq, b, T.min(jb * DK + a + KEYS_AHEAD, sk - 1), h // group, line * LINE // 4))
+                fetch(k, b, jb * DK + a, h // group, sk)
             keys(DK, jb * DK, i, b, h, q, k, o, acc)
         for j in range(sk % DK):
             keys(1, sk // DK * DK + j, i, b, h, q, k, o, acc)

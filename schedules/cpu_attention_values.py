@@ -18,9 +18,9 @@ from tvm import relax
 from tvm_ffi import structural_equal
 from tvm.script import tirx as T
 
-from .common import AHEAD, LINE, STACK, dispatch_pass, prefetch
-from .cpu_attention import at, heads_view, layout
-from .kernels import OPAQUE
+from .common import STACK, dispatch_pass
+from .cpu_attention import heads_view, prefetch_rows
+from .kernels import OPAQUE, at, layout
 
 KIND = "attention_values"
 MR = 4  # rows of p per tile
@@ -53,15 +53,14 @@ def values(H: int, D: int, lanes: int, v_seq: bool = True, group: int = 1) -> tv
             for w in T.unroll(NV):
                 o[b, i0 + r, h, T.ramp(c0 + w * L, 1, L)] = acc[T.ramp((r * NV + w) * L, 1, L)]
 
-    ROWS_AHEAD = max(1, AHEAD // (4 * D))
+    fetch = prefetch_rows(D, v_seq)
 
     @T.macro
     def row_in_place(i, b, h, p, v, o, acc, sk):  # one row of p (decoding): v read in place, prefetched
         for w in T.unroll(D // L):
             acc[T.ramp(w * L, 1, L)] = T.Broadcast(T.float32(0), L)
         for j in range(sk):
-            for line in T.unroll(max(1, 4 * D // LINE)):
-                prefetch(at(v, v_seq, b, T.min(j + ROWS_AHEAD, sk - 1), h // group, line * LINE // 4))
+            fetch(v, b, j, h // group, sk)
             for w in T.unroll(D // L):
                 acc[T.ramp(w * L, 1, L)] = acc[T.ramp(w * L, 1, L)] + T.Broadcast(p[b, h, i, j], L) * at(
                     v, v_seq, b, j, h // group, T.ramp(w * L, 1, L))

@@ -360,29 +360,33 @@ def transform(steps: list[tuple]) -> tvm.tirx.PrimFunc:
     return _finish(params + [cur], "transform", dim=max(widths), steps=len(steps))
 
 
+def layout(seq_major: bool, batch, seq, heads: int, D: int) -> tuple:
+    """A heads tensor's buffer shape: [batch, seq, heads, D] or [batch, heads, seq, D]."""
+    return (batch, seq, heads, D) if seq_major else (batch, heads, seq, D)
+
+
+def at(buf, seq_major: bool, b, i, h, d):
+    """Element (b, position i, head h, d) of a heads tensor in either `layout`."""
+    return buf[b, i, h, d] if seq_major else buf[b, h, i, d]
+
+
 def kv_append(heads: int, dim: int, seq_major: bool) -> tvm.tirx.PrimFunc:
     """In place (`R.call_tir_inplace`, argument 0): a KV cache [batch, total, heads, dim] gets the
     new keys or values [batch, seq, heads, dim] (seq_major) or [batch, heads, seq, dim] as its
     rows total - seq .. total - 1; the rows before them are not touched."""
     from tvm.script import tirx as T
 
-    def shape(batch, seq):
-        return (batch, seq, heads, dim) if seq_major else (batch, heads, seq, dim)
-
-    def row(new, b, s, h, d):
-        return new[b, s, h, d] if seq_major else new[b, h, s, d]
-
     @T.prim_func(private=True, check_well_formed=False)  # blocks, for the targets' schedule rules
     def func(cache_h: T.handle, new_h: T.handle):
         batch, total, seq = T.int64(), T.int64(), T.int64()
         cache = T.match_buffer(cache_h, (batch, total, heads, dim), "float32")
-        new = T.match_buffer(new_h, shape(batch, seq), "float32")
+        new = T.match_buffer(new_h, layout(seq_major, batch, seq, heads, dim), "float32")
         with T.sblock("root"):
             for b, s, h, d in T.grid(batch, seq, heads, dim):
                 with T.sblock("append"):
                     vb, vs, vh, vd = T.axis.remap("SSSS", [b, s, h, d])
-                    T.reads(row(new, vb, vs, vh, vd))
+                    T.reads(at(new, seq_major, vb, vs, vh, vd))
                     T.writes(cache[vb, total - seq + vs, vh, vd])
-                    cache[vb, total - seq + vs, vh, vd] = row(new, vb, vs, vh, vd)
+                    cache[vb, total - seq + vs, vh, vd] = at(new, seq_major, vb, vs, vh, vd)
 
     return func.with_attrs({"fq_kernel": "kv_append", "op_pattern": OPAQUE})
