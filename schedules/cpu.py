@@ -282,7 +282,10 @@ def fp32_block(sch: s_tir.Schedule, block, lanes: int, parallel: bool = True) ->
     else:
         outer, vec = sch.split(spatial[-1], [None, lanes])
         sch.reorder(*spatial[:-1], outer, *reduce, vec)
-        outer = sch.fuse(*spatial[:-1], outer) if len(spatial) > 1 else outer
+        if len(spatial) > 1 and not all(_constant(sch, lp) for lp in spatial[:-1]):
+            outer = sch.fuse(*spatial[:-1])  # rows in parallel: one division by a symbolic extent per row
+        elif len(spatial) > 1:
+            outer = sch.fuse(*spatial[:-1], outer)
     if parallel:
         sch.parallel(outer)
     sch.vectorize(vec)

@@ -206,6 +206,36 @@ def test_reshapes_are_views_not_kernels(encoder_onnx, tmp_path_factory):
     assert calls.count("vm.builtin.reshape") >= 4  # q, k, v split into heads, the heads merged
 
 
+def test_a_reshaped_output_is_a_view_that_later_calls_leave_alone(tmp_path):
+    """A reshape producing the function's output runs as a view too (SmolLM2's logits were copied,
+    25 MB); the output still owns its memory: a second call does not overwrite the first result."""
+    import re
+
+    import tvm
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", 8])
+    shape = numpy_helper.from_array(np.array([-1, 8], np.int64), "shape")
+    graph = helper.make_graph([helper.make_node("Sigmoid", ["x"], ["s"]),
+                               helper.make_node("Reshape", ["s", "shape"], ["y"])], "g", [x], [y], [shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    save(model, str(tmp_path / "view.onnx"))
+    art = _compile(tmp_path / "view.onnx", tmp_path / "view.host")
+    calls = re.findall(r"call\s+(\S+)", tvm.runtime.load_module(str(art / "model.so"))["as_text"]())
+    assert "vm.builtin.reshape" in calls and not [c for c in calls if c.startswith("reshape")], calls
+    model = load(art)
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((2, 3, 8)).astype(np.float32) for _ in range(2))
+    first = model._vm["main"](tvm.runtime.tensor(a))
+    kept = first.numpy().copy()
+    second = model._vm["main"](tvm.runtime.tensor(b))
+    assert np.array_equal(first.numpy(), kept)
+    assert max_rel_err(kept, ort_run(tmp_path / "view.onnx", {"x": a})[0]) < 1e-6
+    assert max_rel_err(second.numpy(), ort_run(tmp_path / "view.onnx", {"x": b})[0]) < 1e-6
+
+
 def test_ops_left_unscheduled_are_named(tmp_path, capsys):
     """ScatterElements lowers to TOPI's loop-written kernel: no schedule fits; the build says which
     function kept TVM's plain lowering, the manifest counts it, and the result still matches ORT."""
