@@ -42,20 +42,64 @@ def analysis_row(nblk: int, two_l: int, two_k: int, tail: int, lanes: int = 16):
     One block at a time was one chain of 2l dependent multiply-adds (~4x slower on Zen 4); an
     18-lane vector made LLVM rebuild F^T's rows lane by lane for every row."""
     ins, outs = nblk * two_l, nblk * two_k
-    grouped = _block_group(two_l, two_k, GROUP, lanes)
+    tree = _tree_blocks(two_l, two_k, lanes) > 0
+    G = _tree_blocks(two_l, two_k, lanes) or GROUP
+    grouped = _tree_group(two_k, G, lanes) if tree else _block_group(two_l, two_k, G, lanes)
     single = _block_group(two_l, two_k, 1, lanes)
+    e = two_k - lanes
+    size = G * two_k + (e * lanes if tree else 0)
 
     @T.macro
     def row(xi, x, ft, yi, y):
-        acc = T.alloc_buffer((GROUP * two_k,), "float32", annotations=STACK)
-        for g in range(nblk // GROUP):
-            grouped(g * GROUP, xi, x, ft, yi, y, acc)
-        for b in range(nblk // GROUP * GROUP, nblk):
+        acc = T.alloc_buffer((size,), "float32", annotations=STACK)
+        if tree:  # F's extra rows, contiguous after the accumulators
+            for o, c in T.grid(max(e, 0), lanes):
+                acc[G * two_k + o * lanes + c] = ft[c, lanes + o]
+        for g in range(nblk // G):
+            grouped(g * G, xi, x, ft, yi, y, acc)
+        for b in range(nblk // G * G, nblk):
             single(b, xi, x, ft, yi, y, acc)
         for j in range(tail):
             y[yi, outs + j] = x[xi, ins + j]
 
     return row
+
+
+def _tree_blocks(two_l: int, two_k: int, lanes: int) -> int:
+    """Blocks per group of `_tree_group` (0 where it does not apply): a block's inputs are one
+    vector and its e = 2k - L extra outputs divide the lanes (r = 1.1 at 16 lanes: 8 blocks)."""
+    e = two_k - lanes
+    return lanes // e if two_l == lanes and 1 < e <= lanes and lanes % e == 0 else 0
+
+
+def _tree_group(two_k: int, G: int, L: int):
+    """macro(b0, xi, x, ft, yi, y, acc): blocks b0 .. b0 + G - 1 of row xi (2l = L inputs each).
+    The first L outputs of each block as broadcast-multiply-adds (one full vector per block), the
+    e = 2k - L others as dot products: each block's input vector times F's extra rows, the G x e
+    products summed across lanes at once (`lane_sums`). The extra outputs as 2 of 18 lanes doubled
+    the multiply-adds and spilled F^T's rows (27 cycles a block on Zen 4)."""
+    from .cpu_int8 import lane_sums
+
+    e = two_k - L
+
+    def extras(xi, x, acc, b0):  # acc holds F's extra rows after the G x 2k outputs (`analysis_row`)
+        rows = [acc[T.ramp(G * two_k + o * L, 1, L)] for o in range(e)]
+        return lane_sums([x[xi, T.ramp((b0 + g) * L, 1, L)] * rows[o] for g in range(G) for o in range(e)], L)
+
+    @T.macro
+    def group(b0, xi, x, ft, yi, y, acc):
+        for g in T.unroll(G):
+            acc[T.ramp(g * L, 1, L)] = T.Broadcast(T.float32(0), L)
+        for c in T.unroll(L):
+            for g in T.unroll(G):
+                acc[T.ramp(g * L, 1, L)] = acc[T.ramp(g * L, 1, L)] + T.Broadcast(
+                    x[xi, (b0 + g) * L + c], L) * ft[c, T.ramp(0, 1, L)]
+        acc[T.ramp(G * L, 1, L)] = extras(xi, x, acc, b0)
+        for g in T.unroll(G):
+            y[yi, T.ramp((b0 + g) * two_k, 1, L)] = acc[T.ramp(g * L, 1, L)]
+            y[yi, T.ramp((b0 + g) * two_k + L, 1, e)] = acc[T.ramp(G * L + g * e, 1, e)]
+
+    return group
 
 
 def _block_group(two_l: int, two_k: int, G: int, lanes: int):

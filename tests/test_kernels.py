@@ -102,7 +102,8 @@ def test_hadamard_matches_explicit_matrix(dim, block, inverse):
         assert _rel(ours, x.astype(np.float64) @ matrix.T) < 1e-5
 
 
-@pytest.mark.parametrize("nblk, two_l, two_k, tail", [(36, 16, 18, 0), (4, 16, 18, 5), (72, 16, 16, 0)])
+@pytest.mark.parametrize("nblk, two_l, two_k, tail", [(36, 16, 18, 0), (4, 16, 18, 5), (72, 16, 16, 0), (9, 16, 18, 0),
+                                                    (13, 16, 20, 3)])  # 8 or 4 blocks summed by lane trees, and the rest
 def test_frame_analysis_matches_block_diagonal(nblk, two_l, two_k, tail):
     rng = np.random.default_rng(nblk)
     F = np.linalg.qr(rng.standard_normal((two_k, two_l)))[0].astype(np.float32)
