@@ -150,3 +150,18 @@ def _three(rows):
         rows(lo, n, x, p, y)
 
     return macro
+
+
+def transposed(vecs: list) -> list:
+    """The L vectors of L lanes of an L x L block, transposed (vector c holds lane c of each), by
+    log2(L) rounds of interleaving vector i with vector i + L/2: L log2(L) shuffles, where a
+    lane-by-lane copy takes L * L loads and stores."""
+    import tvm
+
+    n = len(vecs)
+    half = n // 2
+    lo = [tvm.tirx.IntImm("int32", v) for j in range(half) for v in (j, n + j)]
+    hi = [tvm.tirx.IntImm("int32", v) for j in range(half, n) for v in (j, n + j)]
+    for _ in range(n.bit_length() - 1):
+        vecs = [tvm.tirx.Shuffle([vecs[i // 2], vecs[i // 2 + half]], lo if i % 2 == 0 else hi) for i in range(n)]
+    return vecs

@@ -23,17 +23,21 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import tvm
 from tvm import relax
+from tvm.ir.expr import GenericConst  # a Relax tensor constant
 from tvm_ffi import structural_equal
 from tvm.script import tirx as T
 
-from .common import AHEAD, LINE, STACK, dispatch_pass, prefetch
+from .common import AHEAD, LINE, STACK, dispatch_pass, prefetch, transposed
 from .kernels import OPAQUE, at, layout
 
 KIND = "attention_scores"
 MR, NV = 4, 2  # query rows x key vectors: 8 accumulators
 DK = 4  # keys per step of the few-query-rows path (independent dot products)
+SPLIT = 2  # parallel tasks per head, taking alternate row tiles (9 heads on 2 threads: 5 + 4 was 10% idle;
+# under a causal mask later tiles have more keys, so interleaved, not halves)
 
 
 def prefetch_rows(D: int, seq_major: bool):
@@ -50,14 +54,50 @@ def prefetch_rows(D: int, seq_major: bool):
     return fetch
 
 
-def scores(H: int, D: int, lanes: int, q_seq: bool = True, k_seq: bool = True, group: int = 1) -> tvm.tirx.PrimFunc:
-    """q [batch, sq, H, D] (q_seq) or [batch, H, sq, D]; k likewise with H // group heads."""
+class Mask(NamedTuple):
+    """What follows the product in the kernel: `o = (s op scale) + mask` (op "multiply", "divide"
+    or None), the mask broadcast over the axes where `ones` says its extent is 1."""
+    ones: tuple  # four bools: mask extent 1 on (batch, heads, sq, sk)
+    op: str | None
+    scale: float
+
+
+MASKED = -1e30  # a mask entry below this hides its score (its exp is 0 after any score)
+
+
+def scores(H: int, D: int, lanes: int, q_seq: bool = True, k_seq: bool = True, group: int = 1,
+           mask: Mask | None = None) -> tvm.tirx.PrimFunc:
+    """q [batch, sq, H, D] (q_seq) or [batch, H, sq, D]; k likewise with H // group heads. With
+    `mask`, a third input m and o = (q k^T op scale) + m: a register tile whose mask entries are
+    all below MASKED (a causal mask's upper triangle) is not computed but takes the mask's values,
+    which is what the sum rounds to for any score under 1e22 in magnitude (and exactly for -inf)."""
     L = lanes
     C = NV * L
     HK = H // group
 
+    def mask_at(m, b, h, i, j, n=1):  # n mask entries from key j (a vector for n > 1)
+        bb, hh, ii = (0 if one else ix for one, ix in zip(mask.ones[:3], (b, h, i)))
+        if mask.ones[3]:
+            return wide(m[bb, hh, ii, 0], n)
+        return m[bb, hh, ii, T.ramp(j, 1, n) if n > 1 else j]
+
+    def out(s, m, b, h, i, j, n=1):  # the value written for score(s) s
+        if mask is None:
+            return s
+        c = wide(T.float32(mask.scale), n)
+        scaled = s * c if mask.op == "multiply" else s / c if mask.op == "divide" else s
+        return scaled + mask_at(m, b, h, i, j, n)
+
+    def hidden(m, R, W, b, h, i0, j0):  # whether every mask entry of the tile is below MASKED
+        top = None  # (a NaN entry, whether max keeps it or not, is written as it is or computed)
+        for r in range(R):
+            for v in range(W):
+                vec = mask_at(m, b, h, i0 + r, j0 + v * L, L)
+                top = vec if top is None else T.max(top, vec)
+        return T.call_llvm_pure_intrin("float32", "llvm.vector.reduce.fmax", top) < T.float32(MASKED)
+
     @T.macro
-    def tile(R, W, i0, j0, b, h, q, kt, o, acc, sk):  # R query rows x W key vectors
+    def products(R, W, i0, j0, b, h, q, kt, m, o, acc, sk):
         for r in T.unroll(R):
             for v in T.unroll(W):
                 acc[T.ramp((r * NV + v) * L, 1, L)] = T.Broadcast(T.float32(0), L)
@@ -68,21 +108,33 @@ def scores(H: int, D: int, lanes: int, q_seq: bool = True, k_seq: bool = True, g
                         at(q, q_seq, b, i0 + r, h, d), L) * kt[T.ramp(d * sk + j0 + v * L, 1, L)]
         for r in T.unroll(R):
             for v in T.unroll(W):
-                o[b, h, i0 + r, T.ramp(j0 + v * L, 1, L)] = acc[T.ramp((r * NV + v) * L, 1, L)]
+                o[b, h, i0 + r, T.ramp(j0 + v * L, 1, L)] = out(acc[T.ramp((r * NV + v) * L, 1, L)], m, b, h,
+                                                                i0 + r, j0 + v * L, L)
 
     @T.macro
-    def tail_keys(i, b, h, q, kt, o, acc, sk):  # query row i against the last sk % C keys, one dot each
+    def masked_tile(R, W, i0, j0, b, h, q, kt, m, o, acc, sk):  # a hidden tile takes the mask's values
+        if hidden(m, R, W, b, h, i0, j0):
+            for r in T.unroll(R):
+                for v in T.unroll(W):
+                    o[b, h, i0 + r, T.ramp(j0 + v * L, 1, L)] = mask_at(m, b, h, i0 + r, j0 + v * L, L)
+        else:
+            products(R, W, i0, j0, b, h, q, kt, m, o, acc, sk)
+
+    tile = products if mask is None else masked_tile  # R query rows x W key vectors
+
+    @T.macro
+    def tail_keys(i, b, h, q, kt, m, o, acc, sk):  # query row i against the last sk % C keys, one dot each
         for j in range(sk % C):
             acc[0] = T.float32(0)
             for d in range(D):
                 acc[0] = acc[0] + at(q, q_seq, b, i, h, d) * kt[d * sk + sk // C * C + j]
-            o[b, h, i, sk // C * C + j] = acc[0]
+            o[b, h, i, sk // C * C + j] = out(acc[0], m, b, h, i, sk // C * C + j)
 
     @T.macro
-    def row(i, b, h, q, kt, o, acc, sk):  # one query row against every key
+    def row(i, b, h, q, kt, m, o, acc, sk):  # one query row against every key
         for jt in range(sk // C):
-            tile(1, NV, i, jt * C, b, h, q, kt, o, acc, sk)
-        tail_keys(i, b, h, q, kt, o, acc, sk)
+            tile(1, NV, i, jt * C, b, h, q, kt, m, o, acc, sk)
+        tail_keys(i, b, h, q, kt, m, o, acc, sk)
 
     def qk(q, k, b, i, j, h, d0):  # L products of q row i and key j from head dim d0
         return at(q, q_seq, b, i, h, T.ramp(d0, 1, L)) * at(k, k_seq, b, j, h // group, T.ramp(d0, 1, L))
@@ -91,52 +143,118 @@ def scores(H: int, D: int, lanes: int, q_seq: bool = True, k_seq: bool = True, g
         return T.call_llvm_pure_intrin("float32", "llvm.vector.reduce.fadd", T.float32(0), acc[T.ramp(a * L, 1, L)])
 
     @T.macro
-    def keys(n, j0, i, b, h, q, k, o, acc):  # query row i against keys j0 .. j0 + n, each a dot over D
+    def keys(n, j0, i, b, h, q, k, m, o, acc):  # query row i against keys j0 .. j0 + n, each a dot over D
         for a in T.unroll(n):
             acc[T.ramp(a * L, 1, L)] = qk(q, k, b, i, j0 + a, h, 0)
         for d in range(1, D // L):
             for a in T.unroll(n):
                 acc[T.ramp(a * L, 1, L)] = acc[T.ramp(a * L, 1, L)] + qk(q, k, b, i, j0 + a, h, d * L)
         for a in T.unroll(n):
-            o[b, h, i, j0 + a] = total(acc, a)
+            o[b, h, i, j0 + a] = out(total(acc, a), m, b, h, i, j0 + a)
 
     fetch = prefetch_rows(D, k_seq)
 
     @T.macro
-    def dots(i, b, h, q, k, o, acc, sk):  # few query rows: DK independent dots at a time
+    def dots(i, b, h, q, k, m, o, acc, sk):  # few query rows: DK independent dots at a time
         for jb in range(sk // DK):
             for a in T.unroll(DK):
                 fetch(k, b, jb * DK + a, h // group, sk)
-            keys(DK, jb * DK, i, b, h, q, k, o, acc)
+            keys(DK, jb * DK, i, b, h, q, k, m, o, acc)
         for j in range(sk % DK):
-            keys(1, sk // DK * DK + j, i, b, h, q, k, o, acc)
+            keys(1, sk // DK * DK + j, i, b, h, q, k, m, o, acc)
 
-    @T.prim_func(private=True)
-    def func(q_h: T.handle, k_h: T.handle, o_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        batch, sq, sk = T.int64(), T.int64(), T.int64()
-        q = T.match_buffer(q_h, layout(q_seq, batch, sq, H, D), "float32")
-        k = T.match_buffer(k_h, layout(k_seq, batch, sk, HK, D), "float32")
-        o = T.match_buffer(o_h, (batch, H, sq, sk), "float32")
-        for bh in T.parallel(batch * H):
+    store_block = _block_stores(L, k_seq)
+
+    @T.macro
+    def transpose_keys(b, hk, k, kt, sk):  # kt [D, sk] = k^T of one head: L x L blocks in registers
+        if D % L == 0:
+            for jb in range(sk // L):
+                for db in T.unroll(D // L):
+                    store_block(k, kt, b, hk, jb, db, sk)
+            for j in range(sk % L):
+                for d in range(D):
+                    kt[d * sk + sk // L * L + j] = at(k, k_seq, b, sk // L * L + j, hk, d)
+        else:
+            for j in range(sk):
+                for d in range(D):
+                    kt[d * sk + j] = at(k, k_seq, b, j, hk, d)
+
+    @T.macro
+    def body(batch, sq, sk, q, k, m, o):
+        for task in T.parallel(batch * H * SPLIT):  # a head's row tiles in SPLIT interleaved parts
+            bh: T.let = task // SPLIT
+            part: T.let = task % SPLIT
             acc = T.alloc_buffer((MR * C,), "float32", annotations=STACK)
             if sq < MR and D % L == 0:  # a decoding step: no k^T copy of the whole cache
-                for i in range(sq):
-                    dots(i, bh // H, bh % H, q, k, o, acc, sk)
+                if part == 0:
+                    for i in range(sq):
+                        dots(i, bh // H, bh % H, q, k, m, o, acc, sk)
             else:
                 kt = T.alloc_buffer((D * sk,), "float32")
-                for j in range(sk):
-                    for d in range(D):
-                        kt[d * sk + j] = at(k, k_seq, bh // H, j, bh % H // group, d)
-                for it in range(sq // MR):
+                transpose_keys(bh // H, bh % H // group, k, kt, sk)
+                for it2 in range((sq // MR + SPLIT - 1 - part) // SPLIT):
                     for jt in range(sk // C):
-                        tile(MR, NV, it * MR, jt * C, bh // H, bh % H, q, kt, o, acc, sk)
+                        tile(MR, NV, (it2 * SPLIT + part) * MR, jt * C, bh // H, bh % H, q, kt, m, o, acc, sk)
                     for r in range(MR):
-                        tail_keys(it * MR + r, bh // H, bh % H, q, kt, o, acc, sk)
-                for i in range(sq % MR):
-                    row(sq // MR * MR + i, bh // H, bh % H, q, kt, o, acc, sk)
+                        tail_keys((it2 * SPLIT + part) * MR + r, bh // H, bh % H, q, kt, m, o, acc, sk)
+                if part == 0:
+                    for i in range(sq % MR):
+                        row(sq // MR * MR + i, bh // H, bh % H, q, kt, m, o, acc, sk)
+
+    if mask is None:
+        @T.prim_func(private=True)
+        def func(q_h: T.handle, k_h: T.handle, o_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            batch, sq, sk = T.int64(), T.int64(), T.int64()
+            q = T.match_buffer(q_h, layout(q_seq, batch, sq, H, D), "float32")
+            k = T.match_buffer(k_h, layout(k_seq, batch, sk, HK, D), "float32")
+            o = T.match_buffer(o_h, (batch, H, sq, sk), "float32")
+            body(batch, sq, sk, q, k, None, o)
+    else:
+        ones = mask.ones
+
+        @T.prim_func(private=True)
+        def func(q_h: T.handle, k_h: T.handle, m_h: T.handle, o_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            batch, sq, sk = T.int64(), T.int64(), T.int64()
+            q = T.match_buffer(q_h, layout(q_seq, batch, sq, H, D), "float32")
+            k = T.match_buffer(k_h, layout(k_seq, batch, sk, HK, D), "float32")
+            m = T.match_buffer(m_h, [1 if one else n for one, n in zip(ones, (batch, H, sq, sk))], "float32")
+            o = T.match_buffer(o_h, (batch, H, sq, sk), "float32")
+            body(batch, sq, sk, q, k, m, o)
 
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE, "tirx.is_scheduled": True})
+
+
+def _block_stores(L: int, k_seq: bool):
+    """macro(k, kt, b, hk, jb, db, sk): the L x L block of keys jb * L .. and head dims db * L .. of
+    head hk transposed into kt [D, sk] (`common.transposed`; one store per column, the loads and
+    shuffles they share merged by the compiler). A copy lane by lane was 20% of SmolLM2's scores."""
+
+    def column(c):
+        @T.macro
+        def store(k, kt, b, hk, jb, db, sk):
+            kt[T.ramp((db * L + c) * sk + jb * L, 1, L)] = transposed(
+                [at(k, k_seq, b, jb * L + r, hk, T.ramp(db * L, 1, L)) for r in range(L)])[c]
+
+        return store
+
+    def both(first, rest):
+        @T.macro
+        def store(k, kt, b, hk, jb, db, sk):
+            first(k, kt, b, hk, jb, db, sk)
+            rest(k, kt, b, hk, jb, db, sk)
+
+        return store
+
+    stores = column(L - 1)
+    for c in range(L - 2, -1, -1):
+        stores = both(column(c), stores)
+    return stores
+
+
+def wide(value, n: int):
+    return T.Broadcast(value, n) if n > 1 else value
 
 
 def dispatch(lanes: int, counts: dict | None = None):
@@ -247,23 +365,70 @@ class _Dispatch(relax.PyExprMutator):
     def __init__(self, mod, lanes: int):
         super().__init__(mod)
         self.lanes = lanes
-        self.kernels = {}
+        self.kernels = {}  # (key, mask) -> gvar
+        self.keys = {}  # gvar -> key
         self.count = 0
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
+        if _is(call, "relax.add"):
+            masked = self._masked(call)
+            return call if masked is None else masked
         if not _is(call, "relax.matmul"):
             return call
         q, k = heads_view(self, call.args[0]), key_view(self, call.args[1])
         if q is None or k is None or q.group != 1 or (q.heads, q.dim) != (k.heads, k.dim) or \
                 not structural_equal(q.x.ty.shape[0], k.x.ty.shape[0]):
             return call
-        key = (q.heads, q.dim, q.seq_major, k.seq_major, k.group)
-        if key not in self.kernels:
-            self.kernels[key] = self.builder_.add_func(scores(q.heads, q.dim, self.lanes, *key[2:]), _name(*key))
         self.count += 1
         batch, sq, sk = q.x.ty.shape[0], _seq(q), _seq(k)
-        return relax.call_tir(self.kernels[key], [q.x, k.x], relax.TensorType([batch, q.heads, sq, sk], "float32"))
+        key = (q.heads, q.dim, q.seq_major, k.seq_major, k.group)
+        return relax.call_tir(self._kernel(key), [q.x, k.x], relax.TensorType([batch, q.heads, sq, sk], "float32"))
+
+    def _kernel(self, key, mask=None):
+        if (key, mask) not in self.kernels:
+            name = _name(*key) + ("" if mask is None else "_masked")
+            gvar = self.builder_.add_func(scores(key[0], key[1], self.lanes, *key[2:], mask=mask), name)
+            self.kernels[(key, mask)] = gvar
+            self.keys[gvar] = key
+        return self.kernels[(key, mask)]
+
+    def _masked(self, add):
+        """`add(scores [op scale], m)` (either order) with a mask m broadcast to the scores: one call
+        of the masked kernel (the scores call and the scaling are left unused)."""
+        for x, m in (add.args, add.args[::-1]):
+            op, scale, product = _scaled(self, x)
+            key = self.keys.get(product.args[0]) if _is(product, "relax.call_tir") else None
+            ones = _broadcast(m, product.ty.shape) if key is not None else None
+            if ones is not None and structural_equal(add.ty.shape, product.ty.shape):
+                q, k = product.args[1].fields
+                return relax.call_tir(self._kernel(key, Mask(ones, op, scale)), [q, k, m], product.ty)
+        return None
+
+
+def _scaled(mutator, x):
+    """(op, scale, the product) for x bound to `multiply(product, c)` or `divide(product, c)` with a
+    float32 scalar constant c, else (None, 1.0, what x is bound to)."""
+    bound = _bound(mutator, x)
+    for op in ("multiply", "divide"):
+        if _is(bound, f"relax.{op}") and isinstance(bound.args[1], GenericConst):
+            c = bound.args[1].value.numpy()
+            if c.dtype == np.float32 and c.size == 1 and c.ndim <= 1:
+                return op, float(c.reshape(())), _bound(mutator, bound.args[0])
+    return None, 1.0, bound
+
+
+def _broadcast(m, shape):
+    """Per axis, whether a float32 4-D mask m has extent 1 where it broadcasts to `shape`; None where
+    m is not such a mask (another extent, dtype or rank)."""
+    ty = m.ty
+    if not (isinstance(ty, relax.TensorType) and ty.dtype == "float32" and ty.shape is not None
+            and len(ty.shape) == 4 and shape is not None and len(shape) == 4):
+        return None
+    ones = tuple(isinstance(a, tvm.tirx.IntImm) and int(a) == 1 for a in ty.shape)
+    if all(one or structural_equal(a, b) for one, a, b in zip(ones, ty.shape, shape)):
+        return ones
+    return None
 
 
 def _name(heads, dim, q_seq, k_seq, group) -> str:

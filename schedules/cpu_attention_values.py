@@ -6,7 +6,10 @@ materialised v's copies and the product before transposing it. Here v is read in
 layout, `cpu_attention.heads_view`) and o is written as [batch, seq, heads, head_dim], ready for
 the output projection: per (batch, head) task a register tile of MR rows of p x NV vectors of
 head_dim takes per key MR broadcasts of p, NV vector loads of v's row and MR x NV fused
-multiply-adds. The last seq % MR rows run as one-row tiles.
+multiply-adds. The last seq % MR rows run as one-row tiles. A tile stops after the last block of
+keys where one of its rows of p is not zero: under a causal mask, half the products. (A value
+row past that is then not read: an inf or NaN there reaches the rows that attend to it, not the
+earlier ones, which multiplied it by 0.)
 
 `dispatch` is the Relax rewrite (CPU, before legalization) that routes the pattern here.
 """
@@ -39,12 +42,28 @@ def values(H: int, D: int, lanes: int, v_seq: bool = True, group: int = 1) -> tv
     C = NV * L
     HK = H // group
 
+    def nonzero(p, b, h, i, j):  # whether any of the L entries of row i of p from key j is not 0
+        bits = T.reinterpret(f"int32x{L}", p[b, h, i, T.ramp(j, 1, L)]) & T.Broadcast(T.int32(0x7FFFFFFF), L)
+        return T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.or", bits) != 0
+
     @T.macro
-    def tile(R, i0, c0, b, h, p, vloc, o, acc, sk):  # R rows x NV vectors of columns from c0
+    def extent(R, i0, b, h, p, sk, ext):  # keys up to the last block with a nonzero p in rows i0 ..
+        ext[0] = 0
+        for jb in range(sk // L):
+            for r in T.unroll(R):
+                if nonzero(p, b, h, i0 + r, jb * L):
+                    ext[0] = (jb + 1) * L
+        for j in range(sk % L):
+            for r in T.unroll(R):
+                if p[b, h, i0 + r, sk // L * L + j] != T.float32(0):
+                    ext[0] = sk
+
+    @T.macro
+    def tile(R, i0, c0, b, h, p, vloc, o, acc, sk, ext):  # R rows x NV vectors of columns from c0
         for r in T.unroll(R):
             for w in T.unroll(NV):
                 acc[T.ramp((r * NV + w) * L, 1, L)] = T.Broadcast(T.float32(0), L)
-        for j in range(sk):
+        for j in range(ext[0]):
             for r in T.unroll(R):
                 for w in T.unroll(NV):
                     acc[T.ramp((r * NV + w) * L, 1, L)] = acc[T.ramp((r * NV + w) * L, 1, L)] + T.Broadcast(
@@ -84,12 +103,15 @@ def values(H: int, D: int, lanes: int, v_seq: bool = True, group: int = 1) -> tv
                 for j in range(sk):  # the head's values, contiguous: in place, their rows HK * D apart
                     for c in T.vectorized(D):  # fall into few L1 sets and were re-read from L2 per tile
                         vloc[j * D + c] = at(v, v_seq, bh // H, j, bh % H // group, c)
+                ext = T.alloc_buffer((1,), "int32", annotations=STACK)
                 for it in range(sq // MR):
+                    extent(MR, it * MR, bh // H, bh % H, p, sk, ext)
                     for ct in range(D // C):
-                        tile(MR, it * MR, ct * C, bh // H, bh % H, p, vloc, o, acc, sk)
+                        tile(MR, it * MR, ct * C, bh // H, bh % H, p, vloc, o, acc, sk, ext)
                 for i in range(sq % MR):
+                    extent(1, sq // MR * MR + i, bh // H, bh % H, p, sk, ext)
                     for ct in range(D // C):
-                        tile(1, sq // MR * MR + i, ct * C, bh // H, bh % H, p, vloc, o, acc, sk)
+                        tile(1, sq // MR * MR + i, ct * C, bh // H, bh % H, p, vloc, o, acc, sk, ext)
 
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE, "tirx.is_scheduled": True})
 

@@ -56,6 +56,49 @@ def test_dispatch_reads_through_the_transposes():
     assert "R.Tensor((b, 4, s, s), dtype=\"float32\")" in text
 
 
+def test_dispatch_takes_the_scale_and_the_mask_into_the_scores():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(q: R.Tensor(("b", "s", 4, 8), "float32"), k: R.Tensor(("b", "s", 4, 8), "float32"),
+                 m: R.Tensor((1, 1, "s", "s"), "float32")):
+            with R.dataflow():
+                qt = R.permute_dims(q, axes=[0, 2, 1, 3])
+                kt = R.permute_dims(k, axes=[0, 2, 3, 1])
+                o = R.matmul(qt, kt)
+                scaled = R.multiply(o, R.const(0.125, "float32"))
+                masked = R.add(m, scaled)
+                R.output(masked)
+            return masked
+
+    counts = {}
+    after = cpu_attention.dispatch(8, counts)(Before)
+    calls = [b.value for b in after["main"].body.blocks[0].bindings]
+    assert counts == {cpu_attention.KIND: 1} and len(calls) == 1
+    callee = after[calls[0].args[0]]
+    assert calls[0].args[0].name_hint == "fq_attention_scores_4_8_masked" and len(callee.params) == 4
+    assert [str(a) for a in calls[0].args[1].fields] == ["q", "k", "m"]
+
+
+def test_dispatch_leaves_a_sum_that_is_not_a_mask():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(q: R.Tensor((1, 6, 4, 8), "float32"), k: R.Tensor((1, 6, 4, 8), "float32"),
+                 m: R.Tensor((2, 1, 1, 6, 6), "float32")):
+            with R.dataflow():
+                qt = R.permute_dims(q, axes=[0, 2, 1, 3])
+                kt = R.permute_dims(k, axes=[0, 2, 3, 1])
+                o = R.matmul(qt, kt)
+                wider = R.add(o, m)  # broadcasts to 5-D: not a mask of the scores
+                R.output(wider)
+            return wider
+
+    after = cpu_attention.dispatch(8, {})(Before)
+    text = after["main"].script()
+    assert "R.add" in text and "fq_attention_scores_4_8(" not in text.replace("fq_attention_scores_4_8,", "(")
+
+
 def test_dispatch_leaves_other_matmuls():
     @I.ir_module
     class Other:
@@ -97,6 +140,39 @@ def test_scores_heads_major_and_grouped_keys(batch, sq, sk, kv_heads, dim, q_seq
     assert np.abs(out.numpy() - ref).max() / np.abs(ref).max() < 1e-6
 
 
+@pytest.mark.parametrize("kind", ["causal", "padding", "full"])
+@pytest.mark.parametrize("op", ["multiply", "divide", None])
+@pytest.mark.parametrize("batch, sq, sk", [(1, 37, 37), (2, 64, 80), (1, 1, 20), (2, 3, 9)])
+def test_masked_scores_match_numpy(batch, sq, sk, kind, op):
+    """o = (q k^T op scale) + mask, the mask broadcast; a tile hidden by the mask (below -1e30: a
+    causal mask's upper triangle, padded keys) is not computed and takes the mask's values, which
+    the exact sum rounds to as well: the output equals numpy's float32 result there exactly."""
+    heads, dim, scale = 3, 16, 0.25
+    if kind == "causal":  # the float32 minimum above the diagonal, as Hugging Face exports build it
+        m = np.where(np.arange(sk)[None, :] > np.arange(sq)[:, None] + sk - sq, np.finfo(np.float32).min, 0)
+        m, ones = m[None, None].astype(np.float32), (True, True, False, False)
+    elif kind == "padding":  # -inf on each sequence's padded keys, [batch, 1, 1, sk]
+        m = np.where(np.arange(sk)[None, :] >= np.array([sk - 5, sk])[:batch, None], -np.inf, 0)
+        m, ones = m[:, None, None].astype(np.float32), (False, True, True, False)
+    else:
+        m = np.random.default_rng(1).standard_normal((batch, heads, sq, sk)).astype(np.float32)
+        ones = (False, False, False, False)
+    mask = cpu_attention.Mask(ones, op, scale)
+    lib = _build(cpu_attention.scores(heads, dim, 8, True, True, 1, mask))
+    rng = np.random.default_rng(sq + sk)
+    q = rng.standard_normal((batch, sq, heads, dim)).astype(np.float32)
+    k = rng.standard_normal((batch, sk, heads, dim)).astype(np.float32)
+    out = tvm.runtime.tensor(np.full((batch, heads, sq, sk), np.nan, np.float32))
+    lib.mod["main"](tvm.runtime.tensor(q), tvm.runtime.tensor(k), tvm.runtime.tensor(m), out)
+    s = np.einsum("bihd,bjhd->bhij", q.astype(np.float64), k.astype(np.float64)).astype(np.float32)
+    s = s * np.float32(scale) if op == "multiply" else s / np.float32(scale) if op == "divide" else s
+    ref = (s + m).astype(np.float32)
+    got = out.numpy()
+    hidden = np.broadcast_to(m, ref.shape) < -1e30
+    assert np.array_equal(got[hidden], ref[hidden])
+    assert np.abs(got[~hidden] - ref[~hidden]).max() / np.abs(ref[~hidden]).max() < 1e-5
+
+
 @pytest.mark.parametrize("lanes", [8, 4])
 @pytest.mark.parametrize("v_seq, group", [(True, 1), (False, 3), (True, 2)])
 @pytest.mark.parametrize("batch, sq, sk, kv_heads, dim", [
@@ -116,6 +192,31 @@ def test_values_match_numpy(batch, sq, sk, kv_heads, dim, v_seq, group, lanes):
     lib.mod["main"](tvm.runtime.tensor(p), tvm.runtime.tensor(v_buf), out)
     ref = np.einsum("bhij,bjhd->bihd", p.astype(np.float64), np.repeat(v, group, axis=2).astype(np.float64))
     assert np.abs(out.numpy() - ref).max() / np.abs(ref).max() < 1e-6
+
+
+@pytest.mark.parametrize("lanes", [16, 8])
+@pytest.mark.parametrize("sq, sk", [(128, 128), (37, 53), (40, 29)])
+def test_values_skip_the_zero_keys_of_each_tile(sq, sk, lanes):
+    """p zero after each row's last key (causal, as softmax leaves a masked row), a row of zeros,
+    and a zero block between nonzero keys: the tiles stop after their last nonzero block of keys,
+    the results still match numpy; a NaN in a value row that no earlier row attends to stays out of
+    those rows."""
+    heads, dim = 3, 32
+    lib = _build(cpu_attention_values.values(heads, dim, lanes, True, 1))
+    rng = np.random.default_rng(sq + sk)
+    p = rng.random((1, heads, sq, sk)).astype(np.float32)
+    p *= np.arange(sk)[None, :] <= np.arange(sq)[:, None] + sk - sq  # causal
+    p[:, 1, 5] = 0  # a row of zeros
+    p[:, 2, -1, 1:lanes + 3] = 0  # zeros inside a row
+    v, v_buf = _heads(rng, 1, sk, heads, dim, True)
+    out = tvm.runtime.tensor(np.full((1, sq, heads, dim), np.nan, np.float32))
+    lib.mod["main"](tvm.runtime.tensor(p), tvm.runtime.tensor(v_buf), out)
+    ref = np.einsum("bhij,bjhd->bihd", p.astype(np.float64), v.astype(np.float64))
+    assert np.abs(out.numpy() - ref).max() / np.abs(ref).max() < 1e-6
+    v_buf[0, -1, 0, 0] = np.nan  # the last key's value: only the last query attends to it
+    lib.mod["main"](tvm.runtime.tensor(p), tvm.runtime.tensor(v_buf), out)
+    got = out.numpy()[0, :, 0, 0]
+    assert np.isnan(got[-1]) and not np.isnan(got[:sq - lanes - 8]).any()  # rows a block and a tile before
 
 
 @I.ir_module
