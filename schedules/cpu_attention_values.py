@@ -55,8 +55,8 @@ def values(H: int, D: int, lanes: int, v_seq: bool = True, group: int = 1) -> tv
                     ext[0] = (jb + 1) * L
         for j in range(sk % L):
             for r in T.unroll(R):
-                if p[b, h, i0 + r, sk // L * L + j] != T.float32(0):
-                    ext[0] = sk
+                if T.reinterpret("int32", p[b, h, i0 + r, sk // L * L + j]) & T.int32(0x7FFFFFFF) != 0:
+                    ext[0] = sk  # (bits, not `!= 0.0`, which LLVM's ordered compare makes false for NaN)
 
     @T.macro
     def tile(R, i0, c0, b, h, p, vloc, o, acc, sk, ext):  # R rows x NV vectors of columns from c0

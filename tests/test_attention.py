@@ -213,6 +213,10 @@ def test_values_skip_the_zero_keys_of_each_tile(sq, sk, lanes):
     lib.mod["main"](tvm.runtime.tensor(p), tvm.runtime.tensor(v_buf), out)
     ref = np.einsum("bhij,bjhd->bihd", p.astype(np.float64), v.astype(np.float64))
     assert np.abs(out.numpy() - ref).max() / np.abs(ref).max() < 1e-6
+    p_nan = p.copy()
+    p_nan[0, 0, -2, -1] = np.nan  # a NaN probability (a NaN score's softmax) in the last key, a tail key
+    lib.mod["main"](tvm.runtime.tensor(p_nan), tvm.runtime.tensor(v_buf), out)
+    assert np.isnan(out.numpy()[0, -2, 0]).all() and not np.isnan(out.numpy()[0, :-2]).any()
     v_buf[0, -1, 0, 0] = np.nan  # the last key's value: only the last query attends to it
     lib.mod["main"](tvm.runtime.tensor(p), tvm.runtime.tensor(v_buf), out)
     got = out.numpy()[0, :, 0, 0]
