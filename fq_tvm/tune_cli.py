@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="measured candidates per task, in total over runs (default 32)")
     p.add_argument("--budget", metavar="TIME", help="stop after this long (e.g. 20m, 90s, 1h)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT",
+                   help="measure on a board from this TVM tracker (fq-rpc-server on the board), not here")
+    p.add_argument("--rpc-key", metavar="KEY", help="the kind of board to request from --rpc-tracker (e.g. rpi5)")
     p.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     return p
 
@@ -55,7 +58,7 @@ def main(argv=None):
     out = tune(args.model, args.target, args.output, scheme=args.scheme, calib=args.calib, trials=args.trials,
                budget=args.budget, seed=args.seed, skip=args.skip, act_bits=args.act_bits,
                input_shapes=args.input_shape, calib_samples=args.calib_samples, redundancy=args.redundancy,
-               l_den=args.l_den, quiet=args.quiet)
+               l_den=args.l_den, quiet=args.quiet, tracker=args.rpc_tracker, key=args.rpc_key)
     print(out)
     return 0
 

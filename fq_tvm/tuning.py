@@ -33,11 +33,13 @@ from pathlib import Path
 
 from . import __version__
 from .errors import FqError
+from .rpc import parse_addr
 
 META = "fq_tuning.json"
 DB_FILES = ("database_workload.json", "database_tuning_record.json")
 KEEP_ATTRS = ("s_tir", "tirx.noalias")  # what a workload keeps of a function's attributes
 DEFAULT_TRIALS, CHUNK = 32, 8
+REMOTE_TIMEOUT = 120  # seconds per measurement session on a board (qemu boards are slow)
 
 
 @dataclass
@@ -249,20 +251,21 @@ def light_tensor_intrin(target) -> None:
     import types
 
     name = "tvm.s_tir.tensor_intrin"
-    if name in sys.modules:
-        return
-    spec = importlib.util.find_spec(name)
-    pkg = types.ModuleType(name)
-    pkg.__spec__, pkg.__path__, pkg.__file__ = spec, list(spec.submodule_search_locations), spec.origin
-    sys.modules[name] = pkg
+    if name not in sys.modules:
+        spec = importlib.util.find_spec(name)
+        pkg = types.ModuleType(name)
+        pkg.__spec__, pkg.__path__, pkg.__file__ = spec, list(spec.submodule_search_locations), spec.origin
+        sys.modules[name] = pkg
     arm = "aarch64" in str(target.attrs.get("mtriple", "")) or "arm" in str(target.attrs.get("mtriple", ""))
-    importlib.import_module(f"{name}.{'arm_cpu' if arm else 'x86'}")
+    importlib.import_module(f"{name}.{'arm_cpu' if arm else 'x86'}")  # (once per family: a later target's too)
 
 
-def _builder():
+def _builder(preset=None):
     """MetaSchedule's LocalBuilder starts a new process pool for every batch, and each worker
     imports every tensor intrinsic (41 s): build in this process instead (CPU candidates of one
-    fused op take well under a second)."""
+    fused op take well under a second). With `preset` (tuning on a board), each candidate is
+    linked here into a shared library the way the preset's artifacts are (`targets` export: the
+    cross-compiler for a board), since a board has no compiler to link MetaSchedule's .tar."""
     from tvm.s_tir import meta_schedule as ms
 
     from tvm.ir.utils import derived_object
@@ -278,7 +281,9 @@ def _builder():
             for item in build_inputs:
                 try:
                     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(item.mod)
-                    results.append(ms.builder.BuilderResult(default_export(tvm_build(mod, target=item.target)), None))
+                    lib = tvm_build(mod, target=item.target)
+                    path = default_export(lib) if preset is None else _linked(lib, preset)
+                    results.append(ms.builder.BuilderResult(path, None))
                 except Exception as err:  # noqa: BLE001 - a candidate that does not build is a failed trial
                     results.append(ms.builder.BuilderResult(None, f"build failed: {err}"))
             return results
@@ -286,12 +291,29 @@ def _builder():
     return InProcessBuilder()
 
 
-def _measure_tools(target, quick: bool):
+def _linked(lib, preset) -> str:
+    """`lib` exported as the preset's artifacts are, in a fresh temporary directory (the runner's
+    RemoveBuildArtifact callback deletes it); returns the library's path."""
+    import tempfile
+
+    from .targets import family
+
+    out = Path(tempfile.mkdtemp(prefix="fq-tune-"))
+    return str(out / family(preset).export(lib, out, preset)[0])
+
+
+def _measure_tools(target, quick: bool, preset=None, remote=None):
+    """(builder, runner): here, or on a board that `remote` (an `rpc.Remote` with a tracker)
+    lends, through MetaSchedule's RPC runner."""
     from tvm.s_tir import meta_schedule as ms
 
     config = ms.runner.EvaluatorConfig(number=3, repeat=3 if not quick else 1, min_repeat_ms=40 if not quick else 10,
                                        enable_cpu_cache_flush=False)
-    return _builder(), ms.runner.LocalRunner(evaluator_config=config)
+    if remote is None:
+        return _builder(), ms.runner.LocalRunner(evaluator_config=config)
+    rpc_config = ms.runner.RPCConfig(tracker_host=remote.tracker[0], tracker_port=remote.tracker[1],
+                                     tracker_key=remote.key, session_timeout_sec=REMOTE_TIMEOUT)
+    return _builder(preset), ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=config, max_workers=1)
 
 
 def measure_hand(task: Task, target, builder, runner) -> float | None:
@@ -341,15 +363,19 @@ def _min(run_secs) -> float:
 
 def tune(model, target="host", out_dir="tuning", *, scheme: str = "fp32", calib=None, trials: int = DEFAULT_TRIALS,
          budget=None, seed: int = 0, skip=None, act_bits: int = 8, input_shapes=None, calib_samples=None,
-         redundancy=None, l_den=None, cuda_arch=None, quiet: bool = False, quick: bool = False) -> Path:
+         redundancy=None, l_den=None, cuda_arch=None, quiet: bool = False, quick: bool = False,
+         tracker: str | None = None, key: str | None = None) -> Path:
     """Tune the fallback ops of the model's build for `target` into `out_dir` (see the module doc).
 
     trials: MetaSchedule candidates measured per task (in total over runs: a second run with the
     same directory continues, a task already at `trials` is skipped). budget: seconds or '20m';
     tuning stops starting new batches once it is spent. seed: fixed, so a run can be repeated.
+    tracker, key: measure on a board of kind `key` from the TVM tracker at HOST:PORT (fq-rpc-server
+    on the board; candidates are linked here as the target's artifacts are), else on this machine.
     quick: shorter measurements (tests)."""
     from tvm.s_tir import meta_schedule as ms
 
+    from .rpc import Remote, check_reachable
     from .targets import family, resolve
 
     if trials < 1:
@@ -360,6 +386,15 @@ def tune(model, target="host", out_dir="tuning", *, scheme: str = "fp32", calib=
     if preset.device != "cpu":
         raise FqError(f"fq-tune: '{preset.name}' is a {preset.device} target; this version tunes CPU targets only")
     family(preset).check_tools(preset)
+    remote = None
+    if tracker or key:
+        if not (tracker and key):
+            raise FqError("--rpc-tracker HOST:PORT and --rpc-key KEY go together (the board kind to measure on)")
+        remote = Remote(tracker=parse_addr(tracker, "--rpc-tracker"), key=key)
+        check_reachable(remote)
+    elif not preset.runs_here:
+        raise FqError(f"'{preset.name}' builds run on {preset.arch}, not on this machine: measure on a board with "
+                      f"--rpc-tracker HOST:PORT --rpc-key KEY (fq-rpc-server on the board)")
     if isinstance(calib, (str, Path)) and not Path(calib).is_file():
         raise FqError(f"{calib}: no such calibration file")
     out = Path(out_dir)
@@ -399,7 +434,9 @@ def tune(model, target="host", out_dir="tuning", *, scheme: str = "fp32", calib=
         raise FqError(f"target '{preset.name}' has no num-cores (MetaSchedule needs it)")
     light_tensor_intrin(tvm_target)
     db = ms.database.JSONDatabase(work_dir=str(out), module_equality="structural")
-    builder, runner = _measure_tools(tvm_target, quick)
+    builder, runner = _measure_tools(tvm_target, quick, preset, remote)
+    if remote is not None:
+        say(f"measuring on a board from {remote.describe()}")
     for task in tasks:
         task.meta = meta["tasks"].setdefault(task.key, {"trials": 0})
         task.meta.update(names=task.names, calls=task.calls, shape=[list(map(int, p.shape)) for p in task.func.params])
@@ -418,7 +455,7 @@ def tune(model, target="host", out_dir="tuning", *, scheme: str = "fp32", calib=
                 continue
             if limit is not None and time.monotonic() - start > limit:
                 say(f"budget of {limit:.0f} s spent; stopping (run again with the same -o to continue)")
-                return _finish(out, meta, tasks, db, say, tvm_target)
+                return _finish(out, meta, tasks, db, say, tvm_target, preset, remote)
             n = min(CHUNK, trials - task.meta["trials"])
             rand = (seed * 1_000_003 + int(task.key[:8], 16) + task.meta["trials"]) % (2**31 - 1)
             ctx = ms.TuneContext(mod=task.mod, target=tvm_target, space_generator="post-order-apply",
@@ -437,13 +474,13 @@ def tune(model, target="host", out_dir="tuning", *, scheme: str = "fp32", calib=
             say(f"task {index + 1}/{len(tasks)} {task.names[0]} ({task.calls} calls): "
                 f"{task.meta['trials']}/{trials} trials, best {_ms(best)}, hand schedule {_ms(hand)}"
                 + (f" ({hand / best:.2f}x)" if best and hand else ""))
-    return _finish(out, meta, tasks, db, say, tvm_target)
+    return _finish(out, meta, tasks, db, say, tvm_target, preset, remote)
 
 
-def _finish(out, meta, tasks, db, say, target) -> Path:
+def _finish(out, meta, tasks, db, say, target, preset=None, remote=None) -> Path:
     for task in tasks:
         task.meta["best_s"] = best_seconds(db, task.mod)
-        task.meta["checked"] = _same_results(task, db, target) if task.meta["best_s"] else None
+        task.meta["checked"] = _same_results(task, db, target, preset, remote) if task.meta["best_s"] else None
         if task.meta["checked"] is False:
             say(f"{task.names[0]}: the best record's results differ from the hand schedule's: not used")
     _write_meta(out, meta)
@@ -454,9 +491,9 @@ def _finish(out, meta, tasks, db, say, target) -> Path:
     return out
 
 
-def _same_results(task: Task, db, target) -> bool:
-    """The best record and the hand schedule, built here, give the same results on random inputs
-    (MetaSchedule measures candidates, it does not check them)."""
+def _same_results(task: Task, db, target, preset=None, remote=None) -> bool:
+    """The best record and the hand schedule give the same results on random inputs (MetaSchedule
+    measures candidates, it does not check them): built and run here, or on a board from `remote`."""
     import numpy as np
     import tvm
     from tvm.s_tir import meta_schedule as ms
@@ -472,16 +509,42 @@ def _same_results(task: Task, db, target) -> bool:
     for info in ms.arg_info.ArgInfo.from_prim_func(task.mod["main"]):
         shape, dtype = [int(d) for d in info.shape], str(info.dtype)
         inputs.append((rng.standard_normal(shape) if "float" in dtype else rng.integers(0, 2, shape)).astype(dtype))
-    outs = []
-    for mod in (tvm.IRModule({"main": hand.with_attr("tirx.is_scheduled", True)}), sch.mod):
-        args = [tvm.runtime.tensor(x.copy()) for x in inputs]
-        tvm.tirx.build(mod, target=target)["main"](*args)
-        outs.append([a.numpy().astype(np.float64) for a in args])
+    mods = [tvm.IRModule({"main": hand.with_attr("tirx.is_scheduled", True)}), sch.mod]
+    if remote is None:
+        outs = []
+        for mod in mods:
+            args = [tvm.runtime.tensor(x.copy()) for x in inputs]
+            tvm.tirx.build(mod, target=target)["main"](*args)
+            outs.append([a.numpy().astype(np.float64) for a in args])
+    else:
+        outs = _remote_outputs([tvm.tirx.build(mod, target=target) for mod in mods], inputs, preset, remote)
     for a, b in zip(*outs):
         scale = max(float(np.abs(a).max()), 1e-30)
         if not np.all(np.isfinite(a) == np.isfinite(b)) or float(np.nanmax(np.abs(a - b), initial=0)) > 1e-4 * scale:
             return False
     return True
+
+
+def _remote_outputs(libs, inputs, preset, remote) -> list:
+    """Each library's `main` run on one board from `remote` with copies of `inputs`: the
+    arguments after the call, as float64 arrays, per library."""
+    import numpy as np
+    import tvm
+
+    from .rpc import open_board
+
+    outs = []
+    with open_board(remote) as board:
+        device = board.session.cpu()
+        for n, lib in enumerate(libs):
+            path = _linked(lib, preset)
+            name = f"fq-tune-check{n}.so"
+            board.session.upload(path, name)
+            shutil.rmtree(Path(path).parent, ignore_errors=True)
+            args = [tvm.runtime.tensor(x.copy(), device) for x in inputs]
+            board.session.load_module(name)["main"](*args)
+            outs.append([a.numpy().astype(np.float64) for a in args])
+    return outs
 
 
 def _wins(entry: dict) -> bool:

@@ -264,9 +264,10 @@ def remote_outputs(board, path, x):
 # ---- slow: aarch64 boards emulated by qemu-user -------------------------------------------------------
 
 @pytest.mark.slow
-def test_qemu_aarch64_pool_runs_rpi5_builds(tracker, mlp_onnx, tmp_path):
+def test_qemu_aarch64_pool_runs_rpi5_builds(tracker, mlp_onnx, encoder_onnx, tmp_path):
     """Two qemu-aarch64 fq-rpc-servers; fp32 and fq2 rpi5 builds benched at once through the
-    tracker; the boards' outputs match the x86 builds (float activations on both sides)."""
+    tracker; the boards' outputs match the x86 builds (float activations on both sides); fq-tune
+    for rpi5 measures on them (plumbing: one trial per task, timings under emulation mean nothing)."""
     from fq_tvm.targets import qemu
 
     try:
@@ -305,5 +306,35 @@ def test_qemu_aarch64_pool_runs_rpi5_builds(tracker, mlp_onnx, tmp_path):
             for s in ("fp32", "fq2"):
                 ours = remote_outputs(board, arm[s], x)
                 assert max_rel_err(ours, fq_tvm.load(host[s]).run({"x": x})["y"]) < 1e-5
+        from fq_tvm import tuning
+
+        db = fq_tvm.tune(encoder_onnx, "rpi5", tmp_path / "rpi5.tuning", trials=1, input_shapes=["batch=1", "seq=8"],
+                         quick=True, quiet=True, tracker=f"127.0.0.1:{tracker}", key=key)
+        meta = json.loads((db / tuning.META).read_text())
+        assert meta["target"]["preset"] == "rpi5" and meta["tasks"]
+        assert all(e["trials"] == 1 and e["hand_s"] > 0 for e in meta["tasks"].values())
     finally:
         stop(procs)
+
+
+def test_tune_measures_on_a_board_through_the_tracker(pool, encoder_onnx, tmp_path, capsys):
+    """fq-tune --rpc-tracker --rpc-key: MetaSchedule's RPC runner measures the candidates and the
+    hand schedules on a board of the pool (here an x86 fq-rpc-server), the candidates linked here
+    (a board has no compiler), and the best records are checked against the hand schedule on the
+    board too; the database then builds an artifact that matches ORT."""
+    from fq_tvm import tuning
+    from fq_tvm.tune_cli import main as tune_main
+
+    out = tmp_path / "db"
+    assert tune_main([str(encoder_onnx), "-o", str(out), "--trials", "1", "--input-shape", "batch=1",
+                      "--input-shape", "seq=16", "--rpc-tracker", pool["addr"], "--rpc-key", KEY]) == 0
+    err = capsys.readouterr().err
+    assert f"measuring on a board from tracker {pool['addr']}, key '{KEY}'" in err
+    meta = json.loads((out / tuning.META).read_text())
+    assert meta["tasks"] and all(e["trials"] == 1 and e["hand_s"] > 0 for e in meta["tasks"].values())
+    assert all(e["checked"] is not None for e in meta["tasks"].values() if e.get("best_s"))
+    art = fq_tvm.compile(encoder_onnx, "host", tmp_path / "enc.host", tuning_db=out,
+                         input_shapes=["batch=1", "seq=16"], quiet=True)
+    x = np.random.default_rng(0).standard_normal((1, 16, 64)).astype(np.float32)
+    assert max_rel_err(fq_tvm.load(art).run({"x": x})["y"], ort_run(encoder_onnx, {"x": x})[0]) < 1e-4
+    wait_free(pool["tracker"], KEY, 2, pool["procs"])

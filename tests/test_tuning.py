@@ -159,3 +159,13 @@ def test_bad_arguments_are_one_line_errors(encoder_onnx, tmp_path, capsys):
     assert "not a directory written by fq-tune" in capsys.readouterr().err
     assert tuning.parse_budget("20m") == 1200 and tuning.parse_budget("1h30m") == 5400
     assert tuning.parse_budget("90s") == 90 and tuning.parse_budget(45) == 45 and tuning.parse_budget(None) is None
+    db = str(tmp_path / "db2")
+    assert tune_main([str(encoder_onnx), "-o", db, "--target", "rpi5"]) == 1  # aarch64: needs a board
+    assert "measure on a board with --rpc-tracker HOST:PORT --rpc-key KEY" in capsys.readouterr().err
+    assert tune_main([str(encoder_onnx), "-o", db, "--rpc-tracker", "127.0.0.1:9"]) == 1
+    assert "--rpc-tracker HOST:PORT and --rpc-key KEY go together" in capsys.readouterr().err
+    assert tune_main([str(encoder_onnx), "-o", db, "--rpc-tracker", "nowhere", "--rpc-key", "rpi5"]) == 1
+    assert "--rpc-tracker takes HOST:PORT" in capsys.readouterr().err
+    assert tune_main([str(encoder_onnx), "-o", db, "--rpc-tracker", "127.0.0.1:9", "--rpc-key", "rpi5"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "127.0.0.1:9" in err  # no tracker there: one line, before any build
