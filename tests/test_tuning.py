@@ -93,6 +93,9 @@ def test_tuned_build_matches_ort_and_the_untuned_build(tuned, encoder_onnx, tmp_
     assert report["tuning"]["tuned"] == 6 and report["tuning"]["default"] == 0
     ours, untuned = _run(art, x), _run(plain, x)
     assert max_rel_err(ours, ref) < 1e-5 and max_rel_err(ours, untuned) < 1e-5
+    again = fq_tvm.compile(encoder_onnx, "host", tmp_path / "again", input_shapes=PINS, quiet=True,
+                           tuning_db=all_tuned)  # the same database and model: the same library, byte for byte
+    assert (again / "model.so").read_bytes() == (art / "model.so").read_bytes()
 
 
 def test_records_slower_than_the_hand_schedule_are_not_used(tuned, encoder_onnx, tmp_path):
