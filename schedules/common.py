@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import tvm
 import tvm.s_tir as s_tir
 from tvm.script import tirx as T
 from tvm.script.parser.core.parser import ScriptMacro
@@ -152,16 +153,44 @@ def _three(rows):
     return macro
 
 
+def wide(value, n: int):
+    """`value` on n lanes (itself for one)."""
+    return T.Broadcast(value, n) if n > 1 else value
+
+
 def transposed(vecs: list) -> list:
     """The L vectors of L lanes of an L x L block, transposed (vector c holds lane c of each), by
     log2(L) rounds of interleaving vector i with vector i + L/2: L log2(L) shuffles, where a
     lane-by-lane copy takes L * L loads and stores."""
-    import tvm
-
     n = len(vecs)
     half = n // 2
-    lo = [tvm.tirx.IntImm("int32", v) for j in range(half) for v in (j, n + j)]
-    hi = [tvm.tirx.IntImm("int32", v) for j in range(half, n) for v in (j, n + j)]
+    lo = _indices(v for j in range(half) for v in (j, n + j))
+    hi = _indices(v for j in range(half, n) for v in (j, n + j))
     for _ in range(n.bit_length() - 1):
         vecs = [tvm.tirx.Shuffle([vecs[i // 2], vecs[i // 2 + half]], lo if i % 2 == 0 else hi) for i in range(n)]
     return vecs
+
+
+def _indices(values):
+    return [tvm.tirx.IntImm("int32", v) for v in values]
+
+
+def lane_sums(vecs, L: int):
+    """The lane sums of n float32xL vectors (n a power of two, at most L) as one float32xn vector,
+    by a tree of shuffles and adds: about 4 instructions per sum where LLVM's ordered
+    `vector.reduce.fadd` chains L dependent adds. (Summation order differs: float rounding only.)"""
+    width = L  # lanes per vector that still belong to one sum
+    while len(vecs) > 1:  # pairs of vectors -> one vector holding both sets of half-width partial sums
+        segs = L // width
+        lo = [j * width + k for j in range(segs) for k in range(width // 2)]
+        lo = lo + [L + v for v in lo]
+        vecs = [tvm.tirx.Shuffle(pair, _indices(lo)) + tvm.tirx.Shuffle(pair, _indices(v + width // 2 for v in lo))
+                for pair in zip(vecs[0::2], vecs[1::2])]
+        width //= 2
+    vec, total = vecs[0], L
+    while width > 1:  # halve every sum's lanes inside the one vector
+        lo = [j * width + k for j in range(total // width) for k in range(width // 2)]
+        vec = tvm.tirx.Shuffle([vec], _indices(lo)) + tvm.tirx.Shuffle([vec], _indices(v + width // 2 for v in lo))
+        total //= 2
+        width //= 2
+    return vec

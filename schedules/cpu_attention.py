@@ -30,7 +30,7 @@ from tvm.ir.expr import GenericConst  # a Relax tensor constant
 from tvm_ffi import structural_equal
 from tvm.script import tirx as T
 
-from .common import AHEAD, LINE, STACK, dispatch_pass, prefetch, transposed
+from .common import AHEAD, LINE, STACK, dispatch_pass, prefetch, transposed, wide
 from .kernels import OPAQUE, at, layout
 
 KIND = "attention_scores"
@@ -251,10 +251,6 @@ def _block_stores(L: int, k_seq: bool):
     for c in range(L - 2, -1, -1):
         stores = both(column(c), stores)
     return stores
-
-
-def wide(value, n: int):
-    return T.Broadcast(value, n) if n > 1 else value
 
 
 def dispatch(lanes: int, counts: dict | None = None):

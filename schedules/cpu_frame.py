@@ -9,7 +9,7 @@ from __future__ import annotations
 import tvm
 from tvm.script import tirx as T
 
-from .common import STACK, each_row, row_kernel
+from .common import STACK, each_row, lane_sums, row_kernel
 from .kernels import OPAQUE
 
 KIND = "frame_rows"
@@ -78,8 +78,6 @@ def _tree_group(two_k: int, G: int, L: int):
     e = 2k - L others as dot products: each block's input vector times F's extra rows, the G x e
     products summed across lanes at once (`lane_sums`). The extra outputs as 2 of 18 lanes doubled
     the multiply-adds and spilled F^T's rows (27 cycles a block on Zen 4)."""
-    from .cpu_int8 import lane_sums
-
     e = two_k - L
 
     def extras(xi, x, acc, b0):  # acc holds F's extra rows after the G x 2k outputs (`analysis_row`)

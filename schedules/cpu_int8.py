@@ -30,7 +30,7 @@ from tvm.script import tirx as T
 
 from ..numerics.activations import act_group
 from ..numerics.packing import packed_width
-from .common import AHEAD, LINE, SERIAL_ROWS, STACK, prefetch
+from .common import AHEAD, LINE, SERIAL_ROWS, STACK, lane_sums, prefetch, wide
 from .kernels import OPAQUE
 
 KIND = "dequant_matmul_int8"
@@ -238,32 +238,6 @@ def plan(rows: int, cols: int, bits: int, group_cols: int, target, many_rows: in
 
 def _idx(values):
     return [tvm.tirx.IntImm("int32", v) for v in values]
-
-
-def lane_sums(vecs, L: int):
-    """The lane sums of n float32xL vectors (n a power of two, at most L) as one float32xn vector,
-    by a tree of shuffles and adds: about 4 instructions per sum where LLVM's ordered
-    `vector.reduce.fadd` chains L dependent adds. (Summation order differs: float rounding only.)"""
-    width = L  # lanes per vector that still belong to one sum
-    while len(vecs) > 1:  # pairs of vectors -> one vector holding both sets of half-width partial sums
-        segs = L // width
-        lo = [j * width + k for j in range(segs) for k in range(width // 2)]
-        lo = lo + [L + v for v in lo]
-        vecs = [tvm.tirx.Shuffle(pair, _idx(lo)) + tvm.tirx.Shuffle(pair, _idx(v + width // 2 for v in lo))
-                for pair in zip(vecs[0::2], vecs[1::2])]
-        width //= 2
-    vec, total = vecs[0], L
-    while width > 1:  # halve every sum's lanes inside the one vector
-        lo = [j * width + k for j in range(total // width) for k in range(width // 2)]
-        vec = tvm.tirx.Shuffle([vec], _idx(lo)) + tvm.tirx.Shuffle([vec], _idx(v + width // 2 for v in lo))
-        total //= 2
-        width //= 2
-    return vec
-
-
-def wide(value, n: int):
-    """`value` on n lanes (itself for one)."""
-    return T.Broadcast(value, n) if n > 1 else value
 
 
 def words_layout(packed: np.ndarray, p: Plan) -> np.ndarray:
