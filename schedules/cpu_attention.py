@@ -15,6 +15,13 @@ Either operand may also come heads-major [batch, heads, seq, head_dim] (Llama ex
 before RoPE), and k may be shared by a group of query heads (grouped-query attention: the export's
 expand_dims + broadcast_to + reshape copy is read through, head h reads k head h // group).
 
+When the graph then scales the scores by a constant and adds a mask (Hugging Face exports), the
+kernel takes both in (`Mask`): o = s * c + mask, and a register tile the mask hides entirely
+(every entry below MASKED: a causal mask's upper triangle, padded keys) is not computed. So an
+inf or NaN in a key reaches the rows that see that key, not the earlier rows of a causal model
+(ONNX Runtime, computing every product before masking, spreads it to all rows). A head's row
+tiles run as SPLIT interleaved parallel tasks.
+
 `dispatch` is the Relax rewrite (CPU, before legalization) that routes the pattern here;
 `heads_view` is the operand matcher it shares with `cpu_attention_values`.
 """
