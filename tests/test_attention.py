@@ -173,6 +173,24 @@ def test_masked_scores_match_numpy(batch, sq, sk, kind, op):
     assert np.abs(got[~hidden] - ref[~hidden]).max() / np.abs(ref[~hidden]).max() < 1e-5
 
 
+def test_a_nan_key_reaches_only_the_rows_that_see_it():
+    """Under a causal mask a NaN in the last key's values is in the scores of the rows that see
+    that key; the tiles it would reach above the diagonal are hidden, not computed."""
+    heads, dim, sq = 2, 16, 64
+    m = np.where(np.arange(sq)[None, :] > np.arange(sq)[:, None], np.finfo(np.float32).min, 0)[None, None]
+    lib = _build(cpu_attention.scores(heads, dim, 8, True, True, 1,
+                                      cpu_attention.Mask((True, True, False, False), "multiply", 0.25)))
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((1, sq, heads, dim)).astype(np.float32)
+    k = rng.standard_normal((1, sq, heads, dim)).astype(np.float32)
+    k[0, -1, 0, 3] = np.nan
+    out = tvm.runtime.tensor(np.zeros((1, heads, sq, sq), np.float32))
+    lib.mod["main"](tvm.runtime.tensor(q), tvm.runtime.tensor(k), tvm.runtime.tensor(m.astype(np.float32)), out)
+    col = out.numpy()[0, 0, :, -1]
+    assert np.isnan(col[-1]) and not np.isnan(col[:sq - 16]).any()  # rows a key tile before: hidden
+    assert not np.isnan(out.numpy()[0, 1]).any()  # the other head
+
+
 @pytest.mark.parametrize("lanes", [8, 4])
 @pytest.mark.parametrize("v_seq, group", [(True, 1), (False, 3), (True, 2)])
 @pytest.mark.parametrize("batch, sq, sk, kv_heads, dim", [
