@@ -16,6 +16,8 @@ from tvm import relax
 from tvm.ir.expr import GenericConst  # a Relax tensor constant
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from . import rewrite_functions
+
 _OPS = {name: tvm.ir.Op.get(f"relax.{name}")
         for name in ("multiply", "divide", "power", "mean", "add", "sqrt", "rsqrt")}
 
@@ -119,11 +121,5 @@ class FuseRMSNorm:
         self.count = 0
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        rewriter = _Rewriter(mod)
-        for gvar, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-        self.count = rewriter.count
-        if not self.count:
-            return mod
-        return relax.transform.DeadCodeElimination()(rewriter.builder_.finalize())
+        mod, self.count = rewrite_functions(mod, _Rewriter(mod))
+        return mod

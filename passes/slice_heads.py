@@ -16,6 +16,8 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm_ffi import structural_equal
 
+from . import rewrite_functions
+
 _RESHAPE = tvm.ir.Op.get("relax.reshape")
 _SLICE = tvm.ir.Op.get("relax.strided_slice")
 
@@ -83,11 +85,5 @@ class SliceHeads:
         self.count = 0
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        rewriter = _Rewriter(mod)
-        for gvar, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-        self.count = rewriter.count
-        if not self.count:
-            return mod
-        return relax.transform.DeadCodeElimination()(rewriter.builder_.finalize())
+        mod, self.count = rewrite_functions(mod, _Rewriter(mod))
+        return mod
