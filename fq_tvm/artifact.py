@@ -334,7 +334,7 @@ class Model:
         self.directory = directory
         self.manifest = manifest
         self._vm = vm
-        self._main = None
+        self._main = vm["main"]  # (looked up once: 1 us a call)
         self._device = device
         import tvm
 
@@ -357,8 +357,6 @@ class Model:
             raise FqError(f"inputs do not match the model: missing {missing}, unexpected "
                           f"{sorted(extra)}; the model takes {names}")
         arrays = [_check_input(spec, inputs[spec["name"]]) for spec in self.inputs]
-        if self._main is None:  # (looked up once: 1 us a call)
-            self._main = self._vm["main"]
         result = self._main(*[self._tensor(a) for a in arrays])
         values = [result] if hasattr(result, "numpy") else list(result)
         if len(values) != len(self.outputs):

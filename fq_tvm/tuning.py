@@ -33,7 +33,6 @@ from pathlib import Path
 
 from . import __version__
 from .errors import FqError
-from .rpc import parse_addr
 
 META = "fq_tuning.json"
 DB_FILES = ("database_workload.json", "database_tuning_record.json")
@@ -375,7 +374,7 @@ def tune(model, target="host", out_dir="tuning", *, scheme: str = "fp32", calib=
     quick: shorter measurements (tests)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from .rpc import Remote, check_reachable
+    from .rpc import Remote, check_reachable, parse_addr
     from .targets import family, resolve
 
     if trials < 1:
@@ -509,15 +508,12 @@ def _same_results(task: Task, db, target, preset=None, remote=None) -> bool:
     for info in ms.arg_info.ArgInfo.from_prim_func(task.mod["main"]):
         shape, dtype = [int(d) for d in info.shape], str(info.dtype)
         inputs.append((rng.standard_normal(shape) if "float" in dtype else rng.integers(0, 2, shape)).astype(dtype))
-    mods = [tvm.IRModule({"main": hand.with_attr("tirx.is_scheduled", True)}), sch.mod]
+    libs = [tvm.tirx.build(mod, target=target)
+            for mod in (tvm.IRModule({"main": hand.with_attr("tirx.is_scheduled", True)}), sch.mod)]
     if remote is None:
-        outs = []
-        for mod in mods:
-            args = [tvm.runtime.tensor(x.copy()) for x in inputs]
-            tvm.tirx.build(mod, target=target)["main"](*args)
-            outs.append([a.numpy().astype(np.float64) for a in args])
+        outs = [_outputs(lib["main"], inputs, tvm.cpu()) for lib in libs]
     else:
-        outs = _remote_outputs([tvm.tirx.build(mod, target=target) for mod in mods], inputs, preset, remote)
+        outs = _remote_outputs(libs, inputs, preset, remote)
     for a, b in zip(*outs):
         scale = max(float(np.abs(a).max()), 1e-30)
         if not np.all(np.isfinite(a) == np.isfinite(b)) or float(np.nanmax(np.abs(a - b), initial=0)) > 1e-4 * scale:
@@ -525,25 +521,28 @@ def _same_results(task: Task, db, target, preset=None, remote=None) -> bool:
     return True
 
 
-def _remote_outputs(libs, inputs, preset, remote) -> list:
-    """Each library's `main` run on one board from `remote` with copies of `inputs`: the
-    arguments after the call, as float64 arrays, per library."""
+def _outputs(main, inputs, device) -> list:
+    """`main` run on copies of `inputs` on `device`: the arguments after the call, as float64."""
     import numpy as np
     import tvm
 
+    args = [tvm.runtime.tensor(x.copy(), device) for x in inputs]
+    main(*args)
+    return [a.numpy().astype(np.float64) for a in args]
+
+
+def _remote_outputs(libs, inputs, preset, remote) -> list:
+    """`_outputs` of each library's `main`, run on one board from `remote`."""
     from .rpc import open_board
 
     outs = []
     with open_board(remote) as board:
-        device = board.session.cpu()
         for n, lib in enumerate(libs):
             path = _linked(lib, preset)
             name = f"fq-tune-check{n}.so"
             board.session.upload(path, name)
             shutil.rmtree(Path(path).parent, ignore_errors=True)
-            args = [tvm.runtime.tensor(x.copy(), device) for x in inputs]
-            board.session.load_module(name)["main"](*args)
-            outs.append([a.numpy().astype(np.float64) for a in args])
+            outs.append(_outputs(board.session.load_module(name)["main"], inputs, board.session.cpu()))
     return outs
 
 

@@ -42,8 +42,9 @@ def analysis_row(nblk: int, two_l: int, two_k: int, tail: int, lanes: int = 16):
     One block at a time was one chain of 2l dependent multiply-adds (~4x slower on Zen 4); an
     18-lane vector made LLVM rebuild F^T's rows lane by lane for every row."""
     ins, outs = nblk * two_l, nblk * two_k
-    tree = _tree_blocks(two_l, two_k, lanes) > 0
-    G = _tree_blocks(two_l, two_k, lanes) or GROUP
+    tree_blocks = _tree_blocks(two_l, two_k, lanes)
+    tree = tree_blocks > 0
+    G = tree_blocks or GROUP
     grouped = _tree_group(two_k, G, lanes) if tree else _block_group(two_l, two_k, G, lanes)
     single = _block_group(two_l, two_k, 1, lanes)
     e = two_k - lanes
