@@ -341,6 +341,8 @@ class Model:
         self._cpu = device.dlpack_device_type() == tvm.cpu().dlpack_device_type()  # arrays by DLPack (_on_cpu)
         self.inputs = manifest["inputs"]
         self.outputs = manifest["outputs"]
+        self._names = [spec["name"] for spec in self.inputs]
+        self._plain = [_plain_check(spec) for spec in self.inputs]
 
     def generate(self, prompt, **options):
         """Generate text (or token ids) from a causal LM artifact with a KV cache; see
@@ -350,13 +352,13 @@ class Model:
         return generate(self, prompt, **options)
 
     def run(self, inputs: dict) -> dict:
-        names = [spec["name"] for spec in self.inputs]
+        names = self._names
         if len(inputs) != len(names) or any(name not in inputs for name in names):
             extra = set(inputs) - set(names)
             missing = [name for name in names if name not in inputs]
             raise FqError(f"inputs do not match the model: missing {missing}, unexpected "
                           f"{sorted(extra)}; the model takes {names}")
-        arrays = [_check_input(spec, inputs[spec["name"]]) for spec in self.inputs]
+        arrays = [_input(spec, plain, inputs[name]) for spec, plain, name in zip(self.inputs, self._plain, names)]
         result = self._main(*[self._tensor(a) for a in arrays])
         values = [result] if hasattr(result, "numpy") else list(result)
         if len(values) != len(self.outputs):
@@ -370,9 +372,11 @@ class Model:
 
     def _tensor(self, array: np.ndarray):
         """`array` as a TVM tensor on the model's device (on a CPU without a copy where it can)."""
+        if self._cpu:
+            return _on_cpu(array)
         import tvm
 
-        return _on_cpu(array) if self._cpu else tvm.runtime.tensor(array, self._device)
+        return tvm.runtime.tensor(array, self._device)
 
 
 ALIGN = 64  # bytes: TVM's own allocations, which its kernels may assume (tvm_ffi checks it)
@@ -382,15 +386,16 @@ def _on_cpu(array: np.ndarray):
     """The array as a TVM CPU tensor without a copy (DLPack) where TVM can take it as it is
     (aligned, writeable), else an aligned copy: `tvm.runtime.tensor` took 30-54 us for a 16 KB
     row, more than a 4096 x 4096 2-bit layer's inverse Hadamard."""
-    import tvm
     import tvm_ffi
 
-    if array.size == 0:
-        return tvm.runtime.tensor(array)
-    if array.flags.writeable:  # (numpy's `ctypes.data` took 1 us of a 17 us call; this 0.4)
+    if array.flags.writeable and array.size:  # (numpy's `ctypes.data` took 1 us of a 17 us call; this 0.4)
         tensor = tvm_ffi.from_dlpack(array, require_alignment=0, require_contiguous=True)
         if tensor.data_ptr() % ALIGN == 0:
             return tensor
+    import tvm
+
+    if array.size == 0:
+        return tvm.runtime.tensor(array)
     return tvm.runtime.from_dlpack(_aligned_copy(array))
 
 
@@ -410,6 +415,26 @@ def _from_cpu(value, inputs: list) -> np.ndarray:
         if np.may_share_memory(out, a):
             return out.copy()
     return out
+
+
+def _plain_check(spec: dict) -> tuple:
+    """What an input that needs no conversion looks like: (dtype, rank, [(axis, size) fixed]),
+    worked out once at load so that `run` checks a well-formed input in a few attribute reads."""
+    fixed = [(axis, d) for axis, d in enumerate(spec["shape"]) if isinstance(d, int)]
+    return np.dtype(spec["dtype"]), len(spec["shape"]), fixed
+
+
+def _input(spec: dict, plain: tuple, value) -> np.ndarray:
+    """`_check_input`, with a quick path for a C-contiguous array of the right dtype and shape."""
+    dtype, rank, fixed = plain
+    if type(value) is not np.ndarray or value.dtype != dtype or value.ndim != rank \
+            or not value.flags.c_contiguous or "range" in spec:
+        return _check_input(spec, value)
+    shape = value.shape
+    for axis, size in fixed:
+        if shape[axis] != size:
+            return _check_input(spec, value)  # (raises)
+    return value
 
 
 def _check_input(spec: dict, value) -> np.ndarray:

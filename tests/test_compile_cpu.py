@@ -275,8 +275,9 @@ def _passthrough_onnx(path):
 
 def test_run_takes_any_array_and_returns_arrays_of_its_own(tmp_path):
     """Model.run hands aligned inputs to TVM without a copy and returns outputs without one:
-    misaligned, read-only and strided inputs give the same results, and no output is the caller's
-    input (an output that passes an input through is copied)."""
+    misaligned, read-only and strided inputs (and lists and float64 arrays, which are converted)
+    give the same results, and no output is the caller's input (an output that passes an input
+    through is copied)."""
     onnx_path, w = _passthrough_onnx(tmp_path / "pass.onnx")
     model = load(_compile(onnx_path, tmp_path / "pass.fq"))
     x = np.random.default_rng(1).standard_normal((3, 32)).astype(np.float32)
@@ -287,7 +288,7 @@ def test_run_takes_any_array_and_returns_arrays_of_its_own(tmp_path):
     readonly.flags.writeable = False
     strided = np.repeat(x, 2, axis=1)[:, ::2]
     assert misaligned.ctypes.data % artifact.ALIGN != 0
-    for given in (x, misaligned, readonly, strided):
+    for given in (x, misaligned, readonly, strided, x.tolist(), x.astype(np.float64)):
         out = model.run({"x": given})
         np.testing.assert_array_equal(out["y"], x)
         np.testing.assert_allclose(out["z"], x @ w, rtol=1e-5, atol=1e-5)
