@@ -419,9 +419,10 @@ def _import(proto, layers=None, report=None, quiet=True, imported=None):
             print(f"    kept fp32: {entry['name']} {entry['shape']}: {entry['reason']}", file=sys.stderr)
     from .passes.rms_norm import FuseRMSNorm
     from .passes.slice_heads import SliceHeads
+    from .passes.swiglu import FuseSwiGLU
     from .passes.tied_weights import StoreTiedWeightsOnce
 
-    return SliceHeads()(FuseRMSNorm()(StoreTiedWeightsOnce()(bind_weights(mod, weights))))
+    return FuseSwiGLU()(SliceHeads()(FuseRMSNorm()(StoreTiedWeightsOnce()(bind_weights(mod, weights)))))
 
 
 def _unmatched(report, params) -> None:

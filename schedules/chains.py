@@ -49,13 +49,15 @@ def callee(mod, call):
 
 def step(func, call) -> tuple | None:
     """A run's call as a `kernels.transform` step, or None: ("pad", dim, new), ("take", dim, keep),
-    ("hadamard", dim, block, inverse), ("frame", nblk, two_l, two_k, tail)."""
+    ("hadamard", dim, block, inverse), ("frame", nblk, two_l, two_k, tail), ("swiglu", dim)."""
     a = func.attrs
     kind = str(a["fq_kernel"])
     if kind == "hadamard":
         return ("hadamard", int(a["fq_dim"]), int(a["fq_block"]), int(a["fq_inverse"]))
     if kind == "frame_analysis":
         return ("frame", int(a["fq_nblk"]), int(a["fq_two_l"]), int(a["fq_two_k"]), int(a["fq_tail"]))
+    if kind == "swiglu":
+        return ("swiglu", int(a["fq_dim"]))
     if kind == "resize":
         dim = int(call.args[1].fields[0].ty.shape[1])
         new = int(call.ty.shape[1])
@@ -101,7 +103,7 @@ def _chains(mod, func) -> dict:
 def transform_name(steps) -> str:
     words = []
     for s in steps:
-        words.append({"pad": "pad", "take": "take", "frame": "frame"}.get(s[0], "hadamard_inv" if s[0] == "hadamard"
+        words.append({"pad": "pad", "take": "take", "frame": "frame", "swiglu": "swiglu"}.get(s[0], "hadamard_inv" if s[0] == "hadamard"
                                                                      and s[3] else "hadamard"))
         words.append("x".join(str(v) for v in s[1:]))
     return "fq_" + "_".join(words)

@@ -173,7 +173,7 @@ def _fuse_transforms(mod: tvm.IRModule, target) -> tvm.IRModule:
     from .chains import drop_unused, transform_name, transform_plans
     from .common import mutate_relax_functions
 
-    plans = {call: plan for call, plan in transform_plans(mod).items() if cpu_transform.parts(plan[1]) is not None}
+    plans = {call: plan for call, plan in transform_plans(mod).items() if cpu_transform.sides(plan[1]) is not None}
     if not plans:
         return mod
 
@@ -217,6 +217,8 @@ def _written(attrs, target, act_bits: int):
     if kind == "hadamard":
         return cpu_hadamard.hadamard(int(attrs["fq_dim"]), int(attrs["fq_block"]), bool(int(attrs["fq_inverse"])),
                                      vector_lanes(target))
+    if kind == "swiglu":
+        return cpu_transform.transform([("swiglu", int(attrs["fq_dim"]))], vector_lanes(target))
     if kind == "frame_analysis":
         return cpu_frame.frame_analysis(*(int(attrs[f"fq_{k}"]) for k in ("nblk", "two_l", "two_k", "tail")))
     if kind == "frame_synthesis":

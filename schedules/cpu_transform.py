@@ -1,5 +1,6 @@
 """The CPU row transforms of one side of a layer as one kernel: [pad] -> Hadamard -> [frame] on the
-input side, inverse Hadamard -> [take] on the output side. Each row goes through every step in
+input side, inverse Hadamard -> [take] on the output side; and a gated MLP's middle, the gate / up
+output side -> swiglu -> the down projection's input side. Each row goes through every step in
 local buffers (no intermediate tensor, one launch instead of one per step), with the row macros
 of `cpu_hadamard` and `cpu_frame`. The buffers of `kernels.transform` (x, signs, [F] -> y) but the
 frame block transposed, F^T [2l, 2k]: `cpu.rewrite` passes it so."""
@@ -10,14 +11,15 @@ import tvm
 from tvm.script import tirx as T
 
 from . import cpu_frame, cpu_hadamard
-from .common import in_tasks, row_kernel
+from .common import in_tasks
+from .cpu_ops import exp_f32
 from .kernels import OPAQUE
 
 KIND = "transform_rows"
 
 
 def parts(steps) -> tuple | None:
-    """(pad, hadamard, frame, end) of a run this kernel covers, or None. One Hadamard, optionally
+    """(pad, hadamard, frame, end) of a run of one side, or None. One Hadamard, optionally
     a pad before it, a frame after it, and a last resize (pad or take) after those; pad, frame and
     end may be None."""
     resize = ("pad", "take")
@@ -30,70 +32,187 @@ def parts(steps) -> tuple | None:
     return pad, core[0], core[1] if len(core) == 2 else None, end
 
 
+def sides(steps) -> tuple | None:
+    """(before, gate, after) of a run this kernel covers, or None: `parts` of the steps before
+    and after its one swiglu step (gate; None, and after None, where it has none); a side without
+    steps is None."""
+    kinds = [s[0] for s in steps]
+    if "swiglu" not in kinds:
+        found = parts(steps)
+        return None if found is None else (found, None, None)
+    at = kinds.index("swiglu")
+    before, after = steps[:at], steps[at + 1:]
+    found = [parts(side) if side else None for side in (before, after)]
+    if "swiglu" in kinds[at + 1:] or any(side and f is None for side, f in zip((before, after), found)):
+        return None
+    return found[0], steps[at], found[1]
+
+
 def transform(steps, lanes: int = 16) -> tvm.tirx.PrimFunc:
-    pad, (_, dim, block, inverse), frame, end = parts(steps)
-    hrow = cpu_hadamard.row_macro(dim, block, bool(inverse), lanes)
-    frow = cpu_frame.analysis_row(*frame[1:]) if frame is not None else None
-    din = pad[1] if pad is not None else dim
-    width = frame[1] * frame[3] + frame[4] if frame is not None else dim  # before the last resize
-    dout = end[2] if end is not None else width
-    rows = _rows(din, dim, width, dout, hrow, frow, pad is not None, end is not None)
-    if frame is None:
-        func = row_kernel(din, dout, (dim,), _without_frame(rows))
+    before, gate, after = sides(steps)
+    first = [_side(p, lanes) for p in (before, after) if p is not None]
+    din = first[0].din if before is not None or gate is None else gate[1]
+    shapes = [shape for side in first for shape in side.params]
+    if gate is None:
+        rows = _one_side(first[0])
     else:
-        func = _with_frame(din, dim, dout, (frame[2], frame[3]), rows)
-    return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
+        rows = _gated(_side(before, lanes) if before else None, gate[1], _side(after, lanes) if after else None, lanes)
+    dout = first[-1].dout if after is not None or gate is None else gate[1] // 2
+    return _kernel(din, dout, shapes, rows).with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
 
 
-def _rows(din: int, dim: int, width: int, dout: int, hrow, frow, padded: bool, resized: bool):
-    """rows(lo, n, x, signs, F, y): rows lo .. lo + n - 1 of x [zero-padded to dim] -> Hadamard ->
-    [frame] -> [pad or take to dout] -> the same rows of y; intermediates in buffers allocated
-    once per task, the last step writing y."""
+class _Side:
+    """One side's row macro row(xi, x, P, yi, y, scratch) (P: its signs [and F^T]) and sizes."""
+
+    def __init__(self, p, lanes: int):
+        pad, (_, dim, block, inverse), frame, end = p
+        self.hrow = cpu_hadamard.row_macro(dim, block, bool(inverse), lanes)
+        self.frow = cpu_frame.analysis_row(*frame[1:]) if frame is not None else None
+        self.din = pad[1] if pad is not None else dim
+        self.dim = dim
+        self.width = frame[1] * frame[3] + frame[4] if frame is not None else dim  # before the last resize
+        self.dout = end[2] if end is not None else self.width
+        self.params = [(dim,)] + ([(frame[2], frame[3])] if frame is not None else [])
+        self.row = _row(self.din, dim, self.width, self.dout, self.hrow, self.frow, pad is not None, end is not None)
+
+
+def _side(p, lanes: int) -> _Side:
+    return _Side(p, lanes)
+
+
+def _row(din: int, dim: int, width: int, dout: int, hrow, frow, padded: bool, resized: bool):
+    """row(xi, x, signs, F, yi, y, xp, h, f): row xi of x [zero-padded to dim] -> Hadamard ->
+    [frame] -> [pad or take to dout] -> row yi of y; xp [1, dim], h [1, dim], f [1, width] scratch."""
     framed = frow is not None
     h_local = framed or resized
 
     @T.macro
-    def rows(lo, n, x, signs, F, y):
-        xp = T.alloc_buffer((1, dim), "float32")
-        h = T.alloc_buffer((1, dim), "float32")
-        f = T.alloc_buffer((1, width), "float32")
+    def row(xi, x, signs, F, yi, y, xp, h, f):
+        if padded:  # a copy and a fill (one loop with a select per element did not vectorise)
+            for j in range(din):
+                xp[0, j] = x[xi, j]
+            for j in range(din, dim):
+                xp[0, j] = T.float32(0)
+        hrow(0 if padded else xi, xp if padded else x, signs, 0 if h_local else yi, h if h_local else y)
+        if framed:
+            frow(0, h, F, 0 if resized else yi, f if resized else y)
+        if resized:
+            for j in range(min(dout, width)):
+                y[yi, j] = (f if framed else h)[0, j]
+            for j in range(width, dout):
+                y[yi, j] = T.float32(0)
+
+    return row
+
+
+def _one_side(side: _Side):
+    """rows(lo, n, x, P, y): rows lo .. lo + n - 1 through one side, scratch allocated once per task."""
+    row, framed = side.row, side.frow is not None
+
+    @T.macro
+    def rows(lo, n, x, P, y, _unused):
+        xp = T.alloc_buffer((1, side.dim), "float32")
+        h = T.alloc_buffer((1, side.dim), "float32")
+        f = T.alloc_buffer((1, side.width), "float32")
         for r in range(n):
-            i: T.let = lo + r
-            if padded:  # a copy and a fill (one loop with a select per element did not vectorise)
-                for j in range(din):
-                    xp[0, j] = x[i, j]
-                for j in range(din, dim):
-                    xp[0, j] = T.float32(0)
-            hrow(0 if padded else i, xp if padded else x, signs, 0 if h_local else i, h if h_local else y)
-            if framed:
-                frow(0, h, F, 0 if resized else i, f if resized else y)
-            if resized:
-                for j in range(min(dout, width)):
-                    y[i, j] = (f if framed else h)[0, j]
-                for j in range(width, dout):
-                    y[i, j] = T.float32(0)
+            row(lo + r, x, P[0], P[1] if framed else None, lo + r, y, xp, h, f)
 
     return rows
 
 
-def _without_frame(rows):
+def _gated(before, width: int, after, lanes: int):
+    """rows(lo, n, x, P, y): each row through the side before (if any), then silu(a[:half]) *
+    a[half:], then the side after (if any), every intermediate a row in local buffers."""
+    half = width // 2
+    L = next(v for v in (lanes, 8, 4, 2, 1) if half % v == 0)
+    one = T.Broadcast(T.float32(1), L) if L > 1 else T.float32(1)
+    nb = 0 if before is None else len(before.params)
+    framed = after is not None and after.frow is not None
+    dim0, width0 = (before.dim, before.width) if before is not None else (1, 1)  # (scratch sizes)
+    dim1, width1 = (after.dim, after.width) if after is not None else (1, 1)
+
+    def at(j):
+        return T.ramp(j, 1, L) if L > 1 else j
+
+    def vec(buf, i, j):
+        return buf[i, at(j)]
+
     @T.macro
-    def macro(lo, n, x, signs, y):
-        rows(lo, n, x, signs, None, y)
+    def gate(ai, a, gi, g):  # g = a * sigmoid(a) * up, as the graph wrote it
+        for j in range(half // L):
+            g[gi, at(j * L)] = vec(a, ai, j * L) * (one / (one + exp_f32(-vec(a, ai, j * L)))) * vec(
+                a, ai, half + j * L)
 
-    return macro
+    @T.macro
+    def rows(lo, n, x, P, y, _unused):
+        xp0 = T.alloc_buffer((1, dim0), "float32")
+        h0 = T.alloc_buffer((1, dim0), "float32")
+        f0 = T.alloc_buffer((1, width0), "float32")
+        a = T.alloc_buffer((1, width), "float32")
+        g = T.alloc_buffer((1, half), "float32")
+        xp1 = T.alloc_buffer((1, dim1), "float32")
+        h1 = T.alloc_buffer((1, dim1), "float32")
+        f1 = T.alloc_buffer((1, width1), "float32")
+        for r in range(n):
+            if before is not None:
+                before.row(lo + r, x, P[0], None, 0, a, xp0, h0, f0)
+                if after is not None:
+                    gate(0, a, 0, g)
+                else:
+                    gate(0, a, lo + r, y)
+            else:
+                if after is not None:
+                    gate(lo + r, x, 0, g)
+                else:
+                    gate(lo + r, x, lo + r, y)
+            if after is not None:
+                after.row(0, g, P[nb], P[nb + 1] if framed else None, lo + r, y, xp1, h1, f1)
+
+    return rows
 
 
-def _with_frame(din: int, dim: int, dout: int, f_shape: tuple, rows):
-    """row_kernel with two parameters (signs [dim], F^T [2l, 2k])."""
+def _kernel(din: int, dout: int, shapes: list, rows):
+    """A PrimFunc (x [m, din], params of `shapes` (float32) -> y [m, dout]) running rows(lo, n, x,
+    P, y) over the rows in tasks, P the tuple of params."""
     run = in_tasks(rows)
+    if len(shapes) == 0:
+        @T.prim_func(private=True)
+        def func0(x_h: T.handle, y_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, din), "float32")
+            y = T.match_buffer(y_h, (m, dout), "float32")
+            run(m, x, (), y, None)
+
+        return func0
+    if len(shapes) == 1:
+        @T.prim_func(private=True)
+        def func1(x_h: T.handle, p0: T.Buffer(shapes[0], "float32"), y_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, din), "float32")
+            y = T.match_buffer(y_h, (m, dout), "float32")
+            run(m, x, (p0,), y, None)
+
+        return func1
+    if len(shapes) == 2:
+        @T.prim_func(private=True)
+        def func2(x_h: T.handle, p0: T.Buffer(shapes[0], "float32"), p1: T.Buffer(shapes[1], "float32"), y_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, din), "float32")
+            y = T.match_buffer(y_h, (m, dout), "float32")
+            run(m, x, (p0, p1), y, None)
+
+        return func2
 
     @T.prim_func(private=True)
-    def func(x_h: T.handle, signs: T.Buffer((dim,), "float32"), F: T.Buffer(f_shape, "float32"), y_h: T.handle):
+    def func3(x_h: T.handle, p0: T.Buffer(shapes[0], "float32"), p1: T.Buffer(shapes[1], "float32"),
+              p2: T.Buffer(shapes[2], "float32"), y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         m = T.int64()
         x = T.match_buffer(x_h, (m, din), "float32")
         y = T.match_buffer(y_h, (m, dout), "float32")
-        run(m, x, signs, F, y)
+        run(m, x, (p0, p1, p2), y, None)
 
-    return func
+    return func3

@@ -247,6 +247,21 @@ def _butterfly4(prev, m, D, h: int, name):
     return te.compute((m, D), body, name=name)
 
 
+def swiglu(dim: int) -> tvm.tirx.PrimFunc:
+    """y[m, dim / 2] = silu(x[:, :dim / 2]) * x[:, dim / 2:], silu(g) = g * sigmoid(g): the gated
+    MLP's activation on a stacked gate / up projection (passes/swiglu.py)."""
+    if dim % 2:
+        raise ValueError(f"a gated activation needs an even width, not {dim}")
+    m = _rows()
+    x = te.placeholder((m, _i64(dim)), "float32", "x")
+    return _finish([x, _swiglu(x, m, dim)], "swiglu", dim=dim)
+
+
+def _swiglu(x, m, dim: int, name: str = "y"):
+    half = _i64(dim // 2)
+    return te.compute((m, half), lambda i, j: x[i, j] * te.sigmoid(x[i, j]) * x[i, j + half], name=name)
+
+
 def frame_analysis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.PrimFunc:
     """y = blockdiag(F, ..., F, I_tail) x on the last axis; F is [two_k, two_l]."""
     m = _rows()
@@ -332,8 +347,8 @@ def _take(x, m, keep: int, name: str = "y"):
 
 def transform(steps: list[tuple]) -> tvm.tirx.PrimFunc:
     """Several of the row transforms above as one kernel: x [m, d0] -> y [m, dn]. Steps are
-    ("pad", dim, new), ("take", dim, keep), ("hadamard", dim, block, inverse) and
-    ("frame", nblk, two_l, two_k, tail); each Hadamard takes a signs [dim] and each frame an
+    ("pad", dim, new), ("take", dim, keep), ("hadamard", dim, block, inverse),
+    ("frame", nblk, two_l, two_k, tail) and ("swiglu", dim); each Hadamard takes a signs [dim] and each frame an
     F [two_k, two_l] parameter, in step order, after x."""
     m = _rows()
     first = steps[0]
@@ -354,6 +369,8 @@ def transform(steps: list[tuple]) -> tvm.tirx.PrimFunc:
             F = te.placeholder((_i64(step[3]), _i64(step[2])), "float32", f"F{n}")
             params.append(F)
             cur = _frame(cur, F, m, step[1], step[2], step[3], step[4], f"f{n}_", last)
+        elif kind == "swiglu":
+            cur = _swiglu(cur, m, step[1], last if last == "y" else f"gated{n}")
         else:
             raise ValueError(f"unknown transform step {kind!r}")
         widths.append(int(cur.shape[1]))

@@ -177,12 +177,57 @@ def test_fused_row_transforms_match_their_matrix(steps):
             assert _rel(ours, x.astype(np.float64) @ matrix.T) < 1e-5
 
 
+def _reference(steps, params, x):
+    """The steps on x in float64: the linear runs by their matrices, swiglu elementwise."""
+    at = next((n for n, s in enumerate(steps) if s[0] == "swiglu"), len(steps))
+    linear = sum(s[0] in ("hadamard", "frame") for s in steps[:at])
+    y = x.astype(np.float64)
+    if at:
+        y = y @ _matrix_of(steps[:at], params[:linear]).T
+    if at < len(steps):
+        half = steps[at][1] // 2
+        y = y[:, :half] / (1 + np.exp(-y[:, :half])) * y[:, half:]
+        if at + 1 < len(steps):
+            y = y @ _matrix_of(steps[at + 1:], params[linear:]).T
+    return y
+
+
+@pytest.mark.parametrize("steps", [
+    [("hadamard", 768, 128, 1), ("swiglu", 768), ("hadamard", 384, 128, 0), ("frame", 24, 16, 18, 0)],
+    [("hadamard", 320, 64, 1), ("take", 320, 300), ("swiglu", 300)],  # 150 columns: 2 lanes
+    [("swiglu", 600), ("pad", 300, 320), ("hadamard", 320, 64, 0)],
+    [("swiglu", 36)]])
+def test_gated_row_transforms_match_numpy(steps):
+    """A gated MLP's middle (gate / up output side, silu(gate) * up, the down projection's input
+    side) as one CPU kernel (`cpu_transform`) and as the generic kernel (`kernels.transform`, what
+    the GPU runs), against numpy."""
+    from fq_tvm.schedules import cpu_transform
+
+    rng = np.random.default_rng(len(steps))
+    params = [rng.choice([-1.0, 1.0], s[1]).astype(np.float32) if s[0] == "hadamard"
+              else np.linalg.qr(rng.standard_normal((s[3], s[2])))[0].astype(np.float32)
+              for s in steps if s[0] in ("hadamard", "frame")]
+    x = rng.standard_normal((7, steps[0][1])).astype(np.float32)
+    ref = _reference(steps, params, x)
+    for func, frame_t in ((cpu_transform.transform(steps), True), (kernels.transform(steps), False)):
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), HOST)
+        given = [p if p.ndim == 1 or not frame_t else p.T for p in params]
+        for m in (0, 1, 7):
+            ours = _run(lib, x[:m], *given, out_shape=(m, ref.shape[1]))
+            assert ours.shape == (m, ref.shape[1])
+            if m:
+                assert _rel(ours, ref[:m]) < 1e-5, (str(func.attrs["fq_kernel"]), m)
+
+
 def test_fused_row_transforms_cover_one_side_only():
-    from fq_tvm.schedules.cpu_transform import parts
+    from fq_tvm.schedules.cpu_transform import parts, sides
 
     assert parts([("hadamard", 64, 64, 1), ("hadamard", 64, 64, 0)]) is None
     assert parts([("frame", 4, 16, 18, 0), ("take", 72, 70)]) is None
     assert parts([("pad", 60, 64), ("hadamard", 64, 64, 0), ("take", 64, 60)]) is not None
+    assert sides([("hadamard", 64, 64, 1), ("swiglu", 64), ("swiglu", 32)]) is None
+    assert sides([("hadamard", 64, 64, 1), ("swiglu", 64), ("frame", 2, 16, 18, 0)]) is None
+    assert sides([("hadamard", 64, 64, 1), ("swiglu", 64), ("hadamard", 32, 32, 0)]) is not None
 
 
 def _asm(target):
