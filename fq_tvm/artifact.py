@@ -283,6 +283,8 @@ def generation_problem(g, files: dict, inputs: list, outputs: list) -> str | Non
         return "'generation.last_logits' must be 'main_last' (the function computing only the last position's logits)"
     if g.get("kv_in_place", "main_kv") != "main_kv":
         return "'generation.kv_in_place' must be 'main_kv' (the function appending to the KV cache in place)"
+    if g.get("kv_step", "main_kv1") != "main_kv1" or ("kv_step" in g and "kv_in_place" not in g):
+        return "'generation.kv_step' must be 'main_kv1' (main_kv for one token), beside 'kv_in_place'"
     past = [f"past_{kind}.{i}" for i in range(g["layers"]) for kind in ("key", "value")]
     if inputs[:2] != ["input_ids", "position_ids"] or inputs[2:] != past:
         return "a causal LM's inputs must be input_ids, position_ids, past_key.0, past_value.0, ..."

@@ -132,13 +132,15 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     if generation is not None:  # generation's function: the last position's logits, the cache written in place
         import tvm
 
-        from .passes.kv_cache import NAME as KV_NAME, AddCacheInPlace
+        from .passes.kv_cache import NAME as KV_NAME, STEP, AddCacheInPlace, AddDecodeStep
         from .passes.last_logits import NAME, AddLastLogits
 
-        mod = AddCacheInPlace(2 * generation["layers"])(AddLastLogits()(mod))
+        mod = AddDecodeStep()(AddCacheInPlace(2 * generation["layers"])(AddLastLogits()(mod)))
         names = [gvar.name_hint for gvar in mod.get_global_vars()]
         if KV_NAME in names:  # generate's function (the cache appended in place); it replaces main_last
             generation["kv_in_place"] = KV_NAME
+            if STEP in names:  # and the same for one token (decoding)
+                generation["kv_step"] = STEP
             mod = tvm.IRModule({gvar: func for gvar, func in mod.functions_items() if gvar.name_hint != NAME},
                                attrs=mod.attrs, global_infos=mod.global_infos)
         elif NAME in names:

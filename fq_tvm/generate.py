@@ -204,6 +204,7 @@ class _Stepper:
         self.in_place = "kv_in_place" in g
         # main_kv, or else the function computing only the last position's logits (older artifacts)
         self.main = model._vm[g["kv_in_place"] if self.in_place else g.get("last_logits", "main")]
+        self.step = model._vm[g["kv_step"]] if "kv_step" in g else self.main  # one token: static shapes
         # The VM's pooled allocator keeps every freed buffer for reuse by size, and the attention
         # buffers grow one token a step: without a release, 1000 decode steps of SmolLM2 (cache
         # copied each step) grew the process from 0.6 to 11.5 GB and slowed steps 3x.
@@ -226,7 +227,7 @@ class _Stepper:
         positions = np.arange(self.position, self.position + n, dtype=np.int64)[None]
         inputs = self.tensor(np.asarray([ids], np.int64)), self.tensor(positions)
         if self.in_place:  # (views made in Python cost 280 us a step for SmolLM2's 60 tensors)
-            logits = self.main(*inputs, Shape((self.position + n,)), *self.cache)
+            logits = (self.step if n == 1 else self.main)(*inputs, Shape((self.position + n,)), *self.cache)
         else:
             result = self.main(*inputs, *self.cache)
             logits, *self.cache = list(result)

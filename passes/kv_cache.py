@@ -23,10 +23,12 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.utils import copy_with_new_vars
 
 from .last_logits import NAME as LAST, _own_symbolic_vars
 
 NAME = "main_kv"
+STEP = "main_kv1"
 
 
 def _kernels():
@@ -50,6 +52,28 @@ def AddCacheInPlace(past_inputs: int):  # noqa: N802 - a pass, named like TVM's
         func = _own_symbolic_vars(relax.analysis.remove_all_unused(rewrite.rewrite(source)))
         rewrite.builder_.add_func(func.with_attr("global_symbol", NAME), NAME)
         return rewrite.builder_.get()
+
+    return _pass
+
+
+def AddDecodeStep():  # noqa: N802 - a pass, named like TVM's
+    """Add `main_kv1`: `main_kv` for one token of one sequence (batch and seq bound to 1), the
+    decoding step. Its shapes are static but for the cache length, so the VM loads them as
+    constants instead of building each at run time (SmolLM2: 1331 shapes built a step)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="fq.AddDecodeStep")
+    def _pass(mod, _ctx):
+        if NAME not in [gvar.name_hint for gvar in mod.get_global_vars()]:
+            return mod
+        kv = copy_with_new_vars(mod[NAME])  # (its own vars, symbolic ones too)
+        ids = getattr(kv.params[0].ty, "shape", None) or []
+        ones = {dim: 1 for dim in ids if isinstance(dim, tvm.tirx.Var)}
+        if not ones:
+            return mod
+        step = kv.bind_symbolic_vars(ones).with_attr("global_symbol", STEP)
+        out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs, global_infos=mod.global_infos)
+        out[STEP] = step
+        return out
 
     return _pass
 

@@ -142,6 +142,29 @@ def test_in_place_cache_function_matches_main(tiny):
                              Shape((21,)), *bufs)
 
 
+def test_decode_step_function_matches_main_kv(tiny):
+    """`main_kv1` (passes/kv_cache.py AddDecodeStep) is `main_kv` for one token of one sequence,
+    shapes static but the cache length: bit for bit the same logits and cache rows, step by step;
+    generate decodes with it."""
+    import tvm
+    from tvm_ffi import Shape
+
+    _, onnx_path, artifact, _ = tiny
+    model, info = fq_tvm.load(artifact), _info(onnx_path)
+    assert model.manifest["generation"]["kv_step"] == "main_kv1"
+    heads, dim, n = info["kv_heads"], info["head_dim"], 2 * info["layers"]
+    bufs = [[tvm.runtime.tensor(np.zeros((1, 16, heads, dim), np.float32)) for _ in range(n)] for _ in range(2)]
+    for pos, token in enumerate(_ids(12)[0]):
+        args = tvm.runtime.tensor(np.asarray([[token]], np.int64)), tvm.runtime.tensor(np.asarray([[pos]], np.int64))
+        kv, step = (model._vm[name](*args, Shape((pos + 1,)), *b).numpy() for name, b in zip(("main_kv", "main_kv1"), bufs))
+        np.testing.assert_array_equal(step, kv)
+    for a, b in zip(*bufs):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    with pytest.raises(Exception):  # one token only
+        model._vm["main_kv1"](tvm.runtime.tensor(np.asarray([[1, 2]], np.int64)),
+                              tvm.runtime.tensor(np.asarray([[0, 1]])), Shape((2,)), *bufs[1])
+
+
 def _has(model, name: str) -> bool:
     try:
         model._vm[name]
@@ -236,6 +259,11 @@ def test_manifest_generation_is_validated(tiny, tmp_path):
     manifest["generation"]["kv_in_place"] = "main"  # main returns the present tensors: not in place
     write_manifest(copy, manifest, list(manifest["files"]))
     with pytest.raises(ArtifactError, match="'generation.kv_in_place' must be 'main_kv'"):
+        read_manifest(copy)
+    manifest["generation"]["kv_in_place"] = "main_kv"
+    manifest["generation"]["kv_step"] = "main_kv"  # a step function takes one token
+    write_manifest(copy, manifest, list(manifest["files"]))
+    with pytest.raises(ArtifactError, match="'generation.kv_step' must be 'main_kv1'"):
         read_manifest(copy)
 
 
