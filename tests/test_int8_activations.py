@@ -64,10 +64,11 @@ def test_activation_groups_split_a_row_evenly(cols, width):
 
 
 # (rows, cols, bits, group): odd K (the last block re-reads bytes), rows not a multiple of the
-# register tile, per-row and grouped scales
+# register tile, per-row and grouped scales, an odd count of weight blocks (rows split in tasks)
 CASES = [(64, 1000, 2, 0), (30, 577, 2, 0), (64, 1001, 4, 0), (40, 577, 8, 0), (128, 4506, 2, 0),
          (64, 1024, 2, 256), (32, 768, 4, 256), (48, 512, 8, 256), (64, 577, 8, 0), (32, 1003, 2, 0),
-         (32, 1003, 8, 0), (64, 1024, 8, 256)]  # 8-bit with 32 | rows: pre-laid words
+         (32, 1003, 8, 0), (64, 1024, 8, 256),  # 8-bit with 32 | rows: pre-laid words
+         (192, 700, 2, 0)]  # 3 weight blocks of the many-row path: each block's rows in two tasks
 
 
 @pytest.mark.parametrize("target", ["host", "avx2"])
