@@ -5,6 +5,9 @@ wrote the scores four times: 27 of 322 ms of MiniLM fq2 at 16 x 128 on one Zen 4
 
 NaN stays NaN and an all -inf row gives NaN, as with the TE form and ONNX Runtime: x - max is NaN
 there, `exp_f32` keeps it, and the sum carries it to the whole row.
+
+A vector whose every x - max is below UNDER is written as zeros without its exp (the same zeros
+`exp_f32` gives there): the masked half of a causal row, the padded keys of an encoder's row.
 """
 
 from __future__ import annotations
@@ -17,11 +20,15 @@ from .cpu_ops import exp_f32
 from .kernels import OPAQUE
 
 KIND = "softmax_rows"
+UNDER = -88.0  # exp_f32 of anything below is 0.0 exactly (2^-127 and less flush to zero)
 
 
 def softmax(lanes: int) -> tvm.tirx.PrimFunc:
     """x [rows, n] -> y [rows, n], both symbolic, float32; vectors of `lanes` floats."""
     L = lanes
+
+    def hidden(d):  # every lane of x - max below UNDER (NaN is not): exp_f32 gives exactly 0 there
+        return T.call_llvm_pure_intrin("bool", "llvm.vector.reduce.and", d < T.Broadcast(T.float32(UNDER), L))
 
     @T.macro
     def row(i, x, y, n, acc, top):
@@ -35,8 +42,11 @@ def softmax(lanes: int) -> tvm.tirx.PrimFunc:
             top[0] = T.max(top[0], acc[v])
         acc[T.ramp(0, 1, L)] = T.Broadcast(T.float32(0), L)
         for jo in range(n // L):
-            y[i, T.ramp(jo * L, 1, L)] = exp_f32(x[i, T.ramp(jo * L, 1, L)] - T.Broadcast(top[0], L))
-            acc[T.ramp(0, 1, L)] = acc[T.ramp(0, 1, L)] + y[i, T.ramp(jo * L, 1, L)]
+            if hidden(x[i, T.ramp(jo * L, 1, L)] - T.Broadcast(top[0], L)):
+                y[i, T.ramp(jo * L, 1, L)] = T.Broadcast(T.float32(0), L)
+            else:
+                y[i, T.ramp(jo * L, 1, L)] = exp_f32(x[i, T.ramp(jo * L, 1, L)] - T.Broadcast(top[0], L))
+                acc[T.ramp(0, 1, L)] = acc[T.ramp(0, 1, L)] + y[i, T.ramp(jo * L, 1, L)]
         for j in range(n // L * L, n):
             y[i, j] = exp_f32(x[i, j] - top[0])
             acc[0] = acc[0] + y[i, j]

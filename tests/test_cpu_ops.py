@@ -121,7 +121,8 @@ def test_fallback_runs_small_work_without_a_parallel_launch():
 
 def test_softmax_rows_match_numpy_with_tails_nan_and_masked_rows():
     """cpu_softmax on the last axis (any row count and length, vector tails), NaN kept, an all -inf
-    row NaN as in ORT; the [rows, n] views around it are VM reshapes, not copies."""
+    row NaN as in ORT, masked keys zero and an all-masked row uniform; the [rows, n] views around
+    it are VM reshapes, not copies."""
     import re
 
     @I.ir_module
@@ -144,6 +145,10 @@ def test_softmax_rows_match_numpy_with_tails_nan_and_masked_rows():
         x[0, 0, 0, 1] = np.nan
         if shape[2] > 1:
             x[0, 1, 1, :] = -np.inf
+        if shape[-1] == 128:  # masked keys: skipped vectors (exp 0), an all-masked row (uniform), and
+            x[1, 2, :, 64:] = -1e30  # keys 87.9 below the row's max (exp ~1e-38, computed)
+            x[1, 0, 0, :] = -1e30
+            x[1, 1, 2, 100:] = x[1, 1, 2, :100].max() - 87.9
         ours = vm["main"](tvm.runtime.tensor(x)).numpy()
         with np.errstate(invalid="ignore"):
             e = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
