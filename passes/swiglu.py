@@ -38,10 +38,18 @@ class _Rewriter(PyExprMutator):
         super().__init__(mod)
         self.count, self.kernels, self.flat = 0, {}, set()
 
+    def visit_var_binding_(self, binding):
+        """A reshape of our result back to 2-D is dropped: its uses read the kernel's output."""
+        value = binding.value
+        if isinstance(binding.var, relax.DataflowVar) and isinstance(value, relax.Call) and value.op == _RESHAPE:
+            source = self._unflattened(self.visit_expr(value))
+            if source is not None:
+                self.set_var_remap(binding.var, source)
+                return
+        super().visit_var_binding_(binding)
+
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if call.op == _RESHAPE:
-            return self._unflattened(call)
         if call.op != _MULTIPLY:
             return call
         found = self._gated(call.args[0], call.args[1]) or self._gated(call.args[1], call.args[0])
@@ -121,15 +129,15 @@ class _Rewriter(PyExprMutator):
         return self.builder_.emit(relax.op.reshape(stacked, [rows, width]))
 
     def _unflattened(self, call):
-        """reshape(reshape(y, s), shape of y) -> y, for the results this pass reshaped."""
-        value = self._bound(call.args[0])
+        """y where `call` is reshape(reshape(y, s), shape of y) for a result y of this pass; else None."""
+        value = self._bound(call.args[0]) if isinstance(call, relax.Call) else None
         if isinstance(value, relax.Call) and value.op == _RESHAPE:
             source = value.args[0]
             old, new = getattr(source.ty, "shape", None), getattr(call.ty, "shape", None)
             if source in self.flat and old is not None and new is not None and len(old) == len(new) \
                     and all(structural_equal(a, b) for a, b in zip(old, new)):
                 return source
-        return call
+        return None
 
     def _kernel(self, width: int):
         if width not in self.kernels:
@@ -150,4 +158,4 @@ class FuseSwiGLU:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         mod, self.count = rewrite_functions(mod, _Rewriter(mod))
-        return relax.transform.CanonicalizeBindings()(mod) if self.count else mod
+        return mod

@@ -50,34 +50,31 @@ def sides(steps) -> tuple | None:
 
 def transform(steps, lanes: int = 16) -> tvm.tirx.PrimFunc:
     before, gate, after = sides(steps)
-    first = [_side(p, lanes) for p in (before, after) if p is not None]
-    din = first[0].din if before is not None or gate is None else gate[1]
-    shapes = [shape for side in first for shape in side.params]
+    before, after = (None if p is None else _Side(p, lanes) for p in (before, after))
     if gate is None:
-        rows = _one_side(first[0])
+        rows, din, dout = _one_side(before), before.din, before.dout
     else:
-        rows = _gated(_side(before, lanes) if before else None, gate[1], _side(after, lanes) if after else None, lanes)
-    dout = first[-1].dout if after is not None or gate is None else gate[1] // 2
+        rows = _gated(before, gate[1], after, lanes)
+        din = before.din if before is not None else gate[1]
+        dout = after.dout if after is not None else gate[1] // 2
+    shapes = [shape for side in (before, after) if side is not None for shape in side.params]
     return _kernel(din, dout, shapes, rows).with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
 
 
 class _Side:
-    """One side's row macro row(xi, x, P, yi, y, scratch) (P: its signs [and F^T]) and sizes."""
+    """One side of a run: its row macro `row` (see `_row`), its widths (din in, dim of the
+    Hadamard, width after the frame, dout out) and its parameters' shapes (signs [, F^T])."""
 
     def __init__(self, p, lanes: int):
         pad, (_, dim, block, inverse), frame, end = p
-        self.hrow = cpu_hadamard.row_macro(dim, block, bool(inverse), lanes)
+        hrow = cpu_hadamard.row_macro(dim, block, bool(inverse), lanes)
         self.frow = cpu_frame.analysis_row(*frame[1:]) if frame is not None else None
         self.din = pad[1] if pad is not None else dim
         self.dim = dim
         self.width = frame[1] * frame[3] + frame[4] if frame is not None else dim  # before the last resize
         self.dout = end[2] if end is not None else self.width
         self.params = [(dim,)] + ([(frame[2], frame[3])] if frame is not None else [])
-        self.row = _row(self.din, dim, self.width, self.dout, self.hrow, self.frow, pad is not None, end is not None)
-
-
-def _side(p, lanes: int) -> _Side:
-    return _Side(p, lanes)
+        self.row = _row(self.din, dim, self.width, self.dout, hrow, self.frow, pad is not None, end is not None)
 
 
 def _row(din: int, dim: int, width: int, dout: int, hrow, frow, padded: bool, resized: bool):
@@ -127,6 +124,7 @@ def _gated(before, width: int, after, lanes: int):
     L = next(v for v in (lanes, 8, 4, 2, 1) if half % v == 0)
     one = T.Broadcast(T.float32(1), L) if L > 1 else T.float32(1)
     nb = 0 if before is None else len(before.params)
+    framed0 = before is not None and before.frow is not None
     framed = after is not None and after.frow is not None
     dim0, width0 = (before.dim, before.width) if before is not None else (1, 1)  # (scratch sizes)
     dim1, width1 = (after.dim, after.width) if after is not None else (1, 1)
@@ -155,7 +153,7 @@ def _gated(before, width: int, after, lanes: int):
         f1 = T.alloc_buffer((1, width1), "float32")
         for r in range(n):
             if before is not None:
-                before.row(lo + r, x, P[0], None, 0, a, xp0, h0, f0)
+                before.row(lo + r, x, P[0], P[1] if framed0 else None, 0, a, xp0, h0, f0)
                 if after is not None:
                     gate(0, a, 0, g)
                 else:
@@ -175,14 +173,15 @@ def _kernel(din: int, dout: int, shapes: list, rows):
     """A PrimFunc (x [m, din], params of `shapes` (float32) -> y [m, dout]) running rows(lo, n, x,
     P, y) over the rows in tasks, P the tuple of params."""
     run = in_tasks(rows)
-    if len(shapes) == 0:
-        @T.prim_func(private=True)
+    if len(shapes) == 0:  # (a root block: RewriteDataflowReshape asserts one in one-input kernels)
+        @T.prim_func(private=True, check_well_formed=False)
         def func0(x_h: T.handle, y_h: T.handle):
             T.func_attr({"tirx.noalias": True})
             m = T.int64()
             x = T.match_buffer(x_h, (m, din), "float32")
             y = T.match_buffer(y_h, (m, dout), "float32")
-            run(m, x, (), y, None)
+            with T.sblock("root"):
+                run(m, x, (), y, None)
 
         return func0
     if len(shapes) == 1:

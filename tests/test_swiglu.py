@@ -25,19 +25,22 @@ class Before:
             up = R.strided_slice(s, axes=[2], begin=[384], end=[768], assume_inbound=True)
             y = R.multiply(up, silu)
             rows = R.reshape(y, R.shape([n, 384]))
-            R.output(rows)
-        return rows
+            out = R.multiply(rows, R.const(2.0, "float32"))
+            R.output(out)
+        return out
 
 
 def _expected():
-    """What the pass should make of Before: the kernel reads x, the next reshape reads the kernel."""
+    """What the pass should make of Before: the kernel reads x, and what read the reshape back to
+    2-D reads the kernel's output."""
     bb = relax.BlockBuilder()
     n = tirx.Var("n", "int64")
     x = relax.Var("x", relax.TensorType([n, 768], "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
             gvar = bb.add_func(kernels.swiglu(768).with_attr("global_symbol", "fq_swiglu_768"), "fq_swiglu_768")
-            out = bb.emit_output(relax.call_tir(gvar, [x], relax.TensorType([n, 384], "float32")))
+            rows = bb.emit(relax.call_tir(gvar, [x], relax.TensorType([n, 384], "float32")))
+            out = bb.emit_output(relax.op.multiply(rows, relax.const(2.0, "float32")))
         bb.emit_func_output(out)
     return bb.get()
 
@@ -54,7 +57,7 @@ def test_gated_halves_become_one_kernel_call():
     tvm.ir.assert_structural_equal(after, _expected())
     x = np.random.default_rng(0).standard_normal((5, 768)).astype(np.float32)
     g, u = x[:, :384].astype(np.float64), x[:, 384:]
-    ref = g / (1 + np.exp(-g)) * u
+    ref = 2 * g / (1 + np.exp(-g)) * u
     for mod in (Before, after):
         assert np.abs(_run(mod, x) - ref).max() < 1e-5
 
