@@ -344,6 +344,7 @@ class Model:
         self.inputs = manifest["inputs"]
         self.outputs = manifest["outputs"]
         self._names = [spec["name"] for spec in self.inputs]
+        self._name_set = set(self._names)
         self._plain = [_plain_check(spec) for spec in self.inputs]
 
     def generate(self, prompt, **options):
@@ -355,20 +356,22 @@ class Model:
 
     def run(self, inputs: dict) -> dict:
         names = self._names
-        if len(inputs) != len(names) or any(name not in inputs for name in names):
+        if inputs.keys() != self._name_set:
             extra = set(inputs) - set(names)
             missing = [name for name in names if name not in inputs]
             raise FqError(f"inputs do not match the model: missing {missing}, unexpected "
                           f"{sorted(extra)}; the model takes {names}")
         arrays = [_input(spec, plain, inputs[name]) for spec, plain, name in zip(self.inputs, self._plain, names)]
-        result = self._main(*[self._tensor(a) for a in arrays])
+        tensors = [self._tensor(a) for a in arrays]
+        result = self._main(*tensors)
         values = [result] if hasattr(result, "numpy") else list(result)
         if len(values) != len(self.outputs):
             raise FqError(f"{self.directory}: the library returned {len(values)} outputs, the manifest lists "
                           f"{len(self.outputs)}")
         if not self._cpu:
             return {spec["name"]: value.numpy() for spec, value in zip(self.outputs, values)}
-        return {spec["name"]: _from_cpu(value, arrays) for spec, value in zip(self.outputs, values)}
+        spans = [(t.data_ptr(), t.data_ptr() + a.nbytes) for t, a in zip(tensors, arrays)]
+        return {spec["name"]: _from_cpu(value, spans) for spec, value in zip(self.outputs, values)}
 
     __call__ = run
 
@@ -409,12 +412,15 @@ def _aligned_copy(array: np.ndarray) -> np.ndarray:
     return out
 
 
-def _from_cpu(value, inputs: list) -> np.ndarray:
+def _from_cpu(value, spans: list) -> np.ndarray:
     """An output as numpy without a copy (it keeps the TVM tensor alive), copied only where it
-    is one of the caller's inputs passed through."""
+    overlaps an input tensor (`spans`: their [start, end) addresses; an input passed through, or a
+    view of one), which may be the caller's array."""
     out = np.from_dlpack(value)
-    for a in inputs:
-        if np.may_share_memory(out, a):
+    lo = value.data_ptr()
+    hi = lo + out.nbytes
+    for start, end in spans:
+        if lo < end and start < hi:
             return out.copy()
     return out
 
