@@ -27,8 +27,8 @@ METHODS = ("none", "rtn", "gptq", "framequant")
 # ahead with 4,096 calibration tokens, where 0.01 doubled perplexity (docs/numerics.md, "fp32-target
 # damping" and "The fp32 target with small calibration")
 FP_TARGET_DAMP = 1.0
-# QuantConfig.fp_target_rows: above this many calibration rows per input column the damping falls in
-# proportion to the rows (sequential.fp_target_damping); None keeps it fixed
+# QuantConfig.fp_target_rows: above this many calibration rows the damping falls as 1 / rows
+# (sequential.fp_target_damping); None keeps it fixed
 FP_TARGET_ROWS = None
 
 
@@ -55,7 +55,7 @@ class QuantConfig:
     fp_target: bool = False  # sequential: fit each layer to the fp32 model's outputs (sequential.fp_target_weight)
     fp_residual: bool = False  # with fp_target: also correct the residual the layer's output is added to
     fp_target_damp: float = FP_TARGET_DAMP  # fp_target: damping of the correction, fraction of the mean Hessian diagonal
-    fp_target_rows: float | None = FP_TARGET_ROWS  # fp_target: rows per input column above which the damping falls
+    fp_target_rows: float | None = FP_TARGET_ROWS  # fp_target: calibration rows above which the damping falls as 1 / rows
     refine: int = 0  # gptq / framequant: rounds of grid refit + code coordinate descent after GPTQ (refine.py)
 
     def __post_init__(self):
