@@ -218,6 +218,10 @@ def test_fp_target_damping_falls_with_the_rows():
     assert fp_target_damping(1.0, 32768.0, 4096.0) == 1.0  # few rows: never above fp_target_damp
     assert fp_target_damping(1.0, 32768.0, 131072.0) == 0.25
     assert fp_target_damping(0.5, 768.0, 3072.0) == 0.125
+    cfg = get_scheme("fq2")  # the default: unchanged at SmolLM2's 64 x 512 tokens and MiniLM's 256 passages
+    assert fp_target_damping(cfg.fp_target_damp, cfg.fp_target_rows, 64 * 512) == 1.0
+    assert fp_target_damping(cfg.fp_target_damp, cfg.fp_target_rows, 25704.0) == 1.0
+    assert fp_target_damping(cfg.fp_target_damp, cfg.fp_target_rows, 102336.0) == 32768.0 / 102336.0  # 1024 passages
     rng = np.random.default_rng(6)
     x_q = rng.standard_normal((3072, 12))
     x_fp = x_q + 0.3 * rng.standard_normal((3072, 12))

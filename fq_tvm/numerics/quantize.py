@@ -28,8 +28,10 @@ METHODS = ("none", "rtn", "gptq", "framequant")
 # damping" and "The fp32 target with small calibration")
 FP_TARGET_DAMP = 1.0
 # QuantConfig.fp_target_rows: above this many calibration rows the damping falls as 1 / rows
-# (sequential.fp_target_damping); None keeps it fixed
-FP_TARGET_ROWS = None
+# (sequential.fp_target_damping; None keeps it fixed). 32768 = SmolLM2's 64 x 512 tokens, so its
+# default calibrations and MiniLM's 256 passages (25,704 rows) keep 1.0 exactly; MiniLM with 512 / 1024
+# passages measured better with less damping (docs/numerics.md, "Calibration rows and the damping")
+FP_TARGET_ROWS = 32768.0
 
 
 @dataclass(frozen=True)
