@@ -163,15 +163,3 @@ def test_calibrate_errors():
         calibrate(model, {"z": np.zeros((1, 6), np.float32)}, progress=False)
     with pytest.raises(ValueError, match="mask input 'm'"):
         calibrate(model, {"x": np.zeros((1, 6), np.float32)}, mask_input="m", progress=False)
-
-
-def test_gram_is_the_weighted_product():
-    """_gram (s^T s, BLAS syrk) equals the weighted product sum_i w_i x_i x_i^T, also with
-    fractional weights and no rows."""
-    from fq_tvm.numerics.calibrate import _gram
-
-    rng = np.random.default_rng(7)
-    x = rng.standard_normal((50, 9))
-    for w in (np.ones(50), rng.uniform(0.1, 2.0, 50)):
-        np.testing.assert_allclose(_gram(x, w), (x * w[:, None]).T @ x, rtol=1e-12, atol=1e-12)
-    assert _gram(x[:0], np.ones(0)).shape == (9, 9) and not _gram(x[:0], np.ones(0)).any()

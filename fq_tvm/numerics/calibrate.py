@@ -270,14 +270,6 @@ def held_out_samples(start: int, stop: int, total: int) -> np.ndarray | None:
     return np.arange(start, stop) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
 
 
-def _gram(rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """sum_i w_i x_i x_i^T as s^T s with s = sqrt(w) x: a product of an array with its own transpose,
-    which numpy hands to BLAS syrk (half the flops of a general product; 1.6x faster here)."""
-    s = rows if np.all(weights == 1.0) else rows * np.sqrt(weights)[:, None]
-    s = np.ascontiguousarray(s)
-    return s.T @ s
-
-
 def _held_rows(held_samples, nrows: int) -> np.ndarray:
     """Held-out flag per flattened row. Rows of a batch of b samples are sample-major when the row
     count is a multiple of b ([b, seq, K] or [b * seq, K]); otherwise, or without a sample split,
@@ -297,8 +289,9 @@ def _accumulate(stats, name, act, mask, held_samples=None):
     if mask is not None and not weights.all():  # padding adds nothing: skip its rows
         keep = weights != 0
         rows, weights, held = rows[keep], weights[keep], held[keep]
-    held_xtx, fit_xtx = _gram(rows[held], weights[held]), _gram(rows[~held], weights[~held])
-    xtx = fit_xtx + held_xtx  # two products: no more flops than one
+    fit_rows, held_rows = rows[~held], rows[held]
+    held_xtx = (held_rows * weights[held, None]).T @ held_rows  # two products: no more flops than one
+    xtx = (fit_rows * weights[~held, None]).T @ fit_rows + held_xtx
     count, held_count = float(weights.sum()), float(weights[held].sum())
     if name in stats:
         stat = stats[name]
