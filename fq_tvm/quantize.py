@@ -346,7 +346,7 @@ def _quantize_one(proto, plan: Plan, layer, cfg, h, head_cfg=None):
     if getattr(h, "cross", None) is not None:  # sequential with fp_target: aim at the fp32 outputs
         from .numerics.sequential import fp_target_weight
 
-        w = fp_target_weight(w, h, cfg.fp_target_damp)
+        w = fp_target_weight(w, h, cfg.fp_target_damp, cfg.fp_target_rows)
     return quantize_layer(
         plan.names[layer.node], w, h, head_cfg if head_cfg is not None and layer.weight in plan.tied else cfg,
         input_seed=seed_for(layer.activation + ":in", cfg.seed),

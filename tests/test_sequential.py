@@ -207,6 +207,36 @@ def test_fp_target_damp_is_the_config_field(tmp_path):
         get_scheme("fq2", fp_target_damp=-0.1)
 
 
+def test_fp_target_damping_falls_with_the_rows():
+    """fp_target_rows: the damping is fp_target_damp up to that many calibration rows, then falls as
+    1 / rows; fp_target_weight is the ridge solve at that damping."""
+    from fq_tvm.numerics import HessianStat
+    from fq_tvm.numerics.sequential import fp_target_damping, fp_target_weight
+
+    assert fp_target_damping(1.0, None, 1e6) == 1.0
+    assert fp_target_damping(1.0, 32768.0, 32768.0) == 1.0  # up to the threshold: exactly fp_target_damp
+    assert fp_target_damping(1.0, 32768.0, 4096.0) == 1.0  # few rows: never above fp_target_damp
+    assert fp_target_damping(1.0, 32768.0, 131072.0) == 0.25
+    assert fp_target_damping(0.5, 768.0, 3072.0) == 0.125
+    cfg = get_scheme("fq2")  # the default: unchanged at SmolLM2's 64 x 512 tokens and MiniLM's 256 passages
+    assert fp_target_damping(cfg.fp_target_damp, cfg.fp_target_rows, 64 * 512) == 1.0
+    assert fp_target_damping(cfg.fp_target_damp, cfg.fp_target_rows, 25704.0) == 1.0
+    assert fp_target_damping(cfg.fp_target_damp, cfg.fp_target_rows, 102336.0) == 32768.0 / 102336.0  # 1024 passages
+    rng = np.random.default_rng(6)
+    x_q = rng.standard_normal((3072, 12))
+    x_fp = x_q + 0.3 * rng.standard_normal((3072, 12))
+    w = rng.standard_normal((5, 12))
+    stat = HessianStat(x_q.T @ x_q, 3072.0, cross=(x_fp - x_q).T @ x_q)
+    A = x_q.T @ x_q
+    d = 0.25 * np.mean(np.diag(A))  # 3072 rows, 4x the threshold of 768
+    ref = np.linalg.solve(A + d * np.eye(12), x_q.T @ x_fp @ w.T + d * w.T).T  # argmin ||x_fp W^T - x_q V^T||^2 + d ||V - W||^2
+    np.testing.assert_allclose(fp_target_weight(w, stat, 1.0, max_rows=768.0), ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(fp_target_weight(w, stat, 1.0, max_rows=768.0), fp_target_weight(w, stat, 0.25),
+                               rtol=1e-12)
+    with pytest.raises(ValueError, match="fp_target_rows must be a positive number"):
+        get_scheme("fq2", fp_target_rows=0.0)
+
+
 def test_without_replacements_it_is_plain_calibration():
     samples = _samples(7)
     model = _graph_model()

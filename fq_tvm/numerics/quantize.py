@@ -27,6 +27,11 @@ METHODS = ("none", "rtn", "gptq", "framequant")
 # ahead with 4,096 calibration tokens, where 0.01 doubled perplexity (docs/numerics.md, "fp32-target
 # damping" and "The fp32 target with small calibration")
 FP_TARGET_DAMP = 1.0
+# QuantConfig.fp_target_rows: above this many calibration rows the damping falls as 1 / rows
+# (sequential.fp_target_damping; None keeps it fixed). 32768 = SmolLM2's 64 x 512 tokens, so its
+# default calibrations and MiniLM's 256 passages (25,704 rows) keep 1.0 exactly; MiniLM with 512 / 1024
+# passages measured better with less damping (docs/numerics.md, "Calibration rows and the damping")
+FP_TARGET_ROWS = 32768.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class QuantConfig:
     fp_target: bool = False  # sequential: fit each layer to the fp32 model's outputs (sequential.fp_target_weight)
     fp_residual: bool = False  # with fp_target: also correct the residual the layer's output is added to
     fp_target_damp: float = FP_TARGET_DAMP  # fp_target: damping of the correction, fraction of the mean Hessian diagonal
+    fp_target_rows: float | None = FP_TARGET_ROWS  # fp_target: calibration rows above which the damping falls as 1 / rows
     refine: int = 0  # gptq / framequant: rounds of grid refit + code coordinate descent after GPTQ (refine.py)
 
     def __post_init__(self):
@@ -79,6 +85,8 @@ class QuantConfig:
             raise ValueError(f"percdamp must be >= 0, got {self.percdamp!r}")
         if not (math.isfinite(self.fp_target_damp) and self.fp_target_damp >= 0):
             raise ValueError(f"fp_target_damp must be >= 0, got {self.fp_target_damp!r}")
+        if self.fp_target_rows is not None and not (math.isfinite(self.fp_target_rows) and self.fp_target_rows > 0):
+            raise ValueError(f"fp_target_rows must be a positive number or None, got {self.fp_target_rows!r}")
         if not (isinstance(self.refine, int) and self.refine >= 0):
             raise ValueError(f"refine must be an int >= 0, got {self.refine!r}")
         if not 0 <= self.seed < 2**63:

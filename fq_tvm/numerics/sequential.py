@@ -211,17 +211,28 @@ def _accumulate_cross(stat: HessianStat, other, act, mask, field: str = "cross")
     setattr(stat, field, total if getattr(stat, field) is None else getattr(stat, field) + total)
 
 
-def fp_target_weight(W: np.ndarray, stat: HessianStat, percdamp: float | None = None) -> np.ndarray:
+def fp_target_damping(percdamp: float, max_rows: float | None, rows: float) -> float:
+    """percdamp scaled by min(1, max_rows / rows): above max_rows calibration rows the damping falls as
+    1 / rows, a constant ridge per row (the mean diagonal it is a fraction of grows with the rows), so
+    a correction fitted on more rows is shrunk less (None: percdamp)."""
+    if max_rows is None or rows <= max_rows:
+        return percdamp
+    return percdamp * max_rows / rows
+
+
+def fp_target_weight(W: np.ndarray, stat: HessianStat, percdamp: float | None = None,
+                     max_rows: float | None = None) -> np.ndarray:
     """The weight whose outputs on the quantized model's inputs X best match the fp32 model's:
     argmin_V ||W X_fp + R_fp - V X - R|| = W + (W E + D) A^-1 with A = X X^T, E = (X_fp - X) X^T
     (stat.cross) and D = (R_fp - R) X^T (stat.resid: the residual added to the layer's output, when
-    known, else 0); A is damped by d = percdamp x its mean diagonal (None: FP_TARGET_DAMP), which
-    only shrinks the correction. Asymmetric calibration, as in GPTAQ (Li et al. 2025)."""
+    known, else 0); A is damped by d = percdamp x its mean diagonal (None: FP_TARGET_DAMP; with
+    max_rows, scaled down by fp_target_damping), which only shrinks the correction. Asymmetric
+    calibration, as in GPTAQ (Li et al. 2025)."""
     W = np.asarray(W, dtype=np.float64)
     if stat.cross is None:
         return W
-    percdamp = FP_TARGET_DAMP if percdamp is None else percdamp
     A = stat.xtx
+    percdamp = fp_target_damping(FP_TARGET_DAMP if percdamp is None else percdamp, max_rows, stat.count)
     Ad = A + percdamp * float(np.mean(np.diag(A))) * np.eye(len(A))
     rhs = stat.cross.T @ W.T
     if stat.resid is not None:
