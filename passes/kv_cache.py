@@ -29,7 +29,6 @@ from .last_logits import NAME as LAST, _own_symbolic_vars
 
 NAME = "main_kv"
 STEP = "main_kv1"
-KEEP = "fq.keep_tensors"  # a function whose intermediate tensors may live until it returns (small, static)
 
 
 def _kernels():
@@ -60,9 +59,7 @@ def AddCacheInPlace(past_inputs: int):  # noqa: N802 - a pass, named like TVM's
 def AddDecodeStep():  # noqa: N802 - a pass, named like TVM's
     """Add `main_kv1`: `main_kv` for one token of one sequence (batch and seq bound to 1), the
     decoding step. Its shapes are static but for the cache length, so the VM loads them as
-    constants instead of building each at run time (SmolLM2: 1331 shapes built a step). It is
-    marked KEEP: its intermediates (one token's) are small enough to live until it returns, so
-    the build need not release each after its last use (958 calls a SmolLM2 step)."""
+    constants instead of building each at run time (SmolLM2: 1331 shapes built a step)."""
 
     @tvm.transform.module_pass(opt_level=0, name="fq.AddDecodeStep")
     def _pass(mod, _ctx):
@@ -73,7 +70,7 @@ def AddDecodeStep():  # noqa: N802 - a pass, named like TVM's
         ones = {dim: 1 for dim in ids if isinstance(dim, tvm.tirx.Var)}
         if not ones:
             return mod
-        step = kv.bind_symbolic_vars(ones).with_attr("global_symbol", STEP).with_attr(KEEP, True)
+        step = kv.bind_symbolic_vars(ones).with_attr("global_symbol", STEP)
         out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs, global_infos=mod.global_infos)
         out[STEP] = step
         return out

@@ -82,42 +82,11 @@ def relax_pipeline(target, counts: dict | None = None, notes: list | None = None
                     tally[key] = tally.get(key, 0) + 1
                     if left and notes is not None:
                         notes.append(f"{gvar.name_hint} ({'; '.join(left)})")
-            finalize = cpu_pipeline.finalize_passes(target)
-            at = next(i for i, p in enumerate(finalize) if p.info.name == "KillAfterLastUse") + 1
-            mod = tvm.transform.Sequential(cpu_pipeline.dataflow_lower_passes(target) + finalize[:at]
-                                           + [keep_tensors()] + finalize[at:])(mod)
+            mod = tvm.transform.Sequential(cpu_pipeline.dataflow_lower_passes(target)
+                                           + cpu_pipeline.finalize_passes(target))(mod)
             return restrict_single_buffer_funcs(mod)
 
     return _pipeline
-
-
-def keep_tensors():
-    """No early release of intermediate tensors (`R.memory.kill_tensor`, which the VM runs as a
-    call) in functions marked `fq.keep_tensors` (passes/kv_cache.py's one-token step): they live
-    until the function returns. Storage is still released as planned."""
-    from tvm import relax
-
-    kill = tvm.ir.Op.get("relax.memory.kill_tensor")
-
-    @relax.expr_functor.mutator
-    class _Keep(relax.PyExprMutator):
-        def visit_var_binding_(self, binding):
-            if isinstance(binding.value, relax.Call) and binding.value.op.same_as(kill):
-                return
-            super().visit_var_binding_(binding)
-
-    @tvm.transform.module_pass(opt_level=0, name="fq.KeepTensors")
-    def _pass(mod, _ctx):
-        marked = [gvar for gvar, func in mod.functions_items() if isinstance(func, relax.Function)
-                  and func.attrs is not None and "fq.keep_tensors" in func.attrs]
-        if not marked:
-            return mod
-        mutator = _Keep(mod)
-        for gvar in marked:
-            mutator.builder_.update_func(gvar, mutator.visit_expr(mod[gvar]))
-        return mutator.builder_.get()
-
-    return _pass
 
 
 def _reshapes_as_views() -> list:
