@@ -211,3 +211,17 @@ def test_tensor_core_slices_cover_the_codes_in_whole_steps(rows, cols):
     if (rows, cols) in chosen:
         assert (gpu.tensor_core_tiles(rows, cols, True).splits, gpu.tensor_core_tiles(rows, cols, False).splits) \
             == chosen[rows, cols]
+
+
+@pytest.mark.skipif(nvcc_path() is None, reason="nvcc not installed: CUDA device code cannot be built")
+def test_gated_middle_is_one_cuda_kernel():
+    """A gated MLP's middle (inverse Hadamard, swiglu, the down projection's input side; the run
+    passes/swiglu.py makes) as the GPU's one transform kernel: it builds for sm_90, one kernel."""
+    from fq_tvm.schedules import schedule_func
+
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    steps = [("hadamard", 768, 128, 1), ("swiglu", 768), ("hadamard", 384, 128, 0), ("frame", 24, 16, 18, 0)]
+    func = schedule_func(kernels.transform(steps), target, act_bits=32).with_attr("global_symbol", "gated")
+    lib = tvm.compile(tvm.IRModule({"gated": func}), target)
+    source = lib.mod.imports[0].inspect_source()
+    assert _kernels(source) == ["gated_kernel"], _kernels(source)
