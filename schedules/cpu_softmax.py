@@ -66,7 +66,7 @@ def softmax(lanes: int) -> tvm.tirx.PrimFunc:
         for r in range(count):
             row(lo + r, x, y, n, acc, top)
 
-    run = in_tasks(rows)
+    run = in_tasks(rows, lambda x, y, n, unused: n)
 
     @T.prim_func(private=True, check_well_formed=False)  # the root block (below) with plain loops
     def func(x_h: T.handle, y_h: T.handle):
