@@ -357,7 +357,7 @@ class Model:
     def run(self, inputs: dict) -> dict:
         names = self._names
         if inputs.keys() != self._name_set:
-            extra = set(inputs) - set(names)
+            extra = set(inputs) - self._name_set
             missing = [name for name in names if name not in inputs]
             raise FqError(f"inputs do not match the model: missing {missing}, unexpected "
                           f"{sorted(extra)}; the model takes {names}")

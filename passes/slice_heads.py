@@ -16,21 +16,10 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm_ffi import structural_equal
 
-from . import rewrite_functions
+from . import int_tuple, rewrite_functions, static_ints
 
 _RESHAPE = tvm.ir.Op.get("relax.reshape")
 _SLICE = tvm.ir.Op.get("relax.strided_slice")
-
-
-def _static(values) -> list | None:
-    return [int(v) for v in values] if all(isinstance(v, tvm.tirx.IntImm) for v in values) else None
-
-
-def _ints(arg) -> list | None:
-    """The integers of a strided_slice argument (a tuple of integer constants), None where not."""
-    if not isinstance(arg, relax.Tuple):
-        return None
-    return _static(list(arg.fields))
 
 
 @mutator
@@ -63,9 +52,9 @@ class _Rewriter(PyExprMutator):
         old, new = (None if v is None else list(v) for v in (old, new))
         if old is None or new is None or len(new) != len(old) + 1 or x.ty.dtype != reshape.ty.dtype:
             return None
-        axes, begin, end = (_ints(arg) for arg in sliced.args[1:4])
-        strides = _ints(sliced.args[4]) if len(sliced.args) > 4 else [1]
-        width, tail = _static([old[-1]]), _static(new[-2:])
+        axes, begin, end = (int_tuple(arg) for arg in sliced.args[1:4])
+        strides = int_tuple(sliced.args[4]) if len(sliced.args) > 4 else [1]
+        width, tail = static_ints([old[-1]]), static_ints(new[-2:])
         if None in (axes, begin, end, strides, width, tail) or axes != [len(old) - 1] or strides != [1]:
             return None
         (a,), (b,), (n,), (h, d) = begin, end, width, tail

@@ -17,19 +17,13 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm_ffi import structural_equal
 
-from . import rewrite_functions
+from . import int_tuple, rewrite_functions
 
 _RESHAPE = tvm.ir.Op.get("relax.reshape")
 _SLICE = tvm.ir.Op.get("relax.strided_slice")
 _MULTIPLY = tvm.ir.Op.get("relax.multiply")
 _SIGMOID = tvm.ir.Op.get("relax.sigmoid")
 _SILU = tvm.ir.Op.get("relax.nn.silu")
-
-
-def _ints(arg) -> list | None:
-    if not isinstance(arg, relax.Tuple) or not all(isinstance(v, tvm.tirx.IntImm) for v in arg.fields):
-        return None
-    return [int(v) for v in arg.fields]
 
 
 @mutator
@@ -104,8 +98,8 @@ class _Rewriter(PyExprMutator):
         shape = getattr(x.ty, "shape", None)
         if shape is None or not isinstance(shape[-1], tvm.tirx.IntImm):
             return None
-        axes, begin, end = (_ints(a) for a in value.args[1:4])
-        strides = _ints(value.args[4]) if len(value.args) > 4 else [1]
+        axes, begin, end = (int_tuple(a) for a in value.args[1:4])
+        strides = int_tuple(value.args[4]) if len(value.args) > 4 else [1]
         if None in (axes, begin, end, strides) or axes[0] % len(shape) != len(shape) - 1 or strides != [1]:
             return None
         return x, begin[0], end[0], int(shape[-1])

@@ -103,7 +103,6 @@ def _chains(mod, func) -> dict:
 def transform_name(steps) -> str:
     words = []
     for s in steps:
-        words.append({"pad": "pad", "take": "take", "frame": "frame", "swiglu": "swiglu"}.get(s[0], "hadamard_inv" if s[0] == "hadamard"
-                                                                     and s[3] else "hadamard"))
+        words.append("hadamard_inv" if s[0] == "hadamard" and s[3] else s[0])
         words.append("x".join(str(v) for v in s[1:]))
     return "fq_" + "_".join(words)

@@ -124,8 +124,9 @@ def _gated(before, width: int, after, lanes: int):
     L = next(v for v in (lanes, 8, 4, 2, 1) if half % v == 0)
     one = T.Broadcast(T.float32(1), L) if L > 1 else T.float32(1)
     nb = 0 if before is None else len(before.params)
-    framed0 = before is not None and before.frow is not None
-    framed = after is not None and after.frow is not None
+    first, last = before is not None, after is not None  # (Python bools: TVMScript tests only those)
+    framed0 = first and before.frow is not None
+    framed = last and after.frow is not None
     dim0, width0 = (before.dim, before.width) if before is not None else (1, 1)  # (scratch sizes)
     dim1, width1 = (after.dim, after.width) if after is not None else (1, 1)
 
@@ -151,19 +152,11 @@ def _gated(before, width: int, after, lanes: int):
         xp1 = T.alloc_buffer((1, dim1), "float32")
         h1 = T.alloc_buffer((1, dim1), "float32")
         f1 = T.alloc_buffer((1, width1), "float32")
-        for r in range(n):
-            if before is not None:
+        for r in range(n):  # gate reads a (the side before's row) or x, writes g (for the side after) or y
+            if first:
                 before.row(lo + r, x, P[0], P[1] if framed0 else None, 0, a, xp0, h0, f0)
-                if after is not None:
-                    gate(0, a, 0, g)
-                else:
-                    gate(0, a, lo + r, y)
-            else:
-                if after is not None:
-                    gate(lo + r, x, 0, g)
-                else:
-                    gate(lo + r, x, lo + r, y)
-            if after is not None:
+            gate(0 if first else lo + r, a if first else x, 0 if last else lo + r, g if last else y)
+            if last:
                 after.row(0, g, P[nb], P[nb + 1] if framed else None, lo + r, y, xp1, h1, f1)
 
     return rows
