@@ -183,7 +183,9 @@ def _fuse_transforms(mod: tvm.IRModule, target) -> tvm.IRModule:
     from .common import mutate_relax_functions
 
     plans = {call: plan for call, plan in transform_plans(mod).items() if cpu_transform.sides(plan[1]) is not None}
-    if not plans:
+    residuals = _residual_adds(mod, plans)
+    norms = _normed_sources(mod, plans)
+    if not plans and not residuals:
         return mod
 
     @relax.expr_functor.mutator
@@ -193,15 +195,37 @@ def _fuse_transforms(mod: tvm.IRModule, target) -> tvm.IRModule:
             self.added = {}
 
         def visit_call_(self, call):
+            if call in residuals:
+                return self._with_residual(call, *residuals[call])
             if call not in plans:
                 return super().visit_call_(call)
             source, steps, consts = plans[call]
-            name = transform_name(steps)
+            if call in norms:  # rms_norm(x) -> reshape -> the side: the side reads x, normalising each row
+                x, eps, weight = norms[call]
+                flat = self.builder_.emit(relax.op.reshape(self.visit_expr(x), source.ty.shape))
+                args = [flat, *self._consts(consts), self.visit_expr(weight)]
+                return relax.call_tir(self._kernel(steps, norm=eps), args, call.ty)
+            return relax.call_tir(self._kernel(steps), [self.visit_expr(source), *self._consts(consts)], call.ty)
+
+        def _with_residual(self, add, plan, residual, rows_ty):
+            """add(residual, reshape(side(x))) -> reshape(side(x) + reshape(residual)), one kernel."""
+            source, steps, consts = plan
+            flat = self.builder_.emit(relax.op.reshape(self.visit_expr(residual), rows_ty.shape))
+            total = self.builder_.emit(relax.call_tir(self._kernel(steps, residual=True),
+                                                      [self.visit_expr(source), *self._consts(consts), flat], rows_ty))
+            return relax.op.reshape(total, add.ty.shape)
+
+        def _kernel(self, steps, residual: bool = False, norm: float | None = None):
+            name = transform_name(steps) + ("_residual" if residual else "")
+            if norm is not None:  # in the order the kernel runs them: fq_rms_norm_1em06_hadamard_...
+                name = name.replace("fq_", "fq_rms_norm_" + f"{norm:g}".replace("-", "m").replace(".", "p") + "_", 1)
             if name not in self.added:
-                func = cpu_transform.transform(steps, vector_lanes(target)).with_attr("global_symbol", name)
+                func = cpu_transform.transform(steps, vector_lanes(target), residual, norm).with_attr("global_symbol", name)
                 self.added[name] = self.builder_.add_func(func, name)
-            consts = [self._transposed(c) if len(c.ty.shape) == 2 else c for c in consts]
-            return relax.call_tir(self.added[name], [self.visit_expr(source), *consts], call.ty)
+            return self.added[name]
+
+        def _consts(self, consts):
+            return [self._transposed(c) if len(c.ty.shape) == 2 else self.visit_expr(c) for c in consts]
 
         def _transposed(self, frame):
             """The frame block as the fused kernel reads it, F^T (contiguous output vectors)."""
@@ -210,6 +234,97 @@ def _fuse_transforms(mod: tvm.IRModule, target) -> tvm.IRModule:
             return self.builder_.emit(relax.op.permute_dims(self.visit_expr(frame)))
 
     return drop_unused(mutate_relax_functions(mod, _Fuse(mod)))
+
+
+def _residual_adds(mod, plans) -> dict:
+    """{add: (plan, residual, 2-D type)} for each `add(residual, reshape(y))` (either order) where y
+    is the output side of a layer: the end of a run in `plans` or a lone inverse Hadamard, used
+    only there, with one parameter (signs), and the residual has the reshaped y's shape."""
+    from tvm import relax
+    from tvm_ffi import structural_equal
+
+    from .chains import callee, step
+
+    found = {}
+    for func in mod.functions.values():
+        if not isinstance(func, relax.Function):
+            continue
+        bound, uses = _bindings(func)
+        for add in bound.values():
+            if not (isinstance(add, relax.Call) and add.op == tvm.ir.Op.get("relax.add") and len(add.args) == 2):
+                continue
+            for y, residual in (list(add.args), list(add.args)[::-1]):
+                shaped = bound.get(y)
+                if not (isinstance(shaped, relax.Call) and shaped.op == tvm.ir.Op.get("relax.reshape")
+                        and uses.get(y) == 1 and uses.get(shaped.args[0]) == 1):
+                    continue
+                end = bound.get(shaped.args[0])
+                plan = plans.get(end)
+                if plan is None and isinstance(end, relax.Call) and callee(mod, end) is not None:
+                    one = step(callee(mod, end), end)
+                    if one is not None and one[0] == "hadamard" and one[3]:
+                        plan = (end.args[1].fields[0], [one], list(end.args[1].fields)[1:])
+                if plan is None or not _output_side(plan[1]):
+                    continue
+                ty, rty = y.ty, residual.ty
+                if isinstance(rty, relax.TensorType) and rty.dtype == ty.dtype == "float32" and rty.shape is not None \
+                        and structural_equal(rty.shape, ty.shape) and len(end.ty.shape) == 2:
+                    found[add] = (plan, residual, end.ty)
+                    break
+    return found
+
+
+def _normed_sources(mod, plans) -> dict:
+    """{end of a run: (x, epsilon, weight)} for each input side in `plans` whose input is
+    `reshape(rms_norm(x, weight))` over the last axis, each used only there, weight a constant of
+    the side's width."""
+    from tvm import relax
+
+    found = {}
+    for func in mod.functions.values():
+        if not isinstance(func, relax.Function):
+            continue
+        bound, uses = _bindings(func)
+        for end, (source, steps, _) in plans.items():
+            side = cpu_transform.sides(steps)
+            flat = bound.get(source)
+            if side is None or side[1] is not None or side[0][1][3] != 0 or uses.get(source) != 1 \
+                    or not (isinstance(flat, relax.Call) and flat.op == tvm.ir.Op.get("relax.reshape")):
+                continue
+            norm = bound.get(flat.args[0])
+            if not (isinstance(norm, relax.Call) and norm.op == tvm.ir.Op.get("relax.nn.rms_norm")
+                    and uses.get(flat.args[0]) == 1):
+                continue
+            x, weight = norm.args
+            ty = x.ty
+            axes = [int(a) % len(ty.shape) for a in norm.attrs.axes] if ty.shape is not None else []
+            if ty.dtype == "float32" and axes == [len(ty.shape) - 1] and isinstance(weight, tvm.ir.expr.Constant) \
+                    and list(weight.value.shape) == [int(source.ty.shape[1])]:
+                found[end] = (x, float(norm.attrs.epsilon), weight)
+    return found
+
+
+def _output_side(steps) -> bool:
+    """A run of one side with one parameter (an inverse Hadamard, maybe a take after it)."""
+    found = cpu_transform.sides(steps)
+    return found is not None and found[1] is None and found[0][0] is None and found[0][2] is None \
+        and found[0][1][3] == 1
+
+
+def _bindings(func):
+    """({var: bound value}, {var: uses}) of a Relax function's bindings."""
+    from tvm import relax
+
+    bound, uses = {}, {}
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            for var in relax.analysis.free_vars(binding.value):
+                uses[var] = uses.get(var, 0) + 1
+            if isinstance(binding, relax.VarBinding):
+                bound[binding.var] = binding.value
+    for var in relax.analysis.free_vars(func.body.body):
+        uses[var] = uses.get(var, 0) + 1
+    return bound, uses
 
 
 def variant(func, target, act_bits: int):
@@ -290,6 +405,9 @@ def fp32_block(sch: s_tir.Schedule, block, lanes: int, parallel: bool = True) ->
             sch.parallel(_fuse_leading(sch, spatial[:-1]))
         sch.decompose_reduction(block, reduce[0])
         return
+    elif not reduce and _piece_bounds(sch, block, lanes):
+        _by_pieces(sch, block, spatial, lanes, parallel)
+        return
     else:
         outer, vec = sch.split(spatial[-1], [None, lanes])
         sch.reorder(*spatial[:-1], outer, *reduce, vec)
@@ -302,6 +420,58 @@ def fp32_block(sch: s_tir.Schedule, block, lanes: int, parallel: bool = True) ->
     sch.vectorize(vec)
     if reduce:
         sch.decompose_reduction(block, reduce[0])
+
+
+def _piece_bounds(sch, block, lanes: int) -> list:
+    """Where the value along the last axis switches between expressions (a concatenate's
+    `if_then_else(c <= v, ...)`: RoPE's rotate-half), in vectors, if every such bound c is a whole
+    vector inside the axis; else []. TVM's vectoriser scalarises a loop whose vector condition
+    varies, so such an axis is vectorised piece by piece (`_by_pieces`)."""
+    stmt = sch.get(block)
+    var, extent = stmt.iter_vars[-1].var, stmt.iter_vars[-1].dom.extent
+    if not isinstance(extent, tvm.tirx.IntImm) or extent.value % lanes:
+        return []
+    bounds, odd = set(), []
+
+    def visit(node):
+        if isinstance(node, tvm.ir.Call) and node.op.same_as(tvm.ir.Op.get("prim.if_then_else")):
+            cond = node.args[0]
+            sides = (cond.a, cond.b) if isinstance(cond, (tvm.tirx.LT, tvm.tirx.LE, tvm.tirx.GT, tvm.tirx.GE)) else ()
+            const = [e for e in sides if isinstance(e, tvm.tirx.IntImm)]
+            if len(const) != 1 or not any(e.same_as(var) for e in sides):
+                odd.append(cond)
+                return
+            c = const[0].value + (isinstance(cond, (tvm.tirx.LE, tvm.tirx.GT)) == cond.b.same_as(const[0]))
+            bounds.add(c) if 0 < c < extent.value and c % lanes == 0 else odd.append(cond)
+
+    _visit_exprs(stmt.body, visit)
+    return [] if odd or not bounds else sorted(c // lanes for c in bounds)
+
+
+def _visit_exprs(node, visit) -> None:
+    """visit(e) for every expression under a store or expression `node` (TVM 0.27 exposes no TIR
+    visitor to Python)."""
+    visit(node)
+    for field in ("a", "b", "value", "condition", "true_value", "false_value"):
+        child = getattr(node, field, None)
+        if isinstance(child, tvm.ir.expr.Expr):
+            _visit_exprs(child, visit)
+    for child in list(getattr(node, "args", None) or []) + list(getattr(node, "indices", None) or []):
+        if isinstance(child, tvm.ir.expr.Expr):
+            _visit_exprs(child, visit)
+
+
+def _by_pieces(sch, block, spatial, lanes: int, parallel: bool) -> None:
+    """Leading axes fused in parallel; the last split into vectors and the vector loop partitioned
+    at `_piece_bounds`, so each piece's condition is constant and its vector loop vectorises."""
+    bounds = _piece_bounds(sch, block, lanes)
+    if len(spatial) > 1 and parallel:
+        sch.parallel(sch.fuse(*spatial[:-1]))
+    outer, _ = sch.split(spatial[-1], [None, lanes])
+    widths = [b - a for a, b in zip([0] + bounds, bounds)]
+    for piece in sch.loop_partition(outer, widths + [None]):
+        for inner in sch.get_child_blocks(piece):
+            sch.vectorize(sch.get_loops(inner)[-1])
 
 
 def _writes_bool(sch, block) -> bool:

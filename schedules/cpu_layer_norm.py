@@ -89,13 +89,30 @@ def layer_norm(n: int, epsilon: float, lanes: int) -> tvm.tirx.PrimFunc:
 def rms_norm(n: int, epsilon: float, lanes: int) -> tvm.tirx.PrimFunc:
     """x [rows, n], w [n] -> y [rows, n] = x * (1 / sqrt(mean(x^2) + eps)) * w, float32; rows
     symbolic, n static."""
+    row, L = rms_row(n, epsilon, lanes)
+
+    @T.macro
+    def rows(lo, count, x, w, y):
+        acc = T.alloc_buffer((L,), "float32", annotations=STACK)
+        s = T.alloc_buffer((1,), "float32", annotations=STACK)
+        for r in range(count):
+            row(lo + r, x, w, lo + r, y, acc, s)
+
+    func = row_kernel(n, n, (n,), rows)
+    return func.with_attrs({"fq_kernel": RMS_KIND, "op_pattern": OPAQUE, "tirx.is_scheduled": True})
+
+
+def rms_row(n: int, epsilon: float, lanes: int):
+    """(row, L): the macro row(i, x, w, yi, y, acc, s) writing row yi of y as row i of x, RMS
+    normalised and scaled by w, with scratch acc [L] and s [1]; `cpu_transform` runs it before an
+    input side."""
     L = min(lanes, n)
     full = n // L * L
     eps = T.float32(epsilon)
     vsum = _lane_sum(L)
 
     @T.macro
-    def row(i, x, w, y, acc, s):
+    def row(i, x, w, yi, y, acc, s):
         acc[T.ramp(0, 1, L)] = T.Broadcast(T.float32(0), L)
         for jo in range(n // L):
             acc[T.ramp(0, 1, L)] = acc[T.ramp(0, 1, L)] + x[i, T.ramp(jo * L, 1, L)] * x[i, T.ramp(jo * L, 1, L)]
@@ -104,16 +121,8 @@ def rms_norm(n: int, epsilon: float, lanes: int) -> tvm.tirx.PrimFunc:
             s[0] = s[0] + x[i, j] * x[i, j]
         rstd: T.let = T.float32(1) / T.sqrt(s[0] / T.float32(n) + eps)
         for jo in range(n // L):
-            y[i, T.ramp(jo * L, 1, L)] = x[i, T.ramp(jo * L, 1, L)] * T.Broadcast(rstd, L) * w[T.ramp(jo * L, 1, L)]
+            y[yi, T.ramp(jo * L, 1, L)] = x[i, T.ramp(jo * L, 1, L)] * T.Broadcast(rstd, L) * w[T.ramp(jo * L, 1, L)]
         for j in range(full, n):
-            y[i, j] = x[i, j] * rstd * w[j]
+            y[yi, j] = x[i, j] * rstd * w[j]
 
-    @T.macro
-    def rows(lo, count, x, w, y):
-        acc = T.alloc_buffer((L,), "float32", annotations=STACK)
-        s = T.alloc_buffer((1,), "float32", annotations=STACK)
-        for r in range(count):
-            row(lo + r, x, w, y, acc, s)
-
-    func = row_kernel(n, n, (n,), rows)
-    return func.with_attrs({"fq_kernel": RMS_KIND, "op_pattern": OPAQUE, "tirx.is_scheduled": True})
+    return row, L

@@ -11,7 +11,7 @@ import tvm
 from tvm.script import tirx as T
 
 from . import cpu_frame, cpu_hadamard
-from .common import in_tasks
+from .common import STACK, in_tasks
 from .cpu_ops import exp_f32
 from .kernels import OPAQUE
 
@@ -48,9 +48,23 @@ def sides(steps) -> tuple | None:
     return found[0], steps[at], found[1]
 
 
-def transform(steps, lanes: int = 16) -> tvm.tirx.PrimFunc:
+def transform(steps, lanes: int = 16, residual: bool = False, norm: float | None = None) -> tvm.tirx.PrimFunc:
+    """The kernel of a run (`sides`). With `residual` (one side, one parameter: an output side), a
+    second input r [m, dout] is added to each row written: y = side(x) + r, the residual add that
+    follows a layer's output (one pass over a row in L1 instead of a kernel over the tensor). With
+    `norm` (an epsilon; one side), a last parameter w [din] and each row is RMS normalised (x /
+    sqrt(mean(x^2) + norm) * w, as `cpu_layer_norm.rms_norm`) before the side: the norm before a
+    layer's input side."""
     before, gate, after = sides(steps)
     before, after = (None if p is None else _Side(p, lanes) for p in (before, after))
+    if residual:
+        assert gate is None and len(before.params) == 1, "a residual follows one side with one parameter"
+        return _residual_kernel(before, lanes).with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
+    if norm is not None:
+        assert gate is None, "a norm comes before one side"
+        shapes = before.params + [(before.din,)]
+        rows = _normed(before, norm, lanes)
+        return _kernel(before.din, before.dout, shapes, rows).with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
     if gate is None:
         rows, din, dout = _one_side(before), before.din, before.dout
     else:
@@ -115,6 +129,57 @@ def _one_side(side: _Side):
             row(lo + r, x, P[0], P[1] if framed else None, lo + r, y, xp, h, f)
 
     return rows
+
+
+def _normed(side: _Side, epsilon: float, lanes: int):
+    """rows(lo, n, x, P, y): each row RMS normalised by P[-1] into a local row, then through the side."""
+    from .cpu_layer_norm import rms_row
+
+    norm, L = rms_row(side.din, epsilon, lanes)
+    row, framed, last = side.row, side.frow is not None, len(side.params)
+
+    @T.macro
+    def rows(lo, n, x, P, y, _unused):
+        acc = T.alloc_buffer((L,), "float32", annotations=STACK)
+        s = T.alloc_buffer((1,), "float32", annotations=STACK)
+        a = T.alloc_buffer((1, side.din), "float32")
+        xp = T.alloc_buffer((1, side.dim), "float32")
+        h = T.alloc_buffer((1, side.dim), "float32")
+        f = T.alloc_buffer((1, side.width), "float32")
+        for r in range(n):
+            norm(lo + r, x, P[last], 0, a, acc, s)
+            row(0, a, P[0], P[1] if framed else None, lo + r, y, xp, h, f)
+
+    return rows
+
+
+def _residual_kernel(side: _Side, lanes: int):
+    """x [m, din], signs, r [m, dout] -> y [m, dout]: each row through the side, then r's row added."""
+    rows, dout = _one_side(side), side.dout
+    L = next(v for v in (lanes, 8, 4, 2, 1) if dout % v == 0)
+
+    def at(j):
+        return T.ramp(j * L, 1, L) if L > 1 else j
+
+    @T.macro
+    def with_residual(lo, n, x, P, y, r):
+        rows(lo, n, x, P, y, None)
+        for i in range(n):
+            for j in range(dout // L):
+                y[lo + i, at(j)] = y[lo + i, at(j)] + r[lo + i, at(j)]
+
+    run = in_tasks(with_residual)
+
+    @T.prim_func(private=True)
+    def func(x_h: T.handle, p0: T.Buffer(side.params[0], "float32"), r_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, side.din), "float32")
+        r = T.match_buffer(r_h, (m, dout), "float32")
+        y = T.match_buffer(y_h, (m, dout), "float32")
+        run(m, x, (p0,), y, r)
+
+    return func
 
 
 def _gated(before, width: int, after, lanes: int):

@@ -192,3 +192,35 @@ def test_layer_norm_rows_match_numpy():
             mean = x64.mean(-1, keepdims=True)
             ref = 2 * ((x64 - mean) / np.sqrt(((x64 - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * g + b)
             assert np.abs(ours - ref).max() < 1e-5 * np.abs(ref).max()
+
+
+def test_rotate_half_is_vectorised_piece_by_piece():
+    """RoPE's `x * cos + concat(-x[..., 32:], x[..., :32]) * sin` on heads of 64: the fallback
+    partitions the last axis at the concatenate's bound (a whole number of vectors), so each
+    piece's vector loop has no per-lane condition; exact against numpy. A bound inside a vector
+    (head width 24 with 16 lanes) keeps the plain schedule."""
+    from tvm import te, tirx, topi
+
+    from fq_tvm.schedules import cpu
+
+    lanes = cpu.vector_lanes(HOST)
+    rng = np.random.default_rng(5)
+    s = tirx.Var("s", "int64")
+    for dim, pieces in [(64, 2), (4 * lanes, 2), (24, 0)]:
+        half = dim // 2
+        x = te.placeholder((s, 9, dim), "float32", "x")
+        c = te.placeholder((s, 1, dim), "float32", "c")
+        sn = te.placeholder((s, 1, dim), "float32", "sn")
+        a = topi.strided_slice(x, [0], [half], [1], axes=[2])
+        b = topi.strided_slice(x, [half], [dim], [1], axes=[2])
+        y = topi.add(topi.multiply(x, c), topi.multiply(topi.concatenate([topi.negative(b), a], axis=2), sn))
+        func, left = cpu.fallback(te.create_prim_func([x, c, sn, y]), HOST)
+        assert not left and func.script().count("_partition\")") == (2 * pieces if dim % lanes == 0 else 0)
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("tirx.is_scheduled", True)}), HOST)
+        for n in (1, 130):
+            xs = rng.standard_normal((n, 9, dim)).astype(np.float32)
+            cs, ss = (rng.standard_normal((n, 1, dim)).astype(np.float32) for _ in range(2))
+            out = tvm.runtime.tensor(np.zeros((n, 9, dim), np.float32))
+            lib["main"](*(tvm.runtime.tensor(v) for v in (xs, cs, ss)), out)
+            rot = np.concatenate([-xs[..., half:], xs[..., :half]], axis=-1)
+            np.testing.assert_allclose(out.numpy(), xs * cs + rot * ss, rtol=1e-6, atol=1e-6)
