@@ -196,6 +196,9 @@ def _session(model):
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # no spinning after a run: the Hessian products numpy runs between runs took 2-4x longer while
+    # the pool spun on the same cores (MiniLM fq2 compile 103 -> 60 s)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not _big(model):
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     import onnx
