@@ -207,20 +207,23 @@ def _fuse_transforms(mod: tvm.IRModule, target) -> tvm.IRModule:
                 return relax.call_tir(self._kernel(steps, norm=eps), args, call.ty)
             return relax.call_tir(self._kernel(steps), [self.visit_expr(source), *self._consts(consts)], call.ty)
 
-        def _with_residual(self, add, plan, residual, rows_ty):
-            """add(residual, reshape(side(x))) -> reshape(side(x) + reshape(residual)), one kernel."""
+        def _with_residual(self, add, plan, residual, rows_ty, bias):
+            """add(residual, reshape(side(x)) [+ bias]) -> reshape(side(x) [+ bias] + reshape(residual)),
+            one kernel."""
             source, steps, consts = plan
             flat = self.builder_.emit(relax.op.reshape(self.visit_expr(residual), rows_ty.shape))
-            total = self.builder_.emit(relax.call_tir(self._kernel(steps, residual=True),
-                                                      [self.visit_expr(source), *self._consts(consts), flat], rows_ty))
+            args = [self.visit_expr(source), *self._consts(consts)] + ([bias] if bias is not None else []) + [flat]
+            total = self.builder_.emit(relax.call_tir(self._kernel(steps, residual=True, bias=bias is not None),
+                                                      args, rows_ty))
             return relax.op.reshape(total, add.ty.shape)
 
-        def _kernel(self, steps, residual: bool = False, norm: float | None = None):
-            name = transform_name(steps) + ("_residual" if residual else "")
+        def _kernel(self, steps, residual: bool = False, norm: float | None = None, bias: bool = False):
+            name = transform_name(steps) + ("_bias" if bias else "") + ("_residual" if residual else "")
             if norm is not None:  # in the order the kernel runs them: fq_rms_norm_1em06_hadamard_...
                 name = name.replace("fq_", "fq_rms_norm_" + f"{norm:g}".replace("-", "m").replace(".", "p") + "_", 1)
             if name not in self.added:
-                func = cpu_transform.transform(steps, vector_lanes(target), residual, norm).with_attr("global_symbol", name)
+                func = cpu_transform.transform(steps, vector_lanes(target), residual, norm, bias)
+                func = func.with_attr("global_symbol", name)
                 self.added[name] = self.builder_.add_func(func, name)
             return self.added[name]
 
@@ -237,9 +240,10 @@ def _fuse_transforms(mod: tvm.IRModule, target) -> tvm.IRModule:
 
 
 def _residual_adds(mod, plans) -> dict:
-    """{add: (plan, residual, 2-D type)} for each `add(residual, reshape(y))` (either order) where y
-    is the output side of a layer: the end of a run in `plans` or a lone inverse Hadamard, used
-    only there, with one parameter (signs), and the residual has the reshaped y's shape."""
+    """{add: (plan, residual, 2-D type, bias or None)} for each `add(residual, reshape(y) [+ bias])`
+    (either order each) where y is the output side of a layer: the end of a run in `plans` or a
+    lone inverse Hadamard, used only there, with one parameter (signs); the residual has the
+    reshaped y's shape, a bias is a constant vector as wide."""
     from tvm import relax
     from tvm_ffi import structural_equal
 
@@ -254,6 +258,7 @@ def _residual_adds(mod, plans) -> dict:
             if not (isinstance(add, relax.Call) and add.op == tvm.ir.Op.get("relax.add") and len(add.args) == 2):
                 continue
             for y, residual in (list(add.args), list(add.args)[::-1]):
+                y, bias = _through_bias(y, bound, uses)
                 shaped = bound.get(y)
                 if not (isinstance(shaped, relax.Call) and shaped.op == tvm.ir.Op.get("relax.reshape")
                         and uses.get(y) == 1 and uses.get(shaped.args[0]) == 1):
@@ -269,9 +274,25 @@ def _residual_adds(mod, plans) -> dict:
                 ty, rty = y.ty, residual.ty
                 if isinstance(rty, relax.TensorType) and rty.dtype == ty.dtype == "float32" and rty.shape is not None \
                         and structural_equal(rty.shape, ty.shape) and len(end.ty.shape) == 2:
-                    found[add] = (plan, residual, end.ty)
+                    found[add] = (plan, residual, end.ty, bias)
                     break
     return found
+
+
+def _through_bias(y, bound, uses):
+    """(z, b) where y = add(z, b) (either order), used once, b a constant vector as wide as y's
+    last axis; else (y, None)."""
+    from tvm import relax
+
+    value = bound.get(y)
+    if not (isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.add") and uses.get(y) == 1):
+        return y, None
+    for z, b in (list(value.args), list(value.args)[::-1]):
+        last = z.ty.shape[-1] if isinstance(z, relax.Var) and getattr(z.ty, "shape", None) is not None else None
+        if isinstance(b, tvm.ir.expr.Constant) and isinstance(last, tvm.tirx.IntImm) and b.value.dtype == "float32" \
+                and tuple(b.value.shape) == (int(last),):
+            return z, b
+    return y, None
 
 
 def _normed_sources(mod, plans) -> dict:

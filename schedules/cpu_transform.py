@@ -48,10 +48,12 @@ def sides(steps) -> tuple | None:
     return found[0], steps[at], found[1]
 
 
-def transform(steps, lanes: int = 16, residual: bool = False, norm: float | None = None) -> tvm.tirx.PrimFunc:
+def transform(steps, lanes: int = 16, residual: bool = False, norm: float | None = None,
+              bias: bool = False) -> tvm.tirx.PrimFunc:
     """The kernel of a run (`sides`). With `residual` (one side, one parameter: an output side), a
     second input r [m, dout] is added to each row written: y = side(x) + r, the residual add that
-    follows a layer's output (one pass over a row in L1 instead of a kernel over the tensor). With
+    follows a layer's output (one pass over a row in L1 instead of a kernel over the tensor); with
+    `bias` too, a parameter b [dout] before r: y = (side(x) + b) + r (BERT's output dense). With
     `norm` (an epsilon; one side), a last parameter w [din] and each row is RMS normalised (x /
     sqrt(mean(x^2) + norm) * w, as `cpu_layer_norm.rms_norm`) before the side: the norm before a
     layer's input side."""
@@ -59,7 +61,7 @@ def transform(steps, lanes: int = 16, residual: bool = False, norm: float | None
     before, after = (None if p is None else _Side(p, lanes) for p in (before, after))
     if residual:
         assert gate is None and len(before.params) == 1, "a residual follows one side with one parameter"
-        return _residual_kernel(before, lanes).with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
+        return _residual_kernel(before, lanes, bias).with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
     if norm is not None:
         assert gate is None, "a norm comes before one side"
         shapes = before.params + [(before.din,)]
@@ -153,8 +155,9 @@ def _normed(side: _Side, epsilon: float, lanes: int):
     return rows
 
 
-def _residual_kernel(side: _Side, lanes: int):
-    """x [m, din], signs, r [m, dout] -> y [m, dout]: each row through the side, then r's row added."""
+def _residual_kernel(side: _Side, lanes: int, bias: bool):
+    """x [m, din], signs, [b [dout],] r [m, dout] -> y [m, dout]: each row through the side, then
+    [b and] r's row added."""
     rows, dout = _one_side(side), side.dout
     L = next(v for v in (lanes, 8, 4, 2, 1) if dout % v == 0)
 
@@ -166,9 +169,24 @@ def _residual_kernel(side: _Side, lanes: int):
         rows(lo, n, x, P, y, None)
         for i in range(n):
             for j in range(dout // L):
-                y[lo + i, at(j)] = y[lo + i, at(j)] + r[lo + i, at(j)]
+                if bias:
+                    y[lo + i, at(j)] = y[lo + i, at(j)] + P[1][at(j)] + r[lo + i, at(j)]
+                else:
+                    y[lo + i, at(j)] = y[lo + i, at(j)] + r[lo + i, at(j)]
 
     run = in_tasks(with_residual)
+    if bias:
+        @T.prim_func(private=True)
+        def func_b(x_h: T.handle, p0: T.Buffer(side.params[0], "float32"), b: T.Buffer((dout,), "float32"),
+                   r_h: T.handle, y_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, side.din), "float32")
+            r = T.match_buffer(r_h, (m, dout), "float32")
+            y = T.match_buffer(y_h, (m, dout), "float32")
+            run(m, x, (p0, b), y, r)
+
+        return func_b
 
     @T.prim_func(private=True)
     def func(x_h: T.handle, p0: T.Buffer(side.params[0], "float32"), r_h: T.handle, y_h: T.handle):

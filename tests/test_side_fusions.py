@@ -1,6 +1,6 @@
 """cpu.rewrite joins the ops around a layer's sides into the side's kernel (Before/Expected, same
-results): a residual add after an output side (`add(r, reshape(side(x)))`, either order) becomes
-the side with r as a second input; an RMS norm before an input side (`side(reshape(rms_norm(x,
+results): a residual add after an output side (`add(r, reshape(side(x)))`, either order, maybe
+with a bias add between, as in BERT) becomes the side with r as a second input; an RMS norm before an input side (`side(reshape(rms_norm(x,
 w)))`) becomes the side normalising each row first. What they cannot take stays: a broadcast
 residual, an output side read twice, a norm read twice."""
 
@@ -16,8 +16,11 @@ DIM, KEEP = 64, 48
 SIGNS = np.random.default_rng(1).choice([-1.0, 1.0], DIM).astype(np.float32)
 
 
-def _before(take: bool = False, swap: bool = False, residual_shape=None, twice: bool = False):
-    """x [n, 64] -> inverse Hadamard (-> take 48) -> reshape [1, n, d] -> add with r."""
+BIAS = np.random.default_rng(8).standard_normal(DIM).astype(np.float32)
+
+
+def _before(take: bool = False, swap: bool = False, residual_shape=None, twice: bool = False, bias: bool = False):
+    """x [n, 64] -> inverse Hadamard (-> take 48) -> reshape [1, n, d] (-> add bias) -> add with r."""
     bb = relax.BlockBuilder()
     n = tirx.Var("n", "int64")
     d = KEEP if take else DIM
@@ -31,26 +34,29 @@ def _before(take: bool = False, swap: bool = False, residual_shape=None, twice: 
                 cut = bb.add_func(kernels.take_last(DIM, KEEP).with_attr("global_symbol", "take"), "take")
                 y = bb.emit(relax.call_tir(cut, [y], relax.TensorType([n, KEEP], "float32")))
             y3 = bb.emit(relax.op.reshape(y, [1, n, d]))
+            if bias:  # BERT: the dense's bias, then the residual
+                y3 = bb.emit(relax.op.add(relax.const(BIAS[:d]), y3) if swap else relax.op.add(y3, relax.const(BIAS[:d])))
             total = bb.emit(relax.op.add(y3, r) if swap else relax.op.add(r, y3))
             out = bb.emit_output(relax.Tuple([total, y]) if twice else total)
         bb.emit_func_output(out)
     return bb.get()
 
 
-def _expected(take: bool = False):
+def _expected(take: bool = False, bias: bool = False):
     bb = relax.BlockBuilder()
     n = tirx.Var("n", "int64")
     d = KEEP if take else DIM
     x = relax.Var("x", relax.TensorType([n, DIM], "float32"))
     r = relax.Var("r", relax.TensorType([1, n, d], "float32"))
     steps = [("hadamard", DIM, DIM, 1)] + ([("take", DIM, KEEP)] if take else [])
-    name = "fq_hadamard_inv_64x64x1" + ("_take_64x48" if take else "") + "_residual"
+    name = "fq_hadamard_inv_64x64x1" + ("_take_64x48" if take else "") + ("_bias" if bias else "") + "_residual"
     with bb.function("main", [x, r]):
         with bb.dataflow():
-            gvar = bb.add_func(cpu_transform.transform(steps, cpu.vector_lanes(HOST), True)
+            gvar = bb.add_func(cpu_transform.transform(steps, cpu.vector_lanes(HOST), True, bias=bias)
                                .with_attr("global_symbol", name), name)
             flat = bb.emit(relax.op.reshape(r, [n, d]))
-            total = bb.emit(relax.call_tir(gvar, [x, relax.const(SIGNS), flat], relax.TensorType([n, d], "float32")))
+            args = [x, relax.const(SIGNS)] + ([relax.const(BIAS[:d])] if bias else []) + [flat]
+            total = bb.emit(relax.call_tir(gvar, args, relax.TensorType([n, d], "float32")))
             out = bb.emit_output(bb.emit(relax.op.reshape(total, [1, n, d])))
         bb.emit_func_output(out)
     return bb.get()
@@ -66,11 +72,12 @@ def _names(mod):
     return sorted(g.name_hint for g in mod.get_global_vars())
 
 
-@pytest.mark.parametrize("take, swap", [(False, False), (True, True)])
-def test_residual_add_joins_the_output_side(take, swap):
-    before = _before(take, swap)
+@pytest.mark.parametrize("take, swap, bias", [(False, False, False), (True, True, False), (False, False, True),
+                                             (True, True, True)])
+def test_residual_add_joins_the_output_side(take, swap, bias):
+    before = _before(take, swap, bias=bias)
     after = cpu.rewrite(before, HOST, 32)
-    tvm.ir.assert_structural_equal(after, _expected(take))
+    tvm.ir.assert_structural_equal(after, _expected(take, bias))
     rng = np.random.default_rng(2)
     d = KEEP if take else DIM
     for n in (1, 7):
@@ -78,7 +85,7 @@ def test_residual_add_joins_the_output_side(take, swap):
         r = rng.standard_normal((1, n, d)).astype(np.float32)
         y = (x @ np.linalg.inv(_hadamard_matrix()).T)[:, :d]  # the side, by its matrix
         np.testing.assert_array_equal(_run(after, x, r), _run(before, x, r))
-        np.testing.assert_allclose(_run(after, x, r), r + y[None], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(_run(after, x, r), r + y[None] + (BIAS[:d] if bias else 0), rtol=1e-5, atol=1e-5)
 
 
 def _hadamard_matrix():
