@@ -462,8 +462,12 @@ def _piece_bounds(sch, block, lanes: int) -> list:
             if len(const) != 1 or not any(e.same_as(var) for e in sides):
                 odd.append(cond)
                 return
+            # the first index where the condition's value changes: c, or c + 1 for `v <= c` / `c < v`
             c = const[0].value + (isinstance(cond, (tvm.tirx.LE, tvm.tirx.GT)) == cond.b.same_as(const[0]))
-            bounds.add(c) if 0 < c < extent.value and c % lanes == 0 else odd.append(cond)
+            if 0 < c < extent.value and c % lanes == 0:
+                bounds.add(c)
+            else:
+                odd.append(cond)
 
     _visit_exprs(stmt.body, visit)
     return [] if odd or not bounds else sorted(c // lanes for c in bounds)
@@ -487,7 +491,7 @@ def _by_pieces(sch, block, spatial, lanes: int, parallel: bool) -> None:
     at `_piece_bounds`, so each piece's condition is constant and its vector loop vectorises."""
     bounds = _piece_bounds(sch, block, lanes)
     if len(spatial) > 1 and parallel:
-        sch.parallel(sch.fuse(*spatial[:-1]))
+        sch.parallel(spatial[0] if len(spatial) == 2 else sch.fuse(*spatial[:-1]))
     outer, _ = sch.split(spatial[-1], [None, lanes])
     widths = [b - a for a, b in zip([0] + bounds, bounds)]
     for piece in sch.loop_partition(outer, widths + [None]):

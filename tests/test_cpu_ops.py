@@ -224,3 +224,23 @@ def test_rotate_half_is_vectorised_piece_by_piece():
             lib["main"](*(tvm.runtime.tensor(v) for v in (xs, cs, ss)), out)
             rot = np.concatenate([-xs[..., half:], xs[..., :half]], axis=-1)
             np.testing.assert_allclose(out.numpy(), xs * cs + rot * ss, rtol=1e-6, atol=1e-6)
+
+
+def test_rotate_half_of_rows_with_one_leading_axis():
+    """The same piecewise vectorisation with a single leading (symbolic) axis: [s, 64] rows."""
+    from tvm import te, tirx, topi
+
+    from fq_tvm.schedules import cpu
+
+    s = tirx.Var("s", "int64")
+    x = te.placeholder((s, 64), "float32", "x")
+    a = topi.strided_slice(x, [0], [32], [1], axes=[1])
+    b = topi.strided_slice(x, [32], [64], [1], axes=[1])
+    func, left = cpu.fallback(te.create_prim_func([x, topi.concatenate([topi.negative(b), a], axis=1)]), HOST)
+    assert not left and "_partition\")" in func.script()
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("tirx.is_scheduled", True)}), HOST)
+    for n in (1, 300):
+        xs = np.random.default_rng(n).standard_normal((n, 64)).astype(np.float32)
+        out = tvm.runtime.tensor(np.zeros((n, 64), np.float32))
+        lib["main"](tvm.runtime.tensor(xs), out)
+        assert np.array_equal(out.numpy(), np.concatenate([-xs[:, 32:], xs[:, :32]], axis=1))
