@@ -65,24 +65,34 @@ def step(func, call) -> tuple | None:
     return None
 
 
+def bindings(func) -> tuple[dict, dict]:
+    """({var: bound value}, {var: uses}) of a Relax function's bindings (uses by later bindings
+    and by the function's result)."""
+    from tvm import relax
+
+    bound, uses = {}, {}
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            for var in relax.analysis.free_vars(binding.value):
+                uses[var] = uses.get(var, 0) + 1
+            if isinstance(binding, relax.VarBinding):
+                bound[binding.var] = binding.value
+    for var in relax.analysis.free_vars(func.body.body):
+        uses[var] = uses.get(var, 0) + 1
+    return bound, uses
+
+
 def _chains(mod, func) -> dict:
     """Every run of two or more row transforms in `func` where each intermediate feeds only the next."""
     from tvm import relax
 
-    info, uses = {}, {}
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            value = binding.value
-            for var in relax.analysis.free_vars(value):
-                uses[var] = uses.get(var, 0) + 1
-            if not isinstance(binding, relax.VarBinding) or not isinstance(value, relax.Call):
-                continue
-            kernel = callee(mod, value)
-            found = step(kernel, value) if kernel is not None else None
-            if found is not None:
-                info[binding.var] = (value, found)
-    for var in relax.analysis.free_vars(func.body.body):
-        uses[var] = uses.get(var, 0) + 1
+    bound, uses = bindings(func)
+    info = {}
+    for var, value in bound.items():
+        kernel = callee(mod, value) if isinstance(value, relax.Call) else None
+        found = step(kernel, value) if kernel is not None else None
+        if found is not None:
+            info[var] = (value, found)
     fed = {info[v][0].args[1].fields[0] for v in info}
     plans = {}
     for var, (call, _) in info.items():

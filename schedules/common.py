@@ -68,7 +68,8 @@ def quick_macros() -> None:
 
 
 SERIAL_ROWS = 2  # under this many rows a row loop runs without a parallel launch
-SERIAL_WORK = 8192  # nor under this many elements (a decode step's softmax over 9 heads: ~3 us of wake-ups saved)
+SERIAL_WORK = 8192  # nor under this many elements (row kernels given row_work; cpu.fallback's functions):
+# a decode step's softmax over 9 heads saved ~3 us of wake-ups
 
 # Annotations for a kernel's scratch buffer (T.alloc_buffer(..., annotations=STACK)): a stack array
 # at the function's entry. TVM 0.27 lowers every other CPU buffer that is not "global" and under

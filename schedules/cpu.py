@@ -11,7 +11,7 @@ import tvm
 import tvm.s_tir as s_tir
 
 from . import cpu_frame, cpu_hadamard, cpu_int8, cpu_transform
-from .common import blocks, is_reduction
+from .common import SERIAL_WORK, blocks, is_reduction
 
 
 def vector_lanes(target) -> int:
@@ -179,12 +179,13 @@ def _int8_plan(attrs, target, words: bool = False):
 def _fuse_transforms(mod: tvm.IRModule, target) -> tvm.IRModule:
     from tvm import relax
 
-    from .chains import drop_unused, transform_name, transform_plans
+    from .chains import bindings, drop_unused, transform_name, transform_plans
     from .common import mutate_relax_functions
 
     plans = {call: plan for call, plan in transform_plans(mod).items() if cpu_transform.sides(plan[1]) is not None}
-    residuals = _residual_adds(mod, plans)
-    norms = _normed_sources(mod, plans)
+    tables = [bindings(func) for func in mod.functions.values() if isinstance(func, relax.Function)]
+    residuals = _residual_adds(mod, plans, tables)
+    norms = _normed_sources(plans, tables)
     if not plans and not residuals:
         return mod
 
@@ -239,21 +240,19 @@ def _fuse_transforms(mod: tvm.IRModule, target) -> tvm.IRModule:
     return drop_unused(mutate_relax_functions(mod, _Fuse(mod)))
 
 
-def _residual_adds(mod, plans) -> dict:
+def _residual_adds(mod, plans, tables) -> dict:
     """{add: (plan, residual, 2-D type, bias or None)} for each `add(residual, reshape(y) [+ bias])`
     (either order each) where y is the output side of a layer: the end of a run in `plans` or a
     lone inverse Hadamard, used only there, with one parameter (signs); the residual has the
-    reshaped y's shape, a bias is a constant vector as wide."""
+    reshaped y's shape, a bias is a constant vector as wide. `tables`: `chains.bindings` of each
+    Relax function."""
     from tvm import relax
     from tvm_ffi import structural_equal
 
     from .chains import callee, step
 
     found = {}
-    for func in mod.functions.values():
-        if not isinstance(func, relax.Function):
-            continue
-        bound, uses = _bindings(func)
+    for bound, uses in tables:
         for add in bound.values():
             if not (isinstance(add, relax.Call) and add.op == tvm.ir.Op.get("relax.add") and len(add.args) == 2):
                 continue
@@ -265,8 +264,9 @@ def _residual_adds(mod, plans) -> dict:
                     continue
                 end = bound.get(shaped.args[0])
                 plan = plans.get(end)
-                if plan is None and isinstance(end, relax.Call) and callee(mod, end) is not None:
-                    one = step(callee(mod, end), end)
+                kernel = callee(mod, end) if plan is None and isinstance(end, relax.Call) else None
+                if kernel is not None:
+                    one = step(kernel, end)
                     if one is not None and one[0] == "hadamard" and one[3]:
                         plan = (end.args[1].fields[0], [one], list(end.args[1].fields)[1:])
                 if plan is None or not _output_side(plan[1]):
@@ -295,33 +295,30 @@ def _through_bias(y, bound, uses):
     return y, None
 
 
-def _normed_sources(mod, plans) -> dict:
+def _normed_sources(plans, tables) -> dict:
     """{end of a run: (x, epsilon, weight)} for each input side in `plans` whose input is
     `reshape(rms_norm(x, weight))` over the last axis, each used only there, weight a constant of
-    the side's width."""
+    the side's width. `tables`: `chains.bindings` of each Relax function."""
     from tvm import relax
 
     found = {}
-    for func in mod.functions.values():
-        if not isinstance(func, relax.Function):
+    for end, (source, steps, _) in plans.items():
+        side = cpu_transform.sides(steps)
+        bound, uses = next((t for t in tables if source in t[0]), ({}, {}))  # the function binding source
+        flat = bound.get(source)
+        if side is None or side[1] is not None or side[0][1][3] != 0 or uses.get(source) != 1 \
+                or not (isinstance(flat, relax.Call) and flat.op == tvm.ir.Op.get("relax.reshape")):
             continue
-        bound, uses = _bindings(func)
-        for end, (source, steps, _) in plans.items():
-            side = cpu_transform.sides(steps)
-            flat = bound.get(source)
-            if side is None or side[1] is not None or side[0][1][3] != 0 or uses.get(source) != 1 \
-                    or not (isinstance(flat, relax.Call) and flat.op == tvm.ir.Op.get("relax.reshape")):
-                continue
-            norm = bound.get(flat.args[0])
-            if not (isinstance(norm, relax.Call) and norm.op == tvm.ir.Op.get("relax.nn.rms_norm")
-                    and uses.get(flat.args[0]) == 1):
-                continue
-            x, weight = norm.args
-            ty = x.ty
-            axes = [int(a) % len(ty.shape) for a in norm.attrs.axes] if ty.shape is not None else []
-            if ty.dtype == "float32" and axes == [len(ty.shape) - 1] and isinstance(weight, tvm.ir.expr.Constant) \
-                    and list(weight.value.shape) == [int(source.ty.shape[1])]:
-                found[end] = (x, float(norm.attrs.epsilon), weight)
+        norm = bound.get(flat.args[0])
+        if not (isinstance(norm, relax.Call) and norm.op == tvm.ir.Op.get("relax.nn.rms_norm")
+                and uses.get(flat.args[0]) == 1):
+            continue
+        x, weight = norm.args
+        ty = x.ty
+        axes = [int(a) % len(ty.shape) for a in norm.attrs.axes] if ty.shape is not None else []
+        if ty.dtype == "float32" and axes == [len(ty.shape) - 1] and isinstance(weight, tvm.ir.expr.Constant) \
+                and list(weight.value.shape) == [int(source.ty.shape[1])]:
+            found[end] = (x, float(norm.attrs.epsilon), weight)
     return found
 
 
@@ -330,22 +327,6 @@ def _output_side(steps) -> bool:
     found = cpu_transform.sides(steps)
     return found is not None and found[1] is None and found[0][0] is None and found[0][2] is None \
         and found[0][1][3] == 1
-
-
-def _bindings(func):
-    """({var: bound value}, {var: uses}) of a Relax function's bindings."""
-    from tvm import relax
-
-    bound, uses = {}, {}
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            for var in relax.analysis.free_vars(binding.value):
-                uses[var] = uses.get(var, 0) + 1
-            if isinstance(binding, relax.VarBinding):
-                bound[binding.var] = binding.value
-    for var in relax.analysis.free_vars(func.body.body):
-        uses[var] = uses.get(var, 0) + 1
-    return bound, uses
 
 
 def variant(func, target, act_bits: int):
@@ -426,8 +407,8 @@ def fp32_block(sch: s_tir.Schedule, block, lanes: int, parallel: bool = True) ->
             sch.parallel(_fuse_leading(sch, spatial[:-1]))
         sch.decompose_reduction(block, reduce[0])
         return
-    elif not reduce and _piece_bounds(sch, block, lanes):
-        _by_pieces(sch, block, spatial, lanes, parallel)
+    elif not reduce and (bounds := _piece_bounds(sch, block, lanes)):
+        _by_pieces(sch, spatial, bounds, lanes, parallel)
         return
     else:
         outer, vec = sch.split(spatial[-1], [None, lanes])
@@ -486,10 +467,9 @@ def _visit_exprs(node, visit) -> None:
             _visit_exprs(child, visit)
 
 
-def _by_pieces(sch, block, spatial, lanes: int, parallel: bool) -> None:
+def _by_pieces(sch, spatial, bounds: list, lanes: int, parallel: bool) -> None:
     """Leading axes fused in parallel; the last split into vectors and the vector loop partitioned
-    at `_piece_bounds`, so each piece's condition is constant and its vector loop vectorises."""
-    bounds = _piece_bounds(sch, block, lanes)
+    at `bounds` (`_piece_bounds`), so each piece's condition is constant and its vector loop vectorises."""
     if len(spatial) > 1 and parallel:
         sch.parallel(spatial[0] if len(spatial) == 2 else sch.fuse(*spatial[:-1]))
     outer, _ = sch.split(spatial[-1], [None, lanes])
@@ -532,9 +512,6 @@ def _whole_rows(sch, block, spatial, reduce, parallel: bool = True) -> None:
         sch.parallel(_fuse_leading(sch, spatial[:-1]) if len(spatial) > 1 else spatial[0])
     if reduce:
         sch.decompose_reduction(block, reduce[0])
-
-
-SERIAL_WORK = 8192  # elements: a function whose largest buffer is smaller runs without a parallel launch
 
 
 def fallback(func, target):
