@@ -163,6 +163,21 @@ def test_tvm_runs_one_thread_per_physical_core():
     assert _threads_in_fresh_python({"TVM_NUM_THREADS": "1"}) == 1  # the user's choice wins
 
 
+def test_blas_threads_do_not_spin():
+    """Importing fq_tvm before numpy asks OpenBLAS's idle threads to sleep at once (they spun on the
+    cores ONNX Runtime needed between calibration's products); the user's setting wins."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import fq_tvm, os; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    for extra, want in (({}, "4"), ({"OPENBLAS_THREAD_TIMEOUT": "12"}, "12")):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        assert out == want
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_nan_and_inf_reach_the_output_like_ort(mlp_onnx, encoder_onnx, tmp_path_factory, bad):
     """A NaN or Inf in one input row shows in the outputs of the rows ORT marks (relu keeps NaN;

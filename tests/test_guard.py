@@ -78,7 +78,8 @@ def _reference_errors(W, X_fit, X_held, cfg):
 
 
 def test_calibration_split_keeps_samples_whole():
-    """12 samples of 3 tokens in batches of 5: samples 4 and 9 are held out; a mask weights both parts."""
+    """12 samples of 3 tokens in batches of 5: samples 4 and 9 are held out; a mask weights both parts.
+    Products are float32 per batch (summed in float64): float32 tolerances."""
     rng = np.random.default_rng(0)
     X = rng.standard_normal((12, 3, 6))
     mask = (rng.random((12, 3)) < 0.7).astype(np.int64)
@@ -88,11 +89,11 @@ def test_calibration_split_keeps_samples_whole():
     stat = stats["x"]
     rows, w = X.reshape(-1, 6), mask.reshape(-1).astype(float)
     held = np.repeat(np.arange(12) % 5 == 4, 3)
-    assert np.allclose(stat.xtx, (rows * w[:, None]).T @ rows, rtol=1e-12)
-    assert np.allclose(stat.held_xtx, (rows[held] * w[held, None]).T @ rows[held], rtol=1e-12)
+    assert np.allclose(stat.xtx, (rows * w[:, None]).T @ rows, rtol=1e-5, atol=1e-5)
+    assert np.allclose(stat.held_xtx, (rows[held] * w[held, None]).T @ rows[held], rtol=1e-5, atol=1e-5)
     assert stat.count == w.sum() and stat.held_count == w[held].sum()
     fit = ~held
-    assert np.allclose(stat.fit_hessian(), 2 / w[fit].sum() * (rows[fit] * w[fit, None]).T @ rows[fit], rtol=1e-10)
+    assert np.allclose(stat.fit_hessian(), 2 / w[fit].sum() * (rows[fit] * w[fit, None]).T @ rows[fit], rtol=1e-5, atol=1e-5)
     assert np.allclose(stat.held_hessian(), 2 / w[held].sum() * stat.held_xtx, rtol=1e-12)
     assert stat.has_holdout
 
@@ -109,7 +110,7 @@ def test_calibrate_splits_by_sample_and_by_row_when_few():
     stat = calibrate(model, {"x": x}, batch_size=3, progress=False)["x"]
     h = x[[4, 9]].astype(np.float64)
     assert stat.held_count == 2 and stat.count == 11
-    assert np.allclose(stat.held_xtx, h.T @ h, rtol=1e-12)
+    assert np.allclose(stat.held_xtx, h.T @ h, rtol=1e-5, atol=1e-5)
     few = calibrate(model, {"x": x[:4]}, batch_size=8, progress=False)["x"]
     assert few.held_count == 0 and few.fit_count == 4 and not few.has_holdout  # row 4 would be the first held
     stats = {}
