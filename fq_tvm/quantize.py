@@ -343,7 +343,7 @@ def _quantize_one(proto, plan: Plan, layer, cfg, h, head_cfg=None):
     w = weight_matrix(proto, layer)
     if layer.alpha != 1.0:  # Relax applies Gemm's alpha to the activation, keep W raw
         w = w / np.float32(layer.alpha)
-    if getattr(h, "cross", None) is not None:  # sequential with fp_target: aim at the fp32 outputs
+    if getattr(h, "cross", None) is not None or getattr(h, "target", None) is not None:  # aim at the fp32 outputs
         from .numerics.sequential import fp_target_weight
 
         w = fp_target_weight(w, h, cfg.fp_target_damp, cfg.fp_target_rows)
@@ -389,13 +389,35 @@ def quantize_sequential(proto, plan: Plan, cfg, calib, progress: bool = True, sa
         return new
 
     tensors = list(dict.fromkeys(use.activation for use in plan.all_uses(plan.chosen)))
+    residuals = residual_inputs(proto, plan.chosen) if cfg.fp_residual else None
+    projections = _projections(proto, plan, acts, residuals or {}) if cfg.fp_target else None
     try:
         sequential_calibrate(proto, data, tensors, quantize, batch_size=batch, mask_input=mask, progress=progress,
-                             keep_stats=False, fp_target=cfg.fp_target,
-                             residuals=residual_inputs(proto, plan.chosen) if cfg.fp_residual else None)
+                             keep_stats=False, fp_target=cfg.fp_target, residuals=residuals, projections=projections)
     except ValueError as err:
         raise FqError(f"calibration failed: {err}") from None
     return {layer.weight: records[layer.weight] for layer in plan.chosen}
+
+
+def _projections(proto, plan: Plan, acts: dict, residuals: dict) -> dict:
+    """{activation: W^T float32 [K, N]} where the fp32 target's sums are cheaper taken through the
+    weight (sequential_calibrate's projections): the activation's only layer, with one use and no
+    other activation, N < K / 2, or N < K where a residual is fitted too."""
+    from .numerics import weight_matrix
+
+    readers: dict = {}
+    for weight, used in acts.items():
+        for a in used:
+            readers.setdefault(a, []).append(weight)
+    out = {}
+    for layer in plan.chosen:
+        a = layer.activation
+        if readers[a] != [layer.weight] or len(plan.uses.get(layer.weight, [layer])) != 1:
+            continue
+        n, k = layer.out_features, layer.in_features
+        if 2 * n < k or (a in residuals and n < k):
+            out[a] = np.ascontiguousarray((weight_matrix(proto, layer) / np.float32(layer.alpha)).T, np.float32)
+    return out
 
 
 def _summed_hessian(hessians, uses):

@@ -157,6 +157,62 @@ def test_fp_target_sums_fp32_times_quantized_inputs():
     assert stats["h2"].resid is None
 
 
+def test_projected_target_is_weight_times_cross_plus_resid():
+    """projections: the summed target (W (x_fp32 - x) + r_fp32 - r) x^T equals W cross + resid of the
+    plain sums, and fp_target_weight gives the same weight from either."""
+    from fq_tvm.numerics import find_dense_layers
+    from fq_tvm.numerics.sequential import fp_target_weight, residual_inputs
+
+    def quantize(name, stat):
+        weights = {"x": ["w1"], "h1": ["w2"], "h2": ["w3", "w4"], "m": ["w5"]}[name]
+        return {w: _rounded(W[w]) for w in weights}
+
+    model = _graph_model()
+    kw = dict(batch_size=4, mask_input="mask", progress=False, fp_target=True,
+              residuals=residual_inputs(model, find_dense_layers(model)))
+    names = ["x", "h1", "h2", "m"]
+    plain = sequential_calibrate(model, _samples(), names, quantize, **kw)
+    proj = {"h1": W["w2"].astype(np.float32), "m": W["w5"].astype(np.float32)}  # MatMul initializers: W^T [K, N]
+    projected = sequential_calibrate(model, _samples(), names, quantize, projections=proj, **kw)
+    for name, wt in proj.items():
+        w, ref = wt.T.astype(np.float64), plain[name]
+        want = w @ ref.cross + (ref.resid if ref.resid is not None else 0)
+        got = projected[name]
+        assert got.cross is None and got.resid is None
+        np.testing.assert_allclose(got.target, want, atol=1e-5 * np.abs(want).max(), err_msg=name)
+        np.testing.assert_allclose(fp_target_weight(w, got, 0.01), fp_target_weight(w, ref, 0.01), rtol=1e-4,
+                                   atol=1e-6, err_msg=name)
+    assert projected["h2"].target is None and projected["h2"].cross is not None
+    assert plain["h1"].resid is not None  # the residual went into h1's target
+
+
+def test_projections_take_the_layers_where_they_are_cheaper(tmp_path, monkeypatch):
+    """quantize._projections: only a layer alone on its activation with 2 N < K (256 -> 64 here;
+    64 -> 256 and 64 -> 40 cost more through the weight). quantize_sequential's records match those
+    summed the plain way up to float32 rounding."""
+    from fq_tvm import models, quantize as fq_quantize
+    from fq_tvm.numerics import effective_weight
+    from fq_tvm.quantize import _projections, plan_layers, quantize_sequential
+
+    proto = onnx.load(str(models.mlp_gemm(tmp_path / "mlp.onnx", sizes=(64, 256, 64, 40))))
+    plan = plan_layers(proto)
+    acts = {layer.weight: {layer.activation} for layer in plan.chosen}
+    got = _projections(proto, plan, acts, {})
+    (layer,) = [layer for layer in plan.chosen if (layer.out_features, layer.in_features) == (64, 256)]
+    assert list(got) == [layer.activation]
+    np.testing.assert_array_equal(got[layer.activation], weight_matrix(proto, layer).T)
+    x = np.random.default_rng(4).standard_t(3, (60, 64)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    cfg = get_scheme("fq2")
+    assert cfg.sequential and cfg.fp_target
+    fast = quantize_sequential(proto, plan, cfg, tmp_path / "calib.npz", progress=False)
+    monkeypatch.setattr(fq_quantize, "_projections", lambda *a: {})
+    slow = quantize_sequential(proto, plan, cfg, tmp_path / "calib.npz", progress=False)
+    for name in slow:
+        a, b = effective_weight(fast[name]), effective_weight(slow[name])
+        assert np.abs(a - b).max() <= 1e-3 * np.abs(b).max(), name
+
+
 def test_fp_target_weight_is_the_least_squares_fit():
     from fq_tvm.numerics import HessianStat
     from fq_tvm.numerics.sequential import fp_target_weight

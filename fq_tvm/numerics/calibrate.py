@@ -54,6 +54,7 @@ class HessianStat:
     held_count: float = 0.0
     cross: np.ndarray | None = None  # sequential with fp_target: sum of (x_fp32 - x) x^T over all rows
     resid: np.ndarray | None = None  # with fp_residual: sum of (r_fp32 - r) x^T, r the residual added to the output
+    target: np.ndarray | None = None  # instead of both, for one reading layer W: sum of (W (x_fp32 - x) + r_fp32 - r) x^T
 
     def hessian(self) -> np.ndarray:
         """H = (2 / S) X X^T over all rows, the GPTQ convention."""
@@ -83,6 +84,8 @@ class HessianStat:
         stats = list(stats)
         held = [s.held_xtx for s in stats if s.held_xtx is not None]
         cross = [s.cross for s in stats]
+        if any(s.target is not None for s in stats):
+            raise ValueError("a target sum belongs to one activation's one layer: it does not pool")
         return cls(sum(s.xtx for s in stats), sum(s.count for s in stats),
                    sum(held) if held else None, sum(s.held_count for s in stats),
                    sum(cross) if all(c is not None for c in cross) else None)

@@ -122,7 +122,7 @@ class _Store:
 def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8, mask_input: str | None = None,
                          progress: bool = True, memory_bytes: int = MEMORY_BYTES,
                          keep_stats: bool = True, fp_target: bool = False,
-                         residuals: dict | None = None) -> dict[str, HessianStat]:
+                         residuals: dict | None = None, projections: dict | None = None) -> dict[str, HessianStat]:
     """{tensor: HessianStat} like calibrate(), each tensor measured on the model as it stands
     after the earlier `quantize` calls.
 
@@ -133,7 +133,10 @@ def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8,
     fp_target: the fp32 model runs alongside (its live tensors kept the same way) and each
     HessianStat also gets `cross`, the sum of (x_fp32 - x) x^T (fp_target_weight). residuals
     ({tensor: residual tensor}, with fp_target; residual_inputs): `resid` too, the sum of
-    (r_fp32 - r) x^T."""
+    (r_fp32 - r) x^T. projections ({tensor: W^T [K, N]}, with fp_target; the one layer reading the
+    tensor): `target` instead of `cross` and `resid`, the sum of (W (x_fp32 - x) + r_fp32 - r) x^T
+    [N, K], which is all fp_target_weight needs: 2 N K products a row against K^2 (+ N K), fewer
+    where N < K / 2 (or N < K with a residual: an FFN's down projection)."""
     model = _load(model)
     data = _samples(samples)
     graph = model.graph
@@ -175,10 +178,11 @@ def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8,
                     fp_live = fp_store.get(b)
                     fp_live = {**fp_live, **run_fp(fp_live)}
                     for name in names:
-                        _accumulate_cross(stats[name], fp_live[name] - live[name], live[name], mask)
                         r = (residuals or {}).get(name)
-                        if r in live and r in fp_live:  # (a residual this segment does not hold: no fit to it)
-                            _accumulate_cross(stats[name], fp_live[r] - live[r], live[name], mask, "resid")
+                        # (a residual this segment does not hold: no fit to it)
+                        dr = fp_live[r] - live[r] if r in live and r in fp_live else None
+                        _accumulate_target(stats[name], fp_live[name] - live[name], dr, live[name], mask,
+                                           (projections or {}).get(name))
                     fp_store.put(b, {n: a for n, a in fp_live.items() if n in keep})
             replaced = {n: a for n, a in replaced.items() if last_use.get(n, -1) >= stop}
             for name in names:
@@ -211,6 +215,20 @@ def _accumulate_cross(stat: HessianStat, other, act, mask, field: str = "cross")
     setattr(stat, field, total if getattr(stat, field) is None else getattr(stat, field) + total)
 
 
+def _accumulate_target(stat: HessianStat, dx, dr, act, mask, proj=None) -> None:
+    """The fp32 target's sums for one batch: `cross` and `resid` (dr None: none), or with
+    proj = W^T, `target` directly."""
+    if proj is None:
+        _accumulate_cross(stat, dx, act, mask)
+        if dr is not None:
+            _accumulate_cross(stat, dr, act, mask, "resid")
+        return
+    y = np.asarray(dx, dtype=np.float32).reshape(-1, proj.shape[0]) @ proj
+    if dr is not None:
+        y += np.asarray(dr, dtype=np.float32).reshape(y.shape)
+    _accumulate_cross(stat, y.reshape(*np.shape(dx)[:-1], -1), act, mask, "target")
+
+
 def fp_target_damping(percdamp: float, max_rows: float | None, rows: float) -> float:
     """percdamp scaled by min(1, max_rows / rows): above max_rows calibration rows the damping falls as
     1 / rows, a constant ridge per row (the mean diagonal it is a fraction of grows with the rows), so
@@ -227,16 +245,20 @@ def fp_target_weight(W: np.ndarray, stat: HessianStat, percdamp: float | None = 
     (stat.cross) and D = (R_fp - R) X^T (stat.resid: the residual added to the layer's output, when
     known, else 0); A is damped by d = percdamp x its mean diagonal (None: FP_TARGET_DAMP; with
     max_rows, scaled down by fp_target_damping), which only shrinks the correction. Asymmetric
-    calibration, as in GPTAQ (Li et al. 2025)."""
+    calibration, as in GPTAQ (Li et al. 2025). stat.target, where summed (sequential_calibrate's
+    projections), is W E + D already."""
     W = np.asarray(W, dtype=np.float64)
-    if stat.cross is None:
+    if stat.cross is None and stat.target is None:
         return W
     A = stat.xtx
     percdamp = fp_target_damping(FP_TARGET_DAMP if percdamp is None else percdamp, max_rows, stat.count)
     Ad = A + percdamp * float(np.mean(np.diag(A))) * np.eye(len(A))
-    rhs = stat.cross.T @ W.T
-    if stat.resid is not None:
-        rhs += stat.resid.T
+    if stat.target is not None:  # W E + D summed directly (projections)
+        rhs = stat.target.T
+    else:
+        rhs = stat.cross.T @ W.T
+        if stat.resid is not None:
+            rhs += stat.resid.T
     return W + np.linalg.solve(Ad, rhs).T
 
 
