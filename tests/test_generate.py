@@ -313,6 +313,23 @@ def test_fq_export_kv_options_one_line_errors(tmp_path, capsys):
         assert expected in err and err.count("\n") == 1, err
 
 
+def test_fq_export_calib_samples(tmp_path, capsys, monkeypatch):
+    """--calib-samples N reaches the calibration maker as n (the default otherwise); under 1 is one line."""
+    from fq_tvm import realmodels
+    from fq_tvm.realcli import export_main
+
+    seen = []
+    monkeypatch.setattr(realmodels, "export_minilm", lambda out, force=False: out / "minilm.onnx")
+    monkeypatch.setattr(realmodels, "minilm_calib", lambda path, **kw: seen.append(kw) or path)
+    assert export_main(["minilm", "--calib-samples", "1024", "-o", str(tmp_path)]) == 0
+    assert export_main(["minilm", "-o", str(tmp_path)]) == 0
+    assert seen == [{"n": 1024}, {}]
+    capsys.readouterr()
+    assert export_main(["minilm", "--calib-samples", "0", "-o", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "--calib-samples must be at least 1" in err and err.count("\n") == 1, err
+
+
 def test_compile_without_the_tokenizer_beside_the_model_warns(tiny, tmp_path):
     import onnx
 
