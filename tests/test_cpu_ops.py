@@ -164,6 +164,16 @@ def _relax_pipeline():
     return relax_pipeline(HOST)
 
 
+def test_row_kernels_are_parsed_once_per_shape():
+    """softmax / layer norm / RMS norm kernels come from a cache: one TVMScript parse per shape, not
+    one per call (SmolLM2's 30 softmax calls took 4 s of its compile)."""
+    from fq_tvm.schedules import cpu_layer_norm, cpu_softmax
+
+    assert cpu_softmax.softmax(16) is cpu_softmax.softmax(16)
+    assert cpu_layer_norm.layer_norm(384, 1e-12, 16) is cpu_layer_norm.layer_norm(384, 1e-12, 16)
+    assert cpu_layer_norm.rms_norm(576, 1e-5, 16) is not cpu_layer_norm.rms_norm(576, 1e-6, 16)
+
+
 def test_layer_norm_rows_match_numpy():
     """cpu_layer_norm on a static last axis (a width with a vector tail too) and any row count; the
     views around it are VM reshapes."""
