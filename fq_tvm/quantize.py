@@ -337,12 +337,19 @@ def quantize_allocated(proto, plan: Plan, cfg, hessians: dict, bits: float, prog
     return configs, report
 
 
-def _quantize_one(proto, plan: Plan, layer, cfg, h, head_cfg=None):
-    from .numerics import quantize_layer, seed_for, weight_matrix
+def _raw_weight(proto, layer) -> np.ndarray:
+    """The layer's W [N, K] (float32) without Gemm's alpha, which Relax applies to the activation:
+    what is quantized, and what the fp32 target aims through."""
+    from .numerics import weight_matrix
 
     w = weight_matrix(proto, layer)
-    if layer.alpha != 1.0:  # Relax applies Gemm's alpha to the activation, keep W raw
-        w = w / np.float32(layer.alpha)
+    return w / np.float32(layer.alpha) if layer.alpha != 1.0 else w
+
+
+def _quantize_one(proto, plan: Plan, layer, cfg, h, head_cfg=None):
+    from .numerics import quantize_layer, seed_for
+
+    w = _raw_weight(proto, layer)
     if getattr(h, "cross", None) is not None or getattr(h, "target", None) is not None:  # aim at the fp32 outputs
         from .numerics.sequential import fp_target_weight
 
@@ -403,8 +410,6 @@ def _projections(proto, plan: Plan, acts: dict, residuals: dict) -> dict:
     """{activation: W^T float32 [K, N]} where the fp32 target's sums are cheaper taken through the
     weight (sequential_calibrate's projections): the activation's only layer, with one use and no
     other activation, N < K / 2, or N < K where a residual is fitted too."""
-    from .numerics import weight_matrix
-
     readers: dict = {}
     for weight, used in acts.items():
         for a in used:
@@ -416,7 +421,7 @@ def _projections(proto, plan: Plan, acts: dict, residuals: dict) -> dict:
             continue
         n, k = layer.out_features, layer.in_features
         if 2 * n < k or (a in residuals and n < k):
-            out[a] = np.ascontiguousarray((weight_matrix(proto, layer) / np.float32(layer.alpha)).T, np.float32)
+            out[a] = np.ascontiguousarray(_raw_weight(proto, layer).T)
     return out
 
 

@@ -309,8 +309,8 @@ def _accumulate(stats, name, act, mask, held_samples=None):
         held, fit = held & (weights != 0), fit & (weights != 0)
     held_xtx = _gram(rows[held], weights[held])  # two products: no more flops than one
     xtx = _gram(rows[fit], weights[fit]) + held_xtx
-    count = float(weights[fit].sum(dtype=np.float64) + weights[held].sum(dtype=np.float64))
     held_count = float(weights[held].sum(dtype=np.float64))
+    count = float(weights[fit].sum(dtype=np.float64)) + held_count
     if name in stats:
         stat = stats[name]
         stat.xtx += xtx
