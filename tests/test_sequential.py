@@ -186,6 +186,15 @@ def test_projected_target_is_weight_times_cross_plus_resid():
     assert plain["h1"].resid is not None  # the residual went into h1's target
 
 
+def test_a_target_sum_does_not_pool():
+    """HessianStat.target is one layer's W E + D: pooling it over activations is refused in one line."""
+    from fq_tvm.numerics.calibrate import HessianStat
+
+    a = HessianStat(np.eye(3), 4.0, target=np.ones((2, 3)))
+    with pytest.raises(ValueError, match="a target sum belongs to one activation's one layer"):
+        HessianStat.pooled([a, HessianStat(np.eye(3), 4.0)])
+
+
 def test_projections_take_the_layers_where_they_are_cheaper(tmp_path, monkeypatch):
     """quantize._projections: only a layer alone on its activation with 2 N < K (256 -> 64 here;
     64 -> 256 and 64 -> 40 cost more through the weight). quantize_sequential's records match those
