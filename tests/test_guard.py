@@ -28,7 +28,7 @@ def _stat(X, batch=8):
     stats = {}
     for start in range(0, len(X), batch):
         stop = min(start + batch, len(X))
-        _accumulate(stats, "x", X[start:stop], None, held_out_samples(start, stop, len(X)))
+        _accumulate(stats, "x", X[start:stop], None, held_out_samples(np.arange(start, stop), len(X)))
     return stats["x"]
 
 
@@ -85,7 +85,7 @@ def test_calibration_split_keeps_samples_whole():
     mask = (rng.random((12, 3)) < 0.7).astype(np.int64)
     stats = {}
     for start in range(0, 12, 5):
-        _accumulate(stats, "x", X[start:start + 5], mask[start:start + 5], held_out_samples(start, min(start + 5, 12), 12))
+        _accumulate(stats, "x", X[start:start + 5], mask[start:start + 5], held_out_samples(np.arange(start, min(start + 5, 12)), 12))
     stat = stats["x"]
     rows, w = X.reshape(-1, 6), mask.reshape(-1).astype(float)
     held = np.repeat(np.arange(12) % 5 == 4, 3)
@@ -114,7 +114,7 @@ def test_calibrate_splits_by_sample_and_by_row_when_few():
     few = calibrate(model, {"x": x[:4]}, batch_size=8, progress=False)["x"]
     assert few.held_count == 0 and few.fit_count == 4 and not few.has_holdout  # row 4 would be the first held
     stats = {}
-    _accumulate(stats, "x", np.ones((3, 4, 6)), None, held_out_samples(0, 3, 3))  # 3 samples: by row
+    _accumulate(stats, "x", np.ones((3, 4, 6)), None, held_out_samples(np.arange(3), 3))  # 3 samples: by row
     assert stats["x"].held_count == 2 and stats["x"].count == 12  # rows 4 and 9 of 12
 
 

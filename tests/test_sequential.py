@@ -22,8 +22,8 @@ W = {"w1": RNG.standard_normal((24, 32)), "w2": RNG.standard_normal((32, 32)) / 
 B1 = RNG.standard_normal(32)
 
 
-def _graph_model():
-    """x [B, T, 24], mask [B, T] -> h1 = relu(x W1 + b1); h2 = tanh(h1 W2 + h1); m = (h2 W3) * (h2 W4)
+def _graph_model(seq=5):
+    """x [B, T, 24], mask [B, T] (T = seq: 5, or a name for a dynamic axis) -> h1 = relu(x W1 + b1); h2 = tanh(h1 W2 + h1); m = (h2 W3) * (h2 W4)
     * mask; y = m W5. Four calibrated activations (x, h1, h2, m); W3 and W4 share h2; mask is live
     across every cut."""
     inits = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in W.items()]
@@ -45,9 +45,9 @@ def _graph_model():
     ]
     graph = helper.make_graph(
         nodes, "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 5, 24]),
-         helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["B", 5])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 5, 8])], inits)
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", seq, 24]),
+         helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["B", seq])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", seq, 8])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
 
 
@@ -123,6 +123,37 @@ def test_hessians_of_the_quantized_prefix_match_numpy(memory_bytes):
                                    batch_size=4, mask_input="mask", progress=False, keep_stats=False)
     assert dropped == {}  # nothing kept: memory holds only the statistics still being summed
     _check(seen, _numpy_stats(samples, quantized=True))
+
+
+def test_right_padding_is_cut_from_length_sorted_batches():
+    """A right-padded mask over a dynamic sequence axis: samples ordered by length, each batch cut
+    to its longest, the same held-out samples (by index), and the same sums as numpy's over the
+    whole padded arrays; a fixed axis or a mask with holes keeps the plain batches."""
+    from fq_tvm.numerics.calibrate import batches, calibrate
+
+    samples = _samples()
+    lengths = np.array([5, 1, 3, 0, 2, 5, 4, 1, 3, 2, 4, 3])
+    samples["mask"] = (np.arange(5) < lengths[:, None]).astype(np.float32)
+    model = _graph_model(seq="T")
+    plan = batches(model, samples, ["x", "mask"], "mask", 4)
+    assert plan.cut == {"x", "mask"}
+    assert [list(b) for b in plan] == [[3, 1, 7, 4], [9, 2, 8, 11], [6, 10, 0, 5]]
+    assert plan.arrays(samples, ["x", "mask"], plan[0])["x"].shape == (4, 2, 24)
+    assert plan.arrays(samples, ["x", "mask"], plan[2])["mask"].shape == (4, 5)
+
+    def quantize(name, stat):
+        weights = {"x": ["w1"], "h1": ["w2"], "h2": ["w3", "w4"], "m": ["w5"]}[name]
+        return {w: _rounded(W[w]) for w in weights}
+
+    stats = sequential_calibrate(model, samples, ["x", "h1", "h2", "m"], quantize, batch_size=4,
+                                 mask_input="mask", progress=False)
+    _check(stats, _numpy_stats(samples, quantized=True))
+    _check(calibrate(model, samples, ["x", "h1", "h2", "m"], batch_size=4, mask_input="mask", progress=False),
+           _numpy_stats(samples, quantized=False))
+    assert batches(_graph_model(), samples, ["x", "mask"], "mask", 4).cut == set()  # fixed axis
+    holes = dict(samples, mask=samples["mask"][:, ::-1].copy())  # left padding
+    assert [list(b) for b in batches(model, holes, ["x", "mask"], "mask", 4)] == [[0, 1, 2, 3], [4, 5, 6, 7],
+                                                                                   [8, 9, 10, 11]]
 
 
 def test_fp_target_sums_fp32_times_quantized_inputs():

@@ -254,11 +254,12 @@ def calibrate(model, samples, tensors=None, batch_size: int = 8, mask_input: str
     session = _session(_with_outputs(model, fetch))
     stats: dict[str, HessianStat] = {}
     bar = _progress(total, progress)
-    for start in range(0, total, batch_size):
-        feed = {name: data[name][start : start + batch_size] for name in feeds}
+    plan = batches(model, data, feeds, mask_input, batch_size)
+    for idx in plan:
+        feed = plan.arrays(data, feeds, idx)
         values = dict(zip(fetch, session.run(fetch, feed))) if fetch else {}
-        mask = None if mask_input is None else np.asarray(data[mask_input][start : start + batch_size])
-        held = held_out_samples(start, min(start + batch_size, total), total)
+        mask = None if mask_input is None else plan.arrays(data, [mask_input], idx)[mask_input]
+        held = held_out_samples(idx, total)
         for name in tensors:
             _accumulate(stats, name, values[name] if name in values else feed[name], mask, held)
         if bar is not None:
@@ -268,12 +269,62 @@ def calibrate(model, samples, tensors=None, batch_size: int = 8, mask_input: str
     return stats
 
 
-def held_out_samples(start: int, stop: int, total: int) -> np.ndarray | None:
-    """Which samples start..stop-1 are held out (bool [stop - start]); None when there are fewer
-    than HOLDOUT_EVERY samples (then rows are split instead)."""
+def held_out_samples(indices, total: int) -> np.ndarray | None:
+    """Which of the samples `indices` (a batch's, in its order) are held out (bool, one per
+    sample); None when there are fewer than HOLDOUT_EVERY samples (then rows are split instead)."""
     if total < HOLDOUT_EVERY:
         return None
-    return np.arange(start, stop) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+    return np.asarray(indices) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+
+
+class Batches(list):
+    """The calibration batches, each an array of sample indices (`batches`). `arrays(data, names,
+    indices)` gives each named input's rows of a batch, cut to the batch's longest sample where
+    the batches are cut (`cut`: the inputs of the mask's [samples, seq] shape, `lengths`)."""
+
+    def __init__(self, items, cut=(), lengths=None):
+        super().__init__(items)
+        self.cut, self.lengths = set(cut), lengths
+
+    def arrays(self, data, names, indices) -> dict:
+        out = {}
+        for name in names:
+            rows = np.asarray(data[name])[indices]
+            if name in self.cut:
+                rows = rows[:, : max(1, int(self.lengths[indices].max()))]
+            out[name] = rows
+        return out
+
+
+def batches(model, data, feeds, mask_input, batch_size: int) -> Batches:
+    """Batches of `batch_size` samples in order; or, where `mask_input` is right padding ([samples,
+    seq], each row ones then zeros) and the model's inputs of that shape have a dynamic sequence
+    axis, the samples ordered by length (stable) and each batch cut to its longest: padding
+    costs ONNX Runtime a token's work (22% of 1024 MiniLM passages' slots) and adds nothing to the
+    sums. Which samples are held out does not change (by index, `held_out_samples`)."""
+    total = len(data[feeds[0]]) if feeds else 0
+    plain = Batches(np.arange(s, min(s + batch_size, total)) for s in range(0, total, batch_size))
+    if mask_input is None or np.ndim(data[mask_input]) != 2:
+        return plain
+    mask = np.asarray(data[mask_input]) != 0
+    lengths = mask.sum(1)
+    if not (mask == (np.arange(mask.shape[1]) < lengths[:, None])).all():
+        return plain
+    cut = [n for n in dict.fromkeys([*feeds, mask_input]) if np.shape(data[n])[:2] == mask.shape]
+    fed = [n for n in cut if n in feeds]
+    if not fed or not all(_dynamic_axis(model, n, 1) for n in fed):
+        return plain
+    order = np.argsort(lengths, kind="stable")
+    return Batches((order[s : s + batch_size] for s in range(0, total, batch_size)), cut, lengths)
+
+
+def _dynamic_axis(model, name: str, axis: int) -> bool:
+    """Whether graph input `name` declares `axis` without a fixed size."""
+    for value in model.graph.input:
+        if value.name == name:
+            dims = value.type.tensor_type.shape.dim
+            return len(dims) > axis and not dims[axis].HasField("dim_value")
+    return False
 
 
 def _held_rows(held_samples, nrows: int) -> np.ndarray:

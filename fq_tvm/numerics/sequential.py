@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibrate import HessianStat, _accumulate, _load, _progress, _samples, _session, held_out_samples
+from .calibrate import HessianStat, _accumulate, _load, _progress, _samples, _session, batches, held_out_samples
 from .quantize import FP_TARGET_DAMP
 
 MEMORY_BYTES = 1 << 30  # live activations kept in memory between segments; beyond it, on disk
@@ -155,10 +155,10 @@ def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8,
     replaced: dict[str, np.ndarray] = {}
     store = _Store(memory_bytes)
     fp_store = _Store(memory_bytes) if fp_target else None
-    starts = list(range(0, total, batch_size))
-    for b, start in enumerate(starts):
+    plan = batches(model, data, graph_inputs, mask_input, batch_size)
+    for b, idx in enumerate(plan):
         for st in filter(None, (store, fp_store)):
-            st.put(b, {name: data[name][start : start + batch_size] for name in graph_inputs})
+            st.put(b, plan.arrays(data, graph_inputs, idx))
     stats: dict[str, HessianStat] = {}
     bar = _progress(len(tensors), progress)
     try:
@@ -166,11 +166,11 @@ def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8,
             keep = {n for n, last in last_use.items() if last >= stop} | set(names)
             run = _segment_runner(model, first, stop, keep, inits, replaced, types)
             run_fp = _segment_runner(model, first, stop, keep, inits, {}, types) if fp_target else None
-            for b, start in enumerate(starts):
+            for b, idx in enumerate(plan):
                 live = store.get(b)
                 live = {**live, **run(live)}
-                mask = None if mask_input is None else np.asarray(data[mask_input][start : start + batch_size])
-                held = held_out_samples(start, min(start + batch_size, total), total)
+                mask = None if mask_input is None else plan.arrays(data, [mask_input], idx)[mask_input]
+                held = held_out_samples(idx, total)
                 for name in names:
                     _accumulate(stats, name, live[name], mask, held)
                 store.put(b, {n: a for n, a in live.items() if n in keep})
