@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 import time
 from pathlib import Path
@@ -41,12 +42,13 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
             input_shapes=None, calib_samples: int | None = None, pad_small: bool = False,
             tuning_db=None, quantize_head: bool = False, head_scheme: str | None = None,
             calib_sequential: bool | None = None, denoise: bool | None = None, bits: float | None = None,
-            fp_target: bool | None = None, refine: int | None = None) -> Path:
+            fp_target: bool | None = None, refine: int | None = None, seed: int | None = None) -> Path:
     """Compile an ONNX model for `target` into an artifact directory; return its path.
 
     model: path to an .onnx file. target: a preset name (`fq-compile --list-targets`) or a TVM
     target JSON dict string. scheme: fp32, int8, rtn2, gptq2, had2, fq2, fq4 ... (`--scheme`);
-    redundancy / l_den override the frame of fq schemes. calib: .npz (or dict) of sample inputs
+    redundancy / l_den override the frame of fq schemes, seed their rotation seed (the randomized
+    Hadamard's signs; `--seed`, default the scheme's, 0). calib: .npz (or dict) of sample inputs
     keyed by input name, samples along axis 0 (needed by gptq/had/fq). skip: regex of layers to
     keep fp32. act_bits: 8 (default) quantizes each quantized layer's coded input to int8 per row
     and group and multiplies in int8 on CPUs with a dot-product ISA; 32 keeps float activations
@@ -86,8 +88,8 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     preset = resolve(target, cuda_arch)
     hooks = family(preset)
     hooks.check_tools(preset)
-    check_frame_options(scheme, redundancy, l_den)
-    cfg = scheme_config(scheme, redundancy=redundancy, l_den=l_den)
+    check_frame_options(scheme, redundancy, l_den, seed)
+    cfg = scheme_config(scheme, redundancy=redundancy, l_den=l_den, seed=seed)
     quantize_head = quantize_head or head_scheme is not None
     given = {"calib=": calib, "calib_samples=": calib_samples, "calib_sequential=": calib_sequential or None,
              "denoise=": denoise or None, "fp_target=": fp_target or None, "refine=": refine or None,
@@ -98,7 +100,7 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     if not calibrates(cfg):
         calib = calib_samples = None
     elif any(v is not None for v in (calib_sequential, denoise, fp_target, refine)):
-        cfg = scheme_config(scheme, redundancy=redundancy, l_den=l_den,
+        cfg = scheme_config(scheme, redundancy=redundancy, l_den=l_den, seed=seed,
                             sequential=None if calib_sequential is None else bool(calib_sequential),
                             denoise=None if denoise is None else bool(denoise),
                             fp_target=None if fp_target is None else bool(fp_target),
@@ -268,15 +270,19 @@ def check_bits(cfg, bits) -> None:
 REDUNDANCY_RANGE = (1.0, 2.0)  # r = 2 already stores 4 bits per 2-bit weight
 
 
-def check_frame_options(scheme: str, redundancy, l_den) -> None:
-    """--redundancy and --l-den shape the frame of FrameQuant schemes only; r in [1, 2]."""
+def check_frame_options(scheme: str, redundancy, l_den, seed=None) -> None:
+    """--redundancy, --l-den and --seed shape the frame and rotation of FrameQuant schemes only;
+    r in [1, 2], the seed a whole number in [0, 2^63)."""
     from .quantize import scheme_config
 
-    if redundancy is None and l_den is None:
+    if redundancy is None and l_den is None and seed is None:
         return
     if scheme_config(scheme).method != "framequant":
-        flag = "--redundancy" if redundancy is not None else "--l-den"
+        flag = "--redundancy" if redundancy is not None else "--l-den" if l_den is not None else "--seed"
         raise FqError(f"{flag} applies to FrameQuant schemes (fq2, fq4, had2, ...), not '{scheme}'")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or not 0 <= seed < 2**63):
+        raise FqError(f"--seed must be a whole number from 0 to 2^63 - 1, not {seed!r}")
     low, high = REDUNDANCY_RANGE
     if redundancy is not None and not (math.isfinite(redundancy) and low <= redundancy <= high):
         raise FqError(f"--redundancy must be between {low} and {high} (1.0 = no frame), not {redundancy}")

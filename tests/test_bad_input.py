@@ -186,6 +186,7 @@ def test_run_output_in_missing_directory(mlp_art, tmp_path, capsys):
     (["m.onnx", "--bogus"], "fq-compile: error: unrecognized arguments: --bogus (see fq-compile --help)"),
     (["m.onnx", "--redundancy", "lots"], "argument --redundancy: invalid float value: 'lots'"),
     (["m.onnx", "--act-bits", "4"], "argument --act-bits: invalid choice: 4"),
+    (["m.onnx", "--seed", "1.5"], "argument --seed: invalid int value: '1.5'"),
 ])
 def test_argparse_errors_are_one_line_exit_1(argv, expected, capsys):
     _fails(argv, capsys, expected)
@@ -222,8 +223,15 @@ def test_bad_redundancy(mlp_onnx, tmp_path, capsys, value):
            f"{float(value)}", "--scheme", "fq2", "--redundancy", value, "--calib", "unused.npz")
 
 
+@pytest.mark.parametrize("value", ["-1", str(2**63)])
+def test_bad_seed(mlp_onnx, tmp_path, capsys, value):
+    _check(mlp_onnx, tmp_path / "out", capsys, f"--seed must be a whole number from 0 to 2^63 - 1, not {value}",
+           "--scheme", "fq2", "--seed", value, "--calib", "unused.npz")
+
+
 @pytest.mark.parametrize("scheme, flag, value", [("fp32", "--redundancy", "1.1"), ("fp32", "--l-den", "0"),
-                                                 ("int8", "--l-den", "8"), ("rtn2", "--redundancy", "0.5")])
+                                                 ("int8", "--l-den", "8"), ("rtn2", "--redundancy", "0.5"),
+                                                 ("gptq2", "--seed", "1")])
 def test_frame_options_of_schemes_without_a_frame(mlp_onnx, tmp_path, capsys, scheme, flag, value):
     _check(mlp_onnx, tmp_path / "out", capsys, f"{flag} applies to FrameQuant schemes (fq2, fq4, had2, ...), "
            f"not '{scheme}'", "--scheme", scheme, flag, value)

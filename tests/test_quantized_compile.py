@@ -54,6 +54,19 @@ def _check_against_simulation(onnx_path, out, records, shapes):
         assert max_rel_err(ours, ref) < 1e-4, (shape, max_rel_err(ours, ref))
 
 
+def test_seed_is_the_rotation_seed(mlp_onnx, tmp_path):
+    """--seed reaches the rotation (the stored signs differ, the manifest names the seed) and the
+    artifact still matches its own numpy simulation."""
+    signs = {}
+    for seed in (0, 7):
+        (tmp_path / str(seed)).mkdir()
+        out, records = _build(mlp_onnx, tmp_path / str(seed), "fq2", (64, 32), seed=seed)
+        assert json.loads((out / "manifest.json").read_text())["scheme"]["seed"] == seed
+        signs[seed] = [r.input_hadamard.signs for r in records.values()]
+        _check_against_simulation(mlp_onnx, out, records, [(3, 32)])
+    assert all(not np.array_equal(a, b) for a, b in zip(signs[0], signs[7]))
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_mlp(mlp_onnx, tmp_path, scheme):
     out, records = _build(mlp_onnx, tmp_path, scheme, (64, 32))
