@@ -42,6 +42,13 @@ def sha256_file(path: Path) -> str:
         return _sha256(handle)
 
 
+def sha256_input(path: Path) -> str:
+    """sha256 of a user's input file (a model, its tokenizer), symbolic links followed: a model in
+    the Hugging Face cache is one. (Artifact files are read with `sha256_file`, which refuses links.)"""
+    with open(path, "rb") as handle:
+        return _sha256(handle)
+
+
 def _sha256(handle) -> str:
     digest = hashlib.sha256()
     for chunk in iter(lambda: handle.read(1 << 20), b""):

@@ -290,11 +290,11 @@ def _build(model: Path, scheme: str, target: str, calib, tmp: Path, log: Progres
 def check_artifacts(paths, model: Path, target: str | None, local: bool) -> list[dict]:
     """The manifests, after checking each artifact is one of this model's, for `target` (when
     given; else all for one target), and runnable here when `local`."""
-    from .artifact import read_manifest, sha256_file
+    from .artifact import read_manifest, sha256_input
 
     if not paths:
         raise FqError("nothing to measure: no schemes and no --artifacts")
-    digest = sha256_file(model)
+    digest = sha256_input(model)
     manifests = [read_manifest(p) for p in paths]
     for path, m in zip(paths, manifests):
         name = m["target"]["name"]
@@ -511,7 +511,7 @@ def _time_all(entries: list[Entry], feeds: dict, seconds: float) -> dict:
 
 def _result(model: Path, entries, accuracy, latency, threads, source, feeds, board, tmp: Path) -> dict:
     from . import __version__
-    from .artifact import sha256_file
+    from .artifact import sha256_input
     from .cpuinfo import board_info, describe
 
     import onnxruntime
@@ -523,7 +523,7 @@ def _result(model: Path, entries, accuracy, latency, threads, source, feeds, boa
     for row in rows:
         row["vs_ort_fp32_latency"] = row["latency"]["median_ms"] / base["latency"]["median_ms"] if base else None
     return {
-        "model": str(model), "model_sha256": sha256_file(model),
+        "model": str(model), "model_sha256": sha256_input(model),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": {**host, "description": describe(host)},
         "board": board.describe() if board is not None else None,

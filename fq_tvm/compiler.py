@@ -182,7 +182,7 @@ def _generation(proto, model_path: Path) -> dict | None:
     """The manifest's `generation` section of a causal LM exported with a KV cache (the ONNX
     metadata fq-export --kv-cache writes; kvcache.py), or None. A tokenizer named there but missing
     beside the model is left out with a warning (fq-generate then needs --tokenizer)."""
-    from .artifact import generation_problem, sha256_file
+    from .artifact import generation_problem, sha256_input
     from .kvcache import read_generation
 
     meta = read_generation(proto)
@@ -192,7 +192,7 @@ def _generation(proto, model_path: Path) -> dict | None:
     tokenizer = meta.get("tokenizer")
     if tokenizer is not None:
         path = model_path.parent / str(tokenizer.get("file"))
-        if not path.is_file() or sha256_file(path) != tokenizer.get("sha256"):
+        if not path.is_file() or sha256_input(path) != tokenizer.get("sha256"):
             why = "missing" if not path.is_file() else "not the one exported with the model (checksum differs)"
             warn(f"{path} is {why}: the artifact gets no tokenizer (fq-generate will need --tokenizer)")
             meta.pop("tokenizer")
@@ -486,14 +486,14 @@ def _manifest(proto, model_path: Path, preset, cfg, files: list[str]) -> dict:
     import onnx
     import tvm
 
-    from .artifact import sha256_file
+    from .artifact import sha256_input
     from .onnx_io import signature, weight_bytes
 
     sig = signature(proto)
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"fq_tvm": __version__, "tvm": tvm.__version__, "onnx": onnx.__version__},
-        "source": {"model": model_path.name, "sha256": sha256_file(model_path)},
+        "source": {"model": model_path.name, "sha256": sha256_input(model_path)},
         "target": {"name": preset.name, "tvm": preset.target, "arch": preset.arch, "device": preset.device},
         "scheme": cfg.to_meta(),
         "weights": {"bytes": weight_bytes(proto)},

@@ -266,9 +266,9 @@ def _calibration_key(proto, calib, tensors):
 
     if not isinstance(calib, (str, Path)):
         return None
-    from .artifact import sha256_file
+    from .artifact import sha256_input
 
-    return _model_digest(proto), sha256_file(Path(calib)), tuple(tensors)
+    return _model_digest(proto), sha256_input(Path(calib)), tuple(tensors)
 
 
 def _model_digest(proto) -> str:

@@ -167,3 +167,23 @@ def test_fq_run_reports_one_line(art, tmp_path, capsys):
 
 def test_good_artifact_still_loads(art):
     assert load(art).run({"x": np.ones((2, 32), np.float32)})["y"].shape == (2, 16)
+
+
+def test_inputs_may_be_symbolic_links(mlp_onnx, tmp_path):
+    """A model and calibration file that are links (the Hugging Face cache keeps every file as one)
+    compile; the manifest hashes the file linked to. Only artifact files must be regular files."""
+    import hashlib
+
+    import fq_tvm
+
+    store = tmp_path / "blobs"
+    store.mkdir()
+    (store / "model").write_bytes(mlp_onnx.read_bytes())
+    np.savez(store / "calib.npz", x=np.random.default_rng(0).standard_normal((16, 32)).astype(np.float32))
+    (tmp_path / "model.onnx").symlink_to(store / "model")
+    (tmp_path / "calib.npz").symlink_to(store / "calib.npz")
+    out = fq_tvm.compile(tmp_path / "model.onnx", "host", tmp_path / "art", scheme="gptq2",
+                         calib=tmp_path / "calib.npz", calib_sequential=False, quiet=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["sha256"] == hashlib.sha256(mlp_onnx.read_bytes()).hexdigest()
+    assert [entry["name"] for entry in manifest["layers"]] == ["fc0"]
