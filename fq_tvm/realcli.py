@@ -27,7 +27,7 @@ def export_main(argv=None):
     p.add_argument("--force", action="store_true", help="export again even if the file exists")
     p.add_argument("--calib-samples", type=int, metavar="N",
                    help="calibration samples: minilm passages of up to 128 tokens (default 256; 1024 "
-                        "raise fq2's cosine to the fp32 embeddings .916 -> .929 at 2.3x the compile time), "
+                        "raise fq2's cosine to the fp32 embeddings .916 -> .929 at 1.9x the compile time), "
                         "smollm2 (and --hf) windows of 512 tokens (default 64)")
     args = p.parse_args(argv)
     from . import realmodels
@@ -42,8 +42,7 @@ def export_main(argv=None):
     export = realmodels.export_minilm if args.model == "minilm" else realmodels.export_smollm2
     calib = realmodels.minilm_calib if args.model == "minilm" else realmodels.smollm2_calib
     print(export(out, force=args.force))
-    n = {} if args.calib_samples is None else {"n": args.calib_samples}
-    print(calib(out / f"{args.model}_calib.npz", **n))
+    print(calib(out / f"{args.model}_calib.npz", **_calib_samples(args)))
     return 0
 
 
@@ -60,18 +59,22 @@ def _export_kv(args, out: Path) -> int:
         path = realmodels.export_hf_kv(args.hf, out, force=args.force)
         calib = out / f"{path.stem}_calib.npz"
         print(path)
-        print(_hf_calib(path, calib, args.calib_samples or 64))
+        print(_hf_calib(path, calib, **_calib_samples(args)))
         return 0
     if not args.model:
         raise FqError("no model given: smollm2, or --hf MODEL_DIR")
     path = realmodels.export_smollm2_kv(out, force=args.force)
     print(path)
-    n = {} if args.calib_samples is None else {"n": args.calib_samples}
-    print(realmodels.smollm2_kv_calib(out / "smollm2_kv_calib.npz", path, **n))
+    print(realmodels.smollm2_kv_calib(out / "smollm2_kv_calib.npz", path, **_calib_samples(args)))
     return 0
 
 
-def _hf_calib(path: Path, calib: Path, n: int = 64):
+def _calib_samples(args) -> dict:
+    """{"n": --calib-samples} for the realmodels calibration writers, or {} for their default."""
+    return {} if args.calib_samples is None else {"n": args.calib_samples}
+
+
+def _hf_calib(path: Path, calib: Path, **n):
     """Wikipedia windows tokenized with the model's tokenizer; skipped (with a note) without gensim."""
     import importlib.util
     import sys
@@ -87,7 +90,7 @@ def _hf_calib(path: Path, calib: Path, n: int = 64):
         return "(no calibration file)"
     info = read_generation(onnx.load(str(path), load_external_data=False))
     seq = min(512, info["context"])  # positions past the context have no rotary row
-    return realmodels.kv_calib(calib, realmodels.text_calib_ids(path.parent / "tokenizer.json", n=n, seq=seq), info)
+    return realmodels.kv_calib(calib, realmodels.text_calib_ids(path.parent / "tokenizer.json", seq=seq, **n), info)
 
 
 @_cli("fq-eval")
