@@ -258,7 +258,7 @@ def calibrate(model, samples, tensors=None, batch_size: int = 8, mask_input: str
     for idx in plan:
         feed = plan.arrays(data, feeds, idx)
         values = dict(zip(fetch, session.run(fetch, feed))) if fetch else {}
-        mask = None if mask_input is None else plan.arrays(data, [mask_input], idx)[mask_input]
+        mask = None if mask_input is None else plan.rows(data, mask_input, idx)
         held = held_out_samples(idx, total)
         for name in tensors:
             _accumulate(stats, name, values[name] if name in values else feed[name], mask, held)
@@ -278,22 +278,21 @@ def held_out_samples(indices, total: int) -> np.ndarray | None:
 
 
 class Batches(list):
-    """The calibration batches, each an array of sample indices (`batches`). `arrays(data, names,
-    indices)` gives each named input's rows of a batch, cut to the batch's longest sample where
-    the batches are cut (`cut`: the inputs of the mask's [samples, seq] shape, `lengths`)."""
+    """The calibration batches, each an array of sample indices (`batches`). `rows(data, name,
+    indices)` gives one input's rows of a batch, cut to the batch's longest sample where the
+    batches are cut (`cut`: the inputs of the mask's [samples, seq] shape, `lengths`); `arrays`
+    those of several inputs."""
 
     def __init__(self, items, cut=(), lengths=None):
         super().__init__(items)
         self.cut, self.lengths = set(cut), lengths
 
+    def rows(self, data, name, indices) -> np.ndarray:
+        rows = np.asarray(data[name])[indices]
+        return rows[:, : max(1, int(self.lengths[indices].max()))] if name in self.cut else rows
+
     def arrays(self, data, names, indices) -> dict:
-        out = {}
-        for name in names:
-            rows = np.asarray(data[name])[indices]
-            if name in self.cut:
-                rows = rows[:, : max(1, int(self.lengths[indices].max()))]
-            out[name] = rows
-        return out
+        return {name: self.rows(data, name, indices) for name in names}
 
 
 def batches(model, data, feeds, mask_input, batch_size: int) -> Batches:

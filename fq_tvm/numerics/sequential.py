@@ -169,7 +169,7 @@ def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8,
             for b, idx in enumerate(plan):
                 live = store.get(b)
                 live = {**live, **run(live)}
-                mask = None if mask_input is None else plan.arrays(data, [mask_input], idx)[mask_input]
+                mask = None if mask_input is None else plan.rows(data, mask_input, idx)
                 held = held_out_samples(idx, total)
                 for name in names:
                     _accumulate(stats, name, live[name], mask, held)
