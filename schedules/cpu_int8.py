@@ -109,10 +109,11 @@ ISAS = [
     # lone rows: one for 4- and 8-bit codes, whose 4 interleaved weight-row streams halved a
     # one-row product's bandwidth (Zen 3: SmolLM2's int8 head 6.6 -> 2.9 ms from memory, a
     # 4096^2 int8 layer 1.72 -> 0.93 ms from cache); four for 2-bit, whose activation loads the
-    # 4 rows share (1536 x 648 from cache: 26 us with 4, 62 with 1); no pre-laid 8-bit words by
-    # default: 4096^2 at M = 1, one thread, 0.36 -> 0.46 ms with them (znver3 code on Zen 4)
+    # 4 rows share (1536 x 648 from cache: 26 us with 4, 62 with 1); pre-laid 8-bit words: on a
+    # real Zen 3, 4096^2 0.38 -> 0.33 ms at M = 1, 24 -> 19-22 at 128; 1536 x 384 0.150 -> 0.099
+    # at M = 16 (znver3 code on Zen 4 had read 1.25x slower at M = 1, hence off until 2026-11-28)
     Isa("avx2", ("avx2",), 32, 8, (4, 1), {2: 4, 4: 1, 8: 1}, _dot_avx2, {2: 0, 4: 0, 8: 128}, _dot_avx2_signed,
-        gemm=(4, 1), words={2: 4, 4: 4, 8: 1}),
+        gemm=(4, 1), words={2: 4, 4: 4, 8: 1}, prelay=True),
     Isa("neon-dotprod", ("neon", "dotprod"), 16, 4, (4, 2), {2: 4, 4: 4, 8: 4}, _dot_sdot, {2: 2, 4: 8, 8: 128},
         gemm=(4, 2), words={2: 4, 4: 4, 8: 4}, in_place=True),
     Isa("neon", ("neon",), 16, 16, (2, 1), {2: 2, 4: 2, 8: 2}, _dot_widen, {2: 0, 4: 0, 8: 0}),
