@@ -29,6 +29,7 @@ import numpy as np
 from .errors import FqError
 
 DEFAULT_SCHEMES = ("fp32", "int8", "fq2")
+ORT_INT8 = "ORT int8 (dynamic)"
 EVAL_SAMPLES = 8  # eval inputs taken from the calibration file when --inputs is not given
 REPORT_FILES = ("report.md", "report.json", "report.png")
 FP32_MISMATCH = 1e-3  # an fp32 build further than this from ORT fp32 gets a note in the report
@@ -404,7 +405,7 @@ def _ort_entries(model: Path, feeds: dict, work: Path, threads: int, log: Progre
     work.mkdir(parents=True, exist_ok=True)
     with log("quantize for ONNX Runtime: dynamic int8"):
         path = _ort_int8(model, work / "model.int8.onnx")
-        entries.append(entry("ORT int8 (dynamic)", "int8", path))
+        entries.append(entry(ORT_INT8, "int8", path))
     with log("quantize for ONNX Runtime: MatMulNBits 4-bit and 2-bit"):
         for bits in (4, 2):
             path = _ort_nbits(model, work / f"model.nbits{bits}.onnx", bits)
@@ -542,12 +543,25 @@ def _row(entry: Entry, accuracy: dict, latency: dict, tmp: Path) -> dict:
             **accuracy}
 
 
-def _notes(rows: list[dict], board) -> list[str]:
+def ort_int8_saturates(info: dict) -> bool:
+    """Whether ONNX Runtime's dynamic int8 runs `vpmaddubsw` without VNNI on this CPU (x86 with no
+    avx512_vnni / avx_vnni), whose int16 sum of two uint8 x int8 products saturates."""
+    flags = set(info.get("flags", ()))
+    return info.get("arch") == "x86_64" and not flags & {"avx512_vnni", "avx_vnni"}
+
+
+def _notes(rows: list[dict], board, here: dict | None = None) -> list[str]:
+    from .cpuinfo import board_info
+
     notes = []
     for row in rows:
         if row["scheme"] == "fp32" and row["vs_ort_fp32"]["max_rel_err"] > FP32_MISMATCH:
             notes.append(f"{row['label']} differs from ONNX Runtime fp32 by {row['vs_ort_fp32']['max_rel_err']:.2e} "
                          f"(relative): more than float rounding")
+    if any(row["label"] == ORT_INT8 for row in rows) and ort_int8_saturates(here or board_info()):
+        notes.append(f"{ORT_INT8} on this CPU (x86 without VNNI) sums pairs of uint8 x int8 products in int16 "
+                     "(vpmaddubsw), which saturate: part of its error is overflow, not quantization "
+                     "(benchmarks/int8_exactness.py); fq-tvm's int8 products are exact")
     if board is not None:
         notes.append("fq-tvm builds ran on the remote board (timed there by TVM's time evaluator, network "
                      "excluded); ONNX Runtime ran here only as the accuracy reference")

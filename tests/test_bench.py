@@ -85,7 +85,20 @@ def test_accuracy_matches_an_independent_computation(bench_run, encoder_onnx):
     rows = {r["label"]: r for r in report["rows"]}
     assert rows["fq-tvm fp32"]["vs_ort_fp32"]["max_rel_err"] < 1e-5
     assert 0.9 < rows["fq-tvm fq2"]["vs_ort_fp32"]["cosine"] < 0.99999  # quantized: close, not equal
-    assert report["notes"] == []
+    notes = report["notes"]  # without VNNI, one note: ORT int8's sums saturate (below)
+    assert len(notes) == benchmark.ort_int8_saturates(cpuinfo.board_info()) and all("saturate" in n for n in notes)
+
+
+@pytest.mark.parametrize("arch, flags, saturates", [
+    ("x86_64", ["avx2", "fma"], True),  # Zen 3, Haswell .. Skylake client
+    ("x86_64", ["avx2", "avx512bw", "avx512_vnni"], False),  # Ice Lake server, Zen 4
+    ("x86_64", ["avx2", "avx_vnni"], False),  # Alder Lake
+    ("aarch64", ["asimd"], False)])
+def test_ort_int8_note_only_where_its_sums_saturate(arch, flags, saturates):
+    rows = [{"label": benchmark.ORT_INT8, "scheme": "int8", "vs_ort_fp32": {"max_rel_err": 0.1}}]
+    notes = benchmark._notes(rows, None, here={"arch": arch, "flags": flags})
+    assert len(notes) == saturates and all("saturate" in n and "int8_exactness" in n for n in notes)
+    assert benchmark._notes(rows[:0], None, here={"arch": arch, "flags": flags}) == []  # no ORT int8 row
 
 
 def test_sizes_bits_and_latency_are_consistent(bench_run):
