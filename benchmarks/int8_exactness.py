@@ -3,13 +3,14 @@
     python benchmarks/int8_exactness.py [--work DIR]
 
 Two dense layers y = x @ W^T: weights +-1 (every int8 code +-127: the worst case) and normal
-weights (a few codes near +-127: the common case), each with inputs that fill the 8-bit range. ORT's dynamic int8 (`quantize_dynamic`, QInt8 weights) quantizes x to uint8 and,
-on x86 without VNNI, multiplies with `vpmaddubsw`, whose int16 sum of two uint8 x int8 products
-saturates at 32767 (two products of 255 x 127 make 64770). Our int8 kernel sums pairs of at most
-128 x 127 there (`schedules/cpu_int8.py`, `_dot_avx2_signed`) and stays exact. Prints each
+weights (a few codes near +-127: the common case), each with inputs that fill the 8-bit range.
+ORT's dynamic int8 (`quantize_dynamic`, QInt8 weights) quantizes x to uint8 and, on x86 without
+VNNI, multiplies with `vpmaddubsw`, whose int16 sum of two uint8 x int8 products saturates at
+32767 (two products of 255 x 127 make 64770). Our int8 kernel sums pairs of at most 128 x 127
+there (`schedules/cpu_int8.py`, `_dot_avx2_signed`), so its integer sums are exact. Prints each
 engine's error against float64 numpy, and that of ORT's quantization simulated without
-saturation, with the CPU named: speed comparisons between the two
-int8 engines on such a CPU compare an exact kernel with one that is not.
+saturation, with the CPU named: on such a CPU a speed comparison of the two int8 engines compares
+exact integer sums with saturating ones.
 """
 
 from __future__ import annotations
