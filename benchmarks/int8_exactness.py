@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fq_tvm  # noqa: E402
+from fq_tvm.benchmark import compare  # noqa: E402
 from fq_tvm.cpuinfo import board_info, describe  # noqa: E402
 from ort_baselines import dynamic_int8, fp32_matmul  # noqa: E402
 
@@ -56,7 +57,8 @@ def _ort_unsaturated(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def _rel(got: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(got - ref).max() / np.abs(ref).max())
+    """fq-bench's measure: max |got - ref| / max |ref|."""
+    return compare({"y": got}, {"y": ref})["max_rel_err"]
 
 
 def main(argv=None) -> int:

@@ -530,7 +530,7 @@ def _result(model: Path, entries, accuracy, latency, threads, source, feeds, boa
         "board": board.describe() if board is not None else None,
         "threads": threads, "eval_inputs": {"source": source, "shapes": {k: list(v.shape) for k, v in feeds.items()}},
         "versions": {"fq_tvm": __version__, "tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__},
-        "rows": rows, "notes": _notes(rows, board),
+        "rows": rows, "notes": _notes(rows, board, host),
     }
 
 
@@ -550,15 +550,14 @@ def ort_int8_saturates(info: dict) -> bool:
     return info.get("arch") == "x86_64" and not flags & {"avx512_vnni", "avx_vnni"}
 
 
-def _notes(rows: list[dict], board, here: dict | None = None) -> list[str]:
-    from .cpuinfo import board_info
-
+def _notes(rows: list[dict], board, host: dict) -> list[str]:
+    """Lines under the table; `host`: this machine's `cpuinfo.board_info()`, where ORT ran."""
     notes = []
     for row in rows:
         if row["scheme"] == "fp32" and row["vs_ort_fp32"]["max_rel_err"] > FP32_MISMATCH:
             notes.append(f"{row['label']} differs from ONNX Runtime fp32 by {row['vs_ort_fp32']['max_rel_err']:.2e} "
                          f"(relative): more than float rounding")
-    if any(row["label"] == ORT_INT8 for row in rows) and ort_int8_saturates(here or board_info()):
+    if any(row["label"] == ORT_INT8 for row in rows) and ort_int8_saturates(host):
         notes.append(f"{ORT_INT8} on this CPU (x86 without VNNI) sums pairs of uint8 x int8 products in int16 "
                      "(vpmaddubsw), which saturate: part of its error is overflow, not quantization "
                      "(benchmarks/int8_exactness.py); fq-tvm's integer sums do not overflow")

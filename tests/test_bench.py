@@ -96,9 +96,9 @@ def test_accuracy_matches_an_independent_computation(bench_run, encoder_onnx):
     ("aarch64", ["asimd"], False)])
 def test_ort_int8_note_only_where_its_sums_saturate(arch, flags, saturates):
     rows = [{"label": benchmark.ORT_INT8, "scheme": "int8", "vs_ort_fp32": {"max_rel_err": 0.1}}]
-    notes = benchmark._notes(rows, None, here={"arch": arch, "flags": flags})
+    notes = benchmark._notes(rows, None, {"arch": arch, "flags": flags})
     assert len(notes) == saturates and all("saturate" in n and "int8_exactness" in n for n in notes)
-    assert benchmark._notes(rows[:0], None, here={"arch": arch, "flags": flags}) == []  # no ORT int8 row
+    assert benchmark._notes(rows[:0], None, {"arch": arch, "flags": flags}) == []  # no ORT int8 row
 
 
 def test_sizes_bits_and_latency_are_consistent(bench_run):
