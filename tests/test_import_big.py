@@ -5,6 +5,8 @@ external-data file takes the big-model path. ModelProto.ByteSize() and Serialize
 is put back around the weights. fp32 matches ONNX Runtime within 1e-4 relative; fq2 matches the
 float simulation of its codes."""
 
+import tempfile
+
 import numpy as np
 import onnx
 import pytest
@@ -69,8 +71,11 @@ def test_big_model_fp32_never_serializes_weights(tmp_path, big_vit):
         assert max_rel_err(art.run(_image(batch))["out"], ort_run(path, _image(batch))[0]) < 1e-4
 
 
-def test_big_model_fq2(tmp_path, big_vit):
+def test_big_model_fq2(tmp_path, big_vit, monkeypatch):
     path, _ = big_vit
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     np.savez(tmp_path / "c.npz", **{k: np.concatenate([_image(8)[k], _image(9)[k]]) for k in _image(1)})
     records = {}
     art = fq_tvm.compile(path, "host", tmp_path / "fq2", scheme="fq2", calib=tmp_path / "c.npz", quiet=True,
@@ -79,3 +84,4 @@ def test_big_model_fq2(tmp_path, big_vit):
     sim = tmp_path / "sim.onnx"
     onnx.save(simulated_model(prepare(onnx.load(str(path))), records), str(sim))
     assert max_rel_err(fq_tvm.load(art).run(_image(2))["out"], ort_run(sim, _image(2))[0]) < 1e-4
+    assert not list(scratch.glob("fq-calib-*"))  # calibration's copy of the weights is gone

@@ -206,10 +206,11 @@ def _session(model):
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     import onnx
 
-    tmp = tempfile.mkdtemp(prefix="fq-calib-")
-    path = str(Path(tmp) / "model.onnx")
-    onnx.save_model(model, path, save_as_external_data=True, location="weights.bin")
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    # ORT holds the weights (read or mapped) once the session exists, so the copy goes at once
+    with tempfile.TemporaryDirectory(prefix="fq-calib-") as tmp:
+        path = str(Path(tmp) / "model.onnx")
+        onnx.save_model(model, path, save_as_external_data=True, location="weights.bin")
+        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
 def _samples(samples):
