@@ -2,12 +2,48 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import linecache
 import sys
 
 import tvm
 import tvm.s_tir as s_tir
 from tvm.script import tirx as T
 from tvm.script.parser.core.parser import ScriptMacro
+
+
+def parsed_once(factory):
+    """`factory` (arguments -> PrimFunc) run once per distinct arguments in a process. Writing a
+    kernel parses TVMScript, 0.1-0.9 s each; fq-report, fq-bench and the tests compile the same
+    kernels again and again (a third of the test suite's build time was parsing). The key is
+    the arguments by value, defaults applied: lists and dicts as tuples, frozen dataclasses by
+    their fields. PrimFuncs are immutable, so every caller may share one."""
+    signature = inspect.signature(factory)
+    made: dict = {}
+
+    @functools.wraps(factory)
+    def once(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        key = _by_value(tuple(bound.arguments.items()))
+        if key not in made:
+            made[key] = factory(*args, **kwargs)
+        return made[key]
+
+    once.made = made
+    return once
+
+
+def _by_value(value):
+    if isinstance(value, (list, tuple)):
+        return ("seq",) + tuple(_by_value(v) for v in value)
+    if isinstance(value, dict):
+        return ("dict",) + tuple(sorted((k, _by_value(v)) for k, v in value.items()))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return (type(value),) + tuple(_by_value(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return value
 
 
 def blocks(sch: s_tir.Schedule) -> list:
@@ -61,10 +97,37 @@ def _find_parser_def(self):
     raise RuntimeError(f"{ScriptMacro.parser_object_name} not available")
 
 
+class _QuickStack:
+    """`inspect` for TVM's `T.prim_func`, whose `inspect.stack()` (read to tell a function in an
+    `@I.ir_module` class, and for names in string annotations) builds every outer frame's info:
+    its source file found by scanning sys.modules, its line read. 20-25% of a kernel's parse, more
+    under pytest's deep stacks and torch's thousands of modules. The same frames, line numbers and
+    names; code lines only for the three innermost frames (the class check reads the third)."""
+
+    def __getattr__(self, name):
+        return getattr(inspect, name)
+
+    @staticmethod
+    def stack(context: int = 1) -> list:
+        frames, frame = [], sys._getframe(1)
+        while frame is not None:
+            code, lineno = frame.f_code, frame.f_lineno
+            lines = [linecache.getline(code.co_filename, lineno)] if len(frames) < 3 and context else None
+            frames.append(inspect.FrameInfo(frame, code.co_filename, lineno, code.co_name, lines,
+                                            0 if lines else None))
+            frame = frame.f_back
+        return frames
+
+
 def quick_macros() -> None:
-    """Use `_find_parser_def` for every `T.macro` call (our kernels call several per kernel)."""
+    """Use `_find_parser_def` for every `T.macro` call (our kernels call several per kernel), and
+    `_QuickStack` for `T.prim_func`'s stack."""
     if hasattr(ScriptMacro, "_find_parser_def") and hasattr(ScriptMacro, "parser_object_name"):
         ScriptMacro._find_parser_def = _find_parser_def
+    from tvm.tirx.script.parser import entry
+
+    if getattr(entry, "inspect", None) is inspect:
+        entry.inspect = _QuickStack()
 
 
 SERIAL_ROWS = 2  # under this many rows a row loop runs without a parallel launch

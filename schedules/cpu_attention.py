@@ -37,7 +37,7 @@ from tvm.ir.expr import GenericConst  # a Relax tensor constant
 from tvm_ffi import structural_equal
 from tvm.script import tirx as T
 
-from .common import AHEAD, LINE, STACK, dispatch_pass, prefetch, transposed, wide
+from .common import AHEAD, LINE, STACK, dispatch_pass, parsed_once, prefetch, transposed, wide
 from .kernels import OPAQUE, at, layout
 
 KIND = "attention_scores"
@@ -72,6 +72,7 @@ class Mask(NamedTuple):
 MASKED = -1e30  # a mask entry below this hides its score (its exp is 0 after any score)
 
 
+@parsed_once
 def scores(H: int, D: int, lanes: int, q_seq: bool = True, k_seq: bool = True, group: int = 1,
            mask: Mask | None = None) -> tvm.tirx.PrimFunc:
     """q [batch, sq, H, D] (q_seq) or [batch, H, sq, D]; k likewise with H // group heads. With

@@ -21,7 +21,7 @@ from tvm import relax
 from tvm_ffi import structural_equal
 from tvm.script import tirx as T
 
-from .common import STACK, dispatch_pass
+from .common import STACK, dispatch_pass, parsed_once
 from .cpu_attention import heads_view, prefetch_rows
 from .kernels import OPAQUE, at, layout
 
@@ -34,6 +34,7 @@ def vectors(D: int, lanes: int) -> int:
     return 2 if D % (2 * lanes) == 0 else 1
 
 
+@parsed_once
 def values(H: int, D: int, lanes: int, v_seq: bool = True, group: int = 1) -> tvm.tirx.PrimFunc:
     """p [batch, H, sq, sk], v [batch, sk, H // group, D] (v_seq) or [batch, H // group, sk, D]
     -> o [batch, sq, H, D]; D a multiple of lanes."""

@@ -27,7 +27,7 @@ from tvm import relax
 from tvm.ir.expr import GenericConst  # a Relax tensor constant
 from tvm.script import tirx as T
 
-from .common import STACK, dispatch_pass
+from .common import STACK, dispatch_pass, parsed_once
 from .kernels import OPAQUE
 
 KIND = "dense_fp32"
@@ -61,6 +61,7 @@ def pack(w: np.ndarray, lanes: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(k, n // c, c).transpose(1, 0, 2))
 
 
+@parsed_once
 def dense(K: int, N: int, lanes: int, packed: bool = True) -> tvm.tirx.PrimFunc:
     """The kernel for W packed (`wp [N / C, K, C]`), or read in place (`W [K, N]`, for a weight
     that other ops use too)."""
@@ -158,6 +159,7 @@ def dense(K: int, N: int, lanes: int, packed: bool = True) -> tvm.tirx.PrimFunc:
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE, "tirx.is_scheduled": True})
 
 
+@parsed_once
 def gather_columns(K: int, N: int, lanes: int, ids_dtype: str) -> tvm.tirx.PrimFunc:
     """out [K, T] = W[:, ids] for W packed as `wp [N / C, K, C]`: `take(W, ids, axis=1)` on the
     flattened ids. An id outside [0, N) reads column 0 or N - 1 (take's "fast" mode leaves that

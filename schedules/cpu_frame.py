@@ -9,12 +9,13 @@ from __future__ import annotations
 import tvm
 from tvm.script import tirx as T
 
-from .common import STACK, each_row, lane_sums, row_kernel
+from .common import STACK, each_row, lane_sums, parsed_once, row_kernel
 from .kernels import OPAQUE
 
 KIND = "frame_rows"
 
 
+@parsed_once
 def frame_analysis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.PrimFunc:
     """Same buffers as `kernels.frame_analysis` (x, F [2k, 2l] -> y): F transposed once per task."""
     row = analysis_row(nblk, two_l, two_k, tail)
@@ -136,6 +137,7 @@ def _block_group(two_l: int, two_k: int, G: int, lanes: int):
 SYNTHESIS_KIND = "frame_synthesis_rows"
 
 
+@parsed_once
 def frame_synthesis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.PrimFunc:
     """The transposed frame (a quantized tied embedding's P^T): per row, each group of 2k inputs
     times F (2k x 2l), broadcast-multiply-adds into a vector of the 2l outputs (F's rows are

@@ -19,13 +19,14 @@ import math
 import tvm
 from tvm.script import tirx as T
 
-from .common import STACK, each_row, row_kernel, same_row
+from .common import STACK, each_row, parsed_once, row_kernel, same_row
 from .kernels import OPAQUE
 
 KIND = "hadamard_rows"
 CHUNK_VECTORS = 8  # vectors a row chunk keeps in registers (8 of AVX-512's 32, AVX2's 16)
 
 
+@parsed_once
 def hadamard(dim: int, block: int, inverse: bool, lanes: int = 16) -> tvm.tirx.PrimFunc:
     row = row_macro(dim, block, inverse, lanes)
     func = row_kernel(dim, dim, (dim,), each_row(same_row(row)))

@@ -30,7 +30,7 @@ from tvm.script import tirx as T
 
 from ..numerics.activations import act_group
 from ..numerics.packing import packed_width
-from .common import AHEAD, LINE, SERIAL_ROWS, STACK, lane_sums, prefetch, wide
+from .common import AHEAD, LINE, SERIAL_ROWS, STACK, lane_sums, parsed_once, prefetch, wide
 from .kernels import OPAQUE
 
 KIND = "dequant_matmul_int8"
@@ -445,6 +445,7 @@ def _no_gemm(xn, packed, scale, zero, y, ax, axs, m):
     T.evaluate(0)
 
 
+@parsed_once
 def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
     isa = p.isa
     N, K, Bw, G = p.rows, p.cols, p.width, p.ngroups

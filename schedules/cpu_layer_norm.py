@@ -14,12 +14,10 @@ the fallback (a power kernel, then a fused mean and normalisation) SmolLM2's 61 
 
 from __future__ import annotations
 
-import functools
-
 import tvm
 from tvm.script import tirx as T
 
-from .common import STACK, in_tasks, row_kernel
+from .common import STACK, in_tasks, parsed_once, row_kernel
 from .kernels import OPAQUE
 
 KIND = "layer_norm_rows"
@@ -38,7 +36,7 @@ def _lane_sum(L: int):
     return vsum
 
 
-@functools.cache  # one parse per shape, not per call (MiniLM's 13 layer norms took 1.8 s of its compile)
+@parsed_once
 def layer_norm(n: int, epsilon: float, lanes: int) -> tvm.tirx.PrimFunc:
     """x [rows, n], gamma [n], beta [n] -> y [rows, n], float32; rows symbolic, n static."""
     L = min(lanes, n)
@@ -89,7 +87,7 @@ def layer_norm(n: int, epsilon: float, lanes: int) -> tvm.tirx.PrimFunc:
     return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE, "tirx.is_scheduled": True})
 
 
-@functools.cache  # one parse per shape, not per call
+@parsed_once
 def rms_norm(n: int, epsilon: float, lanes: int) -> tvm.tirx.PrimFunc:
     """x [rows, n], w [n] -> y [rows, n] = x * (1 / sqrt(mean(x^2) + eps)) * w, float32; rows
     symbolic, n static."""

@@ -12,12 +12,10 @@ A vector whose every x - max is below UNDER is written as zeros without its exp 
 
 from __future__ import annotations
 
-import functools
-
 import tvm
 from tvm.script import tirx as T
 
-from .common import STACK, in_tasks
+from .common import STACK, in_tasks, parsed_once
 from .cpu_ops import exp_f32
 from .kernels import OPAQUE
 
@@ -25,7 +23,7 @@ KIND = "softmax_rows"
 UNDER = -88.0  # exp_f32 of anything below is 0.0 exactly (2^-127 and less flush to zero)
 
 
-@functools.cache  # one parse per lane width, not per call (SmolLM2's 30 softmaxes took 4 s of its compile)
+@parsed_once
 def softmax(lanes: int) -> tvm.tirx.PrimFunc:
     """x [rows, n] -> y [rows, n], both symbolic, float32; vectors of `lanes` floats."""
     L = lanes

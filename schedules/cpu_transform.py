@@ -11,7 +11,7 @@ import tvm
 from tvm.script import tirx as T
 
 from . import cpu_frame, cpu_hadamard
-from .common import STACK, in_tasks
+from .common import STACK, in_tasks, parsed_once
 from .cpu_ops import exp_f32
 from .kernels import OPAQUE
 
@@ -48,6 +48,7 @@ def sides(steps) -> tuple | None:
     return found[0], steps[at], found[1]
 
 
+@parsed_once
 def transform(steps, lanes: int = 16, residual: bool = False, norm: float | None = None,
               bias: bool = False) -> tvm.tirx.PrimFunc:
     """The kernel of a run (`sides`). With `residual` (one side, one parameter: an output side), a

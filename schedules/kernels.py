@@ -13,6 +13,8 @@ import math
 import tvm
 from tvm import te, tirx
 
+from .common import parsed_once
+
 OPAQUE = 8
 
 
@@ -56,6 +58,7 @@ def _x_or_zero(x, m, K, i, c):
     return tirx.if_then_else(tirx.all(i < m, c < K), x[te.min(i, m - _i64(1)), te.min(c, K - _i64(1))], _zero())
 
 
+@parsed_once
 def dequant_matmul(rows: int, cols: int, bits: int, group_size: int, act_group: int = 0) -> tvm.tirx.PrimFunc:
     """y[m, rows] = x[m, cols] @ dequant(packed)^T, reading packed codes in the reduction.
 
@@ -104,6 +107,7 @@ def dequant_matmul(rows: int, cols: int, bits: int, group_size: int, act_group: 
                    group=gs if ngroups > 1 else 0, act_group=act_group)
 
 
+@parsed_once
 def dequant_matmul_tiled(rows: int, cols: int, bits: int, row_tile: int) -> tvm.tirx.PrimFunc:
     """The one-group-per-row dequant_matmul (same buffers) as one plain matmul acc = x @ w^T over
     the activation rows padded to a multiple of `row_tile`, with w[n, c] = (q - zero) * scale
@@ -165,6 +169,7 @@ def dequant_matmul_tc(rows: int, cols: int, bits: int, tile: tuple[int, int, int
                    tile=list(tile), splits=splits)
 
 
+@parsed_once
 def dequant_gemv(rows: int, cols: int, bits: int, byte_tile: int = 1) -> tvm.tirx.PrimFunc:
     """The one-group-per-row dequant_matmul (same buffers) as one reduction for few activation
     rows: y[i, n] = sum over bytes b and codes t of (q - zero) * scale * x[i, b * per + t], the
@@ -192,6 +197,7 @@ def dequant_gemv(rows: int, cols: int, bits: int, byte_tile: int = 1) -> tvm.tir
     return _finish([x, packed, scale, zero, y], "dequant_gemv", rows=rows, cols=cols, bits=bits)
 
 
+@parsed_once
 def hadamard(dim: int, block: int, inverse: bool) -> tvm.tirx.PrimFunc:
     """Blockwise orthonormal Walsh-Hadamard (Sylvester order) on the last axis, after (forward) or
     before (inverse) multiplying by `signs`: log2(block) butterfly stages, O(dim log block)."""
@@ -247,6 +253,7 @@ def _butterfly4(prev, m, D, h: int, name):
     return te.compute((m, D), body, name=name)
 
 
+@parsed_once
 def swiglu(dim: int) -> tvm.tirx.PrimFunc:
     """y[m, dim / 2] = silu(x[:, :dim / 2]) * x[:, dim / 2:], silu(g) = g * sigmoid(g): the gated
     MLP's activation on a stacked gate / up projection (passes/swiglu.py)."""
@@ -262,6 +269,7 @@ def _swiglu(x, m, dim: int, name: str = "y"):
     return te.compute((m, half), lambda i, j: x[i, j] * te.sigmoid(x[i, j]) * x[i, j + half], name=name)
 
 
+@parsed_once
 def frame_analysis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.PrimFunc:
     """y = blockdiag(F, ..., F, I_tail) x on the last axis; F is [two_k, two_l]."""
     m = _rows()
@@ -284,6 +292,7 @@ def _frame(x, F, m, nblk: int, two_l: int, two_k: int, tail: int, prefix: str = 
         j < _i64(body), coef[i, te.min(j, _i64(body - 1))], x[i, te.max(j - _i64(body - din), _i64(din))]), name=last)
 
 
+@parsed_once
 def frame_synthesis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.PrimFunc:
     """y = blockdiag(F, ..., F, I_tail)^T x on the last axis (frame_analysis transposed, P^T);
     F is [two_k, two_l]: x [m, nblk * two_k + tail] -> y [m, nblk * two_l + tail]."""
@@ -301,6 +310,7 @@ def frame_synthesis(nblk: int, two_l: int, two_k: int, tail: int) -> tvm.tirx.Pr
     return _finish([x, F, y], "frame_synthesis", **shape)
 
 
+@parsed_once
 def code_gather(rows: int, cols: int, bits: int, group_size: int) -> tvm.tirx.PrimFunc:
     """y[m, cols] = dequant(packed)[ids]: the stored rows `ids` of a packed matrix (the same
     buffers as dequant_matmul's weight), decoded, (q - zero) * scale per group. Ids are clamped
@@ -324,6 +334,7 @@ def code_gather(rows: int, cols: int, bits: int, group_size: int) -> tvm.tirx.Pr
     return _finish([ids, packed, scale, zero, y], "code_gather", rows=rows, cols=cols, bits=bits, group=group_size)
 
 
+@parsed_once
 def pad_last(dim: int, padded: int) -> tvm.tirx.PrimFunc:
     m = _rows()
     x = te.placeholder((m, _i64(dim)), "float32", "x")
@@ -335,6 +346,7 @@ def _pad(x, m, dim: int, padded: int, name: str = "y"):
         j < _i64(dim), x[i, te.min(j, _i64(dim - 1))], _zero()), name=name)
 
 
+@parsed_once
 def take_last(dim: int, keep: int) -> tvm.tirx.PrimFunc:
     m = _rows()
     x = te.placeholder((m, _i64(dim)), "float32", "x")
@@ -345,6 +357,7 @@ def _take(x, m, keep: int, name: str = "y"):
     return te.compute((m, _i64(keep)), lambda i, j: x[i, j], name=name)
 
 
+@parsed_once
 def transform(steps: list[tuple]) -> tvm.tirx.PrimFunc:
     """Several of the row transforms above as one kernel: x [m, d0] -> y [m, dn]. Steps are
     ("pad", dim, new), ("take", dim, keep), ("hadamard", dim, block, inverse),
@@ -387,6 +400,7 @@ def at(buf, seq_major: bool, b, i, h, d):
     return buf[b, i, h, d] if seq_major else buf[b, h, i, d]
 
 
+@parsed_once
 def kv_append(heads: int, dim: int, seq_major: bool) -> tvm.tirx.PrimFunc:
     """In place (`R.call_tir_inplace`, argument 0): a KV cache [batch, total, heads, dim] gets the
     new keys or values [batch, seq, heads, dim] (seq_major) or [batch, heads, seq, dim] as its

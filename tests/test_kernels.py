@@ -257,3 +257,18 @@ def test_cuda_kernels_compile_to_sm80_cubin(tmp_path):
         subprocess.run([nvcc_path(), "--cubin", "-arch=sm_80", "-o", tmp_path / f"{name}.cubin", tmp_path / f"{name}.cu"],
                        check=True, capture_output=True)
         assert cuda_sm(tmp_path / f"{name}.cubin") == 80
+
+
+def test_kernels_are_written_once_per_arguments():
+    """`parsed_once`: equal arguments (defaults applied, lists as tuples, frozen dataclasses with
+    dict fields by value) give the same PrimFunc object; other arguments another kernel."""
+    from fq_tvm.schedules import cpu_hadamard, cpu_int8, cpu_transform
+
+    assert cpu_hadamard.hadamard(96, 32, False) is cpu_hadamard.hadamard(96, 32, False, lanes=16)
+    assert cpu_hadamard.hadamard(96, 32, True) is not cpu_hadamard.hadamard(96, 32, False)
+    steps = [("hadamard", 64, 64, 0), ("frame", 16, 4, 4, 0)]
+    assert cpu_transform.transform(steps, 16) is cpu_transform.transform(tuple(steps), 16)
+    isa = cpu_int8.ISAS[1]
+    one, two = (cpu_int8.Plan(64, 128, 2, 0, isa) for _ in range(2))
+    assert one is not two and cpu_int8.dequant_matmul(one) is cpu_int8.dequant_matmul(two)
+    assert cpu_int8.dequant_matmul(one) is not cpu_int8.dequant_matmul(cpu_int8.Plan(64, 128, 4, 0, isa))
