@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from .errors import FqError
@@ -78,15 +79,36 @@ def _serve(args) -> int:
     return 1  # the serving thread ended: TVM logged why
 
 
+def _interrupt(signum, frame):
+    """SIGTERM (kill, systemd stop) ends the server as Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
+def _end_sessions() -> None:
+    """Sessions still open end with the server: TVM serves each in a forked process, which would
+    outlive it as long as its client stays connected, and in a work directory holding what the
+    client uploaded, which TVM removes only when the session ends or at a normal exit."""
+    import multiprocessing
+
+    from tvm.support.utils import TempDirectory
+
+    for child in multiprocessing.active_children():
+        child.kill()  # (SIGTERM waits: the session's C++ loop does not return to Python)
+        child.join()
+    TempDirectory.remove_tempdirs()
+
+
 def main(argv=None):
     from .cli import _cli
 
     @_cli("fq-rpc-server")
     def run(argv):
         args = parser().parse_args(argv)
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             return _serve(args)
         except KeyboardInterrupt:
+            _end_sessions()
             print("fq-rpc-server: stopped", file=sys.stderr)
             os._exit(130)  # the serving thread does not stop on its own
 

@@ -236,6 +236,32 @@ def test_stand_alone_server_with_rpc_option(capsys, builds, mlp_onnx, tmp_path):
         stop([proc])
 
 
+def test_stopped_server_removes_its_open_sessions_files(tmp_path):
+    """SIGTERM (kill, systemd) while a client holds a session: the session's process and its work
+    directory, with what the client uploaded, go too (TVM ends them only with the session)."""
+    import tvm.rpc
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fq_tvm.rpc_server", "--host", "127.0.0.1", "--port", str(port),
+                             "-q"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr.readline().startswith("fq-rpc-server: serving on")
+        session = tvm.rpc.connect("127.0.0.1", port)
+        (tmp_path / "lib.bin").write_bytes(b"x" * 1000)
+        session.upload(str(tmp_path / "lib.bin"), "lib.bin")
+        assert [p.name for p in scratch.glob("*/lib.bin")] == ["lib.bin"]
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)  # EOF: no session process outlives the server either
+        assert proc.returncode == 130 and "fq-rpc-server: stopped" in err
+        assert not list(scratch.iterdir())
+    finally:
+        stop([proc])
+
+
 def test_board_without_dotprod():
     """An rpi5 build (Cortex-A76: sdot kernels) offered to a Cortex-A72 board (no dotprod)."""
     board = object.__new__(rpc.Board)
