@@ -273,36 +273,6 @@ def _run_parser() -> argparse.ArgumentParser:
     return p
 
 
-NPY_MAGIC, ZIP_MAGICS = b"\x93NUMPY", (b"PK\x03\x04", b"PK\x05\x06")
-
-
-def read_npz(path) -> dict:
-    """The arrays of an .npz file written by numpy.savez; FqError for anything else."""
-    import numpy as np
-
-    if not os.path.exists(path):
-        raise FqError(f"{path}: no such file")
-    if not os.path.isfile(path):
-        raise FqError(f"{path}: not a regular file")
-    with open(path, "rb") as handle:
-        head = handle.read(6)
-    if head.startswith(NPY_MAGIC):
-        raise FqError(f"{path}: a single .npy array, not an .npz archive; save inputs with "
-                      f"numpy.savez(FILE, INPUT_NAME=array)")
-    if not head.startswith(ZIP_MAGICS):
-        raise FqError(f"{path}: not an .npz file (an .npz is the zip archive numpy.savez writes)")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    except ValueError as err:
-        if "allow_pickle" in str(err):
-            raise FqError(f"{path}: holds Python objects, not numeric arrays; fq-run reads numeric arrays only") \
-                from None
-        raise FqError(f"{path}: not a readable .npz file ({str(err).splitlines()[0]})") from None
-    except Exception as err:
-        raise FqError(f"{path}: not a readable .npz file ({str(err).splitlines()[0]})") from None
-
-
 def write_npz(path: str, arrays: dict) -> str:
     """Write `arrays` to PATH (.npz added unless present, as numpy does) through a temporary
     file renamed into place; return the path written."""
@@ -329,6 +299,8 @@ def run_main(argv=None):
     from .artifact import load
 
     model = load(args.artifact)
+    from .calib_data import read_npz
+
     inputs = read_npz(args.input)
     outputs = model.run(inputs)
     if args.repeat is not None:

@@ -211,6 +211,21 @@ def test_missing_calibration_file(mlp_onnx, tmp_path, capsys):
            "--calib", str(tmp_path / "no-such.npz"))
 
 
+@pytest.mark.parametrize("kind", ["text", "npy"])
+def test_calibration_file_not_an_npz(mlp_onnx, tmp_path, capsys, kind):
+    """fq-run's checks (calib_data.read_npz): a text file is named as not an .npz (numpy's own
+    message spoke of pickles), an .npy as a single array."""
+    path = tmp_path / "calib.npz"
+    if kind == "text":
+        path.write_text("input,1,2\n")
+        expected = "calib.npz: not an .npz file (an .npz is the zip archive numpy.savez writes)"
+    else:
+        with open(path, "wb") as handle:
+            np.save(handle, np.ones((4, 32), np.float32))
+        expected = "calib.npz: a single .npy array, not an .npz archive"
+    _check(mlp_onnx, tmp_path / "out", capsys, expected, "--scheme", "gptq2", "--calib", str(path))
+
+
 def test_calibration_file_lacking_inputs(mlp_onnx, tmp_path, capsys):
     np.savez(tmp_path / "calib.npz", wrong=np.ones((4, 32), np.float32))
     _check(mlp_onnx, tmp_path / "out", capsys, "calibration failed: samples lack model inputs: x", "--scheme", "gptq2",
