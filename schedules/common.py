@@ -17,7 +17,7 @@ from tvm.script.parser.core.parser import ScriptMacro
 def parsed_once(factory):
     """`factory` (arguments -> PrimFunc) run once per distinct arguments in a process. Writing a
     kernel parses TVMScript, 0.1-0.9 s each; fq-report, fq-bench and the tests compile the same
-    kernels again and again (a third of the test suite's build time was parsing). The key is
+    kernels again and again (parsing was a sixth of the not-slow tests' time). The key is
     the arguments by value, defaults applied: lists and dicts as tuples, frozen dataclasses by
     their fields. PrimFuncs are immutable, so every caller may share one."""
     signature = inspect.signature(factory)
