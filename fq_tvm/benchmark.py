@@ -215,7 +215,7 @@ def _staging(out_dir: Path, force: bool):
 def eval_inputs(inputs, calib, signature: dict) -> tuple[dict, str]:
     """The eval feeds ({input name: array}) and where they came from; FqError when they do not
     fit the model's inputs (names, dtypes, ranks, fixed dimensions)."""
-    from .calib_data import read_npz
+    from .npz import read_npz
 
     if inputs is not None:
         data, source = read_npz(inputs), str(inputs)

@@ -8,12 +8,11 @@ batch dim of the model.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import onnx
 
 from .errors import FqError
+from .npz import read_npz
 
 DEFAULT_BATCH = 8
 
@@ -105,34 +104,6 @@ def _trim(arrays, samples, static_batch, notes):
 def read(calib) -> dict:
     """{input name: array} from an .npz path or a dict; FqError if unreadable."""
     return dict(calib) if isinstance(calib, dict) else read_npz(calib)
-
-
-NPY_MAGIC, ZIP_MAGICS = b"\x93NUMPY", (b"PK\x03\x04", b"PK\x05\x06")
-
-
-def read_npz(path) -> dict:
-    """The arrays of an .npz file written by numpy.savez; FqError for anything else."""
-    if not os.path.exists(path):
-        raise FqError(f"{path}: no such file")
-    if not os.path.isfile(path):
-        raise FqError(f"{path}: not a regular file")
-    with open(path, "rb") as handle:
-        head = handle.read(6)
-    if head.startswith(NPY_MAGIC):
-        raise FqError(f"{path}: a single .npy array, not an .npz archive; save inputs with "
-                      f"numpy.savez(FILE, INPUT_NAME=array)")
-    if not head.startswith(ZIP_MAGICS):
-        raise FqError(f"{path}: not an .npz file (an .npz is the zip archive numpy.savez writes)")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    except ValueError as err:
-        if "allow_pickle" in str(err):
-            raise FqError(f"{path}: holds Python objects, not numeric arrays; only numeric arrays are read") \
-                from None
-        raise FqError(f"{path}: not a readable .npz file ({str(err).splitlines()[0]})") from None
-    except Exception as err:
-        raise FqError(f"{path}: not a readable .npz file ({str(err).splitlines()[0]})") from None
 
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")

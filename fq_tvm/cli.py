@@ -299,7 +299,7 @@ def run_main(argv=None):
     from .artifact import load
 
     model = load(args.artifact)
-    from .calib_data import read_npz
+    from .npz import read_npz
 
     inputs = read_npz(args.input)
     outputs = model.run(inputs)
