@@ -28,10 +28,8 @@ def read_npz(path) -> dict:
     try:
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
-    except ValueError as err:
-        if "allow_pickle" in str(err):
+    except Exception as err:
+        if isinstance(err, ValueError) and "allow_pickle" in str(err):
             raise FqError(f"{path}: holds Python objects, not numeric arrays; only numeric arrays are read") \
                 from None
-        raise FqError(f"{path}: not a readable .npz file ({str(err).splitlines()[0]})") from None
-    except Exception as err:
         raise FqError(f"{path}: not a readable .npz file ({str(err).splitlines()[0]})") from None

@@ -32,7 +32,6 @@ def parsed_once(factory):
             made[key] = factory(*args, **kwargs)
         return made[key]
 
-    once.made = made
     return once
 
 

@@ -213,7 +213,7 @@ def test_missing_calibration_file(mlp_onnx, tmp_path, capsys):
 
 @pytest.mark.parametrize("kind", ["text", "npy"])
 def test_calibration_file_not_an_npz(mlp_onnx, tmp_path, capsys, kind):
-    """fq-run's checks (calib_data.read_npz): a text file is named as not an .npz (numpy's own
+    """fq-run's checks (npz.read_npz): a text file is named as not an .npz (numpy's own
     message spoke of pickles), an .npy as a single array."""
     path = tmp_path / "calib.npz"
     if kind == "text":

@@ -30,6 +30,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def repo_env(**extra) -> dict:
+    """The environment of a server process: this checkout first on its path, plus `extra`."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **extra}
+
+
+def stand_alone(port: int, env: dict, *args) -> subprocess.Popen:
+    """fq-rpc-server on 127.0.0.1:port without a tracker (stderr piped, text)."""
+    return subprocess.Popen([sys.executable, "-m", "fq_tvm.rpc_server", "--host", "127.0.0.1", "--port", str(port),
+                             *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
 def start_server(cmd_prefix, tracker_port: int, key: str, env: dict) -> subprocess.Popen:
     port = free_port()
     cmd = [*cmd_prefix, "-m", "fq_tvm.rpc_server", "--host", "127.0.0.1", "--port", str(port),
@@ -73,8 +84,7 @@ def tracker():
 @pytest.fixture(scope="module")
 def pool(tracker):
     """Two x86 fq-rpc-server processes registered as KEY."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "TVM_NUM_THREADS": "1"}
+    env = repo_env(TVM_NUM_THREADS="1")
     procs = [start_server([sys.executable], tracker, KEY, env) for _ in range(2)]
     try:
         wait_free(tracker, KEY, 2, procs)
@@ -213,10 +223,8 @@ def test_board_of_another_architecture(capsys, pool, builds, mlp_onnx, tmp_path)
 
 def test_stand_alone_server_with_rpc_option(capsys, builds, mlp_onnx, tmp_path):
     """fq-rpc-server without a tracker, fq-bench --rpc HOST:PORT (the command line end to end)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fq_tvm.rpc_server", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = stand_alone(port, repo_env())
     try:
         line = ""
         for _ in range(10):  # TVM's log lines, then ours once it listens
@@ -243,11 +251,8 @@ def test_stopped_server_removes_its_open_sessions_files(tmp_path):
 
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    env = {**os.environ, "TMPDIR": str(scratch),
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fq_tvm.rpc_server", "--host", "127.0.0.1", "--port", str(port),
-                             "-q"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = stand_alone(port, repo_env(TMPDIR=str(scratch)), "-q")
     try:
         assert proc.stderr.readline().startswith("fq-rpc-server: serving on")
         session = tvm.rpc.connect("127.0.0.1", port)
@@ -275,9 +280,8 @@ def test_board_without_dotprod():
 
 
 def test_rpc_server_refuses_an_unreachable_tracker():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "fq_tvm.rpc_server", "--tracker", f"127.0.0.1:{free_port()}",
-                           "--key", "x"], env=env, capture_output=True, text=True, timeout=60)
+                           "--key", "x"], env=repo_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]  # one line
     assert "cannot reach the RPC tracker" in done.stderr
