@@ -214,6 +214,36 @@ def test_act_order_codes_in_column_order():
         gptq(W, H, get_scheme("gptq2", group_size=16), act_order=True)
 
 
+def test_framequant_tries_act_order_in_the_frame_domain():
+    """fq2 (per-row grids on the frame coefficients C = T_N W T_K^T) tries GPTQ in act order too,
+    the order of the frame-domain Hessian's diagonal; its held-out error equals GPTQ run by hand on
+    the permuted columns (codes put back in column order) and scored on the held-out activations."""
+    from fq_tvm.numerics.framequant import _Layer
+
+    rng = np.random.default_rng(9)
+    K, N = 96, 48
+    X = _heavy_inputs(rng, 60, 4, K)
+    W = rng.standard_normal((N, K)) / np.sqrt(K)
+    stat = _stat(X)
+    X_fit, X_held = _split(X)
+    cfg = get_scheme("fq2", guard_refit=False)
+    assert any(c.act_order for c in candidates(cfg, stat.fit_count, K))
+    record = quantize_layer("l", W, stat, cfg)
+    (label,) = [k for k in record.guard["held_out_err"] if "act-order" in k]
+    damp = float(label.rsplit(" ", 1)[1])
+    layer = _Layer("l", W, cfg, None, None)
+    Hc = layer.hessian(X_fit.T @ X_fit)
+    perm = np.argsort(-np.diag(Hc), kind="stable")
+    assert not np.array_equal(perm, np.arange(len(perm)))
+    q, s, z = gptq(layer.C[:, perm], Hc[np.ix_(perm, perm)], cfg, percdamp=damp)
+    codes = np.empty_like(q)
+    codes[:, perm] = q
+    W_hat = effective_weight(layer.record(codes, s, z))
+    assert record.guard["held_out_err"][label] == pytest.approx(_out_err(X_held, W, W_hat), rel=1e-5, abs=2e-6)
+    if record.guard["chosen"] == label:
+        assert np.array_equal(effective_weight(record), W_hat)
+
+
 def test_manifest_records_the_choice(mlp_onnx, tmp_path):
     """gptq2 on the MLP (fc0: 64 x 32; 40 samples, 8 held out): the manifest's layer entry has the
     record's guard; rtn2 (no calibration) has none."""

@@ -68,7 +68,7 @@ def candidates(cfg, rows: float | None, in_features: int) -> list[Candidate]:
     base, larger, smaller = damping_ladder(cfg, rows, in_features)
     damps = (base, *larger, *smaller)
     out = [Candidate("gptq", d) for d in damps]
-    if cfg.method == "gptq" and cfg.group_size is None:  # after FrameQuant's rotation the diagonal is flat
+    if cfg.group_size is None:  # act order keeps per-row grids only
         out += [Candidate("gptq", d, act_order=True) for d in damps]
     out.append(Candidate("rtn"))
     return out
@@ -79,8 +79,8 @@ def choose(cfg, rows: float | None, in_features: int, score) -> tuple[Candidate,
 
     Damping is searched as a ladder, since each step costs a GPTQ run: from the base damping up
     through the larger ones while the error falls; if the first step up does not help, down through
-    the smaller ones the same way. Then act order at the best damping (GPTQ without rotation, per-row
-    grids), then RTN. Ties keep the earlier candidate (the scheme's own option first)."""
+    the smaller ones the same way. Then act order at the best damping (per-row grids; FrameQuant's in
+    the frame domain), then RTN. Ties keep the earlier candidate (the scheme's own option first)."""
     base, larger, smaller = damping_ladder(cfg, rows, in_features)
     errors = {}
 
@@ -97,7 +97,7 @@ def choose(cfg, rows: float | None, in_features: int, score) -> tuple[Candidate,
             best_d, best = d, err
         if best_d != base:
             break
-    if cfg.method == "gptq" and cfg.group_size is None:
+    if cfg.group_size is None:
         tried(Candidate("gptq", best_d, act_order=True))
     tried(Candidate("rtn"))
     chosen = min(errors, key=errors.get)  # dicts keep order: the first of equals
