@@ -9,8 +9,6 @@ Redundancy 1.0 (k == l_den) means no frame: the "Hadamard only" variant.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 
 from .calibrate import HessianStat
@@ -85,11 +83,10 @@ class _Layer:
     def solve(self, cand: Candidate, Hc):
         if cand.solver == "rtn":
             return rtn(self.C, self.cfg)
-        cfg = self.cfg if cand.clip is None else replace(self.cfg, clip_sigma=cand.clip)
-        codes, scale, zero = gptq(self.C, Hc, cfg, percdamp=cand.percdamp, act_order=cand.act_order)
-        if cfg.refine:
-            codes, scale, zero = refine(self.C, Hc, codes, scale, zero, cfg.maxq, cfg.group_size,
-                                        cfg.refine, cand.percdamp)
+        codes, scale, zero = gptq(self.C, Hc, self.cfg, percdamp=cand.percdamp, act_order=cand.act_order)
+        if self.cfg.refine:
+            codes, scale, zero = refine(self.C, Hc, codes, scale, zero, self.cfg.maxq, self.cfg.group_size,
+                                        self.cfg.refine, cand.percdamp)
         return codes, scale, zero
 
     def record(self, codes, scale, zero, guard=None) -> QuantizedLinear:

@@ -29,25 +29,21 @@ import numpy as np
 FEW_ROWS = 0.5  # rows under FEW_ROWS * K: the base damping is raised to FEW_ROWS_DAMP
 FEW_ROWS_DAMP = 0.1
 GUARD_DAMPS = (0.1, 1.0)  # damping candidates besides the scheme's own (fractions of the mean diagonal)
-GUARD_CLIP = 1.5 / 1.75  # sigma grids: a candidate clipping at this fraction of the scheme's clip
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One option: 'gptq' (percdamp, act_order, clip: a sigma grid's clip other than the scheme's)
-    or 'rtn' on the scheme's grid."""
+    """One option: 'gptq' (percdamp, act_order) or 'rtn' on the scheme's grid."""
 
     solver: str
     percdamp: float = 0.0
     act_order: bool = False
-    clip: float | None = None
 
     @property
     def label(self) -> str:
         if self.solver == "rtn":
             return "rtn"
-        clip = "" if self.clip is None else f" clip {self.clip:g}"
-        return f"gptq{' act-order' if self.act_order else ''} damp {self.percdamp:g}{clip}"
+        return f"gptq{' act-order' if self.act_order else ''} damp {self.percdamp:g}"
 
 
 def auto_damp(percdamp: float, rows: float | None, in_features: int) -> float:
@@ -74,15 +70,8 @@ def candidates(cfg, rows: float | None, in_features: int) -> list[Candidate]:
     out = [Candidate("gptq", d) for d in damps]
     if cfg.group_size is None:  # act order keeps per-row grids only
         out += [Candidate("gptq", d, act_order=True) for d in damps]
-    if cfg.clip_sigma is not None:
-        out += [Candidate("gptq", c.percdamp, c.act_order, clip_candidate(cfg)) for c in list(out)]
     out.append(Candidate("rtn"))
     return out
-
-
-def clip_candidate(cfg) -> float:
-    """The other clip a sigma grid tries: GUARD_CLIP x the scheme's (fq2: 1.5 sigma)."""
-    return round(cfg.clip_sigma * GUARD_CLIP, 4)
 
 
 def choose(cfg, rows: float | None, in_features: int, score) -> tuple[Candidate, dict]:
@@ -110,9 +99,6 @@ def choose(cfg, rows: float | None, in_features: int, score) -> tuple[Candidate,
             break
     if cfg.group_size is None:
         tried(Candidate("gptq", best_d, act_order=True))
-    if cfg.clip_sigma is not None:
-        lead = min(errors, key=errors.get)
-        tried(Candidate("gptq", lead.percdamp, lead.act_order, clip_candidate(cfg)))
     tried(Candidate("rtn"))
     chosen = min(errors, key=errors.get)  # dicts keep order: the first of equals
     return chosen, errors
