@@ -240,8 +240,9 @@ def test_framequant_tries_act_order_in_the_frame_domain():
     codes[:, perm] = q
     W_hat = effective_weight(layer.record(codes, s, z))
     assert record.guard["held_out_err"][label] == pytest.approx(_out_err(X_held, W, W_hat), rel=1e-5, abs=2e-6)
-    if record.guard["chosen"] == label:
-        assert np.array_equal(effective_weight(record), W_hat)
+    # outlier channels survive the rotation on the diagonal: act order wins here (.016 against .021)
+    assert record.guard["chosen"] == label
+    assert np.array_equal(effective_weight(record), W_hat)
 
 
 def test_manifest_records_the_choice(mlp_onnx, tmp_path):
