@@ -38,6 +38,14 @@ def _split(X):
     return X[~held].reshape(-1, X.shape[-1]), X[held].reshape(-1, X.shape[-1])
 
 
+def _layer_case(seed, samples, K, N):
+    """(W [N, K], HessianStat, fit rows, held-out rows) of a Gaussian layer on _heavy_inputs."""
+    rng = np.random.default_rng(seed)
+    X = _heavy_inputs(rng, samples, 4, K)
+    W = rng.standard_normal((N, K)) / np.sqrt(K)
+    return W, _stat(X), *_split(X)
+
+
 def _out_err(X, W, W_hat):
     return float(np.linalg.norm(X @ (W - W_hat).T) ** 2 / np.linalg.norm(X @ W.T) ** 2)
 
@@ -122,12 +130,8 @@ def test_guard_choice_where_gptq_overfits_matches_numpy_reference():
     """Few rows (40 samples x 4 tokens for K = 192: 128 fit rows, under K), heavy tails: GPTQ at its
     own damping fits the fit rows far better than it does the held-out ones; the guard's held-out
     errors equal the numpy computation from the held-out activations, and it picks their minimum."""
-    rng = np.random.default_rng(3)
-    K, N = 192, 96
-    X = _heavy_inputs(rng, 40, 4, K)
-    W = rng.standard_normal((N, K)) / np.sqrt(K)
-    stat = _stat(X)
-    X_fit, X_held = _split(X)
+    K = 192
+    W, stat, X_fit, X_held = _layer_case(3, 40, K, 96)
     assert (stat.fit_count, stat.held_count) == (len(X_fit), len(X_held)) == (128, 32)
     cfg = get_scheme("gptq2")
     ref = _reference_errors(W, X_fit, X_held, cfg)
@@ -220,12 +224,8 @@ def test_framequant_tries_act_order_in_the_frame_domain():
     the permuted columns (codes put back in column order) and scored on the held-out activations."""
     from fq_tvm.numerics.framequant import _Layer
 
-    rng = np.random.default_rng(9)
-    K, N = 96, 48
-    X = _heavy_inputs(rng, 60, 4, K)
-    W = rng.standard_normal((N, K)) / np.sqrt(K)
-    stat = _stat(X)
-    X_fit, X_held = _split(X)
+    K = 96
+    W, stat, X_fit, X_held = _layer_case(9, 60, K, 48)
     cfg = get_scheme("fq2", guard_refit=False)
     assert any(c.act_order for c in candidates(cfg, stat.fit_count, K))
     record = quantize_layer("l", W, stat, cfg)
