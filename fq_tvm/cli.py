@@ -297,10 +297,9 @@ def run_main(argv=None):
     if args.repeat is not None and args.repeat < 1:
         raise FqError(f"--repeat must be at least 1, not {args.repeat}")
     from .artifact import load
-
-    model = load(args.artifact)
     from .npz import read_npz
 
+    model = load(args.artifact)
     inputs = read_npz(args.input)
     outputs = model.run(inputs)
     if args.repeat is not None:

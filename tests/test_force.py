@@ -105,8 +105,8 @@ def test_python_api_has_the_same_rules(model_home, mlp_onnx):
 
 SLOW_EXPORT = textwrap.dedent("""
     import signal, sys, time
-    # Ctrl-C as from a terminal: a disposition (ignored or blocked SIGINT) inherited from the test
-    # worker is undone (two full-suite runs hung here; the test file alone never did)
+    # Ctrl-C as from a terminal: undo an ignored or blocked SIGINT inherited from pytest (a suite
+    # started in the background by a non-interactive shell runs with SIGINT ignored)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     from fq_tvm.targets import x86
