@@ -188,6 +188,37 @@ def test_fp_target_sums_fp32_times_quantized_inputs():
     assert stats["h2"].resid is None
 
 
+def _side_threads_alive():
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "fq-fp32-side"]
+
+
+def test_fp_target_errors_reach_the_caller_and_stop_the_side(monkeypatch):
+    """The fp32 side runs on its own thread: an error in the caller's quantize, and one on the side
+    (its target sums), both come out of sequential_calibrate, and no side thread is left behind."""
+    from fq_tvm.numerics import sequential
+
+    kw = dict(batch_size=4, mask_input="mask", progress=False, memory_bytes=0, fp_target=True)
+
+    def fails_at_h1(name, stat):
+        if name == "h1":
+            raise ValueError("quantize failed")
+        return {}
+
+    with pytest.raises(ValueError, match="quantize failed"):
+        sequential_calibrate(_graph_model(), _samples(), ["x", "h1", "h2", "m"], fails_at_h1, **kw)
+    assert not _side_threads_alive()
+
+    def broken_sums(stat, *args, **kwargs):
+        raise RuntimeError("side failed")
+
+    monkeypatch.setattr(sequential, "_accumulate_target", broken_sums)
+    with pytest.raises(RuntimeError, match="side failed"):
+        sequential_calibrate(_graph_model(), _samples(24), ["x", "h1", "h2", "m"], lambda n, s: {}, **kw)
+    assert not _side_threads_alive()
+
+
 def test_projected_target_is_weight_times_cross_plus_resid():
     """projections: the summed target (W (x_fp32 - x) + r_fp32 - r) x^T equals W cross + resid of the
     plain sums, and fp_target_weight gives the same weight from either."""

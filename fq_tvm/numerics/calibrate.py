@@ -194,11 +194,13 @@ def _big(model) -> bool:
     return is_big(model)
 
 
-def _session(model):
+def _session(model, threads: int = 0):
+    """An ORT session for `model`; threads: intra-op threads (0: ORT's choice, one per core)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.intra_op_num_threads = threads
     # no spinning after a run: the Hessian products numpy runs between runs took 2-4x longer while
     # the pool spun on the same cores (MiniLM fq2 compile 103 -> 60 s)
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -10,12 +10,20 @@ Hessian, then `quantize` is called and may return new weights for later segments
 Every node runs once per sample in all, as in one plain calibration pass. Between segments the
 live tensors of every batch (the residual stream, the attention mask, ...) are kept: in memory up
 to `memory_bytes`, the rest in a temporary directory, so memory stays bounded.
+
+With `fp_target` the fp32 model's runs and its target sums go on a thread of their own
+(`_Fp32Side`), ONNX Runtime and numpy's BLAS on half the cores each: the fp32 runs need no
+quantized weight, so they also go ahead while the segment before is quantized.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import queue
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -161,37 +169,39 @@ def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8,
             st.put(b, plan.arrays(data, graph_inputs, idx))
     stats: dict[str, HessianStat] = {}
     bar = _progress(len(tensors), progress)
+    segs = [(first, stop, names, {n for n, last in last_use.items() if last >= stop} | set(names))
+            for first, stop, names in segments(model, tensors)]
+    threads = _side_threads() if fp_target else 0
+    side = None
     try:
-        for first, stop, names in segments(model, tensors):
-            keep = {n for n, last in last_use.items() if last >= stop} | set(names)
-            run = _segment_runner(model, first, stop, keep, inits, replaced, types)
-            run_fp = _segment_runner(model, first, stop, keep, inits, {}, types) if fp_target else None
-            for b, idx in enumerate(plan):
-                live = store.get(b)
-                live = {**live, **run(live)}
-                mask = None if mask_input is None else plan.rows(data, mask_input, idx)
-                held = held_out_samples(idx, total)
-                for name in names:
-                    _accumulate(stats, name, live[name], mask, held)
-                store.put(b, {n: a for n, a in live.items() if n in keep})
-                if fp_target:
-                    fp_live = fp_store.get(b)
-                    fp_live = {**fp_live, **run_fp(fp_live)}
+        with _blas_threads(threads):
+            if fp_target:
+                side = _Fp32Side(segs, len(plan), _fp32_runs(model, fp_store, inits, types, threads),
+                                 _target_sums(fp_store, stats, residuals, projections))
+            for first, stop, names, keep in segs:
+                run = _segment_runner(model, first, stop, keep, inits, replaced, types, threads)
+                for b, idx in enumerate(plan):
+                    live = store.get(b)
+                    live = {**live, **run(live)}
+                    mask = None if mask_input is None else plan.rows(data, mask_input, idx)
+                    held = held_out_samples(idx, total)
                     for name in names:
-                        r = (residuals or {}).get(name)
-                        # (a residual this segment does not hold: no fit to it)
-                        dr = fp_live[r] - live[r] if r in live and r in fp_live else None
-                        _accumulate_target(stats[name], fp_live[name] - live[name], dr, live[name], mask,
-                                           (projections or {}).get(name))
-                    fp_store.put(b, {n: a for n, a in fp_live.items() if n in keep})
-            replaced = {n: a for n, a in replaced.items() if last_use.get(n, -1) >= stop}
-            for name in names:
-                replaced.update(quantize(name, stats[name]) or {})
-                if not keep_stats:
-                    del stats[name]
-                if bar is not None:
-                    bar.update(1)
+                        _accumulate(stats, name, live[name], mask, held)
+                    store.put(b, {n: a for n, a in live.items() if n in keep})
+                    if side is not None:
+                        side.put(b, live, mask)
+                if side is not None:
+                    side.wait()  # the segment's fp32-target sums are in
+                replaced = {n: a for n, a in replaced.items() if last_use.get(n, -1) >= stop}
+                for name in names:
+                    replaced.update(quantize(name, stats[name]) or {})
+                    if not keep_stats:
+                        del stats[name]
+                    if bar is not None:
+                        bar.update(1)
     finally:
+        if side is not None:
+            side.close()
         store.close()
         if fp_store is not None:
             fp_store.close()
@@ -298,8 +308,121 @@ def _last_use(graph) -> dict[str, int]:
     return last
 
 
-def _segment_runner(model, first, stop, keep, inits, replaced, types):
-    """A function {live tensor: array} -> {tensor made in nodes first..stop-1 and in keep: array}."""
+def _fp32_runs(model, fp_store, inits, types, threads):
+    """runs(segment) -> run(b): batch b through the fp32 model's nodes of `segment`, the live tensors
+    kept in fp_store."""
+
+    def runs(seg):
+        first, stop, names, keep = seg
+        run = _segment_runner(model, first, stop, keep, inits, {}, types, threads)
+
+        def run_batch(b):
+            fp_live = fp_store.get(b)
+            fp_live = {**fp_live, **run(fp_live)}
+            fp_store.put(b, {n: a for n, a in fp_live.items() if n in keep})
+
+        return run_batch
+
+    return runs
+
+
+def _target_sums(fp_store, stats, residuals, projections):
+    """sums(segment, b, live, mask): batch b's fp32-target sums for the segment's activations, from
+    the fp32 model's tensors (fp_store) and the quantized model's (`live`)."""
+
+    def sums(seg, b, live, mask):
+        fp_live = fp_store.get(b)
+        for name in seg[2]:
+            r = (residuals or {}).get(name)
+            # (a residual neither side holds: no fit to it)
+            dr = fp_live[r] - live[r] if r in live and r in fp_live else None
+            _accumulate_target(stats[name], fp_live[name] - live[name], dr, live[name], mask,
+                               (projections or {}).get(name))
+
+    return sums
+
+
+class _Fp32Side:
+    """The fp32 model's half of sequential calibration, on a thread of its own. Segment by segment it
+    runs the batches through the fp32 model (`runs`) and adds each batch's target sums (`sums`) as
+    the quantized model's tensors of that batch arrive (put); the fp32 runs need no quantized
+    weight, so while no batch waits they go ahead (beside the quantization of the segment before).
+    wait() returns once the current segment's sums are complete and raises the side's error, if
+    any; close() stops the thread."""
+
+    DEPTH = 4  # batches handed over and not yet summed
+
+    def __init__(self, segs, nbatch: int, runs, sums):
+        self.inbox, self.done, self.stopped = queue.Queue(self.DEPTH), queue.Queue(), threading.Event()
+        self.thread = threading.Thread(target=self._work, args=(segs, nbatch, runs, sums), name="fq-fp32-side",
+                                       daemon=True)
+        self.thread.start()
+
+    def _work(self, segs, nbatch, runs, sums):
+        try:
+            for seg in segs:
+                run, ran = runs(seg), 0
+                for b in range(nbatch):
+                    # fp32 runs ahead while no quantized batch waits (during the quantization, say)
+                    while ran < nbatch and (ran <= b or self.inbox.empty()) and not self.stopped.is_set():
+                        run(ran)
+                        ran += 1
+                    item = self.inbox.get()
+                    if item is None or self.stopped.is_set():
+                        return
+                    sums(seg, *item)
+                self.done.put(None)
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's wait()
+            self.done.put(e)
+
+    def put(self, b: int, live: dict, mask) -> None:
+        while True:
+            try:
+                self.inbox.put((b, live, mask), timeout=0.5)
+                return
+            except queue.Full:
+                if not self.thread.is_alive():  # it stopped on an error: wait() raises it
+                    self.wait()
+
+    def wait(self) -> None:
+        error = self.done.get()
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        self.stopped.set()
+        while self.thread.is_alive():
+            try:
+                self.inbox.put(None, timeout=0.5)
+            except queue.Full:
+                continue
+            self.thread.join()
+
+
+def _side_threads() -> int:
+    """Threads for each of the two sides (quantized model, fp32 model): half the usable cores."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
+
+
+@contextlib.contextmanager
+def _blas_threads(n: int):
+    """numpy's BLAS on n threads inside (0: unchanged)."""
+    if not n:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=n, user_api="blas"):
+        yield
+
+
+def _segment_runner(model, first, stop, keep, inits, replaced, types, threads: int = 0):
+    """A function {live tensor: array} -> {tensor made in nodes first..stop-1 and in keep: array}
+    (ORT on `threads` intra-op threads; 0: its default)."""
     nodes = model.graph.node[first:stop]
     if not nodes:
         return lambda live: {}
@@ -313,7 +436,7 @@ def _segment_runner(model, first, stop, keep, inits, replaced, types):
         if "session" not in state:  # input types come from the first batch's arrays
             seg = _segment_model(model, nodes, feeds, outputs, [n for n in reads if n in inits and n not in made],
                                  inits, replaced, types, live)
-            state["session"] = _session(seg)
+            state["session"] = _session(seg, threads)
         values = state["session"].run(outputs, {n: live[n] for n in feeds}) if outputs else []
         return dict(zip(outputs, values))
 
