@@ -174,12 +174,12 @@ def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8,
     threads = _side_threads() if fp_target else 0
     side = None
     try:
-        with _blas_threads(threads):
-            if fp_target:
-                side = _Fp32Side(segs, len(plan), _fp32_runs(model, fp_store, inits, types, threads),
-                                 _target_sums(fp_store, stats, residuals, projections))
-            for first, stop, names, keep in segs:
-                run = _segment_runner(model, first, stop, keep, inits, replaced, types, threads)
+        if fp_target:
+            side = _Fp32Side(segs, len(plan), _fp32_runs(model, fp_store, inits, types, threads),
+                             _target_sums(fp_store, stats, residuals, projections))
+        for first, stop, names, keep in segs:
+            run = _segment_runner(model, first, stop, keep, inits, replaced, types, threads)
+            with _blas_threads(threads):  # the quantization below keeps all cores (GPTQ on one was slower)
                 for b, idx in enumerate(plan):
                     live = store.get(b)
                     live = {**live, **run(live)}
@@ -192,13 +192,13 @@ def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8,
                         side.put(b, live, mask)
                 if side is not None:
                     side.wait()  # the segment's fp32-target sums are in
-                replaced = {n: a for n, a in replaced.items() if last_use.get(n, -1) >= stop}
-                for name in names:
-                    replaced.update(quantize(name, stats[name]) or {})
-                    if not keep_stats:
-                        del stats[name]
-                    if bar is not None:
-                        bar.update(1)
+            replaced = {n: a for n, a in replaced.items() if last_use.get(n, -1) >= stop}
+            for name in names:
+                replaced.update(quantize(name, stats[name]) or {})
+                if not keep_stats:
+                    del stats[name]
+                if bar is not None:
+                    bar.update(1)
     finally:
         if side is not None:
             side.close()
