@@ -19,7 +19,6 @@ quantized weight, so they also go ahead while the segment before is quantized.
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import shutil
 import tempfile
@@ -400,12 +399,11 @@ class _Fp32Side:
 
 
 def _side_threads() -> int:
-    """Threads for each of the two sides (quantized model, fp32 model): half the usable cores."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, cores // 2)
+    """Threads for each of the two sides (quantized model, fp32 model): half the physical cores
+    (ONNX Runtime's default takes them all)."""
+    from .. import _physical_cores
+
+    return max(1, _physical_cores() // 2)
 
 
 @contextlib.contextmanager
