@@ -181,13 +181,13 @@ def test_calibration_sessions_do_not_spin():
 
 
 def test_gram_float32_products_weighted_and_not():
-    """calibrate._gram: float32 rows, float64 result; all-ones weights (the symmetric product) and
+    """calibrate._gram32: float32 rows and result; all-ones weights (the symmetric product) and
     general weights both match float64 numpy to float32 accuracy."""
-    from fq_tvm.numerics.calibrate import _gram
+    from fq_tvm.numerics.calibrate import _gram32 as _gram
 
     rows = np.random.default_rng(3).standard_normal((300, 24)).astype(np.float32)
     ref = rows.astype(np.float64).T @ rows
     got = _gram(rows, np.ones(300, np.float32))
-    assert got.dtype == np.float64 and np.allclose(got, ref, rtol=1e-5, atol=1e-4)
+    assert got.dtype == np.float32 and np.allclose(got, ref, rtol=1e-5, atol=1e-4)
     w = np.random.default_rng(4).random(300).astype(np.float32)
     assert np.allclose(_gram(rows, w), (rows.astype(np.float64) * w[:, None]).T @ rows, rtol=1e-5, atol=1e-4)

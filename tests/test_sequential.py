@@ -127,7 +127,7 @@ def test_hessians_of_the_quantized_prefix_match_numpy(memory_bytes):
 
 def test_right_padding_is_cut_from_length_sorted_batches():
     """A right-padded mask over a dynamic sequence axis: samples ordered by length, each batch cut
-    to its longest, the same held-out samples (by index), and the same sums as numpy's over the
+    to its longest, the same held-out samples (by index) batched apart, and the same sums as numpy's over the
     whole padded arrays; a fixed axis or a mask with holes keeps the plain batches."""
     from fq_tvm.numerics.calibrate import batches, calibrate
 
@@ -137,9 +137,10 @@ def test_right_padding_is_cut_from_length_sorted_batches():
     model = _graph_model(seq="T")
     plan = batches(model, samples, ["x", "mask"], "mask", 4)
     assert plan.cut == {"x", "mask"}
-    assert [list(b) for b in plan] == [[3, 1, 7, 4], [9, 2, 8, 11], [6, 10, 0, 5]]
-    assert plan.arrays(samples, ["x", "mask"], plan[0])["x"].shape == (4, 2, 24)
-    assert plan.arrays(samples, ["x", "mask"], plan[2])["mask"].shape == (4, 5)
+    # fit samples by length, then the held-out ones (4 and 9: index % 5 == 4) in batches of their own
+    assert [list(b) for b in plan] == [[3, 1, 7, 2], [8, 11, 6, 10], [0, 5], [4, 9]]
+    assert plan.arrays(samples, ["x", "mask"], plan[0])["x"].shape == (4, 3, 24)
+    assert plan.arrays(samples, ["x", "mask"], plan[2])["mask"].shape == (2, 5)
 
     def quantize(name, stat):
         weights = {"x": ["w1"], "h1": ["w2"], "h2": ["w3", "w4"], "m": ["w5"]}[name]

@@ -303,7 +303,8 @@ def batches(model, data, feeds, mask_input, batch_size: int) -> Batches:
     seq], each row ones then zeros) and the model's inputs of that shape have a dynamic sequence
     axis, the samples ordered by length (stable) and each batch cut to its longest: padding
     costs ONNX Runtime a token's work (22% of 1024 MiniLM passages' slots) and adds nothing to the
-    sums. Which samples are held out does not change (by index, `held_out_samples`)."""
+    sums. Which samples are held out does not change (by index, `held_out_samples`); where the
+    batch axis is dynamic too, the held-out samples get batches of their own."""
     total = len(data[feeds[0]]) if feeds else 0
     plain = Batches(np.arange(s, min(s + batch_size, total)) for s in range(0, total, batch_size))
     if mask_input is None or np.ndim(data[mask_input]) != 2:
@@ -317,7 +318,11 @@ def batches(model, data, feeds, mask_input, batch_size: int) -> Batches:
     if not fed or not all(_dynamic_axis(model, n, 1) for n in fed):
         return plain
     order = np.argsort(lengths, kind="stable")
-    return Batches((order[s : s + batch_size] for s in range(0, total, batch_size)), cut, lengths)
+    groups = [order]
+    held = held_out_samples(order, total)
+    if held is not None and all(_dynamic_axis(model, n, 0) for n in fed):
+        groups = [order[~held], order[held]]  # a batch all fit or all held out: one Gram product each
+    return Batches((g[s : s + batch_size] for g in groups for s in range(0, len(g), batch_size)), cut, lengths)
 
 
 def _dynamic_axis(model, name: str, axis: int) -> bool:
@@ -338,37 +343,46 @@ def _held_rows(held_samples, nrows: int) -> np.ndarray:
     return np.arange(nrows) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
 
 
-def _gram(rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """sum_i w_i x_i x_i^T of float32 rows, as float64. With every weight 1 (no mask, or a 0/1 mask
+def _gram32(rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """sum_i w_i x_i x_i^T of float32 rows, in float32. With every weight 1 (no mask, or a 0/1 mask
     whose zero rows are gone) it is `x.T @ x`, which BLAS runs as a symmetric rank-k update: half
     a general product's flops."""
     if (weights == 1).all():
-        return (rows.T @ rows).astype(np.float64)
-    return ((rows * weights[:, None]).T @ rows).astype(np.float64)
+        return rows.T @ rows
+    return (rows * weights[:, None]).T @ rows
 
 
 def _accumulate(stats, name, act, mask, held_samples=None):
     """Add a batch's rows of `act` (mask-weighted, padding skipped) to stats[name]. Products in
     float32 per batch (a few thousand rows: relative error ~1e-6, far under GPTQ's 1% damping;
-    GPTQ's reference keeps H in float32), summed across batches in float64."""
+    GPTQ's reference keeps H in float32), summed across batches in float64. A batch all fit or all
+    held out (`batches` makes them so) costs one product and one add."""
     act = np.asarray(act, dtype=np.float32)
     rows = act.reshape(-1, act.shape[-1])
     weights = np.ones(len(rows), np.float32)
     if mask is not None and act.shape[:-1] == mask.shape:
         weights = mask.reshape(-1).astype(np.float32)
     held = _held_rows(held_samples, len(rows))
-    fit = ~held
-    if mask is not None and not weights.all():  # padding adds nothing: skip its rows
-        held, fit = held & (weights != 0), fit & (weights != 0)
-    held_xtx = _gram(rows[held], weights[held])  # two products: no more flops than one
-    xtx = _gram(rows[fit], weights[fit]) + held_xtx
-    held_count = float(weights[held].sum(dtype=np.float64))
-    count = float(weights[fit].sum(dtype=np.float64)) + held_count
-    if name in stats:
-        stat = stats[name]
-        stat.xtx += xtx
-        stat.count += count
-        stat.held_xtx = held_xtx if stat.held_xtx is None else stat.held_xtx + held_xtx
-        stat.held_count += held_count
+    if not held.any() or held.all():
+        parts = {bool(held.all()): _weighted_gram(rows, weights)}
     else:
-        stats[name] = HessianStat(xtx, count, held_xtx, held_count)
+        parts = {True: _weighted_gram(rows[held], weights[held]),  # two products: no more flops than one
+                 False: _weighted_gram(rows[~held], weights[~held])}
+    stat = stats.get(name)
+    if stat is None:
+        K = rows.shape[1]
+        stat = stats[name] = HessianStat(np.zeros((K, K)), 0.0, np.zeros((K, K)), 0.0)
+    for is_held, (xtx, count) in parts.items():
+        np.add(stat.xtx, xtx, out=stat.xtx)
+        stat.count += count
+        if is_held:
+            np.add(stat.held_xtx, xtx, out=stat.held_xtx)
+            stat.held_count += count
+
+
+def _weighted_gram(rows, weights):
+    """(float32 sum of w x x^T, sum of w) over the rows with a nonzero weight."""
+    if not weights.all():  # padding adds nothing: skip its rows
+        keep = weights != 0
+        rows, weights = rows[keep], weights[keep]
+    return _gram32(rows, weights), float(weights.sum(dtype=np.float64))

@@ -220,8 +220,10 @@ def _accumulate_cross(stat: HessianStat, other, act, mask, field: str = "cross")
         w = np.asarray(mask, dtype=np.float32).reshape(-1)
         keep = w != 0
         other, act = other[keep] * w[keep, None], act[keep]
-    total = (other.T @ act).astype(np.float64)
-    setattr(stat, field, total if getattr(stat, field) is None else getattr(stat, field) + total)
+    product = other.T @ act
+    if getattr(stat, field) is None:
+        setattr(stat, field, np.zeros(product.shape))
+    np.add(getattr(stat, field), product, out=getattr(stat, field))
 
 
 def _accumulate_target(stat: HessianStat, dx, dr, act, mask, proj=None) -> None:
