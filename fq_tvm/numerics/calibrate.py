@@ -318,15 +318,11 @@ def batches(model, data, feeds, mask_input, batch_size: int) -> Batches:
     if not fed or not all(_dynamic_axis(model, n, 1) for n in fed):
         return plain
     order = np.argsort(lengths, kind="stable")
+    groups = [order]
     held = held_out_samples(order, total)
-    if held is None or not all(_dynamic_axis(model, n, 0) for n in fed):
-        return Batches((order[s : s + batch_size] for s in range(0, total, batch_size)), cut, lengths)
-    # a batch all fit or all held out: one Gram product each; the two kinds spread evenly
-    keyed = []
-    for group in (order[~held], order[held]):
-        n = -(-len(group) // batch_size)
-        keyed += [((j + 0.5) / n, group[j * batch_size : (j + 1) * batch_size]) for j in range(n)]
-    return Batches((b for _, b in sorted(keyed, key=lambda kb: kb[0])), cut, lengths)
+    if held is not None and all(_dynamic_axis(model, n, 0) for n in fed):
+        groups = [order[~held], order[held]]  # a batch all fit or all held out: one Gram product each
+    return Batches((g[s : s + batch_size] for g in groups for s in range(0, len(g), batch_size)), cut, lengths)
 
 
 def _dynamic_axis(model, name: str, axis: int) -> bool:
@@ -372,20 +368,16 @@ def _accumulate(stats, name, act, mask, held_samples=None):
     else:
         parts = {True: _weighted_gram(rows[held], weights[held]),  # two products: no more flops than one
                  False: _weighted_gram(rows[~held], weights[~held])}
-    stat = empty_stat(stats, name, rows.shape[1])
+    stat = stats.get(name)
+    if stat is None:
+        K = rows.shape[1]
+        stat = stats[name] = HessianStat(np.zeros((K, K)), 0.0, np.zeros((K, K)), 0.0)
     for is_held, (xtx, count) in parts.items():
         np.add(stat.xtx, xtx, out=stat.xtx)
         stat.count += count
         if is_held:
             np.add(stat.held_xtx, xtx, out=stat.held_xtx)
             stat.held_count += count
-
-
-def empty_stat(stats, name, K: int) -> HessianStat:
-    """stats[name], made empty (zero sums of K x K) if missing."""
-    if name not in stats:
-        stats[name] = HessianStat(np.zeros((K, K)), 0.0, np.zeros((K, K)), 0.0)
-    return stats[name]
 
 
 def _weighted_gram(rows, weights):

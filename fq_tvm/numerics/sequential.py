@@ -27,8 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibrate import (HessianStat, _accumulate, _load, _progress, _samples, _session, batches, empty_stat,
-                        held_out_samples)
+from .calibrate import HessianStat, _accumulate, _load, _progress, _samples, _session, batches, held_out_samples
 from .quantize import FP_TARGET_DAMP
 
 MEMORY_BYTES = 1 << 30  # live activations kept in memory between segments; beyond it, on disk
@@ -175,9 +174,8 @@ def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8,
     side = None
     try:
         if fp_target:
-            grams: dict[str, HessianStat] = {}
             side = _Fp32Side(segs, len(plan), _fp32_runs(model, fp_store, inits, types, threads),
-                             _target_sums(fp_store, stats, residuals, projections, grams), grams)
+                             _target_sums(fp_store, stats, residuals, projections))
         for first, stop, names, keep in segs:
             run = _segment_runner(model, first, stop, keep, inits, replaced, types, threads)
             with _blas_threads(threads):  # the quantization below keeps all cores (GPTQ on one was slower)
@@ -186,19 +184,13 @@ def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8,
                     live = {**live, **run(live)}
                     mask = None if mask_input is None else plan.rows(data, mask_input, idx)
                     held = held_out_samples(idx, total)
-                    # a batch all held out (every 5th, calibrate.batches): its Grams on the fp32 side
-                    to_side = side is not None and held is not None and bool(held.all())
                     for name in names:
-                        if to_side:
-                            empty_stat(stats, name, live[name].shape[-1])
-                        else:
-                            _accumulate(stats, name, live[name], mask, held)
+                        _accumulate(stats, name, live[name], mask, held)
                     store.put(b, {n: a for n, a in live.items() if n in keep})
                     if side is not None:
-                        side.put(b, live, mask, held if to_side else None)
+                        side.put(b, live, mask)
                 if side is not None:
                     side.wait()  # the segment's fp32-target sums are in
-                    _merge(stats, side.grams, names)
             replaced = {n: a for n, a in replaced.items() if last_use.get(n, -1) >= stop}
             for name in names:
                 replaced.update(quantize(name, stats[name]) or {})
@@ -215,19 +207,6 @@ def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8,
         if bar is not None:
             bar.close()
     return stats
-
-
-def _merge(stats, grams, names) -> None:
-    """Add the Hessian sums in `grams` (the fp32 side's, of held-out batches) to stats, for names."""
-    for name in names:
-        extra = grams.pop(name, None)
-        if extra is None:
-            continue
-        stat = stats[name]
-        for field in ("xtx", "held_xtx"):
-            np.add(getattr(stat, field), getattr(extra, field), out=getattr(stat, field))
-        stat.count += extra.count
-        stat.held_count += extra.held_count
 
 
 def _accumulate_cross(stat: HessianStat, other, act, mask, field: str = "cross") -> None:
@@ -348,16 +327,13 @@ def _fp32_runs(model, fp_store, inits, types, threads):
     return runs
 
 
-def _target_sums(fp_store, stats, residuals, projections, grams):
-    """sums(segment, b, live, mask, held): batch b's fp32-target sums for the segment's activations,
-    from the fp32 model's tensors (fp_store) and the quantized model's (`live`); with `held` (a
-    held-out batch), its Hessian sums too, into `grams`."""
+def _target_sums(fp_store, stats, residuals, projections):
+    """sums(segment, b, live, mask): batch b's fp32-target sums for the segment's activations, from
+    the fp32 model's tensors (fp_store) and the quantized model's (`live`)."""
 
-    def sums(seg, b, live, mask, held=None):
+    def sums(seg, b, live, mask):
         fp_live = fp_store.get(b)
         for name in seg[2]:
-            if held is not None:
-                _accumulate(grams, name, live[name], mask, held)
             r = (residuals or {}).get(name)
             # (a residual neither side holds: no fit to it)
             dr = fp_live[r] - live[r] if r in live and r in fp_live else None
@@ -369,17 +345,15 @@ def _target_sums(fp_store, stats, residuals, projections, grams):
 
 class _Fp32Side:
     """The fp32 model's half of sequential calibration, on a thread of its own. Segment by segment it
-    runs the batches through the fp32 model (`runs`) and adds each batch's target sums (`sums`; for
-    a held-out batch its Hessian sums too, which takes a fifth of that work off the quantized side)
-    as the quantized model's tensors of that batch arrive (put); the fp32 runs need no quantized
+    runs the batches through the fp32 model (`runs`) and adds each batch's target sums (`sums`) as
+    the quantized model's tensors of that batch arrive (put); the fp32 runs need no quantized
     weight, so while no batch waits they go ahead (beside the quantization of the segment before).
     wait() returns once the current segment's sums are complete and raises the side's error, if
     any; close() stops the thread."""
 
     DEPTH = 4  # batches handed over and not yet summed
 
-    def __init__(self, segs, nbatch: int, runs, sums, grams=None):
-        self.grams = grams  # the Hessian sums `sums` adds for held-out batches (merged by the caller)
+    def __init__(self, segs, nbatch: int, runs, sums):
         self.inbox, self.done, self.stopped = queue.Queue(self.DEPTH), queue.Queue(), threading.Event()
         self.thread = threading.Thread(target=self._work, args=(segs, nbatch, runs, sums), name="fq-fp32-side",
                                        daemon=True)
@@ -402,10 +376,10 @@ class _Fp32Side:
         except BaseException as e:  # noqa: BLE001 - raised again in the caller's wait()
             self.done.put(e)
 
-    def put(self, b: int, live: dict, mask, held=None) -> None:
+    def put(self, b: int, live: dict, mask) -> None:
         while True:
             try:
-                self.inbox.put((b, live, mask, held), timeout=0.5)
+                self.inbox.put((b, live, mask), timeout=0.5)
                 return
             except queue.Full:
                 if not self.thread.is_alive():  # it stopped on an error: wait() raises it
