@@ -157,20 +157,25 @@ def test_right_padding_is_cut_from_length_sorted_batches():
                                                                                    [8, 9, 10, 11]]
 
 
-def test_fp_target_sums_fp32_times_quantized_inputs():
-    """fp_target: the fp32 model runs alongside; cross = sum of (x_fp32 - x) x^T (mask-weighted)."""
+@pytest.mark.parametrize("seq", [5, "T"])
+def test_fp_target_sums_fp32_times_quantized_inputs(seq):
+    """fp_target: the fp32 model runs alongside; cross = sum of (x_fp32 - x) x^T (mask-weighted).
+    Also with a dynamic sequence axis and right padding (seq "T": length-sorted batches, the
+    held-out samples in batches of their own)."""
     def quantize(name, stat):
         weights = {"x": ["w1"], "h1": ["w2"], "h2": ["w3", "w4"], "m": ["w5"]}[name]
         return {w: _rounded(W[w]) for w in weights}
 
-    samples = _samples()
     from fq_tvm.numerics import find_dense_layers
     from fq_tvm.numerics.sequential import residual_inputs
 
-    model = _graph_model()
+    model = _graph_model(seq=seq)
     residuals = residual_inputs(model, find_dense_layers(model))
     assert residuals == {"h1": "h1"}  # l2's output c is added to h1; l3/l4 share h2, l1 and l5 add nothing
     samples = _samples()
+    if seq == "T":
+        lengths = np.array([5, 1, 3, 0, 2, 5, 4, 1, 3, 2, 4, 3])
+        samples["mask"] = (np.arange(5) < lengths[:, None]).astype(np.float32)
     stats = sequential_calibrate(model, samples, ["x", "h1", "h2", "m"], quantize, batch_size=4,
                                  mask_input="mask", progress=False, memory_bytes=0, fp_target=True,
                                  residuals=residuals)
