@@ -42,6 +42,14 @@ _one_thread_per_core()
 _quiet_blas_threads()
 
 
+def cache_dir():
+    """fq-tvm's cache directory: $FQ_CACHE_DIR, else ~/.cache/fq-tvm (a pathlib.Path)."""
+    from pathlib import Path
+
+    env = os.environ.get("FQ_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "fq-tvm"
+
+
 def compile(model, target="host", out_dir=None, **options):  # noqa: A001 - mirrors `fq-compile`
     """Compile an ONNX model (path or ModelProto) for `target`; see `fq_tvm.compiler.compile`."""
     from .compiler import compile as _compile

@@ -44,6 +44,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from . import cache_dir
 from .artifact import MANIFEST, _signals_exit, open_regular, read_manifest
 from .errors import FqError
 
@@ -229,11 +230,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _cache_dir() -> Path:
-    env = os.environ.get("FQ_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "fq-tvm"
-
-
 def build_runner(source: dict, quiet: bool = True) -> Path:
     """bin/fq-runner for source["arch"], compiled once per source / compiler / libraries and cached."""
     cxx = source["cxx"]
@@ -247,7 +243,7 @@ def build_runner(source: dict, quiet: bool = True) -> Path:
              "-Wl,--as-needed", "-Wl,-rpath,$ORIGIN/../lib"]
     key = hashlib.sha256("\0".join([RUNNER_SOURCE.read_text(), version, *flags,
                                     *(_sha256(p) for p in source["libs"].values())]).encode()).hexdigest()[:24]
-    cached = _cache_dir() / "runner" / f"{source['arch']}-{key}" / RUNNER
+    cached = cache_dir() / "runner" / f"{source['arch']}-{key}" / RUNNER
     if cached.is_file():
         return cached
     if not quiet:

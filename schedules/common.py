@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import inspect
 import linecache
+import os
 import sys
+from pathlib import Path
 
 import tvm
 import tvm.s_tir as s_tir
@@ -15,11 +18,12 @@ from tvm.script.parser.core.parser import ScriptMacro
 
 
 def parsed_once(factory):
-    """`factory` (arguments -> PrimFunc) run once per distinct arguments in a process. Writing a
-    kernel parses TVMScript, 0.1-0.9 s each; fq-report, fq-bench and the tests compile the same
-    kernels again and again (parsing was a sixth of the not-slow tests' time). The key is
-    the arguments by value, defaults applied: lists and dicts as tuples, frozen dataclasses by
-    their fields. PrimFuncs are immutable, so every caller may share one."""
+    """`factory` (arguments -> PrimFunc) run once per distinct arguments in a process, and its
+    result kept on disk for the next process (`_cached`). Writing a kernel parses TVMScript, 0.1-0.9
+    s each (4-5 s of a MiniLM compile); fq-report, fq-bench and the tests compile the same kernels
+    again and again. The key is the arguments by value, defaults applied: lists and dicts as
+    tuples, frozen dataclasses by their fields. PrimFuncs are immutable, so every caller may share
+    one."""
     signature = inspect.signature(factory)
     made: dict = {}
 
@@ -29,10 +33,83 @@ def parsed_once(factory):
         bound.apply_defaults()
         key = _by_value(tuple(bound.arguments.items()))
         if key not in made:
-            made[key] = factory(*args, **kwargs)
+            made[key] = _cached(factory, key, lambda: factory(*args, **kwargs))
         return made[key]
 
     return once
+
+
+def _cached(factory, key, parse):
+    """parse(), or the PrimFunc a process running the same schedule sources (and TVM) saved for
+    `key` under fq_tvm.cache_dir()/kernels (TVM's JSON: loading takes a tenth of parsing). Keys
+    that are not plain values, an unreadable cache or FQ_KERNEL_CACHE=0: parse() alone."""
+    path = _cache_path(factory, key)
+    if path is not None and path.is_file():
+        try:
+            func = tvm.ir.load_json(path.read_text())
+            if isinstance(func, tvm.tirx.PrimFunc):
+                return func
+        except Exception:  # noqa: BLE001 - a damaged entry is parsed again and rewritten
+            pass
+    func = parse()
+    if path is not None:
+        try:
+            if not path.parent.is_dir():
+                _drop_stale(path.parent)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(tvm.ir.save_json(func))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return func
+
+
+def _cache_path(factory, key):
+    if os.environ.get("FQ_KERNEL_CACHE", "1") == "0":
+        return None
+    text = _plain(key)
+    if text is None:
+        return None
+    from fq_tvm import cache_dir
+
+    name = hashlib.sha256(f"{factory.__module__}.{factory.__qualname__}{text}".encode()).hexdigest()[:32]
+    return cache_dir() / "kernels" / _sources_digest() / f"{factory.__name__}-{name}.json"
+
+
+def _drop_stale(folder) -> None:
+    """Remove the kernel caches of other sources beside `folder` (an older fq-tvm's)."""
+    import shutil
+
+    if folder.parent.is_dir():
+        for other in folder.parent.iterdir():
+            if other != folder and other.is_dir():
+                shutil.rmtree(other, ignore_errors=True)
+
+
+@functools.cache
+def _sources_digest() -> str:
+    """A digest of this package's sources and TVM's (and its FFI's) version: a kernel cached by other code is not
+    found (the directory of an older digest is removed when a new one is first made)."""
+    import tvm_ffi
+
+    digest = hashlib.sha256(f"{tvm.__version__} {getattr(tvm_ffi, '__version__', '')}".encode())
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _plain(value):
+    """repr of a key made of numbers, strings, None, tuples, classes and module-level functions;
+    None for anything else."""
+    if isinstance(value, tuple):
+        parts = [_plain(v) for v in value]
+        return None if None in parts else "(" + ",".join(parts) + ")"
+    if isinstance(value, type) or (inspect.isfunction(value) and "<locals>" not in value.__qualname__):
+        return f"<{value.__module__}.{value.__qualname__}>"  # its code is in the sources' digest
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    return None
 
 
 def _by_value(value):

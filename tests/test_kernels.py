@@ -272,3 +272,36 @@ def test_kernels_are_written_once_per_arguments():
     one, two = (cpu_int8.Plan(64, 128, 2, 0, isa) for _ in range(2))
     assert one is not two and cpu_int8.dequant_matmul(one) is cpu_int8.dequant_matmul(two)
     assert cpu_int8.dequant_matmul(one) is not cpu_int8.dequant_matmul(cpu_int8.Plan(64, 128, 4, 0, isa))
+
+
+def test_kernels_are_kept_on_disk_for_the_next_process(tmp_path, monkeypatch):
+    """`parsed_once` keeps each kernel under FQ_CACHE_DIR/kernels/<digest of the schedule sources>:
+    another process (here: a fresh in-process cache) loads it instead of parsing, structurally
+    equal; a damaged entry is parsed again; FQ_KERNEL_CACHE=0 or a key that is not plain values
+    (an object without a stable repr) writes nothing."""
+    import tvm
+
+    from fq_tvm.schedules import common, cpu_int8
+
+    monkeypatch.setenv("FQ_CACHE_DIR", str(tmp_path))
+    parses = []
+
+    def kernel(K: int, isa, lanes: int = 8, tag=None):
+        parses.append(K)
+        return cpu_int8.dequant_matmul.__wrapped__(cpu_int8.Plan(K, 128, 2, 0, isa))
+
+    isa = cpu_int8.ISAS[1]  # a frozen dataclass holding module-level functions: a plain key
+    first = common.parsed_once(kernel)(64, isa)
+    files = list((tmp_path / "kernels").glob("*/kernel-*.json"))
+    assert len(files) == 1 and parses == [64]
+    again = common.parsed_once(kernel)(64, isa, lanes=8)  # a new process's cache
+    assert parses == [64] and again is not first
+    tvm.ir.assert_structural_equal(again, first)
+    files[0].write_text("{broken")
+    tvm.ir.assert_structural_equal(common.parsed_once(kernel)(64, isa), first)
+    assert parses == [64, 64] and tvm.ir.load_json(files[0].read_text()) is not None  # rewritten
+
+    common.parsed_once(kernel)(64, isa, tag=object())  # no stable key: parsed, not kept
+    monkeypatch.setenv("FQ_KERNEL_CACHE", "0")
+    common.parsed_once(kernel)(32, isa)
+    assert parses == [64, 64, 64, 32] and len(list((tmp_path / "kernels").glob("*/*.json"))) == 1
