@@ -73,8 +73,12 @@ def _cache_path(factory, key):
         return None
     from fq_tvm import cache_dir
 
+    try:
+        folder = cache_dir() / "kernels" / _sources_digest()
+    except (RuntimeError, OSError):  # no home directory, unreadable sources: no cache
+        return None
     name = hashlib.sha256(f"{factory.__module__}.{factory.__qualname__}{text}".encode()).hexdigest()[:32]
-    return cache_dir() / "kernels" / _sources_digest() / f"{factory.__name__}-{name}.json"
+    return folder / f"{factory.__name__}-{name}.json"
 
 
 def _drop_stale(folder) -> None:

@@ -222,12 +222,12 @@ def _samples(samples):
     return dict(samples)
 
 
-def _progress(total, enabled):
+def _progress(total, enabled, unit: str = "sample"):
     if enabled:
         try:
             from tqdm import tqdm
 
-            return tqdm(total=total, desc="calibrating", unit="sample", leave=False)
+            return tqdm(total=total, desc="calibrating", unit=unit, leave=False)
         except ImportError:
             pass
     return None

@@ -167,7 +167,7 @@ def sequential_calibrate(model, samples, tensors, quantize, batch_size: int = 8,
         for st in filter(None, (store, fp_store)):
             st.put(b, plan.arrays(data, graph_inputs, idx))
     stats: dict[str, HessianStat] = {}
-    bar = _progress(len(tensors), progress)
+    bar = _progress(len(tensors), progress, unit="activation")  # one step per layer input quantized
     segs = [(first, stop, names, {n for n, last in last_use.items() if last >= stop} | set(names))
             for first, stop, names in segments(model, tensors)]
     threads = _side_threads() if fp_target else 0
