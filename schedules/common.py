@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -44,24 +45,25 @@ def _cached(factory, key, parse):
     `key` under fq_tvm.cache_dir()/kernels (TVM's JSON: loading takes a tenth of parsing). Keys
     that are not plain values, an unreadable cache or FQ_KERNEL_CACHE=0: parse() alone."""
     path = _cache_path(factory, key)
-    if path is not None and path.is_file():
+    if path is not None:
         try:
             func = tvm.ir.load_json(path.read_text())
             if isinstance(func, tvm.tirx.PrimFunc):
                 return func
-        except Exception:  # noqa: BLE001 - a damaged entry is parsed again and rewritten
+        except Exception:  # noqa: BLE001 - missing, unreadable or damaged: parsed (and written) again
             pass
     func = parse()
     if path is not None:
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
             if not path.parent.is_dir():
                 _drop_stale(path.parent)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
             tmp.write_text(tvm.ir.save_json(func))
             os.replace(tmp, path)
-        except OSError:
-            pass
+        except OSError:  # a read-only or full cache: no entry
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
     return func
 
 

@@ -305,3 +305,18 @@ def test_kernels_are_kept_on_disk_for_the_next_process(tmp_path, monkeypatch):
     monkeypatch.setenv("FQ_KERNEL_CACHE", "0")
     common.parsed_once(kernel)(32, isa)
     assert parses == [64, 64, 64, 32] and len(list((tmp_path / "kernels").glob("*/*.json"))) == 1
+
+
+def test_a_read_only_kernel_cache_is_no_error(tmp_path, monkeypatch):
+    """A cache directory that cannot be written (or read): kernels are parsed, nothing fails."""
+    import os
+
+    from fq_tvm.schedules import common, cpu_hadamard
+
+    if os.geteuid() == 0:  # root writes anywhere: a file where the directory should be instead
+        (tmp_path / "kernels").write_text("not a directory")
+    else:
+        tmp_path.chmod(0o500)
+    monkeypatch.setenv("FQ_CACHE_DIR", str(tmp_path))
+    func = common.parsed_once(cpu_hadamard.hadamard.__wrapped__)(96, 32, False)
+    assert func is not None and not list(tmp_path.glob("kernels/*/*.json"))
