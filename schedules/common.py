@@ -10,6 +10,7 @@ import inspect
 import linecache
 import os
 import sys
+import threading
 from pathlib import Path
 
 import tvm
@@ -54,7 +55,7 @@ def _cached(factory, key, parse):
             pass
     func = parse()
     if path is not None:
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             if not path.parent.is_dir():
                 _drop_stale(path.parent)
