@@ -96,8 +96,8 @@ def _drop_stale(folder) -> None:
 
 @functools.cache
 def _sources_digest() -> str:
-    """A digest of this package's sources and TVM's (and its FFI's) version: a kernel cached by other code is not
-    found (the directory of an older digest is removed when a new one is first made)."""
+    """A digest of this package's sources and TVM's (and its FFI's) version: a kernel cached by
+    other code is not found (the directory of an older digest is removed when a new one is made)."""
     import tvm_ffi
 
     digest = hashlib.sha256(f"{tvm.__version__} {getattr(tvm_ffi, '__version__', '')}".encode())
@@ -107,13 +107,14 @@ def _sources_digest() -> str:
 
 
 def _plain(value):
-    """repr of a key made of numbers, strings, None, tuples, classes and module-level functions;
-    None for anything else."""
+    """repr of a key made of numbers, strings, None, tuples, and classes and module-level functions
+    of this package (their code is in `_sources_digest`); None for anything else."""
     if isinstance(value, tuple):
         parts = [_plain(v) for v in value]
         return None if None in parts else "(" + ",".join(parts) + ")"
-    if isinstance(value, type) or (inspect.isfunction(value) and "<locals>" not in value.__qualname__):
-        return f"<{value.__module__}.{value.__qualname__}>"  # its code is in the sources' digest
+    if isinstance(value, type) or inspect.isfunction(value):
+        ours = value.__module__.rpartition(".")[0] == __name__.rpartition(".")[0]
+        return f"<{value.__module__}.{value.__qualname__}>" if ours and "<locals>" not in value.__qualname__ else None
     if value is None or isinstance(value, (bool, int, float, str)):
         return repr(value)
     return None
