@@ -11,6 +11,7 @@ load and run an artifact.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import hashlib
 import json
@@ -35,6 +36,17 @@ MAX_MANIFEST_BYTES = 8 << 20  # a 1000-layer model's manifest is about 0.3 MB
 DEVICES = ("cpu", "cuda")
 CUDA_FILES = ("device.cu", "device.cubin", "device.ptx")  # what targets.cuda.install_precompiled reads
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def build_time() -> datetime.datetime:
+    """Now, in UTC, or `SOURCE_DATE_EPOCH` (reproducible-builds.org) where it is set: manifests
+    and bundles then depend on their inputs alone (the libraries do anyway)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch is None:
+        return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    if not epoch.strip().isdigit():
+        raise FqError(f"SOURCE_DATE_EPOCH={epoch!r} is not a count of seconds since 1970")
+    return datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc)
 
 
 def sha256_file(path: Path) -> str:

@@ -27,7 +27,7 @@ The tarball is written to a temporary file beside the output and renamed when co
 from __future__ import annotations
 
 import contextlib
-import datetime
+import gzip
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -45,7 +45,7 @@ import tempfile
 from pathlib import Path
 
 from . import cache_dir
-from .artifact import MANIFEST, _signals_exit, open_regular, read_manifest
+from .artifact import MANIFEST, _signals_exit, build_time, open_regular, read_manifest
 from .errors import FqError
 
 FORMAT = "fq-tvm-bundle"
@@ -333,6 +333,7 @@ def bundle(artifact, out, *, force: bool = False, quiet: bool = False) -> dict:
         raise FqError(f"{directory}: built for {target['device']} (target '{target['name']}'); fq-bundle packs "
                       f"CPU artifacts (x86_64, aarch64) only")
     out = _check_out(out, directory, force)
+    build_time()  # a bad SOURCE_DATE_EPOCH fails before any work
     arch = target["arch"]
     source = runtime_source(arch)
     built_with = manifest.get("versions", {}).get("tvm")
@@ -351,7 +352,7 @@ def bundle(artifact, out, *, force: bool = False, quiet: bool = False) -> dict:
     glibcxx, glibcxx_from = max_version(requires, "GLIBCXX")
     info = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": build_time().isoformat(timespec="seconds"),
         "arch": arch, "target": target["name"], "scheme": manifest.get("scheme", {}).get("name"),
         "versions": {"fq_tvm": _fq_version(), **source["versions"]},
         "requires": {"glibc": glibc, "glibc_from": glibc_from, "glibcxx": glibcxx, "glibcxx_from": glibcxx_from,
@@ -383,30 +384,32 @@ def _fq_version() -> str:
 
 def _write(out: Path, top: str, directory: Path, manifest: dict, runner: Path, source: dict, info: dict) -> list:
     out.parent.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now().timestamp()
+    now = build_time().timestamp()
     with _signals_exit():
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
         try:
             names = []
-            with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz", compresslevel=6) as tar:
-                sums = {}
-                for name in ("", "/bin", "/lib", "/model"):
-                    _add_dir(tar, top + name, now)
-                sums[f"bin/{RUNNER}"] = _add_file(tar, f"{top}/bin/{RUNNER}", runner, 0o755, now)
-                for name, path in source["libs"].items():
-                    sums[f"lib/{name}"] = _add_file(tar, f"{top}/lib/{name}", path, 0o755, now)
-                for name, digest in sorted(manifest["files"].items()):
-                    mode = 0o755 if name == manifest["library"] else 0o644
-                    _add_file(tar, f"{top}/model/{name}", directory / name, mode, now, expected=digest)
-                _add_file(tar, f"{top}/model/{MANIFEST}", directory / MANIFEST, 0o644, now)
-                bundle_json = (json.dumps(info, indent=2) + "\n").encode()
-                _add_bytes(tar, f"{top}/bundle.json", bundle_json, mtime=now)
-                sums["bundle.json"] = hashlib.sha256(bundle_json).hexdigest()
-                _add_bytes(tar, f"{top}/SHA256SUMS",
-                           "".join(f"{d}  {n}\n" for n, d in sorted(sums.items())).encode(), mtime=now)
-                _add_bytes(tar, f"{top}/run.sh", run_sh(info).encode(), 0o755, now)
-                _add_bytes(tar, f"{top}/README.txt", readme(top, info).encode(), mtime=now)
-                names = tar.getnames()
+            with os.fdopen(fd, "wb") as raw:  # gzip's own time stamp too: SOURCE_DATE_EPOCH gives one bundle
+                with (gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=int(now)) as gz,
+                      tarfile.open(fileobj=gz, mode="w") as tar):
+                    sums = {}
+                    for name in ("", "/bin", "/lib", "/model"):
+                        _add_dir(tar, top + name, now)
+                    sums[f"bin/{RUNNER}"] = _add_file(tar, f"{top}/bin/{RUNNER}", runner, 0o755, now)
+                    for name, path in source["libs"].items():
+                        sums[f"lib/{name}"] = _add_file(tar, f"{top}/lib/{name}", path, 0o755, now)
+                    for name, digest in sorted(manifest["files"].items()):
+                        mode = 0o755 if name == manifest["library"] else 0o644
+                        _add_file(tar, f"{top}/model/{name}", directory / name, mode, now, expected=digest)
+                    _add_file(tar, f"{top}/model/{MANIFEST}", directory / MANIFEST, 0o644, now)
+                    bundle_json = (json.dumps(info, indent=2) + "\n").encode()
+                    _add_bytes(tar, f"{top}/bundle.json", bundle_json, mtime=now)
+                    sums["bundle.json"] = hashlib.sha256(bundle_json).hexdigest()
+                    _add_bytes(tar, f"{top}/SHA256SUMS",
+                               "".join(f"{d}  {n}\n" for n, d in sorted(sums.items())).encode(), mtime=now)
+                    _add_bytes(tar, f"{top}/run.sh", run_sh(info).encode(), 0o755, now)
+                    _add_bytes(tar, f"{top}/README.txt", readme(top, info).encode(), mtime=now)
+                    names = tar.getnames()
                 raw.flush()
                 os.fsync(raw.fileno())
             os.replace(tmp, out)

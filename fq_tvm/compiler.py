@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .artifact import check_output, staging_dir, write_manifest
+from .artifact import build_time, check_output, staging_dir, write_manifest
 from .errors import FqError, warn
 from .gathers import add_ranges, fast_take_bounds, log_filter, without_log_lines
 from .numerics.activations import ACT_BITS
@@ -117,6 +117,7 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     out_dir = default_out_dir(model_path, preset.name, scheme) if out_dir is None else out_dir
     keep = [path for path in (model_path, calib) if isinstance(path, (str, Path))]
     out_dir = check_output(out_dir, force, keep)
+    build_time()  # a bad SOURCE_DATE_EPOCH fails before any work
     tuned, tuning_report = _tuning(tuning_db, preset, quiet)  # a bad --tuning-db fails before any work
     step = Steps(5 if cfg.method != "none" else 4, quiet)
     step(f"loading and importing {model_path}")
@@ -481,8 +482,6 @@ def _build(mod, preset, act_bits: int, counts: dict, drop=None, quiet: bool = Tr
 
 
 def _manifest(proto, model_path: Path, preset, cfg, files: list[str]) -> dict:
-    import datetime
-
     import onnx
     import tvm
 
@@ -491,7 +490,7 @@ def _manifest(proto, model_path: Path, preset, cfg, files: list[str]) -> dict:
 
     sig = signature(proto)
     return {
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": build_time().isoformat(timespec="seconds"),
         "versions": {"fq_tvm": __version__, "tvm": tvm.__version__, "onnx": onnx.__version__},
         "source": {"model": model_path.name, "sha256": sha256_input(model_path)},
         "target": {"name": preset.name, "tvm": preset.target, "arch": preset.arch, "device": preset.device},

@@ -51,7 +51,7 @@ def relax_pipeline(target, counts: dict | None = None, notes: list | None = None
     from tvm import relax
 
     if "gpu" in target.keys:
-        return relax.get_default_pipeline(target)
+        return tvm.transform.Sequential([relax.get_default_pipeline(target), _ordered_shape_stores_pass()])
     from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 
     from . import cpu, cpu_attention, cpu_attention_values, cpu_dense, cpu_layer_norm, cpu_ops, cpu_softmax
@@ -84,7 +84,7 @@ def relax_pipeline(target, counts: dict | None = None, notes: list | None = None
                         notes.append(f"{gvar.name_hint} ({'; '.join(left)})")
             mod = tvm.transform.Sequential(cpu_pipeline.dataflow_lower_passes(target)
                                            + cpu_pipeline.finalize_passes(target))(mod)
-            return restrict_single_buffer_funcs(mod)
+            return ordered_shape_stores(restrict_single_buffer_funcs(mod))
 
     return _pipeline
 
@@ -170,6 +170,36 @@ def restrict_single_buffer_funcs(mod: tvm.IRModule) -> tvm.IRModule:
         if len(pointers) <= 1:
             mod[gvar] = func.with_attr("tirx.noalias", True)
     return mod
+
+
+def ordered_shape_stores(mod: tvm.IRModule) -> tvm.IRModule:
+    """Sort the stores of Relax's shape functions by heap slot. TVM 0.27's VMShapeLower emits the
+    shape values that become computable together in hash-map order, which moves with object
+    addresses: two builds of one model gave libraries differing in `shape_func` alone. The stores
+    of one shape function are independent (each reads matched slots, writes its own), so any
+    order computes the same heap."""
+    for gvar, func in list(mod.functions_items()):
+        if not gvar.name_hint.startswith("shape_func") or not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        body = func.body
+        if not isinstance(body, tvm.tirx.SeqStmt) or not all(_heap_store(s) for s in body.seq):
+            continue
+        stores = sorted(body.seq, key=lambda s: int(s.indices[0]))
+        mod[gvar] = func.with_body(tvm.tirx.SeqStmt(stores))
+    return mod
+
+
+def _ordered_shape_stores_pass():
+    @tvm.transform.module_pass(opt_level=0, name="fq.OrderedShapeStores")
+    def _pass(mod, _ctx):
+        return ordered_shape_stores(mod)
+
+    return _pass
+
+
+def _heap_store(stmt) -> bool:
+    return (isinstance(stmt, tvm.tirx.BufferStore) and len(stmt.indices) == 1
+            and isinstance(stmt.indices[0], tvm.tirx.IntImm))
 
 
 def _scheduled(func) -> bool:

@@ -415,6 +415,17 @@ def test_fq_bundle_output_rules(capsys, host_artifact, host_bundle, tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tgz"]
 
 
+def test_source_date_epoch_gives_one_bundle(host_artifact, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    first = fq_tvm.bundle(host_artifact, tmp_path / "a.tar.gz", quiet=True)["path"]
+    second = fq_tvm.bundle(host_artifact, tmp_path / "b" / "a.tar.gz", quiet=True)["path"]
+    assert Path(first).read_bytes() == Path(second).read_bytes()
+    with tarfile.open(first) as tar:
+        assert {member.mtime for member in tar.getmembers()} == {1700000000}
+        info = json.load(tar.extractfile("a/bundle.json"))
+    assert info["created"] == "2023-11-14T22:13:20+00:00"
+
+
 def test_api_is_a_function_after_the_module_is_imported(host_artifact, tmp_path):
     import fq_tvm.bundler  # noqa: F401  (a module named bundle.py would replace fq_tvm.bundle here)
 

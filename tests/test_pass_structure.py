@@ -421,3 +421,37 @@ def test_add_last_logits_leaves_a_module_without_such_a_head():
 
     out = AddLastLogits()(Before)
     assert [g.name_hint for g in out.get_global_vars()] == ["main"]
+
+
+def test_shape_function_stores_are_sorted_by_slot():
+    """`ordered_shape_stores` puts the independent stores of Relax's shape functions in heap-slot
+    order (VMShapeLower emits them in hash order); other PrimFuncs are left alone."""
+    from fq_tvm.schedules import ordered_shape_stores
+
+    @I.ir_module
+    class Before:
+        @T.prim_func(private=True)
+        def shape_func(H: T.Buffer((T.int64(5),), "int64")):
+            H[T.int64(4)] = T.int64(8) * H[T.int64(0)]
+            H[T.int64(2)] = H[T.int64(0)] * H[T.int64(1)]
+            H[T.int64(3)] = T.int64(4) * H[T.int64(1)]
+
+        @T.prim_func(private=True)
+        def other(H: T.Buffer((T.int64(5),), "int64")):
+            H[T.int64(4)] = H[T.int64(0)]
+            H[T.int64(2)] = H[T.int64(1)]
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True)
+        def shape_func(H: T.Buffer((T.int64(5),), "int64")):
+            H[T.int64(2)] = H[T.int64(0)] * H[T.int64(1)]
+            H[T.int64(3)] = T.int64(4) * H[T.int64(1)]
+            H[T.int64(4)] = T.int64(8) * H[T.int64(0)]
+
+        @T.prim_func(private=True)
+        def other(H: T.Buffer((T.int64(5),), "int64")):
+            H[T.int64(4)] = H[T.int64(0)]
+            H[T.int64(2)] = H[T.int64(1)]
+
+    tvm.ir.assert_structural_equal(ordered_shape_stores(Before), Expected)
