@@ -44,9 +44,12 @@ def build_time() -> datetime.datetime:
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     if epoch is None:
         return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
-    if not epoch.strip().isdigit():
-        raise FqError(f"SOURCE_DATE_EPOCH={epoch!r} is not a count of seconds since 1970")
-    return datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc)
+    try:
+        if not epoch.strip().isdigit():
+            raise ValueError
+        return datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        raise FqError(f"SOURCE_DATE_EPOCH={epoch!r} is not a count of seconds since 1970") from None
 
 
 def sha256_file(path: Path) -> str:

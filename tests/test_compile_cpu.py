@@ -337,3 +337,6 @@ def test_a_bad_source_date_epoch_is_one_line_before_any_work(mlp_onnx, tmp_path,
     assert capsys.readouterr().err.strip() == ("fq-compile: error: SOURCE_DATE_EPOCH='yesterday' is not a count "
                                                "of seconds since 1970")
     assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "9" * 30)  # past datetime's range
+    assert compile_main([str(mlp_onnx), "-o", str(tmp_path / "out"), "-q"]) == 1
+    assert "is not a count of seconds since 1970" in capsys.readouterr().err
