@@ -317,11 +317,12 @@ def test_run_takes_any_array_and_returns_arrays_of_its_own(tmp_path):
 
 def test_two_builds_of_one_model_give_one_artifact(encoder_onnx, tmp_path):
     """Separate processes (objects at other addresses: Relax's shape function came out in hash
-    order) build byte-identical libraries; with SOURCE_DATE_EPOCH the manifests are identical too."""
+    order) build byte-identical libraries, the first parsing its kernels, the second loading them
+    from the kernel cache; with SOURCE_DATE_EPOCH the manifests are identical too."""
     import os
     from pathlib import Path
 
-    env = {**os.environ, "SOURCE_DATE_EPOCH": "1700000000"}
+    env = {**os.environ, "SOURCE_DATE_EPOCH": "1700000000", "FQ_CACHE_DIR": str(tmp_path / "cache")}
     for name in ("a", "b"):
         done = subprocess.run([Path(sys.executable).parent / "fq-compile", encoder_onnx, "-o", tmp_path / name, "-q"],
                               capture_output=True, text=True, env=env)
@@ -329,6 +330,7 @@ def test_two_builds_of_one_model_give_one_artifact(encoder_onnx, tmp_path):
     for name in ("model.so", "manifest.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["created"] == "2023-11-14T22:13:20+00:00"
+    assert list((tmp_path / "cache" / "kernels").glob("*/kernel-*.json"))  # the second build could load
 
 
 def test_a_bad_source_date_epoch_is_one_line_before_any_work(mlp_onnx, tmp_path, capsys, monkeypatch):
