@@ -330,7 +330,7 @@ def test_two_builds_of_one_model_give_one_artifact(encoder_onnx, tmp_path):
     for name in ("model.so", "manifest.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["created"] == "2023-11-14T22:13:20+00:00"
-    assert list((tmp_path / "cache" / "kernels").glob("*/kernel-*.json"))  # the second build could load
+    assert list((tmp_path / "cache" / "kernels").glob("*/*.json"))  # the second build could load
 
 
 def test_a_bad_source_date_epoch_is_one_line_before_any_work(mlp_onnx, tmp_path, capsys, monkeypatch):
