@@ -333,7 +333,7 @@ def bundle(artifact, out, *, force: bool = False, quiet: bool = False) -> dict:
         raise FqError(f"{directory}: built for {target['device']} (target '{target['name']}'); fq-bundle packs "
                       f"CPU artifacts (x86_64, aarch64) only")
     out = _check_out(out, directory, force)
-    build_time()  # a bad SOURCE_DATE_EPOCH fails before any work
+    created = build_time()  # a bad SOURCE_DATE_EPOCH fails before any work
     arch = target["arch"]
     source = runtime_source(arch)
     built_with = manifest.get("versions", {}).get("tvm")
@@ -352,7 +352,7 @@ def bundle(artifact, out, *, force: bool = False, quiet: bool = False) -> dict:
     glibcxx, glibcxx_from = max_version(requires, "GLIBCXX")
     info = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "created": build_time().isoformat(timespec="seconds"),
+        "created": created.isoformat(timespec="seconds"),
         "arch": arch, "target": target["name"], "scheme": manifest.get("scheme", {}).get("name"),
         "versions": {"fq_tvm": _fq_version(), **source["versions"]},
         "requires": {"glibc": glibc, "glibc_from": glibc_from, "glibcxx": glibcxx, "glibcxx_from": glibcxx_from,
@@ -360,7 +360,7 @@ def bundle(artifact, out, *, force: bool = False, quiet: bool = False) -> dict:
         "inputs": manifest["inputs"], "outputs": manifest["outputs"],
     }
     top = out.name[:-len(next(s for s in SUFFIXES if out.name.endswith(s)))]
-    result = _write(out, top, directory, manifest, runner, source, info)
+    result = _write(out, top, directory, manifest, runner, source, info, created.timestamp())
     summary = {"path": str(out), "arch": arch, "target": target["name"], "requires": info["requires"],
                "bytes": out.stat().st_size, "files": result}
     if not quiet:
@@ -382,9 +382,9 @@ def _fq_version() -> str:
     return __version__
 
 
-def _write(out: Path, top: str, directory: Path, manifest: dict, runner: Path, source: dict, info: dict) -> list:
+def _write(out: Path, top: str, directory: Path, manifest: dict, runner: Path, source: dict, info: dict,
+           now: float) -> list:
     out.parent.mkdir(parents=True, exist_ok=True)
-    now = build_time().timestamp()
     with _signals_exit():
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
         try:
