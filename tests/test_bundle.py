@@ -415,7 +415,11 @@ def test_fq_bundle_output_rules(capsys, host_artifact, host_bundle, tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tgz"]
 
 
-def test_source_date_epoch_gives_one_bundle(host_artifact, tmp_path, monkeypatch):
+def test_source_date_epoch_gives_one_bundle(capsys, host_artifact, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "soon")
+    assert cli_error(capsys, [host_artifact, "-o", tmp_path / "bad.tar.gz"]) == (
+        "fq-bundle: error: SOURCE_DATE_EPOCH='soon' is not a count of seconds since 1970")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     first = fq_tvm.bundle(host_artifact, tmp_path / "a.tar.gz", quiet=True)["path"]
     second = fq_tvm.bundle(host_artifact, tmp_path / "b" / "a.tar.gz", quiet=True)["path"]
