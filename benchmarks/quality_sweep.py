@@ -33,6 +33,8 @@ with hidden / 64 outlier features scaled 8x; calibration 1,000 tokens (125 x 8, 
 rows), evaluation 320 tokens of the same distribution, another seed. Metric: relative output error
 ||y - y_fp32|| / ||y_fp32|| of the float simulation (which the compiled artifacts equal, see
 tests/test_quantized_compile.py). `--seeds N --first-seed S` repeats over input seeds (model seed fixed).
+`--weights normal` draws the blocks' dense weights from a Gaussian (trained weights' shape) instead of
+torch's uniform init.
 Per-layer held-out errors of the guard are summarised as `guard` (chosen options counted).
 """
 
@@ -149,9 +151,9 @@ class Evaluator:
 
 
 SYNTH_MODELS = {
-    "encoder320": lambda path: _models().encoder_block(path, hidden=320, heads=5, ffn=1280),
-    "llama576": lambda path: _models().decoder_block(path, hidden=576, heads=9, ffn=1536),
-    "mlp1000": lambda path: _models().mlp_gemm(path, sizes=(1000, 768, 3072, 10)),
+    "encoder320": lambda path, w: _models().encoder_block(path, hidden=320, heads=5, ffn=1280, weights=w),
+    "llama576": lambda path, w: _models().decoder_block(path, hidden=576, heads=9, ffn=1536, weights=w),
+    "mlp1000": lambda path, w: _models().mlp_gemm(path, sizes=(1000, 768, 3072, 10)),  # Gaussian already
 }
 
 
@@ -180,9 +182,9 @@ def synthetic_main(args, work: Path):
     import onnx
 
     for model, build in SYNTH_MODELS.items():
-        path = work / f"{model}.onnx"
+        path = work / (f"{model}.onnx" if args.weights == "uniform" else f"{model}.{args.weights}.onnx")
         if not path.exists():
-            build(path)
+            build(path, args.weights)
         proto = onnx.load(str(path))
         hidden = proto.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
         two_d = model.startswith("mlp")
@@ -206,7 +208,8 @@ def synthetic_main(args, work: Path):
                 quant_s, quant_cpu_s = time.time() - t, time.process_time() - cpu
                 y = session_runner(simulated_model(proto, records))({"x": x})[out_name]
                 err = float(np.linalg.norm(y - ref[out_name]) / np.linalg.norm(ref[out_name]))
-                row = {"model": model, "config": spec, "seed": seed, "seq": args.seq or cfg.sequential, "tag": args.tag,
+                row = {"model": model, "weights": args.weights, "config": spec, "seed": seed,
+                       "seq": args.seq or cfg.sequential, "tag": args.tag,
                        "rel_err": round(err, 4),
                        "quant_s": round(quant_s, 1), "quant_cpu_s": round(quant_cpu_s, 1)}
                 guards = [getattr(r, "guard", None) for r in records.values()]
@@ -230,6 +233,9 @@ def main(argv=None):
     ap.add_argument("--tag", default="", help="free text stored with each result")
     ap.add_argument("--seeds", type=int, default=1, help="synthetic: input seeds FIRST..FIRST+N-1")
     ap.add_argument("--first-seed", type=int, default=0, help="synthetic: the first input seed")
+    ap.add_argument("--weights", choices=("uniform", "normal"), default="uniform",
+                    help="synthetic: the blocks' dense weights, torch's uniform init (issue 14's models) or "
+                         "Gaussian (the shape of trained weights; fq_tvm.models.WEIGHTS)")
     args = ap.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -101,13 +101,37 @@ def _decoder_module(hidden: int, heads: int, ffn: int):
     return DecoderBlock()
 
 
-def decoder_block(path, hidden: int = 576, heads: int = 9, ffn: int = 1536, seed: int = 0) -> Path:
+# How the blocks' dense weights are drawn. "uniform": torch's nn.Linear default, U(+-1/sqrt(K)),
+# per-row kurtosis 1.8. "normal": Gaussian of the same variance, kurtosis 3, the shape of trained
+# weights (median per-row kurtosis 3.2 in all-MiniLM-L6-v2 and SmolLM2-135M; docs/numerics.md,
+# "Uniform weights"). A 4-level grid fits uniform rows unusually well, so plain GPTQ looks better on
+# them than on any trained model.
+WEIGHTS = ("uniform", "normal")
+
+
+def _with_weights(module, weights: str):
+    """`module` with every nn.Linear weight redrawn as `weights` says (biases left alone)."""
+    import torch
+
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    if weights == "normal":
+        with torch.no_grad():
+            for layer in module.modules():
+                if isinstance(layer, torch.nn.Linear):
+                    layer.weight.normal_(0.0, (3.0 * layer.in_features) ** -0.5)
+    return module
+
+
+def decoder_block(path, hidden: int = 576, heads: int = 9, ffn: int = 1536, seed: int = 0,
+                  weights: str = "uniform") -> Path:
     """A Llama-style decoder block (SmolLM2-135M shapes by default), dynamo-exported, dynamic batch
-    and sequence length."""
+    and sequence length. `weights`: see WEIGHTS."""
     import torch
 
     torch.manual_seed(seed)
-    _export(_decoder_module(hidden, heads, ffn).eval(), torch.randn(2, 8, hidden), path)
+    module = _with_weights(_decoder_module(hidden, heads, ffn), weights)
+    _export(module.eval(), torch.randn(2, 8, hidden), path)
     return Path(path)
 
 
@@ -121,13 +145,15 @@ def linear(path, in_features: int = 1000, out_features: int = 384, bias: bool = 
     return Path(path)
 
 
-def encoder_block(path, hidden: int = 64, heads: int = 4, ffn: int = 256, seed: int = 0) -> Path:
+def encoder_block(path, hidden: int = 64, heads: int = 4, ffn: int = 256, seed: int = 0,
+                  weights: str = "uniform") -> Path:
     """A pre-LN transformer encoder block exported by torch's dynamo exporter (MatMul with [K, N]
-    weights, LayerNorm, softmax attention), dynamic batch and sequence length."""
+    weights, LayerNorm, softmax attention), dynamic batch and sequence length. `weights`: see
+    WEIGHTS."""
     import torch
 
     torch.manual_seed(seed)
-    module = _encoder_module(hidden, heads, ffn).eval()
+    module = _with_weights(_encoder_module(hidden, heads, ffn), weights).eval()
     with torch.no_grad():  # non-trivial LayerNorm parameters
         for ln in (module.ln1, module.ln2):
             ln.weight.add_(0.1 * torch.randn(hidden))
