@@ -140,7 +140,7 @@ def test_softmax_rows_match_numpy_with_tails_nan_and_masked_rows():
     assert "softmax_rows" in calls and not [c for c in calls if c.startswith("reshape")], sorted(set(calls))
     vm = relax.VirtualMachine(lib, tvm.cpu())
     rng = np.random.default_rng(0)
-    for shape in [(1, 3, 1, 5), (2, 3, 7, 37), (2, 3, 4, 128)]:
+    for shape in [(1, 3, 1, 5), (2, 3, 7, 37), (1, 3, 2, 45), (1, 3, 2, 100), (2, 3, 4, 128)]:  # groups of 4 vectors, single ones, tails
         x = (rng.standard_normal(shape) * 6).astype(np.float32)
         x[0, 0, 0, 1] = np.nan
         if shape[2] > 1:
@@ -148,6 +148,7 @@ def test_softmax_rows_match_numpy_with_tails_nan_and_masked_rows():
         if shape[-1] == 128:  # masked keys: skipped vectors (exp 0), an all-masked row (uniform), and
             x[1, 2, :, 64:] = -1e30  # keys 87.9 below the row's max (exp ~1e-38, computed)
             x[1, 0, 0, :] = -1e30
+            x[1, 2, 3, 70] = np.nan  # among masked keys: the row is NaN
             x[1, 1, 2, 100:] = x[1, 1, 2, :100].max() - 87.9
         ours = vm["main"](tvm.runtime.tensor(x)).numpy()
         with np.errstate(invalid="ignore"):
