@@ -185,8 +185,9 @@ def _fuse_transforms(mod: tvm.IRModule, target) -> tvm.IRModule:
     plans = {call: plan for call, plan in transform_plans(mod).items() if cpu_transform.sides(plan[1]) is not None}
     tables = [bindings(func) for func in mod.functions.values() if isinstance(func, relax.Function)]
     residuals = _residual_adds(mod, plans, tables)
+    gelus = _gelu_ends(mod, plans, tables)
     norms = _normed_sources(plans, tables)
-    if not plans and not residuals:
+    if not plans and not residuals and not gelus:
         return mod
 
     @relax.expr_functor.mutator
@@ -198,6 +199,8 @@ def _fuse_transforms(mod: tvm.IRModule, target) -> tvm.IRModule:
         def visit_call_(self, call):
             if call in residuals:
                 return self._with_residual(call, *residuals[call])
+            if call in gelus:
+                return self._with_gelu(call, *gelus[call])
             if call not in plans:
                 return super().visit_call_(call)
             source, steps, consts = plans[call]
@@ -218,12 +221,21 @@ def _fuse_transforms(mod: tvm.IRModule, target) -> tvm.IRModule:
                                                       args, rows_ty))
             return relax.op.reshape(total, add.ty.shape)
 
-        def _kernel(self, steps, residual: bool = False, norm: float | None = None, bias: bool = False):
-            name = transform_name(steps) + ("_bias" if bias else "") + ("_residual" if residual else "")
+        def _with_gelu(self, call, plan, rows_ty, bias):
+            """GELU(reshape(side(x)) [+ bias]) -> reshape(GELU(side(x) [+ bias])), one kernel."""
+            source, steps, consts = plan
+            args = [self.visit_expr(source), *self._consts(consts)] + ([bias] if bias is not None else [])
+            out = self.builder_.emit(relax.call_tir(self._kernel(steps, bias=bias is not None, gelu=True), args, rows_ty))
+            return relax.op.reshape(out, call.ty.shape)
+
+        def _kernel(self, steps, residual: bool = False, norm: float | None = None, bias: bool = False,
+                    gelu: bool = False):
+            name = transform_name(steps) + ("_bias" if bias else "") + ("_residual" if residual else "") + \
+                ("_gelu" if gelu else "")
             if norm is not None:  # in the order the kernel runs them: fq_rms_norm_1em06_hadamard_...
                 name = name.replace("fq_", "fq_rms_norm_" + f"{norm:g}".replace("-", "m").replace(".", "p") + "_", 1)
             if name not in self.added:
-                func = cpu_transform.transform(steps, vector_lanes(target), residual, norm, bias)
+                func = cpu_transform.transform(steps, vector_lanes(target), residual, norm, bias, gelu)
                 func = func.with_attr("global_symbol", name)
                 self.added[name] = self.builder_.add_func(func, name)
             return self.added[name]
@@ -249,8 +261,6 @@ def _residual_adds(mod, plans, tables) -> dict:
     from tvm import relax
     from tvm_ffi import structural_equal
 
-    from .chains import callee, step
-
     found = {}
     for bound, uses in tables:
         for add in bound.values():
@@ -263,13 +273,8 @@ def _residual_adds(mod, plans, tables) -> dict:
                         and uses.get(y) == 1 and uses.get(shaped.args[0]) == 1):
                     continue
                 end = bound.get(shaped.args[0])
-                plan = plans.get(end)
-                kernel = callee(mod, end) if plan is None and isinstance(end, relax.Call) else None
-                if kernel is not None:
-                    one = step(kernel, end)
-                    if one is not None and one[0] == "hadamard" and one[3]:
-                        plan = (end.args[1].fields[0], [one], list(end.args[1].fields)[1:])
-                if plan is None or not _output_side(plan[1]):
+                plan = _side_plan(mod, end, plans)
+                if plan is None:
                     continue
                 ty, rty = y.ty, residual.ty
                 if isinstance(rty, relax.TensorType) and rty.dtype == ty.dtype == "float32" and rty.shape is not None \
@@ -277,6 +282,113 @@ def _residual_adds(mod, plans, tables) -> dict:
                     found[add] = (plan, residual, end.ty, bias)
                     break
     return found
+
+
+def _side_plan(mod, end, plans):
+    """The plan (source, steps, params) of the output side `end` computes: the end of a run in
+    `plans` or a lone inverse Hadamard, one side with one parameter; else None."""
+    from tvm import relax
+
+    from .chains import callee, step
+
+    plan = plans.get(end)
+    kernel = callee(mod, end) if plan is None and isinstance(end, relax.Call) else None
+    if kernel is not None:
+        one = step(kernel, end)
+        if one is not None and one[0] == "hadamard" and one[3]:
+            plan = (end.args[1].fields[0], [one], list(end.args[1].fields)[1:])
+    return plan if plan is not None and _output_side(plan[1]) else None
+
+
+def _gelu_ends(mod, plans, tables) -> dict:
+    """{call: (plan, 2-D type, bias or None)} for each call computing GELU(reshape(y) [+ bias])
+    (`_gelu_source`) where y is the output side of a layer (`_side_plan`) used only there and the
+    bias a constant vector as wide: BERT's intermediate dense and its activation."""
+    from tvm import relax
+    from tvm_ffi import structural_equal
+
+    found = {}
+    for bound, uses in tables:
+        for var, value in bound.items():
+            if not isinstance(value, relax.Call):
+                continue
+            source = _gelu_source(value, bound, uses)
+            if source is None:
+                continue
+            x, refs = source
+            y, bias = _through_bias(x, bound, {**uses, x: uses.get(x, 0) - refs + 1})
+            shaped = bound.get(y)
+            if not (isinstance(shaped, relax.Call) and shaped.op == tvm.ir.Op.get("relax.reshape")
+                    and uses.get(y) == (1 if bias is not None else refs) and uses.get(shaped.args[0]) == 1):
+                continue
+            end = bound.get(shaped.args[0])
+            plan = _side_plan(mod, end, plans)
+            if plan is not None and len(end.ty.shape) == 2 and var.ty.shape is not None \
+                    and structural_equal(var.ty.shape, y.ty.shape):
+                found[value] = (plan, end.ty, bias)
+    return found
+
+
+GELU_NODES = 8  # elementwise calls at most in a GELU written out (the exports use 5)
+_GELU_OPS = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.erf")
+
+
+def _gelu_source(value, bound, uses):
+    """(x, calls reading x) where the call `value` computes GELU(x), erf form, on a float32 tensor:
+    R.nn.gelu(x), or adds, subtracts, multiplies and divides by scalar constants and erf over x
+    alone, each intermediate used only there. Which is checked by evaluating the calls on sample
+    points against x / 2 (1 + erf(x / sqrt 2)), so any order the exporters write is found."""
+    from tvm import relax
+
+    ty = value.ty
+    if not (isinstance(ty, relax.TensorType) and ty.dtype == "float32"):
+        return None
+    if value.op == tvm.ir.Op.get("relax.nn.gelu"):
+        return (value.args[0], 1) if isinstance(value.args[0], relax.Var) else None
+    leaves, calls = [], [0]
+
+    def walk(expr, call):  # a function of the samples, or None
+        if isinstance(expr, tvm.ir.expr.Constant):
+            c = expr.value.numpy()
+            return (lambda xs, c=float(c.reshape(()).item()): c) if c.size == 1 and c.dtype == np.float32 else None
+        if isinstance(expr, relax.Var):
+            inner = bound.get(expr)
+            if uses.get(expr) == 1 and isinstance(inner, relax.Call):
+                mark = len(leaves), calls[0]
+                f = walk(inner, True)
+                if f is not None:
+                    return f
+                del leaves[mark[0]:]  # not part of the GELU: expr is its input
+                calls[0] = mark[1]
+            leaves.append(expr)
+            return lambda xs: xs
+        if not (call and isinstance(expr, relax.Call) and getattr(expr.op, "name", None) in _GELU_OPS):
+            return None
+        calls[0] += 1
+        args = [walk(a, False) if isinstance(a, tvm.ir.expr.Constant) else walk(a, True) for a in expr.args]
+        if calls[0] > GELU_NODES or None in args:
+            return None
+        op = _NUMPY_OPS[expr.op.name]
+        return lambda xs: op(*(a(xs) for a in args))
+
+    f = walk(value, True)
+    if f is None or not leaves or not all(v.same_as(leaves[0]) for v in leaves):
+        return None
+    xs = np.linspace(-6.0, 6.0, 241)
+    with np.errstate(all="ignore"):
+        got = np.broadcast_to(f(xs), xs.shape)
+    want = 0.5 * xs * (1.0 + _erf(xs / np.sqrt(2.0)))
+    return (leaves[0], len(leaves)) if np.all(np.abs(got - want) <= 1e-9 + 1e-6 * np.abs(want)) else None
+
+
+def _erf(xs):
+    import math
+
+    return np.vectorize(math.erf)(xs)
+
+
+_NUMPY_OPS = {"relax.add": np.add, "relax.subtract": np.subtract, "relax.multiply": np.multiply,
+              "relax.divide": np.divide, "relax.erf": _erf}
 
 
 def _through_bias(y, bound, uses):

@@ -8,6 +8,8 @@
   -inf row too, like ORT).
 - layer norm and RMS norm over a static last axis as `cpu_layer_norm`'s row kernels on a [rows, n]
   view.
+- GELU (`R.nn.gelu`, what an ONNX Gelu imports as) with the erf of TVM's `fast_erf` (`erf_f32`),
+  vectorisable: the default called libm's scalar `erff` per element.
 - sigmoid as `1 / (1 + exp(-x))` with the same exp (SiLU's sigmoid with libm's `expf` was 4% of
   the SmolLM2 fp32 forward, more than its attention P @ V).
 - concat on any axis but the last (a KV cache's past + new keys) as row copies: one parallel loop
@@ -29,7 +31,7 @@ EXP_MAX = 88.3762626647949  # exp overflows float32 above this
 
 
 def overrides() -> dict:
-    return {"relax.nn.relu": _relu, "relax.nn.softmax": _softmax, "relax.sigmoid": _sigmoid,
+    return {"relax.nn.relu": _relu, "relax.nn.softmax": _softmax, "relax.sigmoid": _sigmoid, "relax.nn.gelu": _gelu,
             "relax.concat": _concat, "relax.nn.layer_norm": _layer_norm, "relax.nn.rms_norm": _rms_norm}
 
 
@@ -39,6 +41,17 @@ def _relu(bb, call):
                                                                  tirx.const(0, x.dtype), x(*i)), name="relu")
 
     return bb.call_te(relu, call.args[0])
+
+
+def _gelu(bb, call):
+    def gelu(x):
+        if x.dtype != "float32":
+            half = tirx.const(0.5, x.dtype)
+            return te.compute(x.shape, lambda *i: half * x(*i) * (tirx.const(1, x.dtype) + tirx.erf(
+                x(*i) * tirx.const(math.sqrt(0.5), x.dtype))), name="gelu")
+        return te.compute(x.shape, lambda *i: gelu_f32(x(*i)), name="gelu")
+
+    return bb.call_te(gelu, call.args[0], primfunc_name_hint="gelu")
 
 
 def _sigmoid(bb, call):
@@ -195,6 +208,47 @@ def _row_copies(ins, out, axis: int):
     for buf, (start, stop) in reversed(list(zip(ins[:-1], ends[:-1]))):
         body = tirx.IfThenElse(lead[axis] < stop, copy(buf, start), body)
     return tirx.For(r, tirx.const(0, index), rows, tirx.ForKind.PARALLEL, body)
+
+
+ERF_NUM = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+           -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)  # odd, highest first
+ERF_DEN = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+           -1.42647390514189e-02)  # even
+
+
+def erf_f32(v):
+    """erf(v) in float32 as TVM's `fast_erf` computes it (the rational form in topi; within 4e-7
+    absolute), so a kernel using it agrees with the graph's erf after `fast_erf_tanh`."""
+    f32 = "float32"
+
+    def rational(x):
+        def in_x2(x2):
+            p = tirx.const(ERF_NUM[0], f32)
+            for c in ERF_NUM[1:]:
+                p = p * x2 + tirx.const(c, f32)
+            q = tirx.const(ERF_DEN[0], f32)
+            for c in ERF_DEN[1:]:
+                q = q * x2 + tirx.const(c, f32)
+            return x * p / q
+
+        return _let(x * x, in_x2, "x2")
+
+    return _let(tirx.max(tirx.min(v, tirx.const(4.0, f32)), tirx.const(-4.0, f32)), rational, "x")
+
+
+def gelu_f32(v):
+    """GELU, erf form: v / 2 (1 + erf(v / sqrt 2)); v a scalar or a vector."""
+    f32 = "float32"
+    return _let(v, lambda u: tirx.const(0.5, f32) * u * (tirx.const(1.0, f32) + erf_f32(
+        u * tirx.const(1 / math.sqrt(2), f32))), "u")
+
+
+def _let(value, body, name: str):
+    """body(value), value bound once (a Let) unless it is a variable already."""
+    if isinstance(value, tirx.Var):
+        return body(value)
+    var = tirx.Var(name, str(value.ty.dtype))
+    return tirx.Let(var, value, body(var))
 
 
 def exp_f32(v):

@@ -12,7 +12,7 @@ from tvm.script import tirx as T
 
 from . import cpu_frame, cpu_hadamard
 from .common import STACK, in_tasks, parsed_once
-from .cpu_ops import exp_f32
+from .cpu_ops import exp_f32, gelu_f32
 from .kernels import OPAQUE
 
 KIND = "transform_rows"
@@ -50,16 +50,23 @@ def sides(steps) -> tuple | None:
 
 @parsed_once
 def transform(steps, lanes: int = 16, residual: bool = False, norm: float | None = None,
-              bias: bool = False) -> tvm.tirx.PrimFunc:
+              bias: bool = False, gelu: bool = False) -> tvm.tirx.PrimFunc:
     """The kernel of a run (`sides`). With `residual` (one side, one parameter: an output side), a
     second input r [m, dout] is added to each row written: y = side(x) + r, the residual add that
     follows a layer's output (one pass over a row in L1 instead of a kernel over the tensor); with
     `bias` too, a parameter b [dout] before r: y = (side(x) + b) + r (BERT's output dense). With
     `norm` (an epsilon; one side), a last parameter w [din] and each row is RMS normalised (x /
     sqrt(mean(x^2) + norm) * w, as `cpu_layer_norm.rms_norm`) before the side: the norm before a
-    layer's input side."""
+    layer's input side. With `gelu` (one side, one parameter: an output side), each row written
+    is GELU(side(x) [+ b]), b [dout] a last parameter with `bias`: BERT's intermediate dense and its
+    activation in the same pass over the row."""
     before, gate, after = sides(steps)
     before, after = (None if p is None else _Side(p, lanes) for p in (before, after))
+    if gelu:
+        assert gate is None and len(before.params) == 1, "a GELU follows one side with one parameter"
+        shapes = before.params + ([(before.dout,)] if bias else [])
+        rows = _activated(before, lanes, bias)
+        return _kernel(before.din, before.dout, shapes, rows).with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
     if residual:
         assert gate is None and len(before.params) == 1, "a residual follows one side with one parameter"
         return _residual_kernel(before, lanes, bias).with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE})
@@ -130,6 +137,30 @@ def _one_side(side: _Side):
         f = T.alloc_buffer((1, side.width), "float32")
         for r in range(n):
             row(lo + r, x, P[0], P[1] if framed else None, lo + r, y, xp, h, f)
+
+    return rows
+
+
+def _activated(side: _Side, lanes: int, bias: bool):
+    """rows(lo, n, x, P, y): each row through the side, then GELU(y [+ P[1]]) on it while it is in L1."""
+    dout, row = side.dout, side.row
+    L = next(v for v in (lanes, 8, 4, 2, 1) if dout % v == 0)
+
+    def at(j):
+        return T.ramp(j * L, 1, L) if L > 1 else j
+
+    @T.macro
+    def rows(lo, n, x, P, y, _unused):
+        xp = T.alloc_buffer((1, side.dim), "float32")
+        h = T.alloc_buffer((1, side.dim), "float32")
+        f = T.alloc_buffer((1, side.width), "float32")
+        for r in range(n):
+            row(lo + r, x, P[0], None, lo + r, y, xp, h, f)
+            for j in range(dout // L):
+                if bias:
+                    y[lo + r, at(j)] = gelu_f32(y[lo + r, at(j)] + P[1][at(j)])
+                else:
+                    y[lo + r, at(j)] = gelu_f32(y[lo + r, at(j)])
 
     return rows
 

@@ -33,6 +33,34 @@ def test_sigmoid_matches_numpy_and_keeps_nan():
     assert np.abs(ours[finite] - ref[finite]).max() < 1e-7  # values in [0, 1]: about 2 ulp at 1
 
 
+def test_gelu_matches_numpy_without_libm():
+    """R.nn.gelu (an ONNX Gelu) legalizes to the erf polynomial, vectorisable, not libm's erff."""
+    import math
+
+    @I.ir_module
+    class Gelu:
+        @R.function
+        def main(x: R.Tensor((3, 37), "float32")):
+            with R.dataflow():
+                y = R.nn.gelu(x)
+                R.output(y)
+            return y
+
+    mod = relax.transform.LegalizeOps(cpu_ops.overrides())(Gelu)
+    (func,) = [f for g, f in mod.functions_items() if g.name_hint == "gelu"]
+    assert "T.erf" not in func.script()
+    x = np.random.default_rng(1).standard_normal((3, 37)).astype(np.float32) * 3
+    x[0, :5] = [np.nan, np.inf, -100.0, 100.0, 0.0]
+    vm = relax.VirtualMachine(tvm.compile(mod, HOST), tvm.cpu())
+    ours = vm["main"](tvm.runtime.tensor(x)).numpy()
+    xd = x.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        ref = 0.5 * xd * (1 + np.vectorize(math.erf)(xd / np.sqrt(2)))
+    assert np.isnan(ours[0, 0]) and np.array_equal(np.isnan(ours), np.isnan(ref))
+    finite = ~np.isnan(ref)
+    np.testing.assert_allclose(ours[finite], ref[finite], rtol=2e-6, atol=1e-6)
+
+
 def _build(mod):
     from fq_tvm.schedules import relax_pipeline
 

@@ -198,3 +198,80 @@ def test_normed_side_is_the_norm_kernel_then_the_side(steps):
         side(normed, *params, two)
         fused(x, *params, w, one)
         np.testing.assert_array_equal(one.numpy(), two.numpy())
+
+
+def _gelu_before(form: str, bias: bool = False, twice: bool = False):
+    """x [n, 64] -> inverse Hadamard -> reshape [1, n, 64] (-> add bias) -> GELU written as `form`:
+    "op" R.nn.gelu (an ONNX Gelu), "div" x * (erf(x / sqrt 2) + 1) * 0.5 (torch's erf GELU
+    exported), "mul" 0.5 * x * (1 + erf(x * 0.7071...)); "other" x * (1 + erf(x)) is no GELU."""
+    bb = relax.BlockBuilder()
+    n = tirx.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType([n, DIM], "float32"))
+
+    def c(v):
+        return relax.const(np.float32(v))
+
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            had = bb.add_func(kernels.hadamard(DIM, DIM, True).with_attr("global_symbol", "had"), "had")
+            y = bb.emit(relax.call_tir(had, [x, relax.const(SIGNS)], relax.TensorType([n, DIM], "float32")))
+            h = bb.emit(relax.op.reshape(y, [1, n, DIM]))
+            if bias:
+                h = bb.emit(relax.op.add(h, relax.const(BIAS)))
+            if form == "op":
+                g = relax.op.nn.gelu(h)
+            elif form == "div":
+                e = bb.emit(relax.op.erf(bb.emit(relax.op.divide(h, c(np.sqrt(2.0))))))
+                g = relax.op.multiply(bb.emit(relax.op.multiply(h, bb.emit(relax.op.add(e, c(1.0))))), c(0.5))
+            elif form == "mul":
+                e = bb.emit(relax.op.erf(bb.emit(relax.op.multiply(h, c(np.sqrt(0.5))))))
+                g = relax.op.multiply(bb.emit(relax.op.multiply(c(0.5), h)), bb.emit(relax.op.add(c(1.0), e)))
+            else:
+                g = relax.op.multiply(h, bb.emit(relax.op.add(bb.emit(relax.op.erf(h)), c(1.0))))
+            g = bb.emit(g)
+            out = bb.emit_output(relax.Tuple([g, y]) if twice else g)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _gelu_expected(bias: bool):
+    bb = relax.BlockBuilder()
+    n = tirx.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType([n, DIM], "float32"))
+    name = "fq_hadamard_inv_64x64x1" + ("_bias" if bias else "") + "_gelu"
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            func = cpu_transform.transform([("hadamard", DIM, DIM, 1)], cpu.vector_lanes(HOST), bias=bias, gelu=True)
+            gvar = bb.add_func(func.with_attr("global_symbol", name), name)
+            args = [x, relax.const(SIGNS)] + ([relax.const(BIAS)] if bias else [])
+            y = bb.emit(relax.call_tir(gvar, args, relax.TensorType([n, DIM], "float32")))
+            out = bb.emit_output(bb.emit(relax.op.reshape(y, [1, n, DIM])))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("form, bias", [("div", True), ("div", False), ("mul", True), ("op", True)])
+def test_gelu_joins_the_output_side(form, bias):
+    """BERT's intermediate dense: the side, its bias and the GELU as one kernel, whichever way the
+    GELU is written; the results are numpy's GELU of the side's matrix product."""
+    import math
+
+    before = _gelu_before(form, bias)
+    after = cpu.rewrite(before, HOST, 32)
+    tvm.ir.assert_structural_equal(after, _gelu_expected(bias))
+    rng = np.random.default_rng(5)
+    for n in (1, 7):
+        x = (3 * rng.standard_normal((n, DIM))).astype(np.float32)
+        h = x.astype(np.float64) @ np.linalg.inv(_hadamard_matrix()).T + (BIAS if bias else 0)
+        want = 0.5 * h * (1 + np.vectorize(math.erf)(h / np.sqrt(2)))
+        np.testing.assert_allclose(_run(after, x)[0], want, rtol=1e-5, atol=2e-6)
+        np.testing.assert_allclose(_run(after, x), _run(before, x), rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("case", ["other", "twice"])
+def test_what_is_no_gelu_stays(case):
+    """x * (1 + erf(x)) is no GELU; a side also read elsewhere keeps its own kernel."""
+    before = _gelu_before("other", True) if case == "other" else _gelu_before("div", True, twice=True)
+    after = cpu.rewrite(before, HOST, 32)
+    assert not any(name.endswith("_gelu") for name in _names(after))
+    assert "R.erf" in after["main"].script()
