@@ -126,9 +126,10 @@ def _row(din: int, dim: int, width: int, dout: int, hrow, frow, padded: bool, re
     return row
 
 
-def _one_side(side: _Side):
-    """rows(lo, n, x, P, y): rows lo .. lo + n - 1 through one side, scratch allocated once per task."""
-    row, framed = side.row, side.frow is not None
+def _one_side(side: _Side, then=None):
+    """rows(lo, n, x, P, y): rows lo .. lo + n - 1 through one side, scratch allocated once per task;
+    the macro then(i, P, y), if given, runs on each row i written."""
+    row, framed, after = side.row, side.frow is not None, then is not None
 
     @T.macro
     def rows(lo, n, x, P, y, _unused):
@@ -137,32 +138,29 @@ def _one_side(side: _Side):
         f = T.alloc_buffer((1, side.width), "float32")
         for r in range(n):
             row(lo + r, x, P[0], P[1] if framed else None, lo + r, y, xp, h, f)
+            if after:
+                then(lo + r, P, y)
 
     return rows
 
 
 def _activated(side: _Side, lanes: int, bias: bool):
     """rows(lo, n, x, P, y): each row through the side, then GELU(y [+ P[1]]) on it while it is in L1."""
-    dout, row = side.dout, side.row
+    dout = side.dout
     L = next(v for v in (lanes, 8, 4, 2, 1) if dout % v == 0)
 
     def at(j):
         return T.ramp(j * L, 1, L) if L > 1 else j
 
     @T.macro
-    def rows(lo, n, x, P, y, _unused):
-        xp = T.alloc_buffer((1, side.dim), "float32")
-        h = T.alloc_buffer((1, side.dim), "float32")
-        f = T.alloc_buffer((1, side.width), "float32")
-        for r in range(n):
-            row(lo + r, x, P[0], None, lo + r, y, xp, h, f)
-            for j in range(dout // L):
-                if bias:
-                    y[lo + r, at(j)] = gelu_f32(y[lo + r, at(j)] + P[1][at(j)])
-                else:
-                    y[lo + r, at(j)] = gelu_f32(y[lo + r, at(j)])
+    def gelu(i, P, y):
+        for j in range(dout // L):
+            if bias:
+                y[i, at(j)] = gelu_f32(y[i, at(j)] + P[1][at(j)])
+            else:
+                y[i, at(j)] = gelu_f32(y[i, at(j)])
 
-    return rows
+    return _one_side(side, gelu)
 
 
 def _normed(side: _Side, epsilon: float, lanes: int):
