@@ -218,37 +218,34 @@ ERF_DEN = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, 
 
 def erf_f32(v):
     """erf(v) in float32 as TVM's `fast_erf` computes it (the rational form in topi; within 4e-7
-    absolute), so a kernel using it agrees with the graph's erf after `fast_erf_tanh`."""
-    f32 = "float32"
+    absolute), so a kernel using it agrees with the graph's erf after `fast_erf_tanh`. No Let
+    expressions (TE and MetaSchedule reject them); LLVM shares the repeated terms."""
+    x = erf_clamp(v)
+    return erf_rational(x, x * x)
 
-    def rational(x):
-        def in_x2(x2):
-            p = tirx.const(ERF_NUM[0], f32)
-            for c in ERF_NUM[1:]:
-                p = p * x2 + tirx.const(c, f32)
-            q = tirx.const(ERF_DEN[0], f32)
-            for c in ERF_DEN[1:]:
-                q = q * x2 + tirx.const(c, f32)
-            return x * p / q
 
-        return _let(x * x, in_x2, "x2")
+def erf_clamp(v):
+    return tirx.max(tirx.min(v, tirx.const(4.0, "float32")), tirx.const(-4.0, "float32"))
 
-    return _let(tirx.max(tirx.min(v, tirx.const(4.0, f32)), tirx.const(-4.0, f32)), rational, "x")
+
+def erf_rational(x, x2):
+    """erf of x in [-4, 4] given x2 = x * x: an odd polynomial over an even one."""
+    p = tirx.const(ERF_NUM[0], "float32")
+    for c in ERF_NUM[1:]:
+        p = p * x2 + tirx.const(c, "float32")
+    q = tirx.const(ERF_DEN[0], "float32")
+    for c in ERF_DEN[1:]:
+        q = q * x2 + tirx.const(c, "float32")
+    return x * p / q
+
+
+GELU_SCALE = 1 / math.sqrt(2)
 
 
 def gelu_f32(v):
     """GELU, erf form: v / 2 (1 + erf(v / sqrt 2)); v a scalar or a vector."""
     f32 = "float32"
-    return _let(v, lambda u: tirx.const(0.5, f32) * u * (tirx.const(1.0, f32) + erf_f32(
-        u * tirx.const(1 / math.sqrt(2), f32))), "u")
-
-
-def _let(value, body, name: str):
-    """body(value), value bound once (a Let) unless it is a variable already."""
-    if isinstance(value, tirx.Var):
-        return body(value)
-    var = tirx.Var(name, str(value.ty.dtype))
-    return tirx.Let(var, value, body(var))
+    return tirx.const(0.5, f32) * v * (tirx.const(1.0, f32) + erf_f32(v * tirx.const(GELU_SCALE, f32)))
 
 
 def exp_f32(v):
