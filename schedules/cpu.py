@@ -365,8 +365,10 @@ def _gelu_source(value, bound, uses):
         if not (call and isinstance(expr, relax.Call) and getattr(expr.op, "name", None) in _GELU_OPS):
             return None
         calls[0] += 1
+        if calls[0] > GELU_NODES:  # (before the arguments: a long chain is not walked again from every call)
+            return None
         args = [walk(a, False) if isinstance(a, tvm.ir.expr.Constant) else walk(a, True) for a in expr.args]
-        if calls[0] > GELU_NODES or None in args:
+        if None in args:
             return None
         op = _NUMPY_OPS[expr.op.name]
         return lambda xs: op(*(a(xs) for a in args))
