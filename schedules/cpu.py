@@ -336,8 +336,8 @@ _GELU_OPS = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "r
 def _gelu_source(value, bound, uses):
     """(x, calls reading x) where the call `value` computes GELU(x), erf form, on a float32 tensor:
     R.nn.gelu(x), or adds, subtracts, multiplies and divides by scalar constants and erf over x
-    alone, each intermediate used only there. Which is checked by evaluating the calls on sample
-    points against x / 2 (1 + erf(x / sqrt 2)), so any order the exporters write is found."""
+    alone, each intermediate used only there. The calls are evaluated on sample points and
+    compared with x / 2 (1 + erf(x / sqrt 2)), so any order the exporters write is found."""
     from tvm import relax
 
     ty = value.ty
