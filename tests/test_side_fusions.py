@@ -200,8 +200,8 @@ def test_normed_side_is_the_norm_kernel_then_the_side(steps):
         np.testing.assert_array_equal(one.numpy(), two.numpy())
 
 
-def _gelu_before(form: str, bias: bool = False, twice: bool = False):
-    """x [n, 64] -> inverse Hadamard -> reshape [1, n, 64] (-> add bias) -> GELU written as `form`:
+def _gelu_before(form: str, bias: bool = False, twice: bool = False, take: bool = False):
+    """x [n, 64] -> inverse Hadamard (-> take 48) -> reshape [1, n, d] (-> add bias) -> GELU written as `form`:
     "op" R.nn.gelu (an ONNX Gelu), "div" x * (erf(x / sqrt 2) + 1) * 0.5 (torch's erf GELU
     exported), "mul" 0.5 * x * (1 + erf(x * 0.7071...)); "other" x * (1 + erf(x)) is no GELU."""
     bb = relax.BlockBuilder()
@@ -215,9 +215,13 @@ def _gelu_before(form: str, bias: bool = False, twice: bool = False):
         with bb.dataflow():
             had = bb.add_func(kernels.hadamard(DIM, DIM, True).with_attr("global_symbol", "had"), "had")
             y = bb.emit(relax.call_tir(had, [x, relax.const(SIGNS)], relax.TensorType([n, DIM], "float32")))
-            h = bb.emit(relax.op.reshape(y, [1, n, DIM]))
+            d = KEEP if take else DIM
+            if take:
+                cut = bb.add_func(kernels.take_last(DIM, KEEP).with_attr("global_symbol", "take"), "take")
+                y = bb.emit(relax.call_tir(cut, [y], relax.TensorType([n, KEEP], "float32")))
+            h = bb.emit(relax.op.reshape(y, [1, n, d]))
             if bias:
-                h = bb.emit(relax.op.add(h, relax.const(BIAS)))
+                h = bb.emit(relax.op.add(h, relax.const(BIAS[:d])))
             if form == "op":
                 g = relax.op.nn.gelu(h)
             elif form == "div":
@@ -234,35 +238,39 @@ def _gelu_before(form: str, bias: bool = False, twice: bool = False):
     return bb.get()
 
 
-def _gelu_expected(bias: bool):
+def _gelu_expected(bias: bool, take: bool = False):
     bb = relax.BlockBuilder()
     n = tirx.Var("n", "int64")
     x = relax.Var("x", relax.TensorType([n, DIM], "float32"))
-    name = "fq_hadamard_inv_64x64x1" + ("_bias" if bias else "") + "_gelu"
+    d = KEEP if take else DIM
+    steps = [("hadamard", DIM, DIM, 1)] + ([("take", DIM, KEEP)] if take else [])
+    name = "fq_hadamard_inv_64x64x1" + ("_take_64x48" if take else "") + ("_bias" if bias else "") + "_gelu"
     with bb.function("main", [x]):
         with bb.dataflow():
-            func = cpu_transform.transform([("hadamard", DIM, DIM, 1)], cpu.vector_lanes(HOST), bias=bias, gelu=True)
+            func = cpu_transform.transform(steps, cpu.vector_lanes(HOST), bias=bias, gelu=True)
             gvar = bb.add_func(func.with_attr("global_symbol", name), name)
-            args = [x, relax.const(SIGNS)] + ([relax.const(BIAS)] if bias else [])
-            y = bb.emit(relax.call_tir(gvar, args, relax.TensorType([n, DIM], "float32")))
-            out = bb.emit_output(bb.emit(relax.op.reshape(y, [1, n, DIM])))
+            args = [x, relax.const(SIGNS)] + ([relax.const(BIAS[:d])] if bias else [])
+            y = bb.emit(relax.call_tir(gvar, args, relax.TensorType([n, d], "float32")))
+            out = bb.emit_output(bb.emit(relax.op.reshape(y, [1, n, d])))
         bb.emit_func_output(out)
     return bb.get()
 
 
-@pytest.mark.parametrize("form, bias", [("div", True), ("div", False), ("mul", True), ("op", True)])
-def test_gelu_joins_the_output_side(form, bias):
-    """BERT's intermediate dense: the side, its bias and the GELU as one kernel, whichever way the
-    GELU is written; the results are numpy's GELU of the side's matrix product."""
+@pytest.mark.parametrize("form, bias, take", [("div", True, False), ("div", False, False), ("mul", True, False),
+                                             ("op", True, False), ("div", True, True)])
+def test_gelu_joins_the_output_side(form, bias, take):
+    """BERT's intermediate dense: the side (maybe with a take), its bias and the GELU as one kernel,
+    whichever way the GELU is written; the results are numpy's GELU of the side's matrix product."""
     import math
 
-    before = _gelu_before(form, bias)
+    before = _gelu_before(form, bias, take=take)
     after = cpu.rewrite(before, HOST, 32)
-    tvm.ir.assert_structural_equal(after, _gelu_expected(bias))
+    tvm.ir.assert_structural_equal(after, _gelu_expected(bias, take))
     rng = np.random.default_rng(5)
+    d = KEEP if take else DIM
     for n in (1, 7):
         x = (3 * rng.standard_normal((n, DIM))).astype(np.float32)
-        h = x.astype(np.float64) @ np.linalg.inv(_hadamard_matrix()).T + (BIAS if bias else 0)
+        h = (x.astype(np.float64) @ np.linalg.inv(_hadamard_matrix()).T)[:, :d] + (BIAS[:d] if bias else 0)
         want = 0.5 * h * (1 + np.vectorize(math.erf)(h / np.sqrt(2)))
         np.testing.assert_allclose(_run(after, x)[0], want, rtol=1e-5, atol=2e-6)
         np.testing.assert_allclose(_run(after, x), _run(before, x), rtol=1e-5, atol=2e-6)
