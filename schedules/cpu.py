@@ -3,6 +3,7 @@ vectorised over the target's vector width."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
@@ -316,7 +317,7 @@ def _gelu_ends(mod, plans, tables) -> dict:
             if source is None:
                 continue
             x, refs = source
-            y, bias = _through_bias(x, bound, {**uses, x: uses.get(x, 0) - refs + 1})
+            y, bias = _through_bias(x, bound, uses, readers=refs)
             shaped = bound.get(y)
             if not (isinstance(shaped, relax.Call) and shaped.op == tvm.ir.Op.get("relax.reshape")
                     and uses.get(y) == (1 if bias is not None else refs) and uses.get(shaped.args[0]) == 1):
@@ -345,7 +346,7 @@ def _gelu_source(value, bound, uses):
         return None
     if value.op == tvm.ir.Op.get("relax.nn.gelu"):
         return (value.args[0], 1) if isinstance(value.args[0], relax.Var) else None
-    leaves, calls = [], [0]
+    leaves, calls, erfs = [], [0], [0]
 
     def walk(expr, call):  # a function of the samples, or None
         if isinstance(expr, tvm.ir.expr.Constant):
@@ -370,17 +371,24 @@ def _gelu_source(value, bound, uses):
         args = [walk(a, False) if isinstance(a, tvm.ir.expr.Constant) else walk(a, True) for a in expr.args]
         if None in args:
             return None
+        erfs[0] += expr.op.name == "relax.erf"
         op = _NUMPY_OPS[expr.op.name]
         return lambda xs: op(*(a(xs) for a in args))
 
     f = walk(value, True)
-    if f is None or not leaves or not all(v.same_as(leaves[0]) for v in leaves):
+    if f is None or not erfs[0] or not leaves or not all(v.same_as(leaves[0]) for v in leaves):
         return None
-    xs = np.linspace(-6.0, 6.0, 241)
+    xs, want = _gelu_samples()
     with np.errstate(all="ignore"):
         got = np.broadcast_to(f(xs), xs.shape)
-    want = 0.5 * xs * (1.0 + _erf(xs / np.sqrt(2.0)))
     return (leaves[0], len(leaves)) if np.all(np.abs(got - want) <= 1e-9 + 1e-6 * np.abs(want)) else None
+
+
+@functools.cache
+def _gelu_samples():
+    """(x, GELU(x)) on the sample points `_gelu_source` checks a chain of ops at."""
+    xs = np.linspace(-6.0, 6.0, 241)
+    return xs, 0.5 * xs * (1.0 + _erf(xs / np.sqrt(2.0)))
 
 
 def _erf(xs):
@@ -393,13 +401,13 @@ _NUMPY_OPS = {"relax.add": np.add, "relax.subtract": np.subtract, "relax.multipl
               "relax.divide": np.divide, "relax.erf": _erf}
 
 
-def _through_bias(y, bound, uses):
-    """(z, b) where y = add(z, b) (either order), used once, b a constant vector as wide as y's
-    last axis; else (y, None)."""
+def _through_bias(y, bound, uses, readers: int = 1):
+    """(z, b) where y = add(z, b) (either order), used by `readers` bindings only (the caller's), b a
+    constant vector as wide as y's last axis; else (y, None)."""
     from tvm import relax
 
     value = bound.get(y)
-    if not (isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.add") and uses.get(y) == 1):
+    if not (isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.add") and uses.get(y) == readers):
         return y, None
     for z, b in (list(value.args), list(value.args)[::-1]):
         last = z.ty.shape[-1] if isinstance(z, relax.Var) and getattr(z.ty, "shape", None) is not None else None

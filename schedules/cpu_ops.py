@@ -8,7 +8,7 @@
   -inf row too, like ORT).
 - layer norm and RMS norm over a static last axis as `cpu_layer_norm`'s row kernels on a [rows, n]
   view.
-- GELU (`R.nn.gelu`, what an ONNX Gelu imports as) with the erf of TVM's `fast_erf` (`erf_f32`),
+- GELU (`R.nn.gelu`, what an ONNX Gelu imports as) with the erf of TVM's `fast_erf` (`gelu_f32`),
   vectorisable: the default called libm's scalar `erff` per element.
 - sigmoid as `1 / (1 + exp(-x))` with the same exp (SiLU's sigmoid with libm's `expf` was 4% of
   the SmolLM2 fp32 forward, more than its attention P @ V).
@@ -216,20 +216,14 @@ ERF_DEN = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, 
            -1.42647390514189e-02)  # even
 
 
-def erf_f32(v):
-    """erf(v) in float32 as TVM's `fast_erf` computes it (the rational form in topi; within 4e-7
-    absolute), so a kernel using it agrees with the graph's erf after `fast_erf_tanh`. No Let
-    expressions (TE and MetaSchedule reject them); LLVM shares the repeated terms."""
-    x = erf_clamp(v)
-    return erf_rational(x, x * x)
-
-
 def erf_clamp(v):
+    """v clamped to [-4, 4], where TVM's `fast_erf` evaluates its rational form."""
     return tirx.max(tirx.min(v, tirx.const(4.0, "float32")), tirx.const(-4.0, "float32"))
 
 
 def erf_rational(x, x2):
-    """erf of x in [-4, 4] given x2 = x * x: an odd polynomial over an even one."""
+    """erf of x in [-4, 4] given x2 = x * x, as TVM's `fast_erf` computes it (within 4e-7 absolute):
+    an odd polynomial over an even one."""
     p = tirx.const(ERF_NUM[0], "float32")
     for c in ERF_NUM[1:]:
         p = p * x2 + tirx.const(c, "float32")
@@ -243,9 +237,16 @@ GELU_SCALE = 1 / math.sqrt(2)
 
 
 def gelu_f32(v):
-    """GELU, erf form: v / 2 (1 + erf(v / sqrt 2)); v a scalar or a vector."""
-    f32 = "float32"
-    return tirx.const(0.5, f32) * v * (tirx.const(1.0, f32) + erf_f32(v * tirx.const(GELU_SCALE, f32)))
+    """GELU, erf form: v / 2 (1 + erf(v / sqrt 2)); v a scalar or a vector. No Let expressions (TE
+    and MetaSchedule reject them): the terms repeat and LLVM shares them; a kernel binds them once
+    with statements and calls `gelu_of`. Agrees with the graph's erf after `fast_erf_tanh`."""
+    x = erf_clamp(v * tirx.const(GELU_SCALE, "float32"))
+    return gelu_of(v, x, x * x)
+
+
+def gelu_of(v, x, x2):
+    """GELU(v) given x = erf_clamp(v / sqrt 2) and x2 = x * x."""
+    return tirx.const(0.5, "float32") * v * (tirx.const(1.0, "float32") + erf_rational(x, x2))
 
 
 def exp_f32(v):

@@ -12,7 +12,7 @@ from tvm.script import tirx as T
 
 from . import cpu_frame, cpu_hadamard
 from .common import STACK, in_tasks, parsed_once
-from .cpu_ops import GELU_SCALE, erf_clamp, erf_rational, exp_f32
+from .cpu_ops import GELU_SCALE, erf_clamp, exp_f32, gelu_of
 from .kernels import OPAQUE
 
 KIND = "transform_rows"
@@ -152,16 +152,13 @@ def _activated(side: _Side, lanes: int, bias: bool):
     def at(j):
         return T.ramp(j * L, 1, L) if L > 1 else j
 
-    def wide(c):
-        return T.Broadcast(T.float32(c), L) if L > 1 else T.float32(c)
-
     @T.macro
-    def gelu(i, P, y):  # u / 2 (1 + erf(u / sqrt 2)), u = y [+ b], as cpu_ops.gelu_f32 with its terms bound once
+    def gelu(i, P, y):  # cpu_ops.gelu_f32 of u = y [+ b], its terms bound once
         for j in range(dout // L):
             u: T.let = y[i, at(j)] + P[1][at(j)] if bias else y[i, at(j)]
-            x: T.let = erf_clamp(u * wide(GELU_SCALE))
+            x: T.let = erf_clamp(u * T.float32(GELU_SCALE))
             x2: T.let = x * x
-            y[i, at(j)] = wide(0.5) * u * (wide(1.0) + erf_rational(x, x2))
+            y[i, at(j)] = gelu_of(u, x, x2)
 
     return _one_side(side, gelu)
 
