@@ -110,3 +110,11 @@ def test_missing_hessian_is_an_error():
         quantize_layer("x", np.zeros((4, 8)), None, "gptq2")
     with pytest.raises(ValueError, match="does not quantize"):
         quantize_layer("x", np.zeros((4, 8)), np.eye(8), "fp32")
+
+
+def test_synthetic_blocks_name_their_weight_choices(tmp_path):
+    from fq_tvm import models
+
+    with pytest.raises(ValueError, match="weights must be one of uniform, normal, got 'gauss'"):
+        models.decoder_block(tmp_path / "d.onnx", hidden=64, heads=4, ffn=128, weights="gauss")
+    assert not (tmp_path / "d.onnx").exists()
