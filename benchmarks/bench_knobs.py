@@ -5,9 +5,10 @@ machine: is the hand schedule the best point near it, per layer shape and row co
 
 Shapes are N x K as our fq2 kernels see them (K: the frame's width; defaults: SmolLM2's and
 MiniLM's fq2 layers at r = 1.1). For each shape and row count every variant (one knob moved from
-its hand value, `FEW` and `MANY`) is built for the host and checked against the hand build's output; then
+its hand value to another value of its space) is built for the host and checked against the hand build's output; then
 all of them are timed in interleaved blocks (`fq_tvm.timing.interleaved`) on the same inputs.
-Few-row knobs act below `many_rows` activation rows, many-row knobs from it (`schedules/cpu_int8`);
+The knobs and their values are fq-tune's search space (`cpu_int8.Knobs`, `FEW_ROW_SPACE`,
+`MANY_ROW_SPACE`): few-row knobs act below `many_rows` activation rows, many-row knobs from it;
 `many_rows=16` runs the many-row path at 16 rows. Prints per case the hand schedule's median, the
 best variant's and hand / best, then hand / best again from a second, longer interleaved run of
 those two alone (the best of many noisy draws is biased low: trust the second ratio).
@@ -16,7 +17,6 @@ those two alone (the best of many noisy draws is biased low: trust the second ra
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from pathlib import Path
@@ -25,46 +25,32 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-FEW = {"CHUNK_COLS": (1024, 2048, 8192), "CHUNK_ROWS": (32, 128), "UNROLL_COLS": (256, 1024)}
-MANY = {"GEMM_TASK_ROWS": (32, 128), "GEMM_CHUNK_COLS": (512, 2048), "GEMM_TILE_BLOCK": (4, 16)}
 SHAPES = ["3072x648", "576x1728", "960x648", "576x648", "1536x432", "384x1728", "1152x432"]
 
 
-@contextlib.contextmanager
-def knob(name: str, value):
-    """`schedules.cpu_int8`'s module constant `name` set to `value` while a kernel is generated."""
+def variants(rows: int, plan) -> list[tuple[str, object]]:
+    """(label, knobs) for the hand schedule and each knob moved to another value of its space
+    (`cpu_int8.FEW_ROW_SPACE`, `MANY_ROW_SPACE`) that acts at `rows`."""
+    from dataclasses import replace
+
     from fq_tvm.schedules import cpu_int8
 
-    old = getattr(cpu_int8, name)
-    setattr(cpu_int8, name, value)
-    try:
-        yield
-    finally:
-        setattr(cpu_int8, name, old)
-
-
-def variants(rows: int, hand_many: int) -> list[tuple[str, str | None, int | None]]:
-    """(label, knob, value) for the hand schedule and each moved knob that acts at `rows`."""
-    out = [("hand", None, None)]
-    if rows < hand_many:
-        out += [(f"{k}={v}", k, v) for k, vs in FEW.items() for v in vs]
-        if rows >= 16:
-            out.append(("many_rows=16", "many_rows", 16))
-    else:
-        out += [(f"{k}={v}", k, v) for k, vs in MANY.items() for v in vs]
+    hand = plan.knobs
+    space = cpu_int8.FEW_ROW_SPACE if rows < plan.many_rows else cpu_int8.MANY_ROW_SPACE
+    out = [("hand", hand)]
+    for name, values in space.items():  # (a lower many_rows acts only where it reaches `rows`)
+        out += [(f"{name}={v}", replace(hand, **{name: v})) for v in values
+                if v != getattr(hand, name) and (name != "many_rows" or v <= rows)]
     return out
 
 
-def build(plan, name: str | None, value, target):
+def build(plan, knobs, target):
     import tvm
     from dataclasses import replace
 
     from fq_tvm.schedules import cpu_int8
 
-    if name == "many_rows":
-        plan = replace(plan, many_rows=value)
-    with knob(name, value) if name is not None and name != "many_rows" else contextlib.nullcontext():
-        func = cpu_int8.dequant_matmul.__wrapped__(plan)  # not the cache: knobs are not in its key
+    func = cpu_int8.dequant_matmul(replace(plan, knobs=knobs))
     return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target).mod["main"]
 
 
@@ -83,8 +69,8 @@ def case(n: int, k: int, rows: int, bits: int, target, seconds: float, rounds: i
         rng.standard_normal((rows, k)).astype(np.float32), pack_codes(rng.integers(0, 2**bits, (n, k)), bits),
         rng.uniform(0.01, 0.1, (n, 1)).astype(np.float32), rng.uniform(0, 2**bits - 1, (n, 1)).astype(np.float32))]
     blocks, ref = {}, None
-    for label, name, value in variants(rows, plan.many_rows):
-        fn, y = build(plan, name, value, target), tvm.runtime.tensor(np.zeros((rows, n), np.float32))
+    for label, knobs in variants(rows, plan):
+        fn, y = build(plan, knobs, target), tvm.runtime.tensor(np.zeros((rows, n), np.float32))
         fn(*args, y)
         out = y.numpy()
         ref = out if ref is None else ref

@@ -1,5 +1,5 @@
-"""`fq-tune`: MetaSchedule tuning of a model's CPU graph ops into a database for
-`fq-compile --tuning-db` (see fq_tvm/tuning.py)."""
+"""`fq-tune`: MetaSchedule tuning of a model's CPU graph ops, and a search of our int8 kernels'
+knobs, into a database for `fq-compile --tuning-db` (see fq_tvm/tuning.py, fq_tvm/kernel_tuning.py)."""
 
 from __future__ import annotations
 
@@ -15,18 +15,21 @@ examples:
   fq-compile model.onnx --target host --scheme fq2 --calib calib.npz --input-shape batch=1 \\
       --input-shape seq=128 --tuning-db model.tuning -o model.host
 
-Tuned: the functions the CPU fallback schedules (attention batch-matmuls, softmax, layer norm,
-elementwise) whose shapes are static; pin dynamic dims with --input-shape (the same pins for
-fq-compile). Our quantized and dense kernels keep their hand schedules. The output directory holds
-MetaSchedule's JSON database and fq_tuning.json (target, versions, hand-schedule latency per
-task); a second run with the same -o continues it (--trials counts the total per task). Keep one
-directory per target. Seeds are fixed (--seed).
+Tuned: the knobs of our int8 dequant-matmul kernels (cache blocks, task rows, unrolling, the
+row count from which the many-row path runs), measured at 1, 16 and 128 rows: these need no
+pins; and the functions the CPU fallback schedules (attention batch-matmuls, softmax, layer
+norm, elementwise) whose shapes are static: pin dynamic dims with --input-shape (the same pins
+for fq-compile). A build uses a tuned choice only where it beat the hand schedule here. The
+output directory holds MetaSchedule's JSON database and fq_tuning.json (target, versions,
+hand-schedule latency per task, the kernels' measured knobs); a second run with the same -o
+continues it (--trials counts the total per task and kernel). Keep one directory per target.
+Seeds are fixed (--seed); the knob search has no randomness.
 """ + EXIT_STATUS
 
 
 def _parser() -> argparse.ArgumentParser:
     p = Parser(prog="fq-tune", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-               description="Tune the graph ops of a model's CPU build with MetaSchedule.")
+               description="Tune a model's CPU build: our int8 kernels' knobs, and its graph ops with MetaSchedule.")
     p.add_argument("model", help="the .onnx file (as given to fq-compile)")
     p.add_argument("-t", "--target", default="host", help="target preset or TVM target JSON (default: host)")
     p.add_argument("-o", "--output", default="tuning", help="database directory (default: ./tuning)")
@@ -43,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="measured candidates per task, in total over runs (default 32)")
     p.add_argument("--budget", metavar="TIME", help="stop after this long (e.g. 20m, 90s, 1h)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--no-kernels", action="store_true", help="leave our int8 kernels' knobs at their hand values")
     p.add_argument("--rpc-tracker", metavar="HOST:PORT",
                    help="measure on a board from this TVM tracker (fq-rpc-server on the board), not here")
     p.add_argument("--rpc-key", metavar="KEY", help="the kind of board to request from --rpc-tracker (e.g. rpi5)")
@@ -58,7 +62,8 @@ def main(argv=None):
     out = tune(args.model, args.target, args.output, scheme=args.scheme, calib=args.calib, trials=args.trials,
                budget=args.budget, seed=args.seed, skip=args.skip, act_bits=args.act_bits,
                input_shapes=args.input_shape, calib_samples=args.calib_samples, redundancy=args.redundancy,
-               l_den=args.l_den, quiet=args.quiet, tracker=args.rpc_tracker, key=args.rpc_key)
+               l_den=args.l_den, quiet=args.quiet, tracker=args.rpc_tracker, key=args.rpc_key,
+               kernels=not args.no_kernels)
     print(out)
     return 0
 

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
+from . import __version__, kernel_tuning
 from .errors import FqError
 
 META = "fq_tuning.json"
@@ -98,14 +98,11 @@ def is_static(func) -> bool:
     return True
 
 
-def fallback_funcs(mod) -> list:
-    """(name, func, calls) of the PrimFuncs the CPU fallback would schedule and the model really
-    runs, with how many times the Relax functions call each (reshapes become views later: not
-    counted)."""
+def call_counts(mod) -> dict:
+    """{function name: how many times the Relax functions call it} (reshapes become views later:
+    not counted)."""
     import tvm
     from tvm import relax
-
-    from .schedules import _scheduled
 
     calls = {}
 
@@ -120,6 +117,17 @@ def fallback_funcs(mod) -> list:
     for _, func in relax.transform.RewriteDataflowReshape()(mod).functions_items():
         if isinstance(func, relax.Function):
             _Calls().visit_expr(func)
+    return calls
+
+
+def fallback_funcs(mod) -> list:
+    """(name, func, calls) of the PrimFuncs the CPU fallback would schedule and the model really
+    runs, with how many times the Relax functions call each."""
+    import tvm
+
+    from .schedules import _scheduled
+
+    calls = call_counts(mod)
     return [(gvar.name_hint, func, calls[gvar.name_hint]) for gvar, func in mod.functions_items()
             if isinstance(func, tvm.tirx.PrimFunc) and not _scheduled(func) and gvar.name_hint in calls]
 
@@ -363,7 +371,7 @@ def _min(run_secs) -> float:
 def tune(model, target="host", out_dir="tuning", *, scheme: str = "fp32", calib=None, trials: int = DEFAULT_TRIALS,
          budget=None, seed: int = 0, skip=None, act_bits: int = 8, input_shapes=None, calib_samples=None,
          redundancy=None, l_den=None, cuda_arch=None, quiet: bool = False, quick: bool = False,
-         tracker: str | None = None, key: str | None = None) -> Path:
+         tracker: str | None = None, key: str | None = None, kernels: bool = True) -> Path:
     """Tune the fallback ops of the model's build for `target` into `out_dir` (see the module doc).
 
     trials: MetaSchedule candidates measured per task (in total over runs: a second run with the
@@ -371,7 +379,8 @@ def tune(model, target="host", out_dir="tuning", *, scheme: str = "fp32", calib=
     tuning stops starting new batches once it is spent. seed: fixed, so a run can be repeated.
     tracker, key: measure on a board of kind `key` from the TVM tracker at HOST:PORT (fq-rpc-server
     on the board; candidates are linked here as the target's artifacts are), else on this machine.
-    quick: shorter measurements (tests)."""
+    kernels: also search the knobs of our int8 dequant-matmul kernels (`kernel_tuning`; they have
+    symbolic row counts and need no pins). quick: shorter measurements (tests)."""
     from tvm.s_tir import meta_schedule as ms
 
     from .rpc import Remote, check_reachable, parse_addr
@@ -419,16 +428,21 @@ def tune(model, target="host", out_dir="tuning", *, scheme: str = "fp32", calib=
     say(f"{n_static + len(dynamic) + len(skipped)} functions left to the CPU fallback: {n_static} with static "
         f"shapes ({len(tasks)} distinct tasks), {len(skipped)} gathers (not tuned), {len(dynamic)} with symbolic "
         f"shapes (not tuned" + (": pin them with --input-shape, e.g. batch=1 --input-shape seq=128)" if dynamic else ")"))
+    tvm_target = preset.tvm_target()
+    ktasks = kernel_tuning.find_kernel_tasks(mod, tvm_target, call_counts(mod)) if kernels else []
+    if kernels:
+        say(f"{sum(len(t.names) for t in ktasks)} int8 dequant-matmul kernels ({len(ktasks)} distinct plans): "
+            f"their knobs are searched at 1, 16 and 128 rows")
     out.mkdir(parents=True, exist_ok=True)
     meta = meta or {"format": 1, "target": _target_id(preset), "tasks": {}}
+    meta.setdefault("kernels", {})
     meta["model"] = Path(model).name
     meta["dynamic_functions"] = sorted(dynamic)
     meta["skipped_functions"] = skipped
     _write_meta(out, meta)
-    if not tasks:
+    if not tasks and not ktasks:
         say("nothing to tune")
         return out
-    tvm_target = preset.tvm_target()
     if "num-cores" not in preset.target:
         raise FqError(f"target '{preset.name}' has no num-cores (MetaSchedule needs it)")
     light_tensor_intrin(tvm_target)
@@ -436,6 +450,15 @@ def tune(model, target="host", out_dir="tuning", *, scheme: str = "fp32", calib=
     builder, runner = _measure_tools(tvm_target, quick, preset, remote)
     if remote is not None:
         say(f"measuring on a board from {remote.describe()}")
+    for ktask in ktasks:
+        ktask.meta = meta["kernels"].setdefault(ktask.key, {"trials": 0})
+        ktask.meta.update(names=ktask.names, calls=ktask.calls)
+    measure = kernel_tuning.Measure(tvm_target, builder, runner)
+    try:
+        kernel_tuning.tune_kernels(ktasks, measure, trials, None if limit is None else start + limit, say,
+                                   lambda t: kernel_tuning.same_results(t, tvm_target, preset, remote))
+    finally:
+        _write_meta(out, meta)
     for task in tasks:
         task.meta = meta["tasks"].setdefault(task.key, {"trials": 0})
         task.meta.update(names=task.names, calls=task.calls, shape=[list(map(int, p.shape)) for p in task.func.params])
@@ -558,6 +581,9 @@ def summary_lines(meta: dict) -> list[str]:
     for e in rows:
         lines.append(f"{e['names'][0][:48]:48} {e.get('calls', 1):5d} {_num(e.get('hand_s')):>9} "
                      f"{_num(e.get('best_s')):>9}  {'tuned' if _wins(e) else 'hand'}")
+    for key, e in meta.get("kernels", {}).items():
+        if "checked" in e:
+            lines.append(f"kernel {e['names'][0]} ({key}, {e.get('calls', 0)} calls): {kernel_tuning.describe(e)}")
     return lines
 
 
@@ -604,6 +630,20 @@ class Applier:
 
     def __call__(self, mod):
         functions = self.report["functions"]
+        for name, func, plan in kernel_tuning.kernels(mod, self.preset.tvm_target()):
+            if self.db is None:
+                functions[name] = "default: database ignored"
+                continue
+            entry = self.meta.get("kernels", {}).get(kernel_tuning.plan_key(plan))
+            tuned, why = kernel_tuning.tuned_kernel(func, entry, self.preset.tvm_target())
+            if tuned is None:
+                functions[name] = f"default: {why}"
+                self._log(f"{name}: hand knobs ({why})")
+                continue
+            mod[name] = tuned
+            functions[name] = "tuned"
+            self.report.setdefault("knobs", {})[name] = {k: v for k, v in entry["knobs"].items()
+                                                         if getattr(plan.knobs, k) != v}
         for name, func, _ in fallback_funcs(mod):
             if self.db is None:
                 functions[name] = "default: database ignored"

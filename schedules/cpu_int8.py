@@ -13,7 +13,7 @@ it in; a `prelaid` plan instead reads 8-bit codes as words laid out at compile t
    the MR rows (`Isa.dot`, int32 lanes); a lone row masks its codes in place instead (`part_dot`);
 3. per group, the int32 lanes become float and take the scales: with codes offset by c for a
    signed dot, `y = sum_a sum_g s (ax (sum (q - c) xq) - (z - c) axs)`.
-From GEMM_ROWS rows (every row count where prelaid) the many-row path (`gemm_part`) replaces 2 and 3.
+From `Knobs.many_rows` rows (every row count where prelaid) the many-row path (`gemm_part`) replaces 2 and 3.
 
 The last block of a row re-reads the V bytes ending at the row's end; its activations are zero
 where a byte was already counted, so no code beyond the row is read and no padding is stored.
@@ -119,15 +119,31 @@ ISAS = [
     Isa("neon", ("neon",), 16, 16, (2, 1), {2: 2, 4: 2, 8: 2}, _dot_widen, {2: 0, 4: 0, 8: 0}),
 ]
 
-CHUNK_COLS = 4096  # columns of one cache block of the reduction (4096 measured faster than 1024, 2048)
-CHUNK_ROWS = 64  # weight rows per parallel task
-GEMM_ROWS = 64  # activation rows from which the many-row path runs (its decoding pays off)
-GEMM_TASK_ROWS = 64  # weight rows per parallel task of the many-row path
-GEMM_CHUNK_COLS = 1024  # columns per cache block of the many-row path
 GEMM_ROW_SPLIT = 2  # tasks per weight block where blocks are few and odd (9 on 2 threads ran 5 + 4; each
 # task decodes its block: SmolLM2 down 576 x 1728 at 128 rows -5%, o 576 x 648 -2%; 15 blocks +1%, so not)
-GEMM_TILE_BLOCK = 8  # row tiles whose activations stay in L1 while every weight vector passes
-UNROLL_COLS = 512  # columns per unrolled step of the few-row reduction
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """The schedule's tunable choices; the defaults are the hand schedule. fq-tune searches them
+    (`FEW_ROW_SPACE`, `MANY_ROW_SPACE`) and a tuned build writes the kernel with its winners."""
+
+    chunk_cols: int = 4096  # columns of one cache block of the reduction (4096 measured faster than 1024, 2048)
+    chunk_rows: int = 64  # weight rows per parallel task
+    unroll_cols: int = 512  # columns per unrolled step of the few-row reduction
+    many_rows: int = 64  # activation rows from which the many-row path runs (its decoding pays off)
+    gemm_task_rows: int = 64  # weight rows per parallel task of the many-row path
+    gemm_chunk_cols: int = 1024  # columns per cache block of the many-row path
+    gemm_tile_block: int = 8  # row tiles whose activations stay in L1 while every weight vector passes
+
+
+# Candidates per knob (each holds its hand value): the few-row path's knobs act below `many_rows`
+# activation rows, the many-row path's from it.
+FEW_ROW_SPACE = {"chunk_cols": (1024, 2048, 4096, 8192), "chunk_rows": (32, 64, 128), "unroll_cols": (256, 512, 1024),
+                 "many_rows": (16, 32, 64)}
+MANY_ROW_SPACE = {"gemm_task_rows": (32, 64, 128), "gemm_chunk_cols": (512, 1024, 2048),
+                  "gemm_tile_block": (4, 8, 16)}
+GEMM_ROWS = Knobs().many_rows
 ACC_VECTORS = 16  # int32 accumulator vectors a register tile may hold
 
 
@@ -153,9 +169,13 @@ class Plan:
     bits: int
     group_cols: int  # columns per weight group (0: one group per row)
     isa: Isa
-    many_rows: int = GEMM_ROWS  # activation rows from which the many-row path runs
+    knobs: Knobs = Knobs()
     act_width: int = 0  # columns per activation group where there is no weight group (0: act_group's)
     prelaid: bool = False  # 8-bit codes stored as the many-row path's words (`words_layout`)
+
+    @property
+    def many_rows(self) -> int:  # activation rows from which the many-row path runs
+        return self.knobs.many_rows
 
     @property
     def ngroups(self) -> int:
@@ -187,15 +207,15 @@ class Plan:
 
     @property
     def groups_per_chunk(self) -> int:
-        return max(1, CHUNK_COLS // (self.blocks_per_group * self.block_cols))
+        return max(1, self.knobs.chunk_cols // (self.blocks_per_group * self.block_cols))
 
     @property
     def act_cols(self) -> int:  # columns per activation group
         return self.group_cols or self.act_width or act_group(self.cols)
 
     @property
-    def unroll(self) -> int:  # blocks per unrolled step: the largest divisor of a group's within UNROLL_COLS
-        most = max(1, UNROLL_COLS // self.block_cols)
+    def unroll(self) -> int:  # blocks per unrolled step: the largest divisor of a group's within unroll_cols
+        most = max(1, self.knobs.unroll_cols // self.block_cols)
         return max(u for u in range(1, most + 1) if self.blocks_per_group % u == 0)
 
     @property
@@ -233,7 +253,7 @@ def plan(rows: int, cols: int, bits: int, group_cols: int, target, many_rows: in
     isa = select_isa(target)
     if isa is None or bits not in isa.offsets:
         return None
-    p = Plan(rows, cols, bits, 0 if group_cols >= cols else group_cols, isa, many_rows, act_cols)
+    p = Plan(rows, cols, bits, 0 if group_cols >= cols else group_cols, isa, Knobs(many_rows=many_rows), act_cols)
     if p.width < isa.vbytes or p.group_cols % p.block_cols or p.act_cols % p.block_cols:
         return None
     return replace(p, prelaid=words and bits == 8 and p.gemm)
@@ -274,7 +294,7 @@ def _span_words(group: int, most: int, step: int) -> int:
 def gemm_part(p: Plan):
     """The many-row path as a macro over (x words, packed, scale, zero, y, ax, axs, m).
 
-    Per task of GEMM_TASK_ROWS weight rows and cache block of columns, the codes are decoded once
+    Per task of `gemm_task_rows` weight rows and cache block of columns, the codes are decoded once
     into 4-code words laid out [row vector][word][lane] (`block_words`, BMI2 pdep or a 256-entry
     table; pre-laid 8-bit codes are read as they are); a register tile of MR activation rows x NV
     vectors of weight rows then broadcasts 4 activation bytes per row against a vector of words
@@ -295,18 +315,18 @@ def gemm_part(p: Plan):
     table = not pre and not spread
     fast = spread and p.bits == 2 and L == 16  # 2-bit on AVX-512: decode 16 x 16 words in vectors
     mask = (1 << p.bits) - 1
-    SW = _span_words(AG4, GEMM_CHUNK_COLS // 4, S)  # words per flush: a group, or an equal part of one
+    SW = _span_words(AG4, p.knobs.gemm_chunk_cols // 4, S)  # words per flush: a group, or an equal part of one
     NS = -(-K4P // SW)
     # spans per cache block, no more than the row has: a block sized past the row decoded its
     # padding too (K = 432 at 1024 columns: 256 words for 108; 1.19-1.29x slower at 64-128 rows, Zen 3)
-    SPC = max(1, min(GEMM_CHUNK_COLS // 4 // SW, NS))
+    SPC = max(1, min(p.knobs.gemm_chunk_cols // 4 // SW, NS))
     KC4 = SPC * SW
     NKC = -(-NS // SPC)
-    NC = max(GEMM_TASK_ROWS // (NV * L), 1) * NV * L
+    NC = max(p.knobs.gemm_task_rows // (NV * L), 1) * NV * L
     BPW = 4 // P  # packed bytes per word
     NTASK = -(-N // NC)
     MS = GEMM_ROW_SPLIT if NTASK % 2 and NTASK < 12 else 1  # few weight blocks, odd: rows split too
-    TB = GEMM_TILE_BLOCK
+    TB = p.knobs.gemm_tile_block
 
     def wgroup(a):
         return a if G > 1 else 0
@@ -456,7 +476,7 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
     NKC = -(-NA // GPC)
     MR = isa.tile[0]
     NR, NR1 = p.row_tiles()
-    NC = max(CHUNK_ROWS // (NR * NR1) * NR * NR1, NR * NR1)  # rows per task: whole tiles of both
+    NC = max(p.knobs.chunk_rows // (NR * NR1) * NR * NR1, NR * NR1)  # rows per task: whole tiles of both
     offset = isa.offsets[p.bits]
     dot = isa.signed_dot if offset and isa.signed_dot is not None else isa.dot
     mask = (1 << p.bits) - 1
@@ -636,4 +656,24 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
         else:
             few_rows(packed, pflat, sflat, zflat, y, xq, ax, axs, m)
 
-    return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE, "fq_isa": isa.name})
+    return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE, "fq_isa": isa.name, **_plan_attrs(p)})
+
+
+def _plan_attrs(p: Plan) -> dict:
+    """What `plan_of` needs to write the kernel again (with other knobs: a tuned build)."""
+    return {"fq_rows": p.rows, "fq_cols": p.cols, "fq_bits": p.bits, "fq_group": p.group_cols,
+            "fq_act_group": p.act_width, "fq_words": int(p.prelaid)}
+
+
+def plan_of(attrs, target) -> Plan | None:
+    """The hand plan of a kernel `dequant_matmul` wrote, from its attributes."""
+    return plan(int(attrs["fq_rows"]), int(attrs["fq_cols"]), int(attrs["fq_bits"]), int(attrs["fq_group"]), target,
+                act_cols=int(attrs["fq_act_group"]), words=bool(int(attrs["fq_words"])))
+
+
+def arg_shapes(p: Plan, m: int) -> list[tuple[str, tuple]]:
+    """(dtype, shape) of the kernel's buffers x, codes, scale, zero, y for m activation rows."""
+    codes = (("uint32", (p.rows // p.isa.lanes, p.words, p.isa.lanes)) if p.prelaid
+             else ("uint8", (p.rows, p.width)))
+    return [("float32", (m, p.cols)), codes, ("float32", (p.rows, p.ngroups)), ("float32", (p.rows, p.ngroups)),
+            ("float32", (m, p.rows))]
