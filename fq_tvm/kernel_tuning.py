@@ -15,8 +15,9 @@ the many-row path at every count, measured at 1, 16 and 128. The search moves on
 to the best of its values (coordinate search, in a fixed order: no randomness), and a move must
 gain STEP. Measured candidates are kept in `fq_tuning.json` under "kernels", so a second run
 continues where the first stopped. After the search the winner and the hand knobs are timed again,
-alternately; a build uses the winner only if it was at least MARGIN faster over the buckets, no
-bucket was more than MARGIN slower, and its outputs matched the hand kernel's.
+alternately; a build uses the winner only if it was at least MARGIN faster over the buckets where
+it runs other code than the hand knobs (`cpu_int8.same_code_at`), no such bucket was more than
+MARGIN slower, and its outputs matched the hand kernel's.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 
 STEP = 0.02  # a knob moves from its current value only for a gain of 2% at least
 MARGIN = 0.03  # a build uses the winner only if it is 3% faster than the hand knobs over the buckets
-CONFIRM_ROUNDS = 2  # alternate timings of hand and winner after the search
+CONFIRM_ROUNDS = 4  # alternate timings of hand and winner after the search (2 threads on a VM: +-20%)
 MANY_ROWS, FEW_ROWS = (128,), (1, 16)
 
 
@@ -216,22 +217,37 @@ def confirm(task: KernelTask, measure) -> None:
             for m, s in got.items():
                 out[m] = min(out.get(m, math.inf), s)
     task.meta["hand_s"], task.meta["candidates"] = times[0], len(found)
-    task.meta.pop("best_s", None)
+    for key in ("best_s", "acts"):
+        task.meta.pop(key, None)
     task.meta["knobs"] = asdict(task.plan.knobs)
-    ranked = sorted((_geomean([t[m] / times[0][m] for m in times[0]]), i) for i, t in enumerate(times[1:])
-                    if wins({"hand_s": times[0], "best_s": t, "checked": True}))
+    ranked = []
+    for i, (knobs, t) in enumerate(zip(found, times[1:])):
+        entry = {"hand_s": times[0], "best_s": t, "checked": True, "acts": acts(task.plan, knobs)}
+        if wins(entry):
+            ranked.append((_geomean([t[m] / times[0][m] for m in entry["acts"]]), i, entry))
     if ranked:
-        best = ranked[0][1]
-        task.meta["knobs"], task.meta["best_s"] = asdict(found[best]), times[best + 1]
+        _, best, entry = min(ranked)
+        task.meta.update(knobs=asdict(found[best]), best_s=entry["best_s"], acts=entry["acts"])
+
+
+def acts(plan, knobs) -> list[str]:
+    """The row counts (as keys of the times) at which `knobs` run other code than the plan's: the
+    others measure the same code twice, so their difference is noise and does not count."""
+    from .schedules import cpu_int8
+
+    return [str(m) for m in all_rows(plan) if not cpu_int8.same_code_at(plan, knobs, m)]
 
 
 def wins(entry: dict) -> bool:
-    """The entry's winner beats the hand knobs by MARGIN over its buckets, loses nowhere by more,
-    and its outputs matched the hand kernel's."""
+    """The entry's winner beats the hand knobs by MARGIN over the buckets where it runs other code
+    (`acts`; all where not given), loses in none of them by more, and its outputs matched the hand
+    kernel's."""
     hand, best = entry.get("hand_s"), entry.get("best_s")
     if not hand or not best or entry.get("checked") is not True or set(hand) != set(best):
         return False
-    ratios = [best[m] / hand[m] for m in hand]
+    ratios = [best[m] / hand[m] for m in entry.get("acts", hand)]
+    if not ratios:
+        return False
     if not all(math.isfinite(r) and r > 0 for r in ratios):
         return False
     return _geomean(ratios) <= 1 - MARGIN and max(ratios) <= 1 + MARGIN
@@ -291,7 +307,8 @@ def describe(entry: dict, plan=None) -> str:
 
     hand_knobs = plan.knobs if plan is not None else cpu_int8.Knobs()
     moved = {k: v for k, v in entry["knobs"].items() if getattr(hand_knobs, k) != v}
-    times = ", ".join(f"{m} rows {_ms(hand[m])} -> {_ms(best.get(m))}" for m in hand)
+    times = ", ".join(f"{m} rows {_ms(hand[m])} -> {_ms(best.get(m))}" if m in entry.get("acts", hand)
+                      else f"{m} rows {_ms(hand[m])} (same code)" for m in hand)
     verdict = "used" if wins(entry) else "not used" + (" (outputs differ)" if entry.get("checked") is False else "")
     return f"{' '.join(f'{k}={v}' for k, v in moved.items())}: {times}; {verdict}"
 

@@ -1,13 +1,14 @@
-"""MetaSchedule tuning of the graph ops our CPU fallback schedules (`fq-tune`), and applying the
-tuned database when building (`fq-compile --tuning-db DIR`).
+"""Tuning a model's CPU build (`fq-tune`), and applying the tuned database when building
+(`fq-compile --tuning-db DIR`).
 
-What is tuned (first cut, CPU only): the PrimFuncs `schedules.cpu.fallback` would schedule, i.e.
-every legalized, fused op we did not write (attention batch-matmuls, softmax, layer norm,
-elementwise, transposes, gathers), with MetaSchedule's default rules for the target. Our own
-kernels (`cpu_int8`, `cpu_dense`, `cpu_hadamard`, `cpu_frame`) are written already scheduled with a
-symbolic row count, and MetaSchedule's CPU postprocessing refuses dynamic loops: they are not
-tuned. Nor are fallback functions with symbolic shapes (a dynamic batch or sequence length): pin
-the shapes with `--input-shape` (the same pins for fq-tune and fq-compile) to tune them.
+What is tuned (CPU only): the PrimFuncs `schedules.cpu.fallback` would schedule, i.e. every
+legalized, fused op we did not write (attention batch-matmuls, softmax, layer norm, elementwise,
+transposes, gathers), with MetaSchedule's default rules for the target; and the knobs of our int8
+dequant-matmul kernels (`kernel_tuning`: they take a symbolic row count, which MetaSchedule's CPU
+postprocessing refuses, and their knobs shape the TVMScript itself). Our other kernels
+(`cpu_dense`, `cpu_hadamard`, `cpu_frame`, attention) keep their hand schedules. Fallback
+functions with symbolic shapes (a dynamic batch or sequence length) are not tuned: pin the shapes
+with `--input-shape` (the same pins for fq-tune and fq-compile) to tune them.
 
 The output directory holds MetaSchedule's JSON database (`database_workload.json`,
 `database_tuning_record.json`; one directory per target: database queries ignore the target) and

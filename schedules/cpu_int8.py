@@ -665,6 +665,21 @@ def _plan_attrs(p: Plan) -> dict:
             "fq_act_group": p.act_width, "fq_words": int(p.prelaid)}
 
 
+def runs_many_rows(p: Plan, m: int) -> bool:
+    """Whether `m` activation rows take the many-row path."""
+    return p.prelaid or (p.gemm and m >= p.many_rows)
+
+
+def same_code_at(p: Plan, knobs: Knobs, m: int) -> bool:
+    """Whether the kernel with `knobs` runs the same code as `p`'s at `m` rows: the same path,
+    and that path's knobs equal."""
+    other = replace(p, knobs=knobs)
+    if runs_many_rows(p, m) != runs_many_rows(other, m):
+        return False
+    space = MANY_ROW_SPACE if runs_many_rows(p, m) else FEW_ROW_SPACE
+    return all(getattr(p.knobs, k) == getattr(knobs, k) for k in space if k != "many_rows")
+
+
 def plan_of(attrs, target) -> Plan | None:
     """The hand plan of a kernel `dequant_matmul` wrote, from its attributes."""
     return plan(int(attrs["fq_rows"]), int(attrs["fq_cols"]), int(attrs["fq_bits"]), int(attrs["fq_group"]), target,

@@ -103,6 +103,18 @@ def test_a_winner_is_used_only_where_it_wins_everywhere(best, checked, used):
     assert kernel_tuning.wins(entry) is used
 
 
+def test_buckets_running_the_same_code_do_not_count():
+    """A few-row knob leaves 128 rows (the many-row path) alone, a many-row knob 1 and 16 rows;
+    many_rows = 16 moves 16 rows to the many-row path. Their timings there are noise."""
+    plan = _task().plan
+    assert kernel_tuning.acts(plan, replace(plan.knobs, chunk_rows=32)) == ["1", "16"]
+    assert kernel_tuning.acts(plan, replace(plan.knobs, gemm_task_rows=32)) == ["128"]
+    assert kernel_tuning.acts(plan, replace(plan.knobs, many_rows=16)) == ["16"]
+    entry = {"hand_s": {"1": 1.0, "16": 1.0, "128": 1.0}, "best_s": {"1": 1.2, "16": 1.2, "128": 0.9},
+             "checked": True, "acts": ["128"]}
+    assert kernel_tuning.wins(entry) and not kernel_tuning.wins(dict(entry, acts=["1", "16", "128"]))
+
+
 @pytest.fixture(scope="module")
 def fq2_encoder(tmp_path_factory):
     work = tmp_path_factory.mktemp("ktune")
