@@ -630,35 +630,33 @@ class Applier:
             print(f"    {text}", file=sys.stderr, flush=True)
 
     def __call__(self, mod):
-        functions = self.report["functions"]
-        for name, func, plan in kernel_tuning.kernels(mod, self.preset.tvm_target()):
-            if self.db is None:
-                functions[name] = "default: database ignored"
-                continue
+        target = self.preset.tvm_target()
+        for name, func, plan in kernel_tuning.kernels(mod, target):
             entry = self.meta.get("kernels", {}).get(kernel_tuning.plan_key(plan))
-            tuned, why = kernel_tuning.tuned_kernel(func, entry, self.preset.tvm_target())
-            if tuned is None:
-                functions[name] = f"default: {why}"
-                self._log(f"{name}: hand knobs ({why})")
-                continue
-            mod[name] = tuned
-            functions[name] = "tuned"
-            self.report.setdefault("knobs", {})[name] = {k: v for k, v in entry["knobs"].items()
-                                                         if getattr(plan.knobs, k) != v}
+            if self._swap(mod, name, lambda: kernel_tuning.tuned_kernel(func, entry, target), "hand knobs"):
+                self.report.setdefault("knobs", {})[name] = {k: v for k, v in entry["knobs"].items()
+                                                             if getattr(plan.knobs, k) != v}
         for name, func, _ in fallback_funcs(mod):
-            if self.db is None:
-                functions[name] = "default: database ignored"
-                continue
-            tuned, why = self._tuned(func)
-            if tuned is None:
-                functions[name] = f"default: {why}"
-                self._log(f"{name}: hand schedule ({why})")
-                continue
-            mod[name] = tuned
-            functions[name] = "tuned"
+            self._swap(mod, name, lambda: self._tuned(func), "hand schedule")
+        functions = self.report["functions"]
         self.report["tuned"] = sum(1 for v in functions.values() if v == "tuned")
         self.report["default"] = len(functions) - self.report["tuned"]
         return mod
+
+    def _swap(self, mod, name, tuned, hand: str) -> bool:
+        """mod[name] replaced by `tuned()`'s function, or kept with the reason reported."""
+        functions = self.report["functions"]
+        if self.db is None:
+            functions[name] = "default: database ignored"
+            return False
+        func, why = tuned()
+        if func is None:
+            functions[name] = f"default: {why}"
+            self._log(f"{name}: {hand} ({why})")
+            return False
+        mod[name] = func
+        functions[name] = "tuned"
+        return True
 
     def _tuned(self, func):
         import tvm
