@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--redundancy", type=float, help="frame redundancy r for fq schemes")
     p.add_argument("--l-den", type=int, help="frame block size parameter l")
     p.add_argument("--skip", metavar="REGEX", help="layers kept fp32, as for fq-compile")
+    p.add_argument("--quantize-head", action="store_true", help="a tied head quantized too, as for fq-compile")
+    p.add_argument("--head-scheme", metavar="SCHEME", help="the tied head's scheme, as for fq-compile (e.g. int8)")
     p.add_argument("--act-bits", type=int, choices=(8, 32), default=8, help="as for fq-compile (default 8)")
     p.add_argument("--input-shape", action="append", metavar="NAME=DIMS",
                    help="pin a dynamic input or dim (batch=1); functions with symbolic shapes are not tuned")
@@ -63,7 +65,7 @@ def main(argv=None):
                budget=args.budget, seed=args.seed, skip=args.skip, act_bits=args.act_bits,
                input_shapes=args.input_shape, calib_samples=args.calib_samples, redundancy=args.redundancy,
                l_den=args.l_den, quiet=args.quiet, tracker=args.rpc_tracker, key=args.rpc_key,
-               kernels=not args.no_kernels)
+               kernels=not args.no_kernels, quantize_head=args.quantize_head, head_scheme=args.head_scheme)
     print(out)
     return 0
 

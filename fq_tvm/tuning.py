@@ -177,7 +177,8 @@ def find_tasks(mod, skipped: dict | None = None) -> tuple[list[Task], list[str]]
 
 
 def lowered_module(model, preset, *, scheme="fp32", calib=None, skip=None, act_bits=8, input_shapes=None,
-                   calib_samples=None, redundancy=None, l_den=None, quiet=False):
+                   calib_samples=None, redundancy=None, l_den=None, quiet=False, quantize_head=False,
+                   head_scheme=None):
     """The Relax module fq-compile builds, legalized and fused with our kernels scheduled: the
     point where the CPU fallback would schedule the rest (the same steps as `compiler.compile`)."""
     from . import compiler, onnx_io
@@ -192,8 +193,10 @@ def lowered_module(model, preset, *, scheme="fp32", calib=None, skip=None, act_b
     proto = onnx_io.load_model(Path(model))
     imported, proto = compiler._import_first(proto, input_shapes)
     layers, report = {}, {}
+    quantize_head = quantize_head or head_scheme is not None
     if cfg.method != "none":
-        layers, report, _ = compiler._quantize(proto, cfg, calib, skip, quiet, calib_samples)
+        head_cfg = compiler._head_config(cfg, head_scheme) if quantize_head else None
+        layers, report, _ = compiler._quantize(proto, cfg, calib, skip, quiet, calib_samples, head_cfg=head_cfg)
     mod = compiler._import(proto, layers, report, True, imported)
     target = preset.tvm_target()
     captured = {}
@@ -372,7 +375,8 @@ def _min(run_secs) -> float:
 def tune(model, target="host", out_dir="tuning", *, scheme: str = "fp32", calib=None, trials: int = DEFAULT_TRIALS,
          budget=None, seed: int = 0, skip=None, act_bits: int = 8, input_shapes=None, calib_samples=None,
          redundancy=None, l_den=None, cuda_arch=None, quiet: bool = False, quick: bool = False,
-         tracker: str | None = None, key: str | None = None, kernels: bool = True) -> Path:
+         tracker: str | None = None, key: str | None = None, kernels: bool = True, quantize_head: bool = False,
+         head_scheme: str | None = None) -> Path:
     """Tune the fallback ops of the model's build for `target` into `out_dir` (see the module doc).
 
     trials: MetaSchedule candidates measured per task (in total over runs: a second run with the
@@ -380,6 +384,7 @@ def tune(model, target="host", out_dir="tuning", *, scheme: str = "fp32", calib=
     tuning stops starting new batches once it is spent. seed: fixed, so a run can be repeated.
     tracker, key: measure on a board of kind `key` from the TVM tracker at HOST:PORT (fq-rpc-server
     on the board; candidates are linked here as the target's artifacts are), else on this machine.
+    quantize_head, head_scheme: as for `compile` (a tied head's kernel is tuned too).
     kernels: also search the knobs of our int8 dequant-matmul kernels (`kernel_tuning`; they have
     symbolic row counts and need no pins). quick: shorter measurements (tests)."""
     from tvm.s_tir import meta_schedule as ms
@@ -422,7 +427,7 @@ def tune(model, target="host", out_dir="tuning", *, scheme: str = "fp32", calib=
     say(f"building the Relax module of {model} for {preset.name} ({scheme})")
     mod = lowered_module(model, preset, scheme=scheme, calib=calib, skip=skip, act_bits=act_bits,
                          input_shapes=input_shapes, calib_samples=calib_samples, redundancy=redundancy,
-                         l_den=l_den, quiet=quiet)
+                         l_den=l_den, quiet=quiet, quantize_head=quantize_head, head_scheme=head_scheme)
     skipped = {}
     tasks, dynamic = find_tasks(mod, skipped)
     n_static = sum(len(t.names) for t in tasks)

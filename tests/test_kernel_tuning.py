@@ -5,7 +5,7 @@ made-up cost, its resumption, and a tuned build that writes its kernels with the
 import json
 import math
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -138,30 +138,34 @@ def test_tune_measures_kernels_and_continues(fq2_encoder, tmp_path):
     assert json.loads((out / tuning.META).read_text())["kernels"][key]["trials"] == 3
 
 
-def test_a_tuned_build_writes_the_kernel_with_the_recorded_knobs(fq2_encoder, tmp_path):
+@pytest.mark.parametrize("scheme", ["fq2", "int8"])  # int8: 8-bit codes pre-laid as words
+def test_a_tuned_build_writes_the_kernel_with_the_recorded_knobs(fq2_encoder, tmp_path, scheme):
     onnx, calib = fq2_encoder
     out = tmp_path / "db"
-    fq_tvm.tune(onnx, "host", out, scheme="fq2", calib=calib, trials=1, quick=True, quiet=True)
+    fq_tvm.tune(onnx, "host", out, scheme=scheme, calib=calib, trials=1, quick=True, quiet=True)
     meta = json.loads((out / tuning.META).read_text())
-    (key, entry), = meta["kernels"].items()
-    knobs = dict(json.loads(next(iter(entry["tried"]))), gemm_task_rows=32, chunk_rows=32)
+    moved = {"gemm_task_rows": 32, "gemm_tile_block": 4} if scheme == "int8" else {"gemm_task_rows": 32, "chunk_rows": 32}
     hand = {"1": 1e-5, "16": 2e-5, "128": 4e-5}
-    entry.update(knobs=knobs, hand_s=hand, best_s={m: s * 0.8 for m, s in hand.items()}, checked=True)
+    for entry in meta["kernels"].values():
+        knobs = dict(asdict(cpu_int8.Knobs()), **moved)
+        entry.update(knobs=knobs, hand_s=hand, best_s={m: s * 0.8 for m, s in hand.items()}, checked=True)
     (out / tuning.META).write_text(json.dumps(meta))
     slower = tmp_path / "slower"
     shutil.copytree(out, slower)
-    entry.update(best_s={m: s * 1.2 for m, s in hand.items()})
+    for entry in meta["kernels"].values():
+        entry.update(best_s={m: s * 1.2 for m, s in hand.items()})
     (slower / tuning.META).write_text(json.dumps(meta))
 
     x = np.random.default_rng(1).standard_normal((2, 16, 64)).astype(np.float32)
-    plain = fq_tvm.compile(onnx, "host", tmp_path / "plain", scheme="fq2", calib=calib, quiet=True)
-    tuned = fq_tvm.compile(onnx, "host", tmp_path / "tuned", scheme="fq2", calib=calib, tuning_db=out, quiet=True)
-    same = fq_tvm.compile(onnx, "host", tmp_path / "same", scheme="fq2", calib=calib, tuning_db=slower, quiet=True)
-    report = json.loads((tuned / "manifest.json").read_text())["kernels"]["tuning"]
-    (name, knobs_used), = report["knobs"].items()
-    assert report["functions"][name] == "tuned" and knobs_used == {"gemm_task_rows": 32, "chunk_rows": 32}
-    other = json.loads((same / "manifest.json").read_text())["kernels"]["tuning"]
-    assert other["functions"][name] == "default: hand knobs as fast" and "knobs" not in other
-    ys = [fq_tvm.load(a).run({"x": x})["y"] for a in (plain, tuned, same)]
+    builds = [fq_tvm.compile(onnx, "host", tmp_path / label, scheme=scheme, calib=calib, tuning_db=db, quiet=True)
+              for label, db in (("plain", None), ("tuned", out), ("same", slower))]
+    report = json.loads((builds[1] / "manifest.json").read_text())["kernels"]["tuning"]
+    assert len(report["knobs"]) == len(meta["kernels"]) >= 1
+    for name, knobs_used in report["knobs"].items():
+        assert report["functions"][name] == "tuned" and knobs_used == moved
+    other = json.loads((builds[2] / "manifest.json").read_text())["kernels"]["tuning"]
+    assert all(other["functions"][name] == "default: hand knobs as fast" for name in report["knobs"])
+    assert "knobs" not in other
+    ys = [fq_tvm.load(a).run({"x": x})["y"] for a in builds]
     assert max_rel_err(ys[1], ys[0].astype(np.float64)) < 1e-5 and np.array_equal(ys[2], ys[0])
-    assert (tuned / "model.so").read_bytes() != (plain / "model.so").read_bytes()
+    assert (builds[1] / "model.so").read_bytes() != (builds[0] / "model.so").read_bytes()

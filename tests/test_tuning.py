@@ -172,3 +172,7 @@ def test_bad_arguments_are_one_line_errors(encoder_onnx, tmp_path, capsys):
     assert tune_main([str(encoder_onnx), "-o", db, "--rpc-tracker", "127.0.0.1:9", "--rpc-key", "rpi5"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "127.0.0.1:9" in err  # no tracker there: one line, before any build
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.zeros((2, 16, 64), np.float32))
+    assert tune_main([str(encoder_onnx), "-o", db, "--scheme", "fq2", "--calib", str(calib), "--head-scheme", "fp32"]) == 1
+    assert "--head-scheme fp32: that scheme does not quantize" in capsys.readouterr().err
