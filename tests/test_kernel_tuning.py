@@ -170,3 +170,26 @@ def test_a_tuned_build_writes_the_kernel_with_the_recorded_knobs(fq2_encoder, tm
     ys = [fq_tvm.load(a).run({"x": x})["y"] for a in builds]
     assert max_rel_err(ys[1], ys[0].astype(np.float64)) < 1e-5 and np.array_equal(ys[2], ys[0])
     assert (builds[1] / "model.so").read_bytes() != (builds[0] / "model.so").read_bytes()
+
+
+def test_bench_tuning_tabulates_the_kernels():
+    """benchmarks/bench_tuning.py's table: tuned buckets as hand -> tuned, the others marked."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_tuning
+
+    hand = {"1": 1e-5, "16": 2e-5, "128": 4e-5}
+    meta = {"kernels": {
+        "avx2:64x256:b2:g0:a256": {"calls": 6, "hand_s": hand, "best_s": {m: s * 0.8 for m, s in hand.items()},
+                                   "acts": ["128"], "checked": True,
+                                   "knobs": dict(asdict(cpu_int8.Knobs()), gemm_task_rows=32)},
+        "avx2:64x512:b2:g0:a512": {"calls": 6, "hand_s": hand, "checked": None, "knobs": asdict(cpu_int8.Knobs())},
+        "avx2:64x768:b2:g0:a768": {"calls": 6, "trials": 3}}}
+    lines = bench_tuning.kernel_table(meta)
+    assert lines[0] == "| kernel plan | calls | 1 rows, ms | 16 rows, ms | 128 rows, ms | used |"
+    assert lines[2] == ("| avx2:64x256:b2:g0:a256 | 6 | 0.0100 (same code) | 0.0200 (same code) | 0.0400 -> 0.0320 "
+                        "| tuned: `gemm_task_rows=32` |")
+    assert lines[3] == "| avx2:64x512:b2:g0:a512 | 6 | 0.0100 | 0.0200 | 0.0400 | hand |"
+    assert lines[4] == "| avx2:64x768:b2:g0:a768 | 6 | - | - | - | search not finished |"
