@@ -285,9 +285,9 @@ def tune_kernels(tasks: list[KernelTask], measure, trials: int, deadline: float 
         if "checked" in task.meta:  # searched, confirmed and checked by an earlier run
             continue
         task.meta.setdefault("trials", 0)
-        if not search(task, measure, trials, deadline):
+        if not search(task, measure, trials, deadline) or (deadline is not None and time.monotonic() > deadline):
             say(f"kernel {index + 1}/{len(tasks)} {task.names[0]}: {task.meta['trials']}/{trials} trials, "
-                f"search not finished (run again with the same -o to continue)")
+                f"not finished (run again with the same -o to continue)")
             return
         confirm(task, measure)
         task.meta["checked"] = check(task) if task.meta.get("best_s") else None

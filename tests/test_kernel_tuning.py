@@ -79,6 +79,20 @@ def test_search_moves_a_knob_only_for_a_real_gain():
     assert task.meta["trials"] == len(measure.calls) == len(set(measure.calls))  # (the hand knobs: 2 row sets)
 
 
+def test_a_spent_budget_stops_before_the_confirming_timings():
+    """A search finished from earlier measurements is not confirmed past the deadline: the task
+    stays unfinished (no "checked"), and a later run confirms it without searching again."""
+    task, measure = _task(), _fake(_cost)
+    kernel_tuning.search(task, measure, trials=100, deadline=None)
+    task.meta.pop("knobs")
+    said, again = [], _fake(_cost)
+    kernel_tuning.tune_kernels([task], again, 100, 0.0, said.append, lambda t: True)
+    assert "checked" not in task.meta and not again.calls and "not finished" in said[0]
+    kernel_tuning.tune_kernels([task], again, 100, None, said.append, lambda t: True)
+    assert task.meta["checked"] is True and kernel_tuning.wins(task.meta)
+    assert all(rows == (1, 16, 128) for _, rows in again.calls)  # confirming timings only
+
+
 def test_search_stops_at_the_trials_and_a_second_run_continues():
     task, measure = _task(), _fake(_cost)
     assert not kernel_tuning.search(task, measure, trials=4, deadline=None)
