@@ -4,8 +4,8 @@
     python benchmarks/bench_tuning.py --db DB --model minilm.onnx --calib C.npz --shape 1x128
 
 Both builds use the same pins (MetaSchedule's records cover static shapes only; the kernels' knobs
-need none) and are compiled in this process, so the calibration is computed once. Inputs: Lee documents truncated or padded to the
-sequence length. Prints the database's int8 kernels as a table (hand -> tuned ms per row bucket,
+need none) and are compiled in this process, so the calibration is computed once. Inputs: Lee
+documents truncated or padded to the sequence length. Prints the database's int8 kernels as a table (hand -> tuned ms per row bucket,
 as fq-tune measured them), the tuned/default split of the manifest, and median / p10 / p90 ms per
 call of both builds.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,6 @@ import numpy as np
 
 import fq_tvm
 from fq_tvm import evaluate, kernel_tuning, realmodels, timing
-from fq_tvm.schedules import cpu_int8
 
 
 def kernel_table(meta: dict) -> list[str]:
@@ -36,8 +34,7 @@ def kernel_table(meta: dict) -> list[str]:
         hand, best, acts = e.get("hand_s") or {}, e.get("best_s") or {}, e.get("acts", [])
         cells = [f"{hand[m] * 1e3:.4f} -> {best[m] * 1e3:.4f}" if best and m in acts else
                  f"{hand[m] * 1e3:.4f}" + (" (same code)" if best else "") if m in hand else "-" for m in map(str, rows)]
-        hand_knobs = asdict(cpu_int8.Knobs())
-        moved = " ".join(f"`{k}={v}`" for k, v in e.get("knobs", {}).items() if v != hand_knobs[k])
+        moved = " ".join(f"`{k}={v}`" for k, v in kernel_tuning.moved(e).items())
         used = ("tuned: " + moved) if kernel_tuning.wins(e) else "hand" if "checked" in e else "search not finished"
         lines.append(f"| {key} | {e.get('calls', 0)} | " + " | ".join(cells) + f" | {used} |")
     return lines

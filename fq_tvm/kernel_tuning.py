@@ -142,21 +142,23 @@ def search(task: KernelTask, measure, trials: int, deadline: float | None) -> bo
     ran out first (a later run continues)."""
     from .schedules import cpu_int8
 
+    from .tuning import workload_key
+
     tried = task.meta.setdefault("tried", {})
     by_kernel = {e["kernel"]: e for e in tried.values() if "kernel" in e}
 
     def cost(knobs, rows):  # seconds (geometric mean over rows)
+        plan = replace(task.plan, knobs=knobs)
         entry = tried.get(_name(knobs))
         if entry is None:
-            entry = by_kernel.get(_kernel_hash(cpu_int8.dequant_matmul(replace(task.plan, knobs=knobs))))
-        missing = [m for m in rows if entry is None or str(m) not in entry]
+            kernel = workload_key(cpu_int8.dequant_matmul(plan))
+            entry = by_kernel.setdefault(kernel, {"kernel": kernel})
+        missing = [m for m in rows if str(m) not in entry]
         if missing:
             if task.meta["trials"] >= trials or (deadline is not None and time.monotonic() > deadline):
                 raise _Spent
-            kernel = _kernel_hash(cpu_int8.dequant_matmul(replace(task.plan, knobs=knobs)))
-            got = measure(replace(task.plan, knobs=knobs), missing)
+            got = measure(plan, missing)
             task.meta["trials"] += 1
-            entry = by_kernel.setdefault(kernel, entry if entry is not None else {"kernel": kernel})
             entry.update(got or {str(m): math.inf for m in missing})
         tried[_name(knobs)] = entry
         return _geomean([entry[str(m)] for m in rows]) if all(math.isfinite(entry[str(m)]) for m in rows) else math.inf
@@ -176,12 +178,6 @@ def search(task: KernelTask, measure, trials: int, deadline: float | None) -> bo
         return False
     task.meta["knobs"] = asdict(current)
     return True
-
-
-def _kernel_hash(func) -> str:
-    from tvm_ffi import structural_hash
-
-    return f"{structural_hash(func) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 class _Spent(Exception):
@@ -260,7 +256,7 @@ def same_results(task: KernelTask, target, preset=None, remote=None) -> bool:
     import tvm
 
     from .schedules import cpu_int8
-    from .tuning import _outputs, _remote_outputs
+    from .tuning import outputs_of
 
     rng = np.random.default_rng(0)
     rows = max(all_rows(task.plan)) + 3  # (a row tail as well)
@@ -273,9 +269,7 @@ def same_results(task: KernelTask, target, preset=None, remote=None) -> bool:
     libs = [tvm.tirx.build(tvm.IRModule({"main": cpu_int8.dequant_matmul(replace(task.plan, knobs=knobs))
                                          .with_attr("global_symbol", "main")}), target=target)
             for knobs in (task.plan.knobs, cpu_int8.Knobs(**task.meta["knobs"]))]
-    outs = [_outputs(lib["main"], inputs, tvm.cpu()) for lib in libs] if remote is None \
-        else _remote_outputs(libs, inputs, preset, remote)
-    a, b = outs[0][-1], outs[1][-1]
+    a, b = (out[-1] for out in outputs_of(libs, inputs, preset, remote))
     return bool(np.all(np.isfinite(b)) and np.abs(a - b).max() <= 1e-5 * max(np.abs(a).max(), 1e-30))
 
 
@@ -303,22 +297,27 @@ def describe(entry: dict, plan=None) -> str:
         if entry.get("candidates"):
             return f"hand knobs kept: {entry['candidates']} candidates not faster when timed again ({times})"
         return f"hand knobs best ({times})"
-    from .schedules import cpu_int8
-
-    hand_knobs = plan.knobs if plan is not None else cpu_int8.Knobs()
-    moved = {k: v for k, v in entry["knobs"].items() if getattr(hand_knobs, k) != v}
     times = ", ".join(f"{m} rows {_ms(hand[m])} -> {_ms(best.get(m))}" if m in entry.get("acts", hand)
                       else f"{m} rows {_ms(hand[m])} (same code)" for m in hand)
     verdict = "used" if wins(entry) else "not used" + (" (outputs differ)" if entry.get("checked") is False else "")
-    return f"{' '.join(f'{k}={v}' for k, v in moved.items())}: {times}; {verdict}"
+    return f"{' '.join(f'{k}={v}' for k, v in moved(entry, plan).items())}: {times}; {verdict}"
+
+
+def moved(entry: dict, plan=None) -> dict:
+    """The entry's knobs that differ from the hand knobs (the plan's, or the defaults)."""
+    from .schedules import cpu_int8
+
+    hand = plan.knobs if plan is not None else cpu_int8.Knobs()
+    return {k: v for k, v in entry.get("knobs", {}).items() if getattr(hand, k) != v}
 
 
 def _ms(seconds) -> str:
     return "-" if seconds is None or not math.isfinite(seconds) else f"{seconds * 1e3:.4f} ms"
 
 
-def tuned_kernel(func, entry: dict | None, target):
-    """(the kernel written with the entry's knobs, None) where the entry wins, else (None, why)."""
+def tuned_kernel(func, plan, entry: dict | None):
+    """(`func`, the kernel of `plan`, written with the entry's knobs, None) where the entry wins,
+    else (None, why)."""
     from .schedules import cpu_int8
 
     if entry is None:
@@ -327,7 +326,6 @@ def tuned_kernel(func, entry: dict | None, target):
         return None, "search not finished"
     if not wins(entry):
         return None, "hand knobs as fast" if entry.get("checked") is not False else "tuned results differed"
-    plan = cpu_int8.plan_of(func.attrs, target)
     new = cpu_int8.dequant_matmul(replace(plan, knobs=cpu_int8.Knobs(**entry["knobs"])))
     extra = {k: v for k, v in func.attrs.items() if k not in new.attrs}  # global_symbol, tirx.is_scheduled
     return new.with_attrs(extra), None

@@ -539,15 +539,21 @@ def _same_results(task: Task, db, target, preset=None, remote=None) -> bool:
         inputs.append((rng.standard_normal(shape) if "float" in dtype else rng.integers(0, 2, shape)).astype(dtype))
     libs = [tvm.tirx.build(mod, target=target)
             for mod in (tvm.IRModule({"main": hand.with_attr("tirx.is_scheduled", True)}), sch.mod)]
-    if remote is None:
-        outs = [_outputs(lib["main"], inputs, tvm.cpu()) for lib in libs]
-    else:
-        outs = _remote_outputs(libs, inputs, preset, remote)
-    for a, b in zip(*outs):
+    for a, b in zip(*outputs_of(libs, inputs, preset, remote)):
         scale = max(float(np.abs(a).max()), 1e-30)
         if not np.all(np.isfinite(a) == np.isfinite(b)) or float(np.nanmax(np.abs(a - b), initial=0)) > 1e-4 * scale:
             return False
     return True
+
+
+def outputs_of(libs, inputs, preset=None, remote=None) -> list:
+    """Per library, its `main`'s arguments after a call on copies of `inputs` (`_outputs`), run here
+    or on one board from `remote`."""
+    import tvm
+
+    if remote is None:
+        return [_outputs(lib["main"], inputs, tvm.cpu()) for lib in libs]
+    return _remote_outputs(libs, inputs, preset, remote)
 
 
 def _outputs(main, inputs, device) -> list:
@@ -638,9 +644,8 @@ class Applier:
         target = self.preset.tvm_target()
         for name, func, plan in kernel_tuning.kernels(mod, target):
             entry = self.meta.get("kernels", {}).get(kernel_tuning.plan_key(plan))
-            if self._swap(mod, name, lambda: kernel_tuning.tuned_kernel(func, entry, target), "hand knobs"):
-                self.report.setdefault("knobs", {})[name] = {k: v for k, v in entry["knobs"].items()
-                                                             if getattr(plan.knobs, k) != v}
+            if self._swap(mod, name, lambda: kernel_tuning.tuned_kernel(func, plan, entry), "hand knobs"):
+                self.report.setdefault("knobs", {})[name] = kernel_tuning.moved(entry, plan)
         for name, func, _ in fallback_funcs(mod):
             self._swap(mod, name, lambda: self._tuned(func), "hand schedule")
         functions = self.report["functions"]
