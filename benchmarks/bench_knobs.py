@@ -5,8 +5,9 @@ machine: is the hand schedule the best point near it, per layer shape and row co
 
 Shapes are N x K as our fq2 kernels see them (K: the frame's width; defaults: SmolLM2's and
 MiniLM's fq2 layers at r = 1.1). For each shape and row count every variant (one knob moved from
-its hand value to another value of its space) is built for the host and checked against the hand build's output; then
-all of them are timed in interleaved blocks (`fq_tvm.timing.interleaved`) on the same inputs.
+its hand value to another value of its space) is built for the host and checked against the hand
+build's output; then all of them are timed in interleaved blocks (`fq_tvm.timing.interleaved`) on
+the same inputs.
 The knobs and their values are fq-tune's search space (`cpu_int8.Knobs`, `FEW_ROW_SPACE`,
 `MANY_ROW_SPACE`): few-row knobs act below `many_rows` activation rows, many-row knobs from it;
 `many_rows=16` runs the many-row path at 16 rows. Prints per case the hand schedule's median, the

@@ -102,6 +102,14 @@ def encoder_onnx(model_dir):
 
 
 @pytest.fixture(scope="session")
+def encoder_calib(model_dir):
+    """Calibration samples for `encoder_onnx`: 8 sequences of 16 tokens."""
+    path = model_dir / "encoder_calib.npz"
+    np.savez(path, x=np.random.default_rng(0).standard_normal((8, 16, 64)).astype(np.float32))
+    return path
+
+
+@pytest.fixture(scope="session")
 def smollm2_onnx(tmp_path_factory):
     """SmolLM2-135M exported once per session (about 2 minutes; without the exporter's optimizer,
     which alone took another minute and a half on one core): (work dir, onnx path)."""

@@ -12,7 +12,7 @@ import pytest
 import tvm
 
 import fq_tvm
-from fq_tvm import kernel_tuning, models, tuning
+from fq_tvm import kernel_tuning, tuning
 from fq_tvm.numerics import quantize_activations
 from fq_tvm.schedules import cpu_int8
 from conftest import max_rel_err, pack_reference
@@ -130,11 +130,8 @@ def test_buckets_running_the_same_code_do_not_count():
 
 
 @pytest.fixture(scope="module")
-def fq2_encoder(tmp_path_factory):
-    work = tmp_path_factory.mktemp("ktune")
-    onnx = models.encoder_block(work / "enc.onnx")
-    np.savez(work / "calib.npz", x=np.random.default_rng(0).standard_normal((8, 16, 64)).astype(np.float32))
-    return onnx, work / "calib.npz"
+def fq2_encoder(encoder_onnx, encoder_calib):
+    return encoder_onnx, encoder_calib
 
 
 def test_tune_measures_kernels_and_continues(fq2_encoder, tmp_path):

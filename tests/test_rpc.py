@@ -370,14 +370,12 @@ def test_tune_measures_on_a_board_through_the_tracker(pool, encoder_onnx, tmp_pa
     wait_free(pool["tracker"], KEY, 2, pool["procs"])
 
 
-def test_tune_measures_kernel_knobs_on_a_board(pool, tmp_path):
+def test_tune_measures_kernel_knobs_on_a_board(pool, encoder_onnx, encoder_calib, tmp_path):
     """The int8 kernels' knob search measures through the same RPC runner: a trial's seconds come
     from the board."""
-    from fq_tvm import models, tuning
+    from fq_tvm import tuning
 
-    onnx = models.encoder_block(tmp_path / "enc.onnx")
-    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((8, 16, 64)).astype(np.float32))
-    out = fq_tvm.tune(onnx, "host", tmp_path / "db", scheme="fq2", calib=tmp_path / "calib.npz", trials=1,
+    out = fq_tvm.tune(encoder_onnx, "host", tmp_path / "db", scheme="fq2", calib=encoder_calib, trials=1,
                       quick=True, quiet=True, tracker=pool["addr"], key=KEY)
     (entry,) = json.loads((out / tuning.META).read_text())["kernels"].values()
     seconds = [s for e in entry["tried"].values() for m, s in e.items() if m != "kernel"]
