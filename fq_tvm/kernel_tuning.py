@@ -326,6 +326,8 @@ def tuned_kernel(func, plan, entry: dict | None):
         return None, "search not finished"
     if not wins(entry):
         return None, "hand knobs as fast" if entry.get("checked") is not False else "tuned results differed"
+    if set(entry.get("knobs", {})) != set(asdict(plan.knobs)):  # a database from an fq-tvm with other knobs
+        return None, "knobs unknown to this fq-tvm version"
     new = cpu_int8.dequant_matmul(replace(plan, knobs=cpu_int8.Knobs(**entry["knobs"])))
     extra = {k: v for k, v in func.attrs.items() if k not in new.attrs}  # global_symbol, tirx.is_scheduled
     return new.with_attrs(extra), None

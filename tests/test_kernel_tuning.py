@@ -179,6 +179,14 @@ def test_a_tuned_build_writes_the_kernel_with_the_recorded_knobs(fq2_encoder, tm
     assert all(other["functions"][name] == "default: hand knobs as fast" for name in report["knobs"])
     assert "knobs" not in other
     ys = [fq_tvm.load(a).run({"x": x})["y"] for a in builds]
+    if scheme == "fq2":  # knobs this version does not have (a database from another fq-tvm): hand knobs
+        entry = next(iter(meta["kernels"].values()))
+        entry.update(best_s={m: s * 0.8 for m, s in hand.items()}, knobs={"bogus": 1})
+        (slower / tuning.META).write_text(json.dumps(meta))
+        other = fq_tvm.compile(onnx, "host", tmp_path / "other", scheme=scheme, calib=calib, tuning_db=slower,
+                               quiet=True)
+        unknown = json.loads((other / "manifest.json").read_text())["kernels"]["tuning"]
+        assert [unknown["functions"][name] for name in report["knobs"]] == ["default: knobs unknown to this fq-tvm version"]
     assert max_rel_err(ys[1], ys[0].astype(np.float64)) < 1e-5 and np.array_equal(ys[2], ys[0])
     assert (builds[1] / "model.so").read_bytes() != (builds[0] / "model.so").read_bytes()
 
