@@ -54,7 +54,8 @@ def relax_pipeline(target, counts: dict | None = None, notes: list | None = None
         return tvm.transform.Sequential([relax.get_default_pipeline(target), _ordered_shape_stores_pass()])
     from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 
-    from . import cpu, cpu_attention, cpu_attention_values, cpu_dense, cpu_layer_norm, cpu_ops, cpu_softmax
+    from . import (cpu, cpu_attention, cpu_attention_fused, cpu_attention_values, cpu_dense, cpu_layer_norm, cpu_ops,
+                   cpu_softmax)
 
     @tvm.transform.module_pass(opt_level=0, name="fq.CPUPipeline")
     def _pipeline(mod, _ctx):
@@ -63,7 +64,8 @@ def relax_pipeline(target, counts: dict | None = None, notes: list | None = None
             mod = tvm.transform.Sequential([fast_erf_tanh(),
                                             cpu_dense.dispatch(cpu.vector_lanes(target), tally),
                                             cpu_attention.dispatch(cpu.vector_lanes(target), tally),
-                                            cpu_attention_values.dispatch(cpu.vector_lanes(target), tally)]
+                                            cpu_attention_values.dispatch(cpu.vector_lanes(target), tally),
+                                            cpu_attention_fused.dispatch(tally)]
                                            + cpu_pipeline.library_dispatch_passes(target)
                                            + [relax.transform.LegalizeOps(cpu_ops.overrides())]
                                            + cpu_pipeline.legalize_passes(target)

@@ -28,6 +28,7 @@ tiles run as SPLIT interleaved parallel tasks.
 
 from __future__ import annotations
 
+import json
 from typing import NamedTuple
 
 import numpy as np
@@ -73,13 +74,21 @@ class Mask(NamedTuple):
 MASKED = -1e30  # a mask entry below this hides its score (its exp is 0 after any score)
 
 
-@parsed_once
-def scores(H: int, D: int, lanes: int, q_seq: bool = True, k_seq: bool = True, group: int = 1,
-           mask: Mask | None = None) -> tvm.tirx.PrimFunc:
-    """q [batch, sq, H, D] (q_seq) or [batch, H, sq, D]; k likewise with H // group heads. With
-    `mask`, a third input m and o = (q k^T op scale) + m: a register tile whose mask entries are
-    all below MASKED (a causal mask's upper triangle) is not computed but takes the mask's values,
-    which is what the sum rounds to for any score under 1e22 in magnitude (and exactly for -inf)."""
+class Parts(NamedTuple):
+    """The scores kernel's macros, shared with `cpu_attention_fused`: `tile(R, W, i0, j0, b, h, q,
+    kt, m, o, acc, sk)`, `tail_keys(i, ...)` and `row(i, ...)` over the keys copied by
+    `transpose_keys(b, hk, k, kt, sk)`; `dots(i, b, h, q, k, m, o, acc, sk)` for few query rows.
+    They write o[b, h, i, j]."""
+    tile: object
+    tail_keys: object
+    row: object
+    dots: object
+    transpose_keys: object
+
+
+def parts(H: int, D: int, lanes: int, q_seq: bool = True, k_seq: bool = True, group: int = 1,
+          mask: Mask | None = None) -> Parts:
+    """The macros of `scores` for these arguments."""
     L = lanes
     C = NV * L
     HK = H // group
@@ -188,6 +197,21 @@ def scores(H: int, D: int, lanes: int, q_seq: bool = True, k_seq: bool = True, g
                 for d in range(D):
                     kt[d * sk + j] = at(k, k_seq, b, j, hk, d)
 
+    return Parts(tile, tail_keys, row, dots, transpose_keys)
+
+
+@parsed_once
+def scores(H: int, D: int, lanes: int, q_seq: bool = True, k_seq: bool = True, group: int = 1,
+           mask: Mask | None = None) -> tvm.tirx.PrimFunc:
+    """q [batch, sq, H, D] (q_seq) or [batch, H, sq, D]; k likewise with H // group heads. With
+    `mask`, a third input m and o = (q k^T op scale) + m: a register tile whose mask entries are
+    all below MASKED (a causal mask's upper triangle) is not computed but takes the mask's values,
+    which is what the sum rounds to for any score under 1e22 in magnitude (and exactly for -inf)."""
+    L = lanes
+    C = NV * L
+    HK = H // group
+    tile, tail_keys, row, dots, transpose_keys = parts(H, D, lanes, q_seq, k_seq, group, mask)
+
     @T.macro
     def body(batch, sq, sk, q, k, m, o):
         for task in T.parallel(batch * H * SPLIT):  # a head's row tiles in SPLIT interleaved parts
@@ -232,7 +256,9 @@ def scores(H: int, D: int, lanes: int, q_seq: bool = True, k_seq: bool = True, g
             o = T.match_buffer(o_h, (batch, H, sq, sk), "float32")
             body(batch, sq, sk, q, k, m, o)
 
-    return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE, "tirx.is_scheduled": True})
+    args = [H, D, lanes, q_seq, k_seq, group, None if mask is None else [list(mask.ones), mask.op, mask.scale]]
+    return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE, "tirx.is_scheduled": True,
+                            "fq_args": json.dumps(args)})
 
 
 def _block_stores(L: int, k_seq: bool):

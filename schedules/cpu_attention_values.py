@@ -16,6 +16,9 @@ earlier ones, which multiplied it by 0.)
 
 from __future__ import annotations
 
+import json
+from typing import NamedTuple
+
 import tvm
 from tvm import relax
 from tvm_ffi import structural_equal
@@ -34,14 +37,23 @@ def vectors(D: int, lanes: int) -> int:
     return 2 if D % (2 * lanes) == 0 else 1
 
 
-@parsed_once
-def values(H: int, D: int, lanes: int, v_seq: bool = True, group: int = 1) -> tvm.tirx.PrimFunc:
-    """p [batch, H, sq, sk], v [batch, sk, H // group, D] (v_seq) or [batch, H // group, sk, D]
-    -> o [batch, sq, H, D]; D a multiple of lanes."""
+class Parts(NamedTuple):
+    """The values kernel's macros, shared with `cpu_attention_fused`: `extent(R, i0, b, h, p, sk,
+    ext)`, then `tile(R, i0, c0, b, h, p, vloc, o, acc, sk, ext)` over the head's values copied
+    contiguous by `copy(b, h, v, vloc, sk)`; `row_in_place(i, b, h, p, v, o, acc, sk)` for few rows.
+    They read p[b, h, i, j] and write o[b, i, h, c]; `C` columns per tile."""
+    extent: object
+    tile: object
+    copy: object
+    row_in_place: object
+    C: int
+
+
+def parts(H: int, D: int, lanes: int, v_seq: bool = True, group: int = 1) -> Parts:
+    """The macros of `values` for these arguments."""
     L = lanes
     NV = vectors(D, L)
     C = NV * L
-    HK = H // group
 
     def nonzero(p, b, h, i, j):  # whether any of the L entries of row i of p from key j is not 0
         bits = T.reinterpret(f"int32x{L}", p[b, h, i, T.ramp(j, 1, L)]) & T.Broadcast(T.int32(0x7FFFFFFF), L)
@@ -87,6 +99,23 @@ def values(H: int, D: int, lanes: int, v_seq: bool = True, group: int = 1) -> tv
         for w in T.unroll(D // L):
             o[b, i, h, T.ramp(w * L, 1, L)] = acc[T.ramp(w * L, 1, L)]
 
+    @T.macro
+    def copy(b, h, v, vloc, sk):  # the head's values, contiguous: in place, their rows HK * D apart
+        for j in range(sk):  # fall into few L1 sets and were re-read from L2 per tile
+            for c in T.vectorized(D):
+                vloc[j * D + c] = at(v, v_seq, b, j, h // group, c)
+
+    return Parts(extent, tile, copy, row_in_place, C)
+
+
+@parsed_once
+def values(H: int, D: int, lanes: int, v_seq: bool = True, group: int = 1) -> tvm.tirx.PrimFunc:
+    """p [batch, H, sq, sk], v [batch, sk, H // group, D] (v_seq) or [batch, H // group, sk, D]
+    -> o [batch, sq, H, D]; D a multiple of lanes."""
+    C = vectors(D, lanes) * lanes
+    HK = H // group
+    extent, tile, copy, row_in_place, _ = parts(H, D, lanes, v_seq, group)
+
     @T.prim_func(private=True)
     def func(p_h: T.handle, v_h: T.handle, o_h: T.handle):
         T.func_attr({"tirx.noalias": True})
@@ -101,9 +130,7 @@ def values(H: int, D: int, lanes: int, v_seq: bool = True, group: int = 1) -> tv
                     row_in_place(i, bh // H, bh % H, p, v, o, acc, sk)
             else:
                 vloc = T.alloc_buffer((sk * D,), "float32")
-                for j in range(sk):  # the head's values, contiguous: in place, their rows HK * D apart
-                    for c in T.vectorized(D):  # fall into few L1 sets and were re-read from L2 per tile
-                        vloc[j * D + c] = at(v, v_seq, bh // H, j, bh % H // group, c)
+                copy(bh // H, bh % H, v, vloc, sk)
                 ext = T.alloc_buffer((1,), "int32", annotations=STACK)
                 for it in range(sq // MR):
                     extent(MR, it * MR, bh // H, bh % H, p, sk, ext)
@@ -114,7 +141,8 @@ def values(H: int, D: int, lanes: int, v_seq: bool = True, group: int = 1) -> tv
                     for ct in range(D // C):
                         tile(1, sq // MR * MR + i, ct * C, bh // H, bh % H, p, vloc, o, acc, sk, ext)
 
-    return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE, "tirx.is_scheduled": True})
+    return func.with_attrs({"fq_kernel": KIND, "op_pattern": OPAQUE, "tirx.is_scheduled": True,
+                            "fq_args": json.dumps([H, D, lanes, v_seq, group])})
 
 
 def dispatch(lanes: int, counts: dict | None = None):

@@ -23,9 +23,9 @@ KIND = "softmax_rows"
 UNDER = -88.0  # exp_f32 of anything below is 0.0 exactly (2^-127 and less flush to zero)
 
 
-@parsed_once
-def softmax(lanes: int) -> tvm.tirx.PrimFunc:
-    """x [rows, n] -> y [rows, n], both symbolic, float32; vectors of `lanes` floats."""
+def row_macro(lanes: int):
+    """The macro row(i, x, y, n, acc, top): y[i, :n] = softmax(x[i, :n]) (x and y may be one
+    buffer); acc holds `lanes` floats, top 2 (also `cpu_attention_fused`'s)."""
     L = lanes
 
     def hidden(d):  # every lane of x - max below UNDER (NaN is not): exp_f32 gives exactly 0 there
@@ -59,6 +59,15 @@ def softmax(lanes: int) -> tvm.tirx.PrimFunc:
             y[i, T.ramp(jo * L, 1, L)] = y[i, T.ramp(jo * L, 1, L)] * T.Broadcast(scale, L)
         for j in range(n // L * L, n):
             y[i, j] = y[i, j] * scale
+
+    return row
+
+
+@parsed_once
+def softmax(lanes: int) -> tvm.tirx.PrimFunc:
+    """x [rows, n] -> y [rows, n], both symbolic, float32; vectors of `lanes` floats."""
+    L = lanes
+    row = row_macro(lanes)
 
     @T.macro
     def rows(lo, count, x, y, n, unused):

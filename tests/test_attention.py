@@ -349,3 +349,99 @@ def test_grouped_query_decoder_matches_ort(tmp_path):
     for shape in ((2, 13, 48), (1, 1, 48)):
         x = np.random.default_rng(shape[1]).standard_normal(shape).astype(np.float32)
         assert max_rel_err(model.run({"x": x})["y"], ort_run(onnx_path, {"x": x})[0]) < 1e-5
+
+
+def _three_calls(q, k, m, v, heads, dim, lanes, layouts, group, mask):
+    """scores -> softmax_rows -> values, each our kernel alone: what the fused kernel replaces."""
+    from fq_tvm.schedules import cpu_softmax
+
+    q_seq, k_seq, v_seq = layouts
+    scores = _build(cpu_attention.scores(heads, dim, lanes, q_seq, k_seq, group, mask))
+    batch, sq, sk = q.shape[0], q.shape[1 if q_seq else 2], k.shape[1 if k_seq else 2]
+    s = tvm.runtime.tensor(np.zeros((batch, heads, sq, sk), np.float32))
+    scores.mod["main"](*[tvm.runtime.tensor(a) for a in ((q, k) if mask is None else (q, k, m))], s)
+    p = tvm.runtime.tensor(np.zeros((batch * heads * sq, sk), np.float32))
+    _build(cpu_softmax.softmax(lanes)).mod["main"](tvm.runtime.tensor(s.numpy().reshape(-1, sk)), p)
+    out = tvm.runtime.tensor(np.zeros((batch, sq, heads, dim), np.float32))
+    _build(cpu_attention_values.values(heads, dim, lanes, v_seq, group)).mod["main"](
+        tvm.runtime.tensor(p.numpy().reshape(batch, heads, sq, sk)), tvm.runtime.tensor(v), out)
+    return out.numpy()
+
+
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("layouts, group", [((True, True, True), 1), ((False, False, False), 3), ((True, False, True), 2)])
+@pytest.mark.parametrize("batch, sq, sk, kv_heads, dim", [
+    (1, 128, 128, 2, 32),  # whole tiles
+    (2, 37, 53, 1, 16),  # query rows and keys not whole tiles
+    (1, 1, 77, 2, 64),  # one decoding step: keys and values read in place
+    (2, 3, 9, 1, 16),  # under MR query rows
+])
+def test_fused_attention_matches_numpy_and_the_three_kernels(batch, sq, sk, kv_heads, dim, layouts, group, masked):
+    """One call = softmax(q k^T * scale + causal mask) v on the definition (float64 numpy), and for
+    finite inputs the same bits as scores -> softmax -> values run one after another."""
+    from fq_tvm.schedules import cpu_attention_fused
+
+    heads, lanes, scale = kv_heads * group, 8, 0.125
+    q_seq, k_seq, v_seq = layouts
+    rng = np.random.default_rng(sq * sk + group)
+    q, q_buf = _heads(rng, batch, sq, heads, dim, q_seq)
+    k, k_buf = _heads(rng, batch, sk, kv_heads, dim, k_seq)
+    v, v_buf = _heads(rng, batch, sk, kv_heads, dim, v_seq)
+    causal = np.arange(sk)[None, :] > np.arange(sq)[:, None] + sk - sq
+    m = np.where(causal, np.finfo(np.float32).min, 0)[None, None].astype(np.float32)
+    mask = cpu_attention.Mask((True, True, False, False), "multiply", scale) if masked else None
+    lib = _build(cpu_attention_fused.attention(heads, dim, lanes, lanes, *layouts, group, mask))
+    out = tvm.runtime.tensor(np.full((batch, sq, heads, dim), np.nan, np.float32))
+    lib.mod["main"](*[tvm.runtime.tensor(a) for a in ((q_buf, k_buf, m, v_buf) if masked else (q_buf, k_buf, v_buf))],
+                    out)
+    s = np.einsum("bihd,bjhd->bhij", q.astype(np.float64), np.repeat(k, group, axis=2).astype(np.float64))
+    s = s * scale + np.where(causal, -np.inf, 0) if masked else s
+    p = np.exp(s - s.max(-1, keepdims=True))
+    ref = np.einsum("bhij,bjhd->bihd", p / p.sum(-1, keepdims=True), np.repeat(v, group, axis=2).astype(np.float64))
+    assert np.abs(out.numpy() - ref).max() / np.abs(ref).max() < 1e-5
+    assert np.array_equal(out.numpy(), _three_calls(q_buf, k_buf, m, v_buf, heads, dim, lanes, layouts, group, mask))
+
+
+def _attention_module(second_use: bool):
+    @I.ir_module
+    class Module:
+        @R.function
+        def main(q: R.Tensor(("b", "s", 2, 8), "float32"), k: R.Tensor(("b", "s", 2, 8), "float32"),
+                 v: R.Tensor(("b", "s", 2, 8), "float32")):
+            b, s = T.int64(), T.int64()
+            with R.dataflow():
+                qt = R.permute_dims(q, [0, 2, 1, 3])
+                kt = R.permute_dims(k, [0, 2, 3, 1])
+                vt = R.permute_dims(v, [0, 2, 1, 3])
+                scores = R.matmul(qt, kt)
+                p = R.nn.softmax(scores, axis=-1)
+                o = R.permute_dims(R.matmul(p, vt), [0, 2, 1, 3])
+                out = (o, scores) if second_use else (o,)
+                R.output(out)
+            return out
+
+    return Module
+
+
+@pytest.mark.parametrize("second_use", [False, True])
+def test_fuse_dispatch_takes_the_three_calls_unless_the_scores_are_used_again(second_use):
+    from fq_tvm.schedules import cpu_attention_fused
+
+    counts = {}
+    mod = cpu_attention_values.dispatch(8, counts)(cpu_attention.dispatch(8, counts)(_attention_module(second_use)))
+    after = cpu_attention_fused.dispatch(counts)(mod)
+    calls = [c.args[0].name_hint for c in _calls(after["main"])]
+    if second_use:
+        assert calls == ["fq_attention_scores_2_8", "fq_attention_values_2_8"], calls
+        assert counts == {cpu_attention.KIND: 1, cpu_attention_values.KIND: 1}
+    else:
+        assert calls == ["fq_attention_2_8"], calls
+        assert counts == {cpu_attention_fused.KIND: 1}
+        assert "softmax" not in after["main"].script()
+
+
+def _calls(func):
+    found = []
+    relax.analysis.post_order_visit(func, lambda e: found.append(e) if isinstance(e, relax.Call)
+                                    and e.op == tvm.ir.Op.get("relax.call_tir") else None)
+    return found
