@@ -368,13 +368,12 @@ def _three_calls(q, k, m, v, heads, dim, lanes, layouts, group, mask):
     return out.numpy()
 
 
-@pytest.mark.parametrize("masked", [True, False])
-@pytest.mark.parametrize("layouts, group", [((True, True, True), 1), ((False, False, False), 3), ((True, False, True), 2)])
-@pytest.mark.parametrize("batch, sq, sk, kv_heads, dim", [
-    (1, 128, 128, 2, 32),  # whole tiles
-    (2, 37, 53, 1, 16),  # query rows and keys not whole tiles
-    (1, 1, 77, 2, 64),  # one decoding step: keys and values read in place
-    (2, 3, 9, 1, 16),  # under MR query rows
+@pytest.mark.parametrize("batch, sq, sk, kv_heads, dim, layouts, group, masked", [
+    (1, 128, 128, 2, 32, (True, True, True), 1, True),  # whole tiles (BERT: seq-major, masked)
+    (2, 37, 53, 1, 16, (False, False, False), 3, True),  # rows and keys not whole tiles; heads-major, grouped
+    (2, 37, 53, 2, 16, (True, False, True), 2, False),  # mixed layouts, no mask
+    (1, 1, 77, 2, 64, (False, True, False), 3, True),  # one decoding step: keys and values read in place
+    (2, 3, 9, 1, 16, (True, True, True), 1, False),  # under MR query rows
 ])
 def test_fused_attention_matches_numpy_and_the_three_kernels(batch, sq, sk, kv_heads, dim, layouts, group, masked):
     """One call = softmax(q k^T * scale + causal mask) v on the definition (float64 numpy), and for
