@@ -368,19 +368,21 @@ def _three_calls(q, k, m, v, heads, dim, lanes, layouts, group, mask):
     return out.numpy()
 
 
-@pytest.mark.parametrize("batch, sq, sk, kv_heads, dim, layouts, group, masked", [
-    (1, 128, 128, 2, 32, (True, True, True), 1, True),  # whole tiles (BERT: seq-major, masked)
-    (2, 37, 53, 1, 16, (False, False, False), 3, True),  # rows and keys not whole tiles; heads-major, grouped
-    (2, 37, 53, 2, 16, (True, False, True), 2, False),  # mixed layouts, no mask
-    (1, 1, 77, 2, 64, (False, True, False), 3, True),  # one decoding step: keys and values read in place
-    (2, 3, 9, 1, 16, (True, True, True), 1, False),  # under MR query rows
+@pytest.mark.parametrize("batch, sq, sk, kv_heads, dim, layouts, group, masked, lanes", [
+    (1, 128, 128, 2, 32, (True, True, True), 1, True, 8),  # whole tiles (BERT: seq-major, masked)
+    (2, 37, 53, 1, 16, (False, False, False), 3, True, 8),  # rows and keys not whole tiles; heads-major, grouped
+    (2, 37, 53, 2, 16, (True, False, True), 2, False, 8),  # mixed layouts, no mask
+    (1, 1, 77, 2, 64, (False, True, False), 3, True, 8),  # one decoding step: keys and values read in place
+    (2, 3, 9, 1, 16, (True, True, True), 1, False, 8),  # under MR query rows
+    (1, 40, 70, 2, 32, (True, True, True), 2, True, 16),  # AVX-512's 16 lanes (two vectors each on AVX2)
 ])
-def test_fused_attention_matches_numpy_and_the_three_kernels(batch, sq, sk, kv_heads, dim, layouts, group, masked):
+def test_fused_attention_matches_numpy_and_the_three_kernels(batch, sq, sk, kv_heads, dim, layouts, group, masked,
+                                                             lanes):
     """One call = softmax(q k^T * scale + causal mask) v on the definition (float64 numpy), and for
     finite inputs the same bits as scores -> softmax -> values run one after another."""
     from fq_tvm.schedules import cpu_attention_fused
 
-    heads, lanes, scale = kv_heads * group, 8, 0.125
+    heads, scale = kv_heads * group, 0.125
     q_seq, k_seq, v_seq = layouts
     rng = np.random.default_rng(sq * sk + group)
     q, q_buf = _heads(rng, batch, sq, heads, dim, q_seq)
