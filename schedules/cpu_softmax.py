@@ -6,8 +6,9 @@ wrote the scores four times: 27 of 322 ms of MiniLM fq2 at 16 x 128 on one Zen 4
 NaN stays NaN and an all -inf row gives NaN, as with the TE form and ONNX Runtime: x - max is NaN
 there, `exp_f32` keeps it, and the sum carries it to the whole row.
 
-A vector whose every x - max is below UNDER is written as zeros without its exp (the same zeros
-`exp_f32` gives there): the masked half of a causal row, the padded keys of an encoder's row.
+The exps go G vectors at a time (independent chains). G vectors whose every x - max is below
+UNDER are written as zeros without their exps (the same zeros `exp_f32` gives there): the masked
+half of a causal row, the padded keys of an encoder's row.
 """
 
 from __future__ import annotations
