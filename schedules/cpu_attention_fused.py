@@ -179,10 +179,7 @@ class _Dispatch(relax.PyExprMutator):
         """(its fq_args, its tensor arguments, the kernel's name) for a call_tir of our `kind`."""
         if not (isinstance(call, relax.Call) and call.op == tvm.ir.Op.get("relax.call_tir")):
             return None
-        try:
-            func = self.mod_[call.args[0]]
-        except (KeyError, ValueError, tvm.TVMError):
-            return None
+        func = self.mod_.functions.get(call.args[0])
         attrs = func.attrs if isinstance(func, tvm.tirx.PrimFunc) else None
         if attrs is None or str(attrs.get("fq_kernel", "")) != kind or "fq_args" not in attrs:
             return None

@@ -35,8 +35,30 @@ def row_macro(lanes: int):
     def hidden(d):  # every lane of x - max below UNDER (NaN is not): exp_f32 gives exactly 0 there
         return T.call_llvm_pure_intrin("bool", "llvm.vector.reduce.and", d < T.Broadcast(T.float32(UNDER), L))
 
-    def all_hidden(x, i, j0, top):  # the G vectors from j0 all hidden
-        return tvm.tirx.all(*[hidden(x[i, T.ramp(j0 + u * L, 1, L)] - T.Broadcast(top, L)) for u in range(G)])
+    def exps(g):
+        """The macro block(i, x, y, v, acc, top): the exps of the g vectors from vector v written to y
+        and added to acc in order (g independent chains), or zeros where all g are hidden."""
+
+        def vec(buf, i, v):
+            return buf[i, T.ramp(v * L, 1, L)]
+
+        def all_hidden(x, i, v, top):
+            return tvm.tirx.all(*[hidden(vec(x, i, v + u) - T.Broadcast(top, L)) for u in range(g)])
+
+        @T.macro
+        def block(i, x, y, v, acc, top):
+            if all_hidden(x, i, v, top[0]):
+                for u in T.unroll(g):
+                    y[i, T.ramp((v + u) * L, 1, L)] = T.Broadcast(T.float32(0), L)
+            else:
+                for u in T.unroll(g):
+                    y[i, T.ramp((v + u) * L, 1, L)] = exp_f32(vec(x, i, v + u) - T.Broadcast(top[0], L))
+                for u in T.unroll(g):
+                    acc[T.ramp(0, 1, L)] = acc[T.ramp(0, 1, L)] + vec(y, i, v + u)
+
+        return block
+
+    group, single = exps(G), exps(1)
 
     @T.macro
     def row(i, x, y, n, acc, top):
@@ -49,22 +71,10 @@ def row_macro(lanes: int):
         for v in range(1, L):
             top[0] = T.max(top[0], acc[v])
         acc[T.ramp(0, 1, L)] = T.Broadcast(T.float32(0), L)
-        for jg in range(n // (G * L)):  # G vectors at a time: G independent exp chains
-            if all_hidden(x, i, jg * G * L, top[0]):
-                for u in T.unroll(G):
-                    y[i, T.ramp((jg * G + u) * L, 1, L)] = T.Broadcast(T.float32(0), L)
-            else:
-                for u in T.unroll(G):
-                    y[i, T.ramp((jg * G + u) * L, 1, L)] = exp_f32(x[i, T.ramp((jg * G + u) * L, 1, L)]
-                                                                   - T.Broadcast(top[0], L))
-                for u in T.unroll(G):
-                    acc[T.ramp(0, 1, L)] = acc[T.ramp(0, 1, L)] + y[i, T.ramp((jg * G + u) * L, 1, L)]
+        for jg in range(n // (G * L)):
+            group(i, x, y, jg * G, acc, top)
         for jo in range(n // (G * L) * G, n // L):
-            if hidden(x[i, T.ramp(jo * L, 1, L)] - T.Broadcast(top[0], L)):
-                y[i, T.ramp(jo * L, 1, L)] = T.Broadcast(T.float32(0), L)
-            else:
-                y[i, T.ramp(jo * L, 1, L)] = exp_f32(x[i, T.ramp(jo * L, 1, L)] - T.Broadcast(top[0], L))
-                acc[T.ramp(0, 1, L)] = acc[T.ramp(0, 1, L)] + y[i, T.ramp(jo * L, 1, L)]
+            single(i, x, y, jo, acc, top)
         for j in range(n // L * L, n):
             y[i, j] = exp_f32(x[i, j] - top[0])
             acc[0] = acc[0] + y[i, j]
