@@ -101,3 +101,35 @@ def test_smollm2_export_and_perplexity(smollm2):
     assert 5 < ppl < 40, ppl
     calib = np.load(realmodels.smollm2_calib(work / "calib_default.npz"))
     assert calib["input_ids"].shape == (64, 512) and calib["input_ids"].dtype == np.int64
+
+
+def test_smollm2_tokenizer_is_built_once_and_cached(tmp_path, monkeypatch):
+    """The first build (from the GGUF's metadata, 9-30 s) is saved under the cache dir; later
+    processes load it (~0.3 s) and tokenize exactly alike; a damaged entry is built again."""
+    monkeypatch.setenv("FQ_CACHE_DIR", str(tmp_path))
+    realmodels.smollm2_tokenizer.cache_clear()
+    try:
+        built = realmodels.smollm2_tokenizer()
+        folder = realmodels._tokenizer_cache()
+        assert folder.parent == tmp_path / "tokenizers" and (folder / "tokenizer.json").is_file()
+        assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no staging left
+
+        def no_gguf(what):
+            raise AssertionError("the GGUF was read again")
+
+        monkeypatch.setattr(realmodels, "_smollm2_load", no_gguf)
+        realmodels.smollm2_tokenizer.cache_clear()
+        cached = realmodels.smollm2_tokenizer()
+        texts = [*realmodels.CHECK_TEXTS, realmodels.austen_text()[:4000], "<|im_start|>user\nHi<|im_end|>"]
+        assert cached(texts)["input_ids"] == built(texts)["input_ids"]
+        assert (cached.eos_token, cached.bos_token, len(cached)) == (built.eos_token, built.bos_token, len(built))
+
+        (folder / "tokenizer.json").write_text("{")  # damaged: rebuilt and saved again
+        monkeypatch.setattr(realmodels, "_smollm2_load", lambda what: built)
+        realmodels.smollm2_tokenizer.cache_clear()
+        assert realmodels.smollm2_tokenizer() is built
+        monkeypatch.setattr(realmodels, "_smollm2_load", no_gguf)
+        realmodels.smollm2_tokenizer.cache_clear()
+        assert realmodels.smollm2_tokenizer()(texts)["input_ids"] == built(texts)["input_ids"]
+    finally:
+        realmodels.smollm2_tokenizer.cache_clear()
