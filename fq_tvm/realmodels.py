@@ -397,14 +397,14 @@ def _tokenizer_cache() -> Path | None:
         return None
     import hashlib
 
-    import transformers
-
     from . import cache_dir
 
     try:
+        import transformers
+
         gguf = smollm2_gguf()
         stat = gguf.stat()
-    except (FqError, OSError):
+    except (ImportError, FqError, OSError):  # _smollm2_load then names what to install
         return None
     key = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}"
     return cache_dir() / "tokenizers" / f"smollm2-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
