@@ -102,15 +102,36 @@ def eval_main(argv=None):
     p.add_argument("artifact", help="artifact directory from fq-compile, or an .onnx file")
     p.add_argument("--windows", type=int, default=4, help="SmolLM2: number of token windows (default 4)")
     p.add_argument("--window", type=int, default=512, help="SmolLM2: tokens per window (default 512)")
+    p.add_argument("--reference", metavar="MODEL",
+                   help="an .onnx file or artifact to compare with, usually the fp32 export (fq-export's "
+                        "MODEL.onnx): MiniLM adds cos_to_reference, the mean cosine of the Lee embeddings "
+                        "to the reference's (the README's 'cosine to fp32'); SmolLM2 adds "
+                        "reference_perplexity and perplexity_ratio on the same windows")
     args = p.parse_args(argv)
-    from .evaluate import artifact_runner, evaluate_minilm, evaluate_smollm2, ort_runner
+    from .evaluate import evaluate_minilm, evaluate_smollm2
 
-    path = Path(args.artifact)
-    run = ort_runner(path) if path.suffix == ".onnx" else artifact_runner(path)
+    run = _runner(args.artifact)
+    reference = _runner(args.reference) if args.reference else None
     if args.model == "minilm":
-        result = evaluate_minilm(run)
+        ref = None if reference is None else evaluate_minilm(reference, metrics=("lee",))["lee_embeddings"]
+        result = evaluate_minilm(run, reference_embeddings=ref)
         result.pop("lee_embeddings", None)
     else:
         result = evaluate_smollm2(run, args.windows, args.window)
+        if reference is not None:
+            result["reference_perplexity"] = evaluate_smollm2(reference, args.windows, args.window)["perplexity"]
+            result["perplexity_ratio"] = result["perplexity"] / result["reference_perplexity"]
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _runner(path):
+    """ONNX Runtime for an .onnx file, else the artifact directory's model."""
+    from .evaluate import artifact_runner, ort_runner
+
+    path = Path(path)
+    if path.suffix == ".onnx":
+        if not path.is_file():
+            raise FqError(f"{path}: no such .onnx file")
+        return ort_runner(path)
+    return artifact_runner(path)

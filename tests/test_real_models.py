@@ -102,6 +102,26 @@ def test_minilm_fp32_artifact_metrics(minilm, minilm_fp32):
         assert abs(res[name] - value) < 0.01, (name, res[name])
 
 
+def test_fq_eval_reports_cosine_to_a_reference(minilm, minilm_fp32, capsys):
+    """fq-eval minilm ARTIFACT --reference MODEL.onnx: the mean cosine of the Lee embeddings to the
+    reference's (ORT on the export), computed again here from both runners; a missing reference is
+    one line."""
+    import json
+
+    from fq_tvm.realcli import eval_main
+
+    assert eval_main(["minilm", str(minilm_fp32), "--reference", str(minilm[0])]) == 0
+    res = json.loads(capsys.readouterr().out)
+    docs, ratings = realmodels.lee_corpus()
+    ours = evaluate.embed(evaluate.artifact_runner(minilm_fp32), docs, minilm[2])
+    ref = evaluate.embed(evaluate.ort_runner(minilm[0]), docs, minilm[2])
+    assert abs(res["cos_to_reference"] - evaluate.mean_cosine(ours, ref)) < 1e-9
+    assert res["cos_to_reference"] > 0.9999 and abs(res["lee_spearman"] - evaluate.lee_spearman(ours, ratings)) < 1e-9
+    assert eval_main(["minilm", str(minilm_fp32), "--reference", str(minilm[0].with_name("none.onnx"))]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fq-eval: error: {minilm[0].with_name('none.onnx')}: no such .onnx file"]
+
+
 def test_minilm_calibration_npz(tmp_path):
     _need(realmodels.minilm_dir)
     a = np.load(realmodels.minilm_calib(tmp_path / "a.npz"))
