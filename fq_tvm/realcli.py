@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .cli import _cli
 from .errors import FqError
+from .realmodels import MINILM_INPUTS
 
 MODELS = ("minilm", "smollm2")
 
@@ -110,8 +111,10 @@ def eval_main(argv=None):
     args = p.parse_args(argv)
     from .evaluate import evaluate_minilm, evaluate_smollm2
 
-    run = _runner(args.artifact)
-    reference = _runner(args.reference) if args.reference else None
+    if args.windows < 1 or args.window < 2:
+        raise FqError(f"--windows must be at least 1 and --window at least 2 (got {args.windows} and {args.window})")
+    run = _runner(args.artifact, args.model)
+    reference = _runner(args.reference, args.model) if args.reference else None
     if args.model == "minilm":
         ref = None if reference is None else evaluate_minilm(reference, metrics=("lee",))["lee_embeddings"]
         result = evaluate_minilm(run, reference_embeddings=ref)
@@ -125,13 +128,38 @@ def eval_main(argv=None):
     return 0
 
 
-def _runner(path):
-    """ONNX Runtime for an .onnx file, else the artifact directory's model."""
+# what fq-eval feeds each model and reads back
+EVAL_IO = {"minilm": (set(MINILM_INPUTS), "embedding"), "smollm2": ({"input_ids"}, "logits")}
+
+
+def _runner(path, model: str):
+    """ONNX Runtime for an .onnx file, else the artifact directory's model; FqError unless it takes
+    exactly the inputs fq-eval feeds `model` and has the output it reads."""
+    from .artifact import read_manifest
     from .evaluate import artifact_runner, ort_runner
 
     path = Path(path)
     if path.suffix == ".onnx":
         if not path.is_file():
             raise FqError(f"{path}: no such .onnx file")
-        return ort_runner(path)
-    return artifact_runner(path)
+        inputs, outputs = _onnx_io(path)
+    else:
+        manifest = read_manifest(path)
+        inputs, outputs = ({v["name"] for v in manifest[k]} for k in ("inputs", "outputs"))
+    feeds, output = EVAL_IO[model]
+    if inputs != feeds or output not in outputs:
+        raise FqError(f"{path}: takes {sorted(inputs)} and gives {sorted(outputs)}; fq-eval {model} feeds "
+                      f"{sorted(feeds)} and reads '{output}' (is it the {model} export?)")
+    return ort_runner(path) if path.suffix == ".onnx" else artifact_runner(path)
+
+
+def _onnx_io(path: Path) -> tuple[set, set]:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same one line
+        raise FqError(f"{path}: not a readable ONNX model ({type(err).__name__})") from None
+    graph = model.graph
+    weights = {t.name for t in graph.initializer}
+    return {i.name for i in graph.input if i.name not in weights}, {o.name for o in graph.output}
