@@ -21,13 +21,18 @@ POLARITY_SEED = 0
 
 # ---- runners -----------------------------------------------------------------------------------
 
-def ort_runner(onnx_path, threads: int = 0):
-    """ONNX Runtime (CPU) as a runner."""
+def ort_session(onnx_path, threads: int = 0):
+    """An ONNX Runtime (CPU) session for the file."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_runner(onnx_path, threads: int = 0, session=None):
+    """ONNX Runtime (CPU) as a runner (of `session` if given, else of a new one)."""
+    session = session or ort_session(onnx_path, threads)
     names = [o.name for o in session.get_outputs()]
     return lambda feed: dict(zip(names, session.run(None, feed)))
 
@@ -191,9 +196,15 @@ def perplexity(run, windows: np.ndarray) -> float:
     return perplexity_of(window_nlls(run, windows), windows.shape[1])
 
 
-def evaluate_smollm2(run, n_windows: int = 4, window: int = 512, tokenizer=None, cache_dir=None) -> dict:
-    """{"perplexity", "windows", "window", "seconds"} on Pride and Prejudice."""
+def evaluate_smollm2(run, n_windows: int = 4, window: int = 512, tokenizer=None, cache_dir=None,
+                     reference=None) -> dict:
+    """{"perplexity", "windows", "window", "seconds"} on Pride and Prejudice; with `reference` (a
+    runner) also "reference_perplexity" on the same windows and "perplexity_ratio"."""
     t = time.perf_counter()
     windows = austen_windows(tokenizer, n_windows, window, cache_dir=cache_dir)
-    ppl = perplexity(run, windows)
-    return {"perplexity": ppl, "windows": n_windows, "window": window, "seconds": time.perf_counter() - t}
+    out = {"perplexity": perplexity(run, windows), "windows": n_windows, "window": window}
+    if reference is not None:
+        out["reference_perplexity"] = perplexity(reference, windows)
+        out["perplexity_ratio"] = out["perplexity"] / out["reference_perplexity"]
+    out["seconds"] = time.perf_counter() - t
+    return out

@@ -120,10 +120,7 @@ def eval_main(argv=None):
         result = evaluate_minilm(run, reference_embeddings=ref)
         result.pop("lee_embeddings", None)
     else:
-        result = evaluate_smollm2(run, args.windows, args.window)
-        if reference is not None:
-            result["reference_perplexity"] = evaluate_smollm2(reference, args.windows, args.window)["perplexity"]
-            result["perplexity_ratio"] = result["perplexity"] / result["reference_perplexity"]
+        result = evaluate_smollm2(run, args.windows, args.window, reference=reference)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -133,33 +130,27 @@ EVAL_IO = {"minilm": (set(MINILM_INPUTS), "embedding"), "smollm2": ({"input_ids"
 
 
 def _runner(path, model: str):
-    """ONNX Runtime for an .onnx file, else the artifact directory's model; FqError unless it takes
-    exactly the inputs fq-eval feeds `model` and has the output it reads."""
-    from .artifact import read_manifest
-    from .evaluate import artifact_runner, ort_runner
+    """A runner of an .onnx file (ONNX Runtime) or an artifact directory (loaded and verified once);
+    FqError unless it takes exactly the inputs fq-eval feeds `model` and has the output it reads."""
+    from . import load
+    from .evaluate import ort_runner, ort_session
 
     path = Path(path)
     if path.suffix == ".onnx":
         if not path.is_file():
             raise FqError(f"{path}: no such .onnx file")
-        inputs, outputs = _onnx_io(path)
+        try:
+            session = ort_session(path)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is the same one line
+            raise FqError(f"{path}: not a readable ONNX model ({type(err).__name__})") from None
+        inputs, outputs = ({v.name for v in vs} for vs in (session.get_inputs(), session.get_outputs()))
+        run = ort_runner(path, session=session)
     else:
-        manifest = read_manifest(path)
-        inputs, outputs = ({v["name"] for v in manifest[k]} for k in ("inputs", "outputs"))
+        loaded = load(path)
+        inputs, outputs = ({v["name"] for v in loaded.manifest[k]} for k in ("inputs", "outputs"))
+        run = loaded.run
     feeds, output = EVAL_IO[model]
     if inputs != feeds or output not in outputs:
         raise FqError(f"{path}: takes {sorted(inputs)} and gives {sorted(outputs)}; fq-eval {model} feeds "
                       f"{sorted(feeds)} and reads '{output}' (is it the {model} export?)")
-    return ort_runner(path) if path.suffix == ".onnx" else artifact_runner(path)
-
-
-def _onnx_io(path: Path) -> tuple[set, set]:
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same one line
-        raise FqError(f"{path}: not a readable ONNX model ({type(err).__name__})") from None
-    graph = model.graph
-    weights = {t.name for t in graph.initializer}
-    return {i.name for i in graph.input if i.name not in weights}, {o.name for o in graph.output}
+    return run

@@ -37,7 +37,7 @@ def test_unreadable_missing_and_bad_windows_are_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.onnx"
     bad.write_text("not a model")
     assert eval_main(["minilm", str(bad)]) == 1
-    assert _one_line(capsys) == f"fq-eval: error: {bad}: not a readable ONNX model (DecodeError)"
+    assert _one_line(capsys) == f"fq-eval: error: {bad}: not a readable ONNX model (InvalidProtobuf)"
     assert eval_main(["minilm", str(tmp_path / "none.onnx")]) == 1
     assert _one_line(capsys) == f"fq-eval: error: {tmp_path / 'none.onnx'}: no such .onnx file"
     assert eval_main(["smollm2", str(tmp_path / "none"), "--reference", str(bad)]) == 1
