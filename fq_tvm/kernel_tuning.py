@@ -47,9 +47,10 @@ class KernelTask:
 
 
 def plan_key(p) -> str:
-    """The plan's identity without its knobs: the ISA, N x K, bits, groups, pre-laid words."""
+    """The plan's identity without its knobs: the ISA, N x K, bits, groups, pre-laid words, 7-bit
+    activations."""
     return (f"{p.isa.name}:{p.rows}x{p.cols}:b{p.bits}:g{p.group_cols}:a{p.act_width}"
-            + (":words" if p.prelaid else ""))
+            + (":words" if p.prelaid else "") + (f":x{p.act_bits}" if p.act_bits != 8 else ""))
 
 
 def kernels(mod, target) -> list[tuple[str, object, object]]:
