@@ -40,6 +40,12 @@ def ort_runner(path: Path, threads: int = 0):
     return lambda x: session.run(None, {"x": x})[0]
 
 
+def scheme_spec(spec: str) -> tuple[str, int]:
+    """SCHEME or SCHEME@aBITS (int8@a7: --act-bits 7) -> (scheme, act_bits)."""
+    name, _, bits = spec.partition("@a")
+    return name, int(bits) if bits else 8
+
+
 def build(work: Path, n: int, k: int, target: str, schemes, threads: int = 0) -> dict:
     """{label: callable(x [M, K]) -> y} for ours and ORT's."""
     from fq_tvm.compiler import uses_calibration
@@ -51,8 +57,9 @@ def build(work: Path, n: int, k: int, target: str, schemes, threads: int = 0) ->
     runners = {}
     for scheme in schemes:
         t0 = time.perf_counter()
-        out = fq_tvm.compile(onnx_path, target, work / f"ours.{scheme}", scheme=scheme,
-                             calib=work / "calib.npz" if uses_calibration(scheme) else None, quiet=True)
+        name, act_bits = scheme_spec(scheme)
+        out = fq_tvm.compile(onnx_path, target, work / f"ours.{scheme}", scheme=name, act_bits=act_bits,
+                             calib=work / "calib.npz" if uses_calibration(name) else None, quiet=True)
         print(f"compiled {scheme} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         model = fq_tvm.load(out)
         runners[f"fq-tvm {scheme}"] = lambda x, m=model: m.run({"x": x[None]})["y"]
@@ -71,7 +78,8 @@ def main(argv=None) -> None:
     p.add_argument("--shapes", nargs="+", default=["4096x4096"], help="N x K of each layer (default 4096x4096)")
     p.add_argument("--rows", type=int, nargs="+", default=[1, 16, 128], help="M values (default 1 16 128)")
     p.add_argument("--target", default="host")
-    p.add_argument("--schemes", nargs="+", default=["fq2", "int8", "fp32"])
+    p.add_argument("--schemes", nargs="+", default=["fq2", "int8", "fp32"],
+                   help="our builds; SCHEME@aBITS compiles with --act-bits BITS (int8@a7)")
     p.add_argument("--threads", type=int, default=0, help="threads of both runtimes (0: their defaults)")
     p.add_argument("--seconds", type=float, default=4.0, help="time per runner and row count (default 4)")
     p.add_argument("--rounds", type=int, default=4, help="blocks per runner and row count (default 4)")

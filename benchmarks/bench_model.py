@@ -16,7 +16,7 @@ artifacts of another work dir (an earlier build) in the same run, as "fq-tvm SCH
 them (on a shared machine a neighbour's burst then spoils one block, not one runner's figure); --threads N
 runs both runtimes on N threads (default: TVM one per physical core, ORT its default). A scheme
 written SCHEME+head (fq2+head) compiles with --quantize-head (SmolLM2's tied head quantized too),
-SCHEME+head:HEAD (fq2+head:int8) with --head-scheme HEAD.
+SCHEME+head:HEAD (fq2+head:int8) with --head-scheme HEAD; a suffix @aBITS (int8@a7) with --act-bits BITS.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_layer import cpu_name  # noqa: E402
+from bench_layer import cpu_name, scheme_spec  # noqa: E402
 
 import fq_tvm  # noqa: E402
 from fq_tvm import evaluate, realmodels, timing  # noqa: E402
@@ -60,12 +60,14 @@ def runners(work: Path, schemes, model: str = "minilm", reuse: bool = False, bef
     out = {}
     for scheme in schemes:
         path = work / f"bench.{model}.{scheme}"
-        name, head, head_scheme = scheme.partition("+head")  # fq2+head: --quantize-head; fq2+head:int8
+        build, act_bits = scheme_spec(scheme)  # int8@a7: --act-bits 7
+        name, head, head_scheme = build.partition("+head")  # fq2+head: --quantize-head; fq2+head:int8
         head_scheme = head_scheme.removeprefix(":") or None
         if not reuse:
             t0 = time.perf_counter()
             fq_tvm.compile(onnx_path, "host", path, scheme=name, calib=calib if uses_calibration(name) else None,
-                           force=True, quiet=True, quantize_head=bool(head), head_scheme=head_scheme, **options)
+                           force=True, quiet=True, quantize_head=bool(head), head_scheme=head_scheme,
+                           act_bits=act_bits, **options)
             print(f"compiled {scheme} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         if before is not None:
             out[f"fq-tvm {scheme} (before)"] = evaluate.artifact_runner(before / f"bench.{model}.{scheme}")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import realmodels
+from .errors import FqError
 
 POLARITY_SEED = 0
 
@@ -160,11 +161,12 @@ def evaluate_minilm(run, reference_embeddings: np.ndarray | None = None, tokeniz
 def austen_windows(tokenizer=None, n_windows: int = 4, window: int = 512, book: str = "prideprejudice",
                    cache_dir=None) -> np.ndarray:
     """The first n_windows consecutive, non-overlapping windows of `window` tokens of the book
-    (int64 [n_windows, window])."""
+    (int64 [n_windows, window]); FqError (fq-eval's --windows) where the book is shorter."""
     tokenizer = tokenizer or realmodels.smollm2_tokenizer()
     ids = np.asarray(tokenizer(realmodels.austen_text(book, cache_dir))["input_ids"], dtype=np.int64)
     if len(ids) < n_windows * window:
-        raise ValueError(f"{book} has {len(ids)} tokens, fewer than {n_windows} x {window}")
+        raise FqError(f"{book} has {len(ids)} tokens: at most {len(ids) // window} windows of {window}, "
+                      f"not {n_windows}")
     return ids[: n_windows * window].reshape(n_windows, window)
 
 

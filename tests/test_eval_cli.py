@@ -45,3 +45,16 @@ def test_unreadable_missing_and_bad_windows_are_one_line(tmp_path, capsys):
     for flags in (["--windows", "0"], ["--window", "1"]):
         assert eval_main(["smollm2", str(bad), *flags]) == 1
         assert "--windows must be at least 1 and --window at least 2" in _one_line(capsys)
+
+
+def test_more_windows_than_the_book_holds_is_one_line():
+    """austen_windows (fq-eval smollm2 --windows N) past the book's end: an FqError naming how many
+    windows fit (it was a ValueError, which fq-eval printed as an internal error)."""
+    from fq_tvm import FqError, evaluate
+
+    def tokenizer(text):
+        return {"input_ids": list(range(1100))}
+
+    assert evaluate.austen_windows(tokenizer, 2, 512).shape == (2, 512)
+    with pytest.raises(FqError, match=r"^prideprejudice has 1100 tokens: at most 2 windows of 512, not 3$"):
+        evaluate.austen_windows(tokenizer, 3, 512)
