@@ -169,10 +169,12 @@ def _list_targets() -> None:
 
 
 def _list_schemes() -> None:
-    from .numerics import SCHEMES
+    from .numerics import SCHEMES, storage_bits
 
     for cfg in SCHEMES.values():
-        extra = f" r={cfg.redundancy}" if cfg.method == "framequant" else ""
+        stored = cfg.method != "none" and storage_bits(cfg.bits) != cfg.bits
+        extra = f" (stored in {storage_bits(cfg.bits)} bits)" if stored else ""
+        extra += f" r={cfg.redundancy}" if cfg.method == "framequant" else ""
         extra += " sequential calibration" if cfg.sequential else ""
         extra += " denoise" if cfg.denoise else ""
         extra += " fp32-target" if cfg.fp_target else ""

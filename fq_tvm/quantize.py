@@ -445,7 +445,9 @@ def _bar(items, enabled: bool, desc: str):
 
 
 def to_packed(record):
-    """numerics.QuantizedLinear -> passes.PackedLinear (plain arrays and shapes)."""
+    """numerics.QuantizedLinear -> passes.PackedLinear (plain arrays and shapes); `bits` there are
+    the storage bits the kernels read, `code_bits` the codes' own where narrower (int7)."""
+    from .numerics import storage_bits
     from .passes.lowering import Frame, PackedLinear, Rotation
 
     def rotation(had):
@@ -456,11 +458,12 @@ def to_packed(record):
     frame = record.input_frame
     return PackedLinear(
         name=record.name, in_features=record.in_features, out_features=record.out_features,
-        bits=record.bits, cols=record.cols, group_size=record.group_size,
+        bits=storage_bits(record.bits), cols=record.cols, group_size=record.group_size,
         packed=record.packed, scale=record.scale, zero=record.zero,
         in_rot=rotation(record.input_hadamard),
         frame=None if frame is None else Frame(frame.nblk, np.asarray(frame.F, np.float32), frame.tail),
-        out_rot=rotation(record.output_hadamard), act_group=record.act_group)
+        out_rot=rotation(record.output_hadamard), act_group=record.act_group,
+        code_bits=record.bits if record.bits != storage_bits(record.bits) else 0)
 
 
 def simulated_model(proto, records: dict):

@@ -114,12 +114,16 @@ def joinable(a: PackedLinear, b: PackedLinear) -> bool:
     input transform and code format, and output rotations (if any) of the same block that divide
     their rows, with no padding to drop."""
     ra, rb = a.out_rot, b.out_rot
-    if a.input_key() != b.input_key() or (a.bits, a.group_size, a.act_group) != (b.bits, b.group_size, b.act_group):
+    if a.input_key() != b.input_key() or _format(a) != _format(b):
         return False
     if (ra is None) != (rb is None):
         return False
     return all(r is None or (r.padded == r.dim == layer.rows and layer.rows % r.block == 0 and r.block == ra.block)
                for r, layer in ((ra, a), (rb, b)))
+
+
+def _format(layer: PackedLinear) -> tuple:
+    return layer.bits, layer.code_bits, layer.group_size, layer.act_group
 
 
 def stacked(layers: list[PackedLinear]) -> PackedLinear:
@@ -134,7 +138,7 @@ def stacked(layers: list[PackedLinear]) -> PackedLinear:
         out_features=sum(layer.out_features for layer in layers), bits=first.bits, cols=first.cols,
         group_size=first.group_size, packed=np.concatenate([layer.packed for layer in layers]),
         scale=np.concatenate([layer.scale for layer in layers]), zero=np.concatenate([layer.zero for layer in layers]),
-        in_rot=first.in_rot, frame=first.frame, out_rot=out_rot, act_group=first.act_group)
+        in_rot=first.in_rot, frame=first.frame, out_rot=out_rot, act_group=first.act_group, code_bits=first.code_bits)
 
 
 def packed_linears(bb, x, layers: list[PackedLinear], shared: dict) -> list:
@@ -161,8 +165,10 @@ def packed_linear(bb, x, layer: PackedLinear, shared: dict):
     shape = list(x.ty.shape)
     xf = _transformed_input(bb, x, layer, shared)
     rows = xf.ty.shape[0]
-    func = _kernels().dequant_matmul(layer.rows, layer.cols, layer.bits, layer.group_size, layer.act_group)
-    name = f"fq_dequant_matmul_{layer.rows}_{layer.cols}_b{layer.bits}_g{layer.group_size}_a{layer.act_group}"
+    func = _kernels().dequant_matmul(layer.rows, layer.cols, layer.bits, layer.group_size, layer.act_group,
+                                     layer.code_bits)
+    name = (f"fq_dequant_matmul_{layer.rows}_{layer.cols}_b{layer.bits}_g{layer.group_size}_a{layer.act_group}"
+            + (f"_c{layer.code_bits}" if layer.code_bits else ""))
     u = _call(bb, func, name, [xf, *_weights(layer, shared)], [rows, layer.rows])
     dim = layer.rows
     if layer.out_rot is not None:

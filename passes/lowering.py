@@ -62,6 +62,7 @@ class PackedLinear:
     frame: Frame | None = None
     out_rot: Rotation | None = None
     act_group: int = 0  # columns per activation group of the int8 kernels (QuantizedLinear.act_group)
+    code_bits: int = 0  # codes narrower than their storage `bits` (7 in bytes: scheme int7); 0: bits
 
     @property
     def rows(self) -> int:

@@ -176,7 +176,7 @@ def _int8_plan(attrs, target, act_bits: int, words: bool = False):
     """cpu_int8's plan for a `dequant_matmul` kernel's attributes (None where none applies)."""
     return cpu_int8.plan(int(attrs["fq_rows"]), int(attrs["fq_cols"]), int(attrs["fq_bits"]),
                          int(attrs.get("fq_group", 0)), target, act_cols=int(attrs.get("fq_act_group", 0)), words=words,
-                         act_bits=act_bits)
+                         act_bits=act_bits, code_bits=int(attrs.get("fq_code_bits", 0)))
 
 
 def _fuse_transforms(mod: tvm.IRModule, target) -> tvm.IRModule:

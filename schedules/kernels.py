@@ -59,14 +59,17 @@ def _x_or_zero(x, m, K, i, c):
 
 
 @parsed_once
-def dequant_matmul(rows: int, cols: int, bits: int, group_size: int, act_group: int = 0) -> tvm.tirx.PrimFunc:
+def dequant_matmul(rows: int, cols: int, bits: int, group_size: int, act_group: int = 0,
+                   code_bits: int = 0) -> tvm.tirx.PrimFunc:
     """y[m, rows] = x[m, cols] @ dequant(packed)^T, reading packed codes in the reduction.
 
     Per group g: sum_j (q_j - z) s x_j = s (sum_j q_j x_j - z sum_j x_j), so the inner loop is one
     decode and one multiply-add per code; `x` is regrouped once per call as xp[m, g, t, b] =
     x[m, (g*gb + b)*per + t] so that code t of byte b meets its activation with unit stride.
     act_group: columns per activation group of the int8 kernels that replace this one on CPUs
-    (attr `fq_act_group`; 0: numerics.act_group's default for rotated inputs).
+    (attr `fq_act_group`; 0: numerics.act_group's default for rotated inputs). code_bits: codes
+    narrower than `bits` (7 in bytes), which the int8 kernels may multiply unsigned (attr
+    `fq_code_bits`, only where given).
     """
     if bits not in (2, 4, 8):
         raise ValueError(f"dequant_matmul supports 2, 4 and 8-bit codes, not {bits}")
@@ -104,7 +107,7 @@ def dequant_matmul(rows: int, cols: int, bits: int, group_size: int, act_group: 
     y = te.compute((m, N), lambda i, n: te.sum(scale[n, gg] * (yq[i, n, gg] - zero[n, gg] * xs[i, gg]), axis=gg),
                    name="y")
     return _finish([x, packed, scale, zero, y], "dequant_matmul", rows=rows, cols=cols, bits=bits,
-                   group=gs if ngroups > 1 else 0, act_group=act_group)
+                   group=gs if ngroups > 1 else 0, act_group=act_group, **({"code_bits": code_bits} if code_bits else {}))
 
 
 @parsed_once

@@ -106,41 +106,45 @@ SEVEN_BIT_CASES = [(40, 577, 8, 0), (48, 512, 8, 256), (32, 1003, 8, 0), (64, 10
 
 
 @pytest.mark.parametrize("target", ["host", "avx2"])
-@pytest.mark.parametrize("rows, cols, bits, group", SEVEN_BIT_CASES)
-def test_int8_kernel_with_7bit_activations_equals_numpy(rows, cols, bits, group, target):
-    """act_bits 7: activations within +-63, so AVX2 multiplies 8-bit codes unsigned (offset 0, no
-    sign trick) and the sums stay exact; the kernel equals numpy's 7-bit quantization on both
-    paths (few rows, many rows, pre-laid words)."""
+@pytest.mark.parametrize("rows, cols, bits, group, narrow", [(*case, "act7") for case in SEVEN_BIT_CASES] + [
+    (*case, "code7") for case in SEVEN_BIT_CASES if case[2] == 8])  # 7-bit codes are stored in bytes
+def test_int8_kernel_with_a_7bit_factor_equals_numpy(rows, cols, bits, group, target, narrow):
+    """act7: activations within +-63; code7: 8-bit codes below 128 (scheme int7). Either way AVX2
+    multiplies the codes unsigned (offset 0, no sign trick) and the sums stay exact; the kernel
+    equals numpy on both paths (few rows, many rows, pre-laid words)."""
     target = {"host": HOST, "avx2": X86_AVX2}[target]
-    plan = cpu_int8.plan(rows, cols, bits, group, target, many_rows=16, words=True, act_bits=7)
-    assert plan.act_bits == 7 and (plan.offset == 0 if plan.isa.name == "avx2" else plan.offset == plan.isa.offsets[bits])
+    act_bits, code_bits = (7, 0) if narrow == "act7" else (8, 7)
+    plan = cpu_int8.plan(rows, cols, bits, group, target, many_rows=16, words=True, act_bits=act_bits,
+                         code_bits=code_bits)
+    assert plan.narrow and plan.offset == (0 if plan.isa.name == "avx2" else plan.isa.offsets[bits])
     lib = tvm.compile(tvm.IRModule({"main": cpu_int8.dequant_matmul(plan).with_attr("global_symbol", "main")}),
                       target)
-    packed, scale, zero, w = _layer(rows, cols, bits, group, rows + cols + bits)
+    packed, scale, zero, w = _layer(rows, cols, 7 if code_bits else bits, group, rows + cols + bits)
     if plan.prelaid:
         packed = cpu_int8.words_layout(packed, plan)
     rng = np.random.default_rng(cols)
     for m in (1, 3, 16, 23):
         x = rng.standard_normal((m, cols)).astype(np.float32)
         x[:, :: 97] *= 8.0
-        ref = quantize_activations(x, group or None, 7).astype(np.float64) @ w.T
+        ref = quantize_activations(x, group or None, act_bits).astype(np.float64) @ w.T
         ours = _run(lib, x, packed, scale, zero, rows)
         assert max_rel_err(ours, ref) < 2e-6, (m, max_rel_err(ours, ref))
-        assert max_rel_err(ours, quantize_activations(x, group or None, 8).astype(np.float64) @ w.T) > 1e-4
+        if narrow == "act7":
+            assert max_rel_err(ours, quantize_activations(x, group or None, 8).astype(np.float64) @ w.T) > 1e-4
 
 
-def test_7bit_activations_drop_the_sign_trick_on_avx2():
-    """8-bit codes on AVX2: two vpsignb per vpmaddubsw with 8-bit activations, none with 7-bit."""
-    def asm(act_bits):
-        plan = cpu_int8.plan(256, 1024, 8, 0, X86_AVX2, act_bits=act_bits)
+def test_a_7bit_factor_drops_the_sign_trick_on_avx2():
+    """Byte codes on AVX2: two vpsignb per vpmaddubsw with 8-bit codes and activations, none where
+    the activations (act_bits 7) or the codes (code_bits 7) are 7-bit."""
+    def asm(act_bits, code_bits=0):
+        plan = cpu_int8.plan(256, 1024, 8, 0, X86_AVX2, act_bits=act_bits, code_bits=code_bits)
         func = cpu_int8.dequant_matmul(plan).with_attr("global_symbol", "main")
+        assert cpu_int8.plan_of(func.attrs, X86_AVX2) == plan
         return tvm.compile(tvm.IRModule({"main": func}), X86_AVX2).mod.inspect_source("asm")
 
-    eight, seven = asm(8), asm(7)
-    assert "vpsignb" in eight and "vpsignb" not in seven
-    assert re.search(r"vpmaddubsw\s+.*%ymm", seven)
-    assert cpu_int8.plan_of(cpu_int8.dequant_matmul(cpu_int8.plan(256, 1024, 8, 0, X86_AVX2, act_bits=7)).attrs,
-                            X86_AVX2).act_bits == 7
+    assert "vpsignb" in asm(8)
+    for seven in (asm(7), asm(8, code_bits=7)):
+        assert "vpsignb" not in seven and re.search(r"vpmaddubsw\s+.*%ymm", seven)
 
 
 def test_schedule_func_picks_the_int8_variant_only_with_int8_activations():
@@ -319,3 +323,21 @@ def test_cli_act_bits_choices_are_the_compilers():
     for parser in (cli._compile_parser(), tune_cli._parser()):
         (action,) = [a for a in parser._actions if a.dest == "act_bits"]
         assert tuple(action.choices) == ACT_BITS and action.default == 8
+
+
+def test_compiled_int7_layer_matches_numpy(fq2_linear, tmp_path):
+    """Scheme int7: codes 0..127 stored as bytes (8 bits per weight on disk), the kernel told so
+    (`fq_code_bits`), equal to numpy's int8-activation math at every row count."""
+    out, _ = fq2_linear
+    records = {}
+    int7 = fq_tvm.compile(out.parent / "linear.onnx", "host", tmp_path / "int7", scheme="int7", quiet=True,
+                          records=records)
+    (record,) = records.values()
+    assert record.bits == 7 and record.packed.shape == (384, 1000) and record.packed.max() <= 127
+    assert record.packed.max() >= 126 and record.packed.min() <= 1  # the whole 7-bit grid is used
+    model = fq_tvm.load(int7)
+    for shape in ((1, 1, 1000), (2, 7, 1000), (1, 70, 1000)):
+        x = np.random.default_rng(shape[1]).standard_normal(shape).astype(np.float32)
+        ours = model.run({"x": x})["y"]
+        assert int8_rows_match(ours, apply(record, x, act_bits=8)), shape
+        assert max_rel_err(ours, apply(record, x)) < 0.05  # float activations

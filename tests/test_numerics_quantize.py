@@ -77,10 +77,12 @@ def test_pack_layout_by_hand():
     assert pack_codes(codes, 4).tolist() == [[1 | 2 << 4, 3, 1]]
     assert pack_codes(codes, 3).tolist() == [[1 | 2 << 4, 3, 1]]  # 3-bit codes stored as 4-bit
     assert pack_codes(codes, 8).tolist() == [[1, 2, 3, 0, 1]]
+    assert pack_codes(codes, 7).tolist() == [[1, 2, 3, 0, 1]]  # 7-bit codes stored as bytes
     assert storage_bits(3) == 4 and packed_width(5, 2) == 2 and packed_width(5, 3) == 3
+    assert storage_bits(7) == 8 and packed_width(5, 7) == 5
 
 
-@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+@pytest.mark.parametrize("bits", (2, 3, 4, 7, 8))
 @pytest.mark.parametrize("ncols", (1, 3, 4, 5, 64, 129))
 def test_pack_round_trip(bits, ncols):
     codes = np.random.default_rng(ncols).integers(0, 2**bits, (7, ncols)).astype(np.uint8)

@@ -16,7 +16,7 @@ from fq_tvm.quantize import scheme_config
 
 
 def test_which_schemes_calibrate():
-    assert [name for name, cfg in SCHEMES.items() if not calibrates(cfg)] == ["fp32", "int8", "rtn2", "rtn4"]
+    assert [name for name, cfg in SCHEMES.items() if not calibrates(cfg)] == ["fp32", "int8", "int7", "rtn2", "rtn4"]
     assert uses_calibration("fq2") and uses_calibration("gptq4") and not uses_calibration("int8")
     assert uses_calibration("no-such-scheme")  # compile names the bad scheme, not bench/report
 

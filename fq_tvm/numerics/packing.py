@@ -1,19 +1,20 @@
 """Packed codes, DESIGN.md layout: `per = 8 // sbits` codes per byte, code of column j in byte
 j // per at bit offset sbits * (j % per) (little-endian in the byte), columns padded with zero
-codes to a multiple of `per`. 3-bit codes are stored as 4-bit codes (sbits = 4)."""
+codes to a multiple of `per`. 3-bit codes are stored as 4-bit codes (sbits = 4), 7-bit codes as
+bytes (sbits = 8)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 7, 8)
 
 
 def storage_bits(bits: int) -> int:
     """Bits one code occupies in the packed array."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
-    return 4 if bits == 3 else bits
+    return {3: 4, 7: 8}.get(bits, bits)
 
 
 def packed_width(ncols: int, bits: int) -> int:

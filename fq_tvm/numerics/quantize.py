@@ -109,6 +109,10 @@ CLIP_SIGMA_2BIT = 1.75
 SCHEMES = {
     "fp32": QuantConfig("fp32", "none", bits=32),
     "int8": QuantConfig("int8", "rtn", bits=8, symmetric=True),
+    # int7: codes 0..127 in bytes, so that on AVX2 without VNNI a code times an 8-bit activation
+    # cannot saturate vpmaddubsw's int16 pair (2 * 127 * 127 < 2^15): no sign correction there
+    # (docs/numerics.md, "7-bit codes"); elsewhere as fast as int8
+    "int7": QuantConfig("int7", "rtn", bits=7, symmetric=True),
     "rtn2": QuantConfig("rtn2", "rtn", bits=2),
     "rtn4": QuantConfig("rtn4", "rtn", bits=4),
     # 2-bit schemes calibrate sequentially (sequential.py): better on MiniLM (fq2, fq2r1, gptq2) and
