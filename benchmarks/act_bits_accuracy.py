@@ -1,8 +1,7 @@
 """What int8 activations cost in accuracy on the real models: each scheme compiled with
-`act_bits` 32 (float activations), 8 (the int8 kernels) and, if asked, 7, evaluated from the
-artifacts.
+`act_bits` 32 (float activations) and 8 (the int8 kernels), evaluated from the artifacts.
 
-    python benchmarks/act_bits_accuracy.py minilm [--schemes fq2 int8] [--act-bits 32 8 7] [--work DIR]
+    python benchmarks/act_bits_accuracy.py minilm [--schemes fq2 int8] [--act-bits 32 8] [--work DIR]
     python benchmarks/act_bits_accuracy.py smollm2 [--windows 2]
 
 MiniLM: Lee Spearman and mean cosine to the fp32 artifact on the Lee documents. SmolLM2:
@@ -58,7 +57,7 @@ def main() -> None:
     p.add_argument("--schemes", nargs="+", default=["fq2", "int8"])
     p.add_argument("--work", default=str(Path.home() / ".cache" / "fq-tvm" / "act_bits"))
     p.add_argument("--windows", type=int, default=2, help="SmolLM2 windows of 512 tokens (default 2)")
-    p.add_argument("--act-bits", type=int, nargs="+", choices=(7, 8, 32), default=[32, 8],
+    p.add_argument("--act-bits", type=int, nargs="+", choices=(8, 32), default=[32, 8],
                    help="activation widths to compile each scheme with (default 32 8)")
     args = p.parse_args()
     work = Path(args.work)

@@ -143,12 +143,9 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="quantize the tied head with SCHEME instead of --scheme (implies --quantize-head): "
                         "int8 keeps SmolLM2's head near fp32 quality at a quarter of its bytes, which decoding "
                         "reads once per token, while the body stays at 2 bits")
-    p.add_argument("--act-bits", type=int, choices=(7, 8, 32), default=8,
-                   help="activations of quantized layers: 8 (default) quantizes them per row and group "
-                        "and multiplies in int8 (AVX-512 VNNI, AVX2, Arm dotprod, NEON); 7 quantizes them to "
-                        "+-63, which lets 8-bit layers (--scheme int8, an int8 head) skip a sign correction on "
-                        "AVX2 without VNNI (1.2-1.3x faster there, a little less accurate everywhere); "
-                        "32 keeps them float")
+    p.add_argument("--act-bits", type=int, choices=(8, 32), default=8,
+                   help="activations of quantized layers: 8 (default) quantizes them per row and group of 256 "
+                        "and multiplies in int8 (AVX-512 VNNI, AVX2, Arm dotprod, NEON); 32 keeps them float")
     p.add_argument("--cuda-arch", help="CUDA architecture for CUDA targets, e.g. sm_80 (default), sm_86, sm_90")
     p.add_argument("--tuning-db", metavar="DIR", help="apply the schedules fq-tune wrote to DIR for this target "
                                                       "(CPU graph ops; others keep the built-in schedules)")

@@ -51,8 +51,8 @@ def compile(model, target="host", out_dir=None, *, scheme: str = "fp32", redunda
     Hadamard's signs; `--seed`, default the scheme's, 0). calib: .npz (or dict) of sample inputs
     keyed by input name, samples along axis 0 (needed by gptq/had/fq). skip: regex of layers to
     keep fp32. act_bits: 8 (default) quantizes each quantized layer's coded input to int8 per row
-    and group and multiplies in int8 on CPUs with a dot-product ISA; 7 quantizes it to +-63 (8-bit
-    layers then need no sign correction on AVX2); 32 keeps float activations (`--act-bits`). input_shapes: {input or symbolic dim name: dims} or ["NAME=DIMS", ...] pins
+    and group and multiplies in int8 on CPUs with a dot-product ISA; 32 keeps float activations
+    (`--act-bits`). input_shapes: {input or symbolic dim name: dims} or ["NAME=DIMS", ...] pins
     dynamic dims before import (`--input-shape`). calib_samples: use the first N calibration
     samples (`--calib-samples`); schemes that do not calibrate (fp32, int8, rtn*) ignore calib and
     calib_samples with an FqWarning. pad_small: quantize layers that padding makes store over 1.5x

@@ -48,10 +48,9 @@ class KernelTask:
 
 def plan_key(p) -> str:
     """The plan's identity without its knobs: the ISA, N x K, bits, groups, pre-laid words, 7-bit
-    activations or codes."""
+    codes."""
     return (f"{p.isa.name}:{p.rows}x{p.cols}:b{p.bits}:g{p.group_cols}:a{p.act_width}"
-            + (":words" if p.prelaid else "") + (f":x{p.act_bits}" if p.act_bits != 8 else "")
-            + (f":c{p.code_bits}" if p.code_bits else ""))
+            + (":words" if p.prelaid else "") + (f":c{p.code_bits}" if p.code_bits else ""))
 
 
 def kernels(mod, target) -> list[tuple[str, object, object]]:

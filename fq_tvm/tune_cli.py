@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", metavar="REGEX", help="layers kept fp32, as for fq-compile")
     p.add_argument("--quantize-head", action="store_true", help="a tied head quantized too, as for fq-compile")
     p.add_argument("--head-scheme", metavar="SCHEME", help="the tied head's scheme, as for fq-compile (e.g. int8)")
-    p.add_argument("--act-bits", type=int, choices=(7, 8, 32), default=8, help="as for fq-compile (default 8)")
+    p.add_argument("--act-bits", type=int, choices=(8, 32), default=8, help="as for fq-compile (default 8)")
     p.add_argument("--input-shape", action="append", metavar="NAME=DIMS",
                    help="pin a dynamic input or dim (batch=1); functions with symbolic shapes are not tuned")
     p.add_argument("--trials", type=int, default=32, metavar="N",

@@ -24,7 +24,7 @@ def family(target):
 
 def schedule_func(func, target, act_bits: int = 8):
     """Our kernel `func` scheduled for `target`: the family may first swap in a variant with the same
-    buffers (CPU: the Hadamard and frame a row at a time, and with act_bits 8 or 7 the int8
+    buffers (CPU: the Hadamard and frame a row at a time, and with act_bits 8 the int8
     dequant-matmul, all written already scheduled; GPU: the tiled dequant-matmul)."""
     rules = family(target)
     func = rules.variant(func, target, act_bits)

@@ -11,7 +11,6 @@ import numpy as np
 import tvm
 import tvm.s_tir as s_tir
 
-from ..numerics.activations import INT_ACT_BITS
 from . import cpu_frame, cpu_hadamard, cpu_int8, cpu_transform
 from .common import SERIAL_WORK, blocks, is_reduction
 
@@ -93,10 +92,10 @@ def rewrite(mod: tvm.IRModule, target, act_bits: int = 8) -> tvm.IRModule:
     kernel: one launch and no intermediate tensors instead of one per step. With int8
     activations, 8-bit codes are laid out as the int8 kernel's words (`prelay`)."""
     mod = _fuse_transforms(mod, target)
-    return prelay(mod, target, act_bits) if act_bits in INT_ACT_BITS else mod
+    return prelay(mod, target) if act_bits == 8 else mod
 
 
-def prelay(mod: tvm.IRModule, target, act_bits: int = 8) -> tvm.IRModule:
+def prelay(mod: tvm.IRModule, target) -> tvm.IRModule:
     """Dequant-matmuls whose int8 plan is `prelaid` (8-bit codes) read their codes as a constant in
     that kernel's word layout (`cpu_int8.words_layout`), laid out here once. A table that another
     call reads too keeps its byte layout, so nothing is stored twice: a tied int8 head (its
@@ -107,7 +106,7 @@ def prelay(mod: tvm.IRModule, target, act_bits: int = 8) -> tvm.IRModule:
     from .chains import callee, drop_unused
     from .common import mutate_relax_functions
 
-    plans = _word_plans(mod, target, act_bits)
+    plans = _word_plans(mod, target)
     if not plans:
         return mod
 
@@ -134,14 +133,14 @@ def prelay(mod: tvm.IRModule, target, act_bits: int = 8) -> tvm.IRModule:
     return drop_unused(mutate_relax_functions(mod, _Prelay(mod)))
 
 
-def _word_plans(mod, target, act_bits: int) -> dict:
+def _word_plans(mod, target) -> dict:
     """{code table: its prelaid int8 plan} for the constant tables that only dequant-matmuls with
     such a plan read."""
     readers, plans = _const_readers(mod), {}
     for call, kernel in _calls(mod):
         if kernel is None or str(kernel.attrs["fq_kernel"]) != "dequant_matmul":
             continue
-        p, codes = _int8_plan(kernel.attrs, target, act_bits, words=True), call.args[1].fields[1]
+        p, codes = _int8_plan(kernel.attrs, target, words=True), call.args[1].fields[1]
         if p is not None and p.prelaid and p.isa.prelay and isinstance(codes, tvm.ir.expr.Constant) \
                 and readers[codes] == {"dequant_matmul"}:
             plans[codes] = p
@@ -172,11 +171,11 @@ def _calls(mod):
                         yield binding.value, callee(mod, binding.value)
 
 
-def _int8_plan(attrs, target, act_bits: int, words: bool = False):
+def _int8_plan(attrs, target, words: bool = False):
     """cpu_int8's plan for a `dequant_matmul` kernel's attributes (None where none applies)."""
     return cpu_int8.plan(int(attrs["fq_rows"]), int(attrs["fq_cols"]), int(attrs["fq_bits"]),
                          int(attrs.get("fq_group", 0)), target, act_cols=int(attrs.get("fq_act_group", 0)), words=words,
-                         act_bits=act_bits, code_bits=int(attrs.get("fq_code_bits", 0)))
+                         code_bits=int(attrs.get("fq_code_bits", 0)))
 
 
 def _fuse_transforms(mod: tvm.IRModule, target) -> tvm.IRModule:
@@ -455,7 +454,7 @@ def _output_side(steps) -> bool:
 
 def variant(func, target, act_bits: int):
     """Kernels written for CPUs with the same buffers: the Hadamard and the frame (and its
-    transpose) one row at a time (`cpu_hadamard`, `cpu_frame`); with int8 (or 7-bit) activations, a
+    transpose) one row at a time (`cpu_hadamard`, `cpu_frame`); with int8 activations, a
     dequant-matmul runs `cpu_int8` where the target has an ISA for it and the layer fits its
     blocks, else the float kernel above (`prelay` has already swapped in the pre-laid ones)."""
     written = _written(func.attrs, target, act_bits)
@@ -473,8 +472,8 @@ def _written(attrs, target, act_bits: int):
         return cpu_frame.frame_analysis(*(int(attrs[f"fq_{k}"]) for k in ("nblk", "two_l", "two_k", "tail")))
     if kind == "frame_synthesis":
         return cpu_frame.frame_synthesis(*(int(attrs[f"fq_{k}"]) for k in ("nblk", "two_l", "two_k", "tail")))
-    if kind == "dequant_matmul" and act_bits in INT_ACT_BITS:
-        plan = _int8_plan(attrs, target, act_bits)
+    if kind == "dequant_matmul" and act_bits == 8:
+        plan = _int8_plan(attrs, target)
         return None if plan is None else cpu_int8.dequant_matmul(plan)
     return None
 

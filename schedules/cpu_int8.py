@@ -5,7 +5,7 @@ Same buffers as `kernels.dequant_matmul` (x, packed, scale, zero -> y), so `cpu.
 it in; a `prelaid` plan instead reads 8-bit codes as words laid out at compile time
 (`words_layout`, `cpu.prelay`). Three stages in one PrimFunc:
 1. quantize: per row i and activation group a (numerics.act_group), `xq = rint(x / ax)` with
-   `ax = max|x| / Q` (Q = numerics.act_max: 127, or 63 for 7-bit activations), stored so that code t of packed byte b meets its activation with unit
+   `ax = max|x| / 127`, stored so that code t of packed byte b meets its activation with unit
    stride (the layout of `kernels.dequant_matmul`'s `xp`); `axs[i, a] = ax * sum(xq)` for the
    zero-point term;
 2. integer products: a register tile of MR activation rows x NR weight rows; per block of V packed
@@ -28,7 +28,7 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
-from ..numerics.activations import act_group, act_max
+from ..numerics.activations import act_group
 from ..numerics.packing import packed_width
 from .common import AHEAD, LINE, SERIAL_ROWS, STACK, lane_sums, parsed_once, prefetch, wide
 from .kernels import OPAQUE
@@ -95,7 +95,7 @@ class Isa:
     dot: Callable
     offsets: dict  # bits -> offset
     signed_dot: Callable | None = None  # used where offsets[bits] != 0, if given
-    narrow_offsets: dict | None = None  # bits -> offset where a factor is 7-bit (None: `offsets`)
+    narrow_offsets: dict | None = None  # bits -> offset for 7-bit codes in bytes (None: `offsets`)
     gemm: tuple[int, int] | None = None
     words: dict | None = None  # bits -> words per dot call in the many-row path
     in_place: bool = False  # lone rows take codes masked in place (no shifts): needs an int32 4-way dot
@@ -113,8 +113,8 @@ ISAS = [
     # 4 rows share (1536 x 648 from cache: 26 us with 4, 62 with 1); pre-laid 8-bit words: on a
     # real Zen 3, 4096^2 0.38 -> 0.33 ms at M = 1, 24 -> 19-22 at 128; 1536 x 384 0.150 -> 0.099
     # at M = 16 (znver3 code on Zen 4 had read 1.25x slower at M = 1, hence off until 2026-11-28)
-    # narrow_offsets: a code below 128 (int7) times an 8-bit activation, or a byte code times a 7-bit
-    # one (--act-bits 7), pairs to under 2^15 unsigned: no vpsignb (4096^2 1.2-1.3x faster, Zen 3)
+    # narrow_offsets: a code below 128 (scheme int7) times an activation within +-127 pairs to under
+    # 2^15 unsigned: no vpsignb (4096^2 at 16 and 128 rows 1.2x faster than int8, Zen 3)
     Isa("avx2", ("avx2",), 32, 8, (4, 1), {2: 4, 4: 1, 8: 1}, _dot_avx2, {2: 0, 4: 0, 8: 128}, _dot_avx2_signed,
         narrow_offsets={2: 0, 4: 0, 8: 0}, gemm=(4, 1), words={2: 4, 4: 4, 8: 1}, prelay=True),
     Isa("neon-dotprod", ("neon", "dotprod"), 16, 4, (4, 2), {2: 4, 4: 4, 8: 4}, _dot_sdot, {2: 2, 4: 8, 8: 128},
@@ -175,16 +175,11 @@ class Plan:
     knobs: Knobs = Knobs()
     act_width: int = 0  # columns per activation group where there is no weight group (0: act_group's)
     prelaid: bool = False  # 8-bit codes stored as the many-row path's words (`words_layout`)
-    act_bits: int = 8  # 8 or 7 (numerics.act_max)
     code_bits: int = 0  # 7: codes below 128 stored in bytes (scheme int7); 0: `bits`
 
     @property
-    def narrow(self) -> bool:  # one factor of every product is 7-bit
-        return self.act_bits == 7 or self.code_bits == 7
-
-    @property
     def offset(self) -> int:  # what the codes enter the dot less (0: unsigned)
-        table = self.isa.narrow_offsets if self.narrow and self.isa.narrow_offsets else self.isa.offsets
+        table = self.isa.narrow_offsets if self.code_bits == 7 and self.isa.narrow_offsets else self.isa.offsets
         return table[self.bits]
 
     @property
@@ -258,19 +253,18 @@ class Plan:
 
 
 def plan(rows: int, cols: int, bits: int, group_cols: int, target, many_rows: int = GEMM_ROWS,
-         act_cols: int = 0, words: bool = False, act_bits: int = 8, code_bits: int = 0) -> Plan | None:
+         act_cols: int = 0, words: bool = False, code_bits: int = 0) -> Plan | None:
     """The layer's plan for `target`, or None where the int8 kernel does not apply (no ISA, a row
     shorter than one vector, weight or activation groups that are not whole blocks). act_cols:
     columns per activation group (0: numerics.act_group's for a rotated input). words: 8-bit
     codes pre-laid as the many-row path's words (`words_layout`, at compile time) where it applies;
-    that path then runs for every row count, with no decoding and no horizontal sums. act_bits: 8 or
-    7 (numerics.act_max); code_bits: 7 for codes below 128 in bytes."""
-    act_max(act_bits)  # 7 or 8, else ValueError
+    that path then runs for every row count, with no decoding and no horizontal sums. code_bits: 7
+    for codes below 128 stored in bytes (scheme int7)."""
     isa = select_isa(target)
     if isa is None or bits not in isa.offsets:
         return None
     p = Plan(rows, cols, bits, 0 if group_cols >= cols else group_cols, isa, Knobs(many_rows=many_rows), act_cols,
-             act_bits=act_bits, code_bits=code_bits if code_bits and code_bits < bits else 0)
+             code_bits=code_bits if code_bits and code_bits < bits else 0)
     if p.width < isa.vbytes or p.group_cols % p.block_cols or p.act_cols % p.block_cols:
         return None
     return replace(p, prelaid=words and bits == 8 and p.gemm)
@@ -495,7 +489,6 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
     NR, NR1 = p.row_tiles()
     NC = max(p.knobs.chunk_rows // (NR * NR1) * NR * NR1, NR * NR1)  # rows per task: whole tiles of both
     offset = p.offset
-    QX = T.float32(act_max(p.act_bits))
     dot = isa.signed_dot if offset and isa.signed_dot is not None else isa.dot
     mask = (1 << p.bits) - 1
     step = P * V  # xq elements per block and row
@@ -599,8 +592,8 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
             for c in range(T.min(KPA * step, K - a * KPA * step)):
                 amax[0] = T.max(amax[0], T.reinterpret("int32", T.fabs(x[i, a * KPA * step + c])))
             top: T.let = T.reinterpret("float32", amax[0])
-            ax[i * NA + a] = top / QX
-            inv: T.let = T.if_then_else(top > T.float32(0), QX / top, T.float32(0))
+            ax[i * NA + a] = top / T.float32(127)
+            inv: T.let = T.if_then_else(top > T.float32(0), T.float32(127) / top, T.float32(0))
             qsum[0] = 0
             for c in range(T.min(KPA * step, K - a * KPA * step)):
                 q: T.let = T.Cast("int32", T.nearbyint(x[i, a * KPA * step + c] * inv))
@@ -680,8 +673,7 @@ def dequant_matmul(p: Plan) -> tvm.tirx.PrimFunc:
 def _plan_attrs(p: Plan) -> dict:
     """What `plan_of` needs to write the kernel again (with other knobs: a tuned build)."""
     return {"fq_rows": p.rows, "fq_cols": p.cols, "fq_bits": p.bits, "fq_group": p.group_cols,
-            "fq_act_group": p.act_width, "fq_words": int(p.prelaid), "fq_act_bits": p.act_bits,
-            "fq_code_bits": p.code_bits}
+            "fq_act_group": p.act_width, "fq_words": int(p.prelaid), "fq_code_bits": p.code_bits}
 
 
 def runs_many_rows(p: Plan, m: int) -> bool:
@@ -703,7 +695,7 @@ def plan_of(attrs, target) -> Plan | None:
     """The hand plan of a kernel `dequant_matmul` wrote, from its attributes."""
     return plan(int(attrs["fq_rows"]), int(attrs["fq_cols"]), int(attrs["fq_bits"]), int(attrs["fq_group"]), target,
                 act_cols=int(attrs["fq_act_group"]), words=bool(int(attrs["fq_words"])),
-                act_bits=int(attrs["fq_act_bits"]), code_bits=int(attrs["fq_code_bits"]))
+                code_bits=int(attrs["fq_code_bits"]))
 
 
 def arg_shapes(p: Plan, m: int) -> list[tuple[str, tuple]]:

@@ -40,23 +40,20 @@ def _run(lib, x, packed, scale, zero, rows):
     return y.numpy()
 
 
-@pytest.mark.parametrize("bits, top", [(8, 127), (7, 63)])
 @pytest.mark.parametrize("group", [150, None])
-def test_activation_quantization_definition(group, bits, top):
+def test_activation_quantization_definition(group):
     x = np.random.default_rng(0).standard_normal((3, 600)).astype(np.float32)
     x[1, 300:] = 0.0 if group else x[1, 300:]  # an all-zero group stays zero
     x[2] = 0.0
-    q = quantize_activations(x, group, bits)
+    q = quantize_activations(x, group)
     width = group or 600  # the default: one group for a row this short
     for lo in range(0, 600, width):
         part, qpart = x[:, lo:lo + width], q[:, lo:lo + width]
-        step = np.abs(part).max(-1, keepdims=True) / top
+        step = np.abs(part).max(-1, keepdims=True) / 127
         assert np.all(np.abs(qpart - part) <= step / 2 * (1 + 1e-5) + 1e-12)
         levels = np.divide(qpart, step, out=np.zeros_like(qpart), where=step > 0)
-        assert np.allclose(levels, np.rint(levels), atol=1e-3) and np.abs(levels).max() == pytest.approx(top)
+        assert np.allclose(levels, np.rint(levels), atol=1e-3) and np.abs(levels).max() <= 127 + 1e-3
     assert np.all(q[2] == 0) and (group is None or np.all(q[1, 300:] == 0))
-    with pytest.raises(ValueError, match="one of"):
-        quantize_activations(x, group, 6)
 
 
 @pytest.mark.parametrize("cols, width", [(384, 512), (600, 768), (4096, 4096), (4608, 2304), (11008, 3840)])
@@ -101,56 +98,44 @@ def test_int8_kernel_equals_numpy_on_the_definitions(rows, cols, bits, group, ta
         assert max_rel_err(ours, x.astype(np.float64) @ w.T) < 0.1  # int8 activations, unrotated outliers
 
 
-SEVEN_BIT_CASES = [(40, 577, 8, 0), (48, 512, 8, 256), (32, 1003, 8, 0), (64, 1024, 8, 256), (64, 1000, 2, 0),
-                   (32, 768, 4, 256)]
-
-
 @pytest.mark.parametrize("target", ["host", "avx2"])
-@pytest.mark.parametrize("rows, cols, bits, group, narrow", [(*case, "act7") for case in SEVEN_BIT_CASES] + [
-    (*case, "code7") for case in SEVEN_BIT_CASES if case[2] == 8])  # 7-bit codes are stored in bytes
-def test_int8_kernel_with_a_7bit_factor_equals_numpy(rows, cols, bits, group, target, narrow):
-    """act7: activations within +-63; code7: 8-bit codes below 128 (scheme int7). Either way AVX2
-    multiplies the codes unsigned (offset 0, no sign trick) and the sums stay exact; the kernel
-    equals numpy on both paths (few rows, many rows, pre-laid words)."""
+@pytest.mark.parametrize("rows, cols, group", [(40, 577, 0), (48, 512, 256), (32, 1003, 0), (64, 1024, 256)])
+def test_int8_kernel_with_7bit_codes_equals_numpy(rows, cols, group, target):
+    """code_bits 7 (scheme int7): codes below 128 in bytes, so AVX2 multiplies them unsigned
+    (offset 0, no sign trick) and the sums stay exact; the kernel equals numpy on both paths (few
+    rows, many rows, pre-laid words)."""
     target = {"host": HOST, "avx2": X86_AVX2}[target]
-    act_bits, code_bits = (7, 0) if narrow == "act7" else (8, 7)
-    plan = cpu_int8.plan(rows, cols, bits, group, target, many_rows=16, words=True, act_bits=act_bits,
-                         code_bits=code_bits)
-    assert plan.narrow and plan.offset == (0 if plan.isa.name == "avx2" else plan.isa.offsets[bits])
+    plan = cpu_int8.plan(rows, cols, 8, group, target, many_rows=16, words=True, code_bits=7)
+    assert plan.code_bits == 7 and plan.offset == (0 if plan.isa.name == "avx2" else plan.isa.offsets[8])
     lib = tvm.compile(tvm.IRModule({"main": cpu_int8.dequant_matmul(plan).with_attr("global_symbol", "main")}),
                       target)
-    packed, scale, zero, w = _layer(rows, cols, 7 if code_bits else bits, group, rows + cols + bits)
+    packed, scale, zero, w = _layer(rows, cols, 7, group, rows + cols)
     if plan.prelaid:
         packed = cpu_int8.words_layout(packed, plan)
     rng = np.random.default_rng(cols)
     for m in (1, 3, 16, 23):
         x = rng.standard_normal((m, cols)).astype(np.float32)
         x[:, :: 97] *= 8.0
-        ref = quantize_activations(x, group or None, act_bits).astype(np.float64) @ w.T
+        ref = quantize_activations(x, group or None).astype(np.float64) @ w.T
         ours = _run(lib, x, packed, scale, zero, rows)
         assert max_rel_err(ours, ref) < 2e-6, (m, max_rel_err(ours, ref))
-        if narrow == "act7":
-            assert max_rel_err(ours, quantize_activations(x, group or None, 8).astype(np.float64) @ w.T) > 1e-4
 
 
-def test_a_7bit_factor_drops_the_sign_trick_on_avx2():
-    """Byte codes on AVX2: two vpsignb per vpmaddubsw with 8-bit codes and activations, none where
-    the activations (act_bits 7) or the codes (code_bits 7) are 7-bit."""
-    def asm(act_bits, code_bits=0):
-        plan = cpu_int8.plan(256, 1024, 8, 0, X86_AVX2, act_bits=act_bits, code_bits=code_bits)
+def test_7bit_codes_drop_the_sign_trick_on_avx2():
+    """Byte codes on AVX2: two vpsignb per vpmaddubsw for 8-bit codes, none for 7-bit ones."""
+    def asm(code_bits):
+        plan = cpu_int8.plan(256, 1024, 8, 0, X86_AVX2, code_bits=code_bits)
         func = cpu_int8.dequant_matmul(plan).with_attr("global_symbol", "main")
         assert cpu_int8.plan_of(func.attrs, X86_AVX2) == plan
         return tvm.compile(tvm.IRModule({"main": func}), X86_AVX2).mod.inspect_source("asm")
 
-    assert "vpsignb" in asm(8)
-    for seven in (asm(7), asm(8, code_bits=7)):
-        assert "vpsignb" not in seven and re.search(r"vpmaddubsw\s+.*%ymm", seven)
+    eight, seven = asm(0), asm(7)
+    assert "vpsignb" in eight and "vpsignb" not in seven and re.search(r"vpmaddubsw\s+.*%ymm", seven)
 
 
 def test_schedule_func_picks_the_int8_variant_only_with_int8_activations():
     func = kernels.dequant_matmul(64, 1000, 2, 1000)
     assert str(schedule_func(func, HOST, act_bits=8).attrs["fq_kernel"]) == cpu_int8.KIND
-    assert str(schedule_func(func, HOST, act_bits=7).attrs["fq_kernel"]) == cpu_int8.KIND
     assert str(schedule_func(func, HOST, act_bits=32).attrs["fq_kernel"]) == "dequant_matmul"
     short = kernels.dequant_matmul(64, 40, 2, 40)  # 10 bytes a row: shorter than one vector
     assert str(schedule_func(short, HOST, act_bits=8).attrs["fq_kernel"]) == "dequant_matmul"
@@ -217,7 +202,7 @@ def test_act_bits_32_keeps_float_activations(fq2_linear, tmp_path):
 
 def test_bad_act_bits_is_one_line(fq2_linear, tmp_path):
     out, _ = fq2_linear
-    with pytest.raises(fq_tvm.FqError, match=r"^--act-bits must be one of 7, 8, 32, not 4$"):
+    with pytest.raises(fq_tvm.FqError, match=r"^--act-bits must be one of 8, 32, not 4$"):
         fq_tvm.compile(out.parent / "linear.onnx", "host", tmp_path / "x", act_bits=4)
     assert not (tmp_path / "x").exists()
 
@@ -266,6 +251,22 @@ def test_prelay_stores_8bit_codes_as_the_kernels_words():
     assert "dq_words" not in [g.name_hint for g in cpu.rewrite(mod, X86_VNNI, 32).get_global_vars()]
 
 
+def test_prelay_lays_7bit_codes_unsigned_on_avx2():
+    """An int7 layer's kernel carries `fq_code_bits`, so AVX2's words hold the codes as they are
+    (offset 0) where 8-bit codes are stored less 128."""
+    from fq_tvm.schedules import cpu
+
+    mod, layer = _int8_module(64, 200)
+    for code_bits, offset in ((0, 128), (7, 0)):
+        kernel = kernels.dequant_matmul(64, 200, 8, 200, layer.act_group, code_bits)
+        assert int(kernel.attrs.get("fq_code_bits", 0)) == code_bits
+        plan = cpu._int8_plan(kernel.attrs, X86_AVX2, words=True)
+        assert plan.offset == offset and plan.prelaid
+        codes = np.minimum(layer.packed, 127)
+        words = cpu_int8.words_layout(codes, plan).view(np.uint8).reshape(-1)
+        assert sorted(set(words.tolist()) - {0}) == sorted(set(((codes.astype(int) - offset) & 255).ravel().tolist()) - {0})
+
+
 def test_prelay_only_where_the_isa_gains_from_it():
     """Arm dotprod keeps the byte layout (no board has timed the words); AVX2 lays them out (faster
     on a real Zen 3 at 1, 16 and 128 rows)."""
@@ -297,23 +298,6 @@ def test_compiled_int8_layer_matches_numpy_at_every_row_count(fq2_linear, tmp_pa
     for shape in ((1, 1, 1000), (2, 7, 1000), (1, 70, 1000)):
         x = np.random.default_rng(shape[1]).standard_normal(shape).astype(np.float32)
         assert int8_rows_match(model.run({"x": x})["y"], apply(record, x, act_bits=8)), shape
-
-
-def test_compiled_int8_layer_with_7bit_activations(fq2_linear, tmp_path):
-    """`--act-bits 7` end to end: the manifest says so, and every row count (few rows, pre-laid
-    words) equals numpy's inference math at 7 bits, not at 8."""
-    out, _ = fq2_linear
-    records = {}
-    seven = fq_tvm.compile(out.parent / "linear.onnx", "host", tmp_path / "int8a7", scheme="int8", quiet=True,
-                           records=records, act_bits=7)
-    (record,) = records.values()
-    assert json.loads((seven / "manifest.json").read_text())["kernels"]["act_bits"] == 7
-    model = fq_tvm.load(seven)
-    for shape in ((1, 1, 1000), (2, 7, 1000), (1, 70, 1000)):
-        x = np.random.default_rng(shape[1]).standard_normal(shape).astype(np.float32)
-        ours, ref = model.run({"x": x})["y"], apply(record, x, act_bits=7)
-        assert int8_rows_match(ours, ref), shape
-        assert max_rel_err(ours, apply(record, x, act_bits=8)) > 3 * max_rel_err(ours, ref), shape
 
 
 def test_cli_act_bits_choices_are_the_compilers():

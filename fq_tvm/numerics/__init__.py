@@ -6,7 +6,7 @@ The functions `gptq`, `framequant` and `calibrate` shadow their modules as packa
 import names with `from fq_tvm.numerics[.module] import name`.
 """
 
-from .activations import ACT_BITS, ACT_GROUP, INT_ACT_BITS, act_group, act_max, quantize_activations
+from .activations import ACT_BITS, ACT_GROUP, act_group, quantize_activations
 from .bits import (
     bits_per_weight,
     layer_bits,
@@ -41,8 +41,7 @@ from .transforms import Chain
 
 __all__ = [
     "Candidate", "auto_damp", "candidates", "choose", "output_error",
-    "ACT_BITS", "ACT_GROUP", "INT_ACT_BITS", "act_group", "act_max", "quantize_activations", "SCHEMES", "Chain",
-    "DenseLayer", "FusionFrame",
+    "ACT_BITS", "ACT_GROUP", "act_group", "quantize_activations", "SCHEMES", "Chain", "DenseLayer", "FusionFrame",
     "Hadamard", "HessianStat", "QuantConfig",
     "QuantizedLinear", "apply", "bits_per_weight", "calibrate", "codes", "dequantize",
     "effective_weight", "find_dense_layers", "frame_block", "frame_k", "framequant", "from_state",

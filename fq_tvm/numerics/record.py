@@ -130,11 +130,11 @@ def gather_rows(record: QuantizedLinear, ids) -> np.ndarray:
 
 
 def apply(record: QuantizedLinear, x: np.ndarray, act_bits: int = 32) -> np.ndarray:
-    """x [..., K] -> y [..., N] (float64), by the inference math; act_bits 8 or 7 quantizes the
-    coded input as the int8 CPU kernels do (numerics.activations)."""
+    """x [..., K] -> y [..., N] (float64), by the inference math; act_bits 8 quantizes the coded
+    input as the int8 CPU kernels do (numerics.activations)."""
     xf = record.input_transform().apply(x)
-    if act_bits != 32:
-        xf = quantize_activations(xf, record.act_group, act_bits)
+    if act_bits == 8:
+        xf = quantize_activations(xf, record.act_group)
     u = xf @ dequantize(record).astype(np.float64).T
     return record.output_transform().adjoint(u)
 
