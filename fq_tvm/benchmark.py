@@ -560,7 +560,9 @@ def _notes(rows: list[dict], board, host: dict) -> list[str]:
     if any(row["label"] == ORT_INT8 for row in rows) and ort_int8_saturates(host):
         notes.append(f"{ORT_INT8} on this CPU (x86 without VNNI) sums pairs of uint8 x int8 products in int16 "
                      "(vpmaddubsw), which saturate: part of its error is overflow, not quantization "
-                     "(benchmarks/int8_exactness.py); fq-tvm's integer sums do not overflow")
+                     "(benchmarks/int8_exactness.py); fq-tvm's integer sums do not overflow (scheme int7, 7-bit "
+                     "codes, keeps them exact without the sign correction 8-bit codes need here: faster, a "
+                     "little less accurate)")
     if board is not None:
         notes.append("fq-tvm builds ran on the remote board (timed there by TVM's time evaluator, network "
                      "excluded); ONNX Runtime ran here only as the accuracy reference")
