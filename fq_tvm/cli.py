@@ -93,8 +93,9 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="target preset name (see --list-targets) or a TVM target JSON dict (default: host)")
     p.add_argument("-o", "--output", help="artifact directory to write (default: MODEL.TARGET.SCHEME beside the model)")
     p.add_argument("--scheme", default="fp32",
-                   help="weight scheme: fp32 (default), int8, rtn2, gptq2, had2 (Hadamard only), fq2 "
-                        "(FrameQuant 2-bit, r=1.1), fq2r1, fq4 ... (see --list-schemes)")
+                   help="weight scheme: fp32 (default), int8, int7 (faster than int8 on AVX2 without VNNI), rtn2, "
+                        "gptq2, had2 (Hadamard only), fq2 (FrameQuant 2-bit, r=1.1), fq2r1, fq4 ... "
+                        "(see --list-schemes)")
     p.add_argument("--redundancy", type=float, help="frame redundancy r for fq schemes (1.0 = no frame; "
                                                         "1.1 with l=8 gives k/l = 9/8: 2.25 bits per 2-bit code)")
     p.add_argument("--l-den", type=int, help="frame block size parameter l (a block maps 2l inputs to 2k, "
@@ -142,7 +143,7 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-scheme", metavar="SCHEME",
                    help="quantize the tied head with SCHEME instead of --scheme (implies --quantize-head): "
                         "int8 keeps SmolLM2's head near fp32 quality at a quarter of its bytes, which decoding "
-                        "reads once per token, while the body stays at 2 bits")
+                        "reads once per token, while the body stays at 2 bits (int7 on AVX2 without VNNI)")
     p.add_argument("--act-bits", type=int, choices=(8, 32), default=8,
                    help="activations of quantized layers: 8 (default) quantizes them per row and group of 256 "
                         "and multiplies in int8 (AVX-512 VNNI, AVX2, Arm dotprod, NEON); 32 keeps them float")
