@@ -138,7 +138,8 @@ def stacked(layers: list[PackedLinear]) -> PackedLinear:
         out_features=sum(layer.out_features for layer in layers), bits=first.bits, cols=first.cols,
         group_size=first.group_size, packed=np.concatenate([layer.packed for layer in layers]),
         scale=np.concatenate([layer.scale for layer in layers]), zero=np.concatenate([layer.zero for layer in layers]),
-        in_rot=first.in_rot, frame=first.frame, out_rot=out_rot, act_group=first.act_group, code_bits=first.code_bits)
+        in_rot=first.in_rot, frame=first.frame, out_rot=out_rot, act_group=first.act_group,
+        code_bits=first.code_bits)
 
 
 def packed_linears(bb, x, layers: list[PackedLinear], shared: dict) -> list:

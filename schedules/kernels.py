@@ -106,8 +106,9 @@ def dequant_matmul(rows: int, cols: int, bits: int, group_size: int, act_group: 
     gg = te.reduce_axis((0, G), "gg")
     y = te.compute((m, N), lambda i, n: te.sum(scale[n, gg] * (yq[i, n, gg] - zero[n, gg] * xs[i, gg]), axis=gg),
                    name="y")
+    narrow = {"code_bits": code_bits} if code_bits else {}
     return _finish([x, packed, scale, zero, y], "dequant_matmul", rows=rows, cols=cols, bits=bits,
-                   group=gs if ngroups > 1 else 0, act_group=act_group, **({"code_bits": code_bits} if code_bits else {}))
+                   group=gs if ngroups > 1 else 0, act_group=act_group, **narrow)
 
 
 @parsed_once

@@ -455,3 +455,42 @@ def test_shape_function_stores_are_sorted_by_slot():
             H[T.int64(2)] = H[T.int64(1)]
 
     tvm.ir.assert_structural_equal(ordered_shape_stores(Before), Expected)
+
+
+def test_quantize_dense_int7_layer_tells_the_kernel_its_code_bits():
+    """An int7 layer (no transforms): its codes as bytes (`bits` 8) and the kernel told that they are
+    7-bit (`code_bits`, attr fq_code_bits, name suffix _c7); an int8 layer on the same input does
+    not stack with it."""
+    import dataclasses
+
+    from fq_tvm.passes import emit
+
+    w = np.random.default_rng(7).standard_normal((64, 48))
+    layer = to_packed(quantize_layer("w", w, np.eye(48), get_scheme("int7")))
+    assert (layer.bits, layer.code_bits, layer.act_group) == (8, 7, 256) and layer.packed.max() <= 127
+    assert not emit.joinable(layer, dataclasses.replace(layer, code_bits=0))
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor(("n", 48), "float32"), w: R.Tensor((64, 48), "float32")) -> R.Tensor(("n", 64), "float32"):
+            with R.dataflow():
+                mm = R.matmul(x, R.permute_dims(w, [1, 0]))
+                R.output(mm)
+            return mm
+
+    out = QuantizeDense({"w": layer})(Before)
+    (dqmm,) = _kernels(out, fq_dequant_matmul_64_48_b8_g48_a256_c7=kernels.dequant_matmul(64, 48, 8, 48, 256, 7)).values()
+    assert int(out["fq_dequant_matmul_64_48_b8_g48_a256_c7"].attrs["fq_code_bits"]) == 7
+    packed, scale, zero = (relax.const(a) for a in (layer.packed, layer.scale, layer.zero))
+
+    @R.function
+    def main(x: R.Tensor(("n", 48), "float32"), w: R.Tensor((64, 48), "float32")) -> R.Tensor(("n", 64), "float32"):
+        n = T.int64()
+        with R.dataflow():
+            u = R.call_tir(dqmm, (x, packed, scale, zero), out_ty=R.Tensor((n, 64), "float32"))
+            mm = u
+            R.output(mm)
+        return mm
+
+    _check_main(out, main)
