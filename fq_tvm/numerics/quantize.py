@@ -111,7 +111,7 @@ SCHEMES = {
     "int8": QuantConfig("int8", "rtn", bits=8, symmetric=True),
     # int7: codes 0..127 in bytes, so that on AVX2 without VNNI a code times an 8-bit activation
     # cannot saturate vpmaddubsw's int16 pair (2 * 127 * 127 < 2^15): no sign correction there
-    # (docs/numerics.md, "7-bit codes"); elsewhere as fast as int8
+    # (docs/numerics.md, "Schemes"); elsewhere as fast as int8
     "int7": QuantConfig("int7", "rtn", bits=7, symmetric=True),
     "rtn2": QuantConfig("rtn2", "rtn", bits=2),
     "rtn4": QuantConfig("rtn4", "rtn", bits=4),
