@@ -99,13 +99,16 @@ def test_int8_kernel_equals_numpy_on_the_definitions(rows, cols, bits, group, ta
 
 
 @pytest.mark.parametrize("target", ["host", "avx2"])
-@pytest.mark.parametrize("rows, cols, group", [(40, 577, 0), (48, 512, 256), (32, 1003, 0), (64, 1024, 256)])
-def test_int8_kernel_with_7bit_codes_equals_numpy(rows, cols, group, target):
+@pytest.mark.parametrize("rows, cols, group, words", [(40, 577, 0, True), (48, 512, 256, True), (32, 1003, 0, True),
+                                                     (64, 1024, 256, True), (64, 1000, 0, False)])
+def test_int8_kernel_with_7bit_codes_equals_numpy(rows, cols, group, words, target):
     """code_bits 7 (scheme int7): codes below 128 in bytes, so AVX2 multiplies them unsigned
-    (offset 0, no sign trick) and the sums stay exact; the kernel equals numpy on both paths (few
-    rows, many rows, pre-laid words)."""
+    (offset 0, no sign trick) and the sums stay exact; the kernel equals numpy on every path (few
+    rows, many rows from bytes through the decode table, pre-laid words: a tied int7 head whose
+    embedding gathers the same codes keeps the bytes)."""
     target = {"host": HOST, "avx2": X86_AVX2}[target]
-    plan = cpu_int8.plan(rows, cols, 8, group, target, many_rows=16, words=True, code_bits=7)
+    plan = cpu_int8.plan(rows, cols, 8, group, target, many_rows=16, words=words, code_bits=7)
+    assert plan.prelaid == (words and plan.gemm)
     assert plan.code_bits == 7 and plan.offset == (0 if plan.isa.name == "avx2" else plan.isa.offsets[8])
     lib = tvm.compile(tvm.IRModule({"main": cpu_int8.dequant_matmul(plan).with_attr("global_symbol", "main")}),
                       target)
