@@ -41,7 +41,7 @@ def ort_runner(path: Path, threads: int = 0):
 
 
 def scheme_spec(spec: str) -> tuple[str, int]:
-    """SCHEME or SCHEME@aBITS (int8@a7: --act-bits 7) -> (scheme, act_bits)."""
+    """SCHEME or SCHEME@aBITS (fq2@a32: --act-bits 32) -> (scheme, act_bits)."""
     name, _, bits = spec.partition("@a")
     return name, int(bits) if bits else 8
 
@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[1, 16, 128], help="M values (default 1 16 128)")
     p.add_argument("--target", default="host")
     p.add_argument("--schemes", nargs="+", default=["fq2", "int8", "fp32"],
-                   help="our builds; SCHEME@aBITS compiles with --act-bits BITS (int8@a7)")
+                   help="our builds; SCHEME@aBITS compiles with --act-bits BITS (fq2@a32)")
     p.add_argument("--threads", type=int, default=0, help="threads of both runtimes (0: their defaults)")
     p.add_argument("--seconds", type=float, default=4.0, help="time per runner and row count (default 4)")
     p.add_argument("--rounds", type=int, default=4, help="blocks per runner and row count (default 4)")

@@ -16,7 +16,7 @@ artifacts of another work dir (an earlier build) in the same run, as "fq-tvm SCH
 them (on a shared machine a neighbour's burst then spoils one block, not one runner's figure); --threads N
 runs both runtimes on N threads (default: TVM one per physical core, ORT its default). A scheme
 written SCHEME+head (fq2+head) compiles with --quantize-head (SmolLM2's tied head quantized too),
-SCHEME+head:HEAD (fq2+head:int8) with --head-scheme HEAD; a suffix @aBITS (int8@a7) with --act-bits BITS.
+SCHEME+head:HEAD (fq2+head:int8) with --head-scheme HEAD; a suffix @aBITS (fq2@a32) with --act-bits BITS.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def runners(work: Path, schemes, model: str = "minilm", reuse: bool = False, bef
     out = {}
     for scheme in schemes:
         path = work / f"bench.{model}.{scheme}"
-        build, act_bits = scheme_spec(scheme)  # int8@a7: --act-bits 7
+        build, act_bits = scheme_spec(scheme)  # fq2@a32: --act-bits 32
         name, head, head_scheme = build.partition("+head")  # fq2+head: --quantize-head; fq2+head:int8
         head_scheme = head_scheme.removeprefix(":") or None
         if not reuse:
