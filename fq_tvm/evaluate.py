@@ -64,7 +64,7 @@ def runner(model):
         return artifact_runner(path)
     if path.suffix == ".onnx" and path.is_file():
         return ort_runner(path)
-    raise FileNotFoundError(f"{model}: neither an .onnx file nor an artifact directory")
+    raise FqError(f"{model}: neither an .onnx file nor an artifact directory")
 
 
 # ---- MiniLM ------------------------------------------------------------------------------------

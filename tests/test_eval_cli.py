@@ -58,3 +58,10 @@ def test_more_windows_than_the_book_holds_is_one_line():
     assert evaluate.austen_windows(tokenizer, 2, 512).shape == (2, 512)
     with pytest.raises(FqError, match=r"^prideprejudice has 1100 tokens: at most 2 windows of 512, not 3$"):
         evaluate.austen_windows(tokenizer, 3, 512)
+
+
+def test_runner_of_a_missing_model_is_one_line(tmp_path):
+    from fq_tvm import FqError, evaluate
+
+    with pytest.raises(FqError, match=r"no\.onnx: neither an \.onnx file nor an artifact directory$"):
+        evaluate.runner(tmp_path / "no.onnx")
